@@ -1,0 +1,85 @@
+"""attention_backends: which diffusers attention backends actually run here and give the right answer.
+
+Each candidate runs `dispatch_attention_fn` on small random q/k/v ([B, S, H, D], diffusers' layout) and is
+compared with a float64 math reference. `measured["working"]` is the tuner's attention search space.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from probes.context import ProbeContext, exc_line
+from qwendoctor.findings import Finding
+
+CANDIDATES = ["native", "_native_math", "_native_efficient", "_native_flash", "_native_cudnn", "flash", "_flash_3",
+              "flex"]
+CPU_CANDIDATES = ["native", "_native_math"]
+B, S, H, D = 1, 256, 4, 64
+REL_ERR_LIMIT = {"bfloat16": 2e-2, "float32": 1e-4}
+
+
+def _rel_err(torch, out, ref) -> float:
+    out = out.detach().to("cpu", torch.float64)
+    return float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref))
+
+
+def probe(ctx: ProbeContext) -> Finding:
+    torch = ctx.import_module("torch")
+    dispatch = ctx.import_module("diffusers.models.attention_dispatch")
+    names = getattr(dispatch, "AttentionBackendName", None)
+    registered = {b.value for b in names} if names is not None else set(CANDIDATES)
+    check_requirements = getattr(dispatch, "_check_attention_backend_requirements", None)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype_name = str(dtype).removeprefix("torch.")
+    limit = REL_ERR_LIMIT[dtype_name]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(B, S, H, D, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
+    # Reference on the same (rounded) inputs, in float64, [B, S, H, D] -> [B, H, S, D] for SDPA.
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        *(t.to("cpu", torch.float64).transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+
+    working, broken, errors = [], {}, {}
+    for name in CANDIDATES:
+        if device == "cpu" and name not in CPU_CANDIDATES:
+            broken[name] = "needs CUDA"
+            continue
+        if name not in registered:
+            broken[name] = "not registered in this diffusers"
+            continue
+        try:
+            backend = names(name) if names is not None else name
+            if check_requirements is not None:
+                check_requirements(backend)  # "install flash-attn>=..." instead of "'NoneType' is not callable"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out = dispatch.dispatch_attention_fn(q, k, v, backend=backend)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            err = _rel_err(torch, out, ref)
+        except Exception as exc:
+            broken[name] = f"not working: {exc_line(exc)}"
+            continue
+        errors[name] = float(f"{err:.3g}")
+        if not err <= limit:  # also catches NaN
+            broken[name] = f"wrong result: relative error {err:.2e} > {limit:.0e}"
+        else:
+            working.append(name)
+
+    measured = {"working": working, "broken": broken, "device": device, "errors": errors}
+    details = [f"q/k/v [B={B}, S={S}, H={H}, D={D}] {dtype_name} on {device}, "
+               f"vs float64 reference, limit {limit:.0e}"]
+    details += [f"{n}: works (relative error {errors[n]:.1e})" for n in working]
+    details += [f"{n}: {why}" for n, why in broken.items()]
+    need_cuda = sum(why == "needs CUDA" for why in broken.values())
+    failing = len(broken) - need_cuda
+    summary = f"working on {device} ({dtype_name}): {', '.join(working) or 'none'}" \
+              + (f"; {failing} not working" if failing else "") + (f"; {need_cuda} need CUDA" if need_cuda else "")
+    if "native" not in working:
+        return Finding(id="attention_backends", status="fail",
+                       summary=f"the default backend 'native' does not work: {broken.get('native')}",
+                       details=details, measured=measured,
+                       fix='reinstall a matching torch and diffusers: pip install --force-reinstall torch '
+                           '"diffusers>=0.35", then run `python -m probes._worker attention_backends`')
+    return Finding(id="attention_backends", status="ok", summary=summary, details=details, measured=measured)

@@ -1,0 +1,92 @@
+"""ProbeContext: everything a probe reads from the outside world, injectable so tests use fakes."""
+
+from __future__ import annotations
+
+import dataclasses
+import getpass
+import importlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+
+def run_command(argv: Sequence[str], timeout: float = 30.0) -> subprocess.CompletedProcess:
+    """Run a command and capture its output; never raises. A missing program is returncode 127,
+    a timeout 124 (the shell's conventions), so probes only look at returncode/stdout/stderr."""
+    try:
+        return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        return subprocess.CompletedProcess(list(argv), 127, "", f"{argv[0]}: command not found")
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(list(argv), 124, "", f"{argv[0]}: timed out after {timeout:g} s")
+    except OSError as exc:
+        return subprocess.CompletedProcess(list(argv), 126, "", f"{argv[0]}: {exc}")
+
+
+def load_nvml() -> Any:
+    """The initialised pynvml module; raises (ImportError, NVMLError) when there is no driver or GPU.
+    The caller calls nvmlShutdown()."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    return pynvml
+
+
+def exc_line(exc: BaseException) -> str:
+    """'<ExceptionType>: <first line of the message>', the one-line form every report uses."""
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    if len(first) > 300:
+        first = first[:297] + "..."
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """The shapes the attention microbenchmarks use: Qwen-Image's default 1328x1328 render."""
+
+    width: int = 1328
+    height: int = 1328
+    text_tokens: int = 128
+
+    @property
+    def image_tokens(self) -> int:
+        # VAE downsamples 8x, the transformer patchifies 2x2: 1328x1328 -> 83x83 = 6889 tokens.
+        return (self.height // 16) * (self.width // 16)
+
+
+def default_disk_paths(env: Mapping[str, str]) -> dict[str, Path]:
+    """Where the big downloads and caches land: the HF hub cache and torch inductor's cache."""
+    home = Path(env.get("HOME") or Path.home())
+    if env.get("HF_HUB_CACHE"):
+        hf = Path(env["HF_HUB_CACHE"])
+    elif env.get("HF_HOME"):
+        hf = Path(env["HF_HOME"]) / "hub"
+    else:
+        hf = Path(env.get("XDG_CACHE_HOME") or home / ".cache") / "huggingface" / "hub"
+    if env.get("TORCHINDUCTOR_CACHE_DIR"):
+        inductor = Path(env["TORCHINDUCTOR_CACHE_DIR"])
+    else:
+        try:
+            user = getpass.getuser()
+        except Exception:  # no passwd entry in some containers
+            user = "unknown"
+        inductor = Path(tempfile.gettempdir()) / f"torchinductor_{user}"  # torch's default
+    return {"hf_cache": hf.expanduser(), "inductor_cache": inductor.expanduser()}
+
+
+@dataclasses.dataclass
+class ProbeContext:
+    env: Mapping[str, str] = dataclasses.field(default_factory=lambda: os.environ)
+    run: Callable[[Sequence[str], float], Any] = run_command  # (argv, timeout) -> returncode/stdout/stderr
+    import_module: Callable[[str], Any] = importlib.import_module
+    nvml: Callable[[], Any] = load_nvml
+    workload: Workload = dataclasses.field(default_factory=Workload)
+    # label -> path; None derives them from `env` (HF_HUB_CACHE / HF_HOME, TORCHINDUCTOR_CACHE_DIR).
+    disk_paths: Mapping[str, Path] | None = None
+
+    def __post_init__(self):
+        if self.disk_paths is None:
+            self.disk_paths = default_disk_paths(self.env)

@@ -1,0 +1,167 @@
+"""The `qwendoctor` command: check, tune, generate.
+
+Exit codes: 0 success; 1 the job failed (a check failed or crashed, no profile met the floor, a lock from
+another setup); 2 bad input (unknown option, invalid value, missing or invalid lock); 130 interrupted.
+Errors are one line on stderr, `qwendoctor: error: ...`; set QWENDOCTOR_DEBUG=1 for tracebacks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from qwendoctor.errors import EXIT_FAILURE, EXIT_USAGE, QwendoctorError, UsageError
+
+DEFAULT_LOCK = "qwendoctor.lock"
+DEFAULT_SIZES = {"tiny": 128}  # the tiny model's VAE and transformer are sized for 128x128
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="qwendoctor")
+def cli():
+    """Measure, tune and run Qwen-Image as fast as this machine allows."""
+
+
+def _register_check() -> None:
+    from qwendoctor.doctor import check
+
+    cli.add_command(check)
+
+
+_register_check()
+
+
+def _workload(model: str, width: int | None, height: int | None, steps: int, true_cfg_scale: float,
+              negative_prompt: str):
+    from qwendoctor import models
+    from qwendoctor.profile import Workload
+
+    size = DEFAULT_SIZES.get(model, 1328)
+    device = models.default_device()
+    models.resolve_model(model, device)
+    return Workload(model=model, width=width or size, height=height or size, true_cfg_scale=true_cfg_scale,
+                    negative_prompt=negative_prompt, reference_steps=steps,
+                    dtype=models.default_dtype(device)).validate()
+
+
+@cli.command()
+@click.option("--model", default="tiny", show_default=True,
+              help="tiny, synthetic, a local directory, or a Hugging Face id already in the cache.")
+@click.option("--width", type=int, help="Image width in pixels, a multiple of 16 [tiny: 128, else 1328].")
+@click.option("--height", type=int, help="Image height in pixels, a multiple of 16 [tiny: 128, else 1328].")
+@click.option("--steps", type=int, default=50, show_default=True, help="Reference denoising steps.")
+@click.option("--true-cfg-scale", type=float, default=4.0, show_default=True, help="1 turns CFG off.")
+@click.option("--negative-prompt", default=" ", show_default=True)
+@click.option("--trials", type=int, default=20, show_default=True, help="Total trials in the study.")
+@click.option("--timeout", type=float, help="Stop starting new trials after this many seconds.")
+@click.option("--prompts", "prompts_file", type=str, help="Prompt file, one a line [built-in set].")
+@click.option("--num-prompts", type=int, default=2, show_default=True, help="Prompts taken from the built-in set.")
+@click.option("--seeds", type=int, default=1, show_default=True, help="Seeds per prompt (0, 1, ...).")
+@click.option("--floor", default="balanced", show_default=True,
+              help="Quality floor vs the reference: lossless, balanced, fast, or psnr=DB,ssim=S.")
+@click.option("--lock", "lock_path", default=DEFAULT_LOCK, show_default=True, help="Where to write the lock.")
+@click.option("--storage", help="Optuna storage URL [sqlite:///<lock dir>/qwendoctor-study.db].")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def tune(model, width, height, steps, true_cfg_scale, negative_prompt, trials, timeout, prompts_file,
+         num_prompts, seeds, floor, lock_path, storage, as_json):
+    """Search the optimization levers for the fastest profile that meets the quality floor; write a lock."""
+    from qwendoctor import quality, report
+    from qwendoctor.tune import TuneOptions, read_prompts
+
+    workload = _workload(model, width, height, steps, true_cfg_scale, negative_prompt)
+    if num_prompts < 1 or seeds < 1:
+        raise UsageError("--num-prompts and --seeds must be at least 1")
+    if storage is None:
+        directory = os.path.dirname(os.path.abspath(lock_path))
+        storage = f"sqlite:///{os.path.join(directory, 'qwendoctor-study.db')}"
+    options = TuneOptions(workload=workload, prompts=read_prompts(prompts_file, num_prompts),
+                          seeds=list(range(seeds)), floor=quality.parse_floor(floor), lock_path=lock_path,
+                          storage=storage, trials=trials, timeout_s=timeout)
+    options.validate()
+    result = report.run_tune_with_progress(options, as_json=as_json)
+    if as_json:
+        click.echo(report.tune_json(result))
+    else:
+        report.print_tune(result, lock_path)
+
+
+@cli.command()
+@click.argument("prompt")
+@click.option("--lock", "lock_path", default=DEFAULT_LOCK, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--num-images", type=int, default=1, show_default=True)
+@click.option("--out", "out_dir", default="qwendoctor-out", show_default=True, help="Directory for the PNGs.")
+@click.option("--ignore-fingerprint", is_flag=True, help="Use a lock tuned on another machine or stack.")
+@click.option("--json", "as_json", is_flag=True, help="Print the written files and timings as JSON.")
+def generate(prompt, lock_path, seed, num_images, out_dir, ignore_fingerprint, as_json):
+    """Generate images with the tuned lock; never overwrites an existing file."""
+    import json
+
+    from qwendoctor.generate import generate_images, load_tuned
+
+    if num_images < 1:
+        raise UsageError(f"--num-images must be at least 1, got {num_images}")
+    if not prompt.strip():
+        raise UsageError("the prompt is empty")
+    tuned = load_tuned(lock_path, ignore_fingerprint=ignore_fingerprint)
+    written = []
+    for path, seconds in generate_images(tuned, prompt, seed, num_images, out_dir):
+        written.append({"path": path, "seconds": round(seconds, 4)})
+        if not as_json:
+            click.echo(f"{path}  {seconds:.2f} s")
+    if as_json:
+        click.echo(json.dumps({"images": written, "profile": tuned.profile.to_dict()}))
+    elif len(written) > 1:
+        mean = sum(w["seconds"] for w in written) / len(written)
+        click.echo(f"{len(written)} images, {mean:.2f} s per image")
+
+
+def _quiet_import_noise() -> None:
+    """torchao and diffusers log warnings while being imported (enum registration, optional tensor types) that
+    say nothing about the user's setup; `check` reports what matters instead."""
+    import logging
+
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    # torchao names its optional CUDA extensions it cannot load; on a CPU machine that is expected.
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one-line errors and documented exit codes instead of tracebacks."""
+    debug = os.environ.get("QWENDOCTOR_DEBUG") == "1"
+    _quiet_import_noise()
+    try:
+        code = cli.main(args=argv, prog_name="qwendoctor", standalone_mode=False)
+    except click.exceptions.Exit as done:
+        code = done.exit_code
+    except click.UsageError as error:
+        # click's usage errors name the option already ("Invalid value for '--width': ...").
+        click.echo(f"qwendoctor: error: {error.format_message()}", err=True)
+        code = EXIT_USAGE
+    except click.Abort:
+        click.echo("qwendoctor: interrupted", err=True)
+        code = 130
+    except KeyboardInterrupt:
+        click.echo("qwendoctor: interrupted; a tune resumes where it stopped when rerun", err=True)
+        code = 130
+    except QwendoctorError as error:
+        if debug:
+            raise
+        click.echo(f"qwendoctor: error: {error}", err=True)
+        code = error.exit_code
+    except Exception as error:  # a bug or an environment failure we did not classify
+        if debug:
+            raise
+        message = (str(error).strip().splitlines() or [""])[0]
+        click.echo(f"qwendoctor: error: {type(error).__name__}: {message} (QWENDOCTOR_DEBUG=1 for the traceback)",
+                   err=True)
+        code = EXIT_FAILURE
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Generate with a tuned lock: `qwendoctor generate` and `qwendoctor.load_pipeline`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import time
+from typing import Any, Iterator
+
+from qwendoctor import __version__, fingerprint, lockfile, models, runner, timing
+from qwendoctor.errors import QwendoctorError, UsageError
+from qwendoctor.profile import Profile, Workload
+
+
+@dataclasses.dataclass
+class TunedPipeline:
+    """The diffusers pipeline with the lock's profile applied, plus the workload it was tuned for."""
+
+    model: models.LoadedModel
+    workload: Workload
+    profile: Profile
+    lock: lockfile.Lock
+
+    @property
+    def pipeline(self):
+        return self.model.pipe
+
+    def __call__(self, prompt: str, seed: int = 0):
+        """One image (PIL) at the tuned size, steps and CFG."""
+        from PIL import Image
+
+        array = runner.render(self.model, self.workload, self.profile, prompt, seed)
+        return Image.fromarray((array * 255).round().clip(0, 255).astype("uint8"))
+
+
+def load_tuned(lock_path: str, ignore_fingerprint: bool = False) -> TunedPipeline:
+    lock = lockfile.read_lock(lock_path)
+    capabilities = runner.detect_capabilities()
+    if not ignore_fingerprint:
+        revision_source = lock.fingerprint.get("model_revision")
+        here = fingerprint.machine_fingerprint(lock.workload.model, revision_source)
+        # model_revision of a pretrained model is only known once loaded; compare it after loading.
+        differing = [d for d in fingerprint.differences(lock.fingerprint, here) if not d.startswith("model_revision")]
+        if differing:
+            raise QwendoctorError(f"{lock_path} was tuned on another setup ({'; '.join(differing)}); "
+                                  "re-run `qwendoctor tune`, or pass --ignore-fingerprint")
+    model = runner.build(lock.workload, lock.profile, capabilities)
+    if not ignore_fingerprint and lock.fingerprint.get("model_revision") != model.revision:
+        raise QwendoctorError(f"{lock_path} was tuned on model revision {lock.fingerprint.get('model_revision')}, "
+                              f"here it is {model.revision}; re-run `qwendoctor tune`, or pass --ignore-fingerprint")
+    return TunedPipeline(model=model, workload=lock.workload, profile=lock.profile, lock=lock)
+
+
+def _slug(prompt: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "image"
+
+
+def claim_path(directory: str, stem: str) -> tuple[str, Any]:
+    """Create a new PNG file exclusively: an existing image is never overwritten, even by a concurrent run."""
+    os.makedirs(directory, exist_ok=True)
+    for attempt in range(10_000):
+        name = f"{stem}.png" if attempt == 0 else f"{stem}-{attempt}.png"
+        path = os.path.join(directory, name)
+        try:
+            return path, open(path, "xb")
+        except FileExistsError:
+            continue
+    raise QwendoctorError(f"{directory}: too many images named {stem}*.png")
+
+
+def png_metadata(tuned: TunedPipeline, prompt: str, seed: int) -> dict[str, str]:
+    return {
+        "prompt": prompt,
+        "seed": str(seed),
+        "model": tuned.workload.model,
+        "steps": str(tuned.profile.steps or tuned.workload.reference_steps),
+        "true_cfg_scale": str(tuned.workload.true_cfg_scale),
+        "profile": json.dumps(tuned.profile.to_dict(), sort_keys=True),
+        "software": f"qwendoctor {__version__}",
+    }
+
+
+def generate_images(tuned: TunedPipeline, prompt: str, seed: int, num_images: int,
+                    out_dir: str) -> Iterator[tuple[str, float]]:
+    """Render `num_images` (seeds seed, seed+1, ...) and yield (path, seconds) for each as it is written."""
+    from PIL import PngImagePlugin
+
+    if num_images < 1:
+        raise UsageError(f"--num-images must be at least 1, got {num_images}")
+    for index in range(num_images):
+        image_seed = seed + index
+        timing.synchronize(tuned.model.device)
+        started = time.perf_counter()
+        image = tuned(prompt, seed=image_seed)
+        timing.synchronize(tuned.model.device)
+        seconds = time.perf_counter() - started
+        info = PngImagePlugin.PngInfo()
+        for key, value in png_metadata(tuned, prompt, image_seed).items():
+            info.add_itxt(key, value)
+        path, handle = claim_path(out_dir, f"{_slug(prompt)}-{image_seed}")
+        with handle:
+            image.save(handle, format="PNG", pnginfo=info)
+        yield path, seconds

@@ -1,0 +1,173 @@
+"""qwendoctor.lock: TOML, schema-versioned, validated on read, written atomically.
+
+Layout (every table required unless marked optional):
+
+    schema_version = 1
+    created = "2026-11-27T15:00:00+00:00"
+    qwendoctor_version = "0.1.0"
+    [fingerprint]   machine, software and model the profile was tuned on (fingerprint.machine_fingerprint)
+    [workload]      Workload: model, width, height, true_cfg_scale, negative_prompt, reference_steps, dtype, loras
+    [profile]       Profile: the chosen configuration
+    [measured]      the chosen profile: latency_median_s, latency_p90_s, step_ms, warmup_s, peak_memory_gib,
+                    psnr_db, psnr_db_min, ssim, ssim_min, speedup
+    [baseline]      (optional) the same measurements for the default profile
+    [study]         (optional) the study it came from: name, storage, trials, completed, failed, best_trial,
+                    floor, floor_psnr_db, floor_ssim
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import os
+import tempfile
+import tomllib
+from typing import Any
+
+import tomli_w
+
+from qwendoctor import __version__
+from qwendoctor.errors import LockfileError, UsageError
+from qwendoctor.profile import Profile, Workload
+
+SCHEMA_VERSION = 1
+MEASURED_FIELDS = {
+    "latency_median_s", "latency_p90_s", "step_ms", "warmup_s", "peak_memory_gib",
+    "psnr_db", "psnr_db_min", "ssim", "ssim_min", "speedup",
+}
+REQUIRED_MEASURED = ("latency_median_s", "step_ms")
+STUDY_FIELDS = {
+    "name": str, "storage": str, "trials": int, "completed": int, "failed": int, "infeasible": int,
+    "best_trial": int, "floor": str, "floor_psnr_db": float, "floor_ssim": float,
+}
+REQUIRED_FINGERPRINT = ("device", "torch", "model_id")
+
+
+@dataclasses.dataclass
+class Lock:
+    fingerprint: dict[str, Any]
+    workload: Workload
+    profile: Profile
+    measured: dict[str, float]
+    baseline: dict[str, float] = dataclasses.field(default_factory=dict)
+    study: dict[str, Any] = dataclasses.field(default_factory=dict)
+    created: str = dataclasses.field(
+        default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    qwendoctor_version: str = __version__
+    schema_version: int = SCHEMA_VERSION
+
+    def to_toml(self) -> str:
+        document = {
+            "schema_version": self.schema_version,
+            "created": self.created,
+            "qwendoctor_version": self.qwendoctor_version,
+            "fingerprint": self.fingerprint,
+            "workload": self.workload.to_dict(),
+            "profile": self.profile.to_dict(),
+            "measured": self.measured,
+        }
+        if self.baseline:
+            document["baseline"] = self.baseline
+        if self.study:
+            document["study"] = self.study
+        return tomli_w.dumps(document)
+
+
+def write_lock(path: str | os.PathLike, lock: Lock) -> None:
+    """Write atomically: a crash leaves the old lock or the new one, never half of one."""
+    text = lock.to_toml()
+    parse_lock(text, str(path))  # never write what we would refuse to read
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=".qwendoctor-lock-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def read_lock(path: str | os.PathLike) -> Lock:
+    path = str(path)
+    if not os.path.exists(path):
+        raise LockfileError(f"{path}: no such lock file; run `qwendoctor tune` to create one")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as error:
+        raise LockfileError(f"{path}: cannot read: {error}") from None
+    return parse_lock(text, path)
+
+
+def parse_lock(text: str, path: str = "<lock>") -> Lock:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise LockfileError(f"{path}: not valid TOML ({error})") from None
+
+    def fail(field: str, problem: str):
+        raise LockfileError(f"{path}: {field}: {problem}")
+
+    version = data.get("schema_version")
+    if version is None:
+        fail("schema_version", "missing")
+    if version != SCHEMA_VERSION:
+        fail("schema_version", f"{version!r} is not supported (this qwendoctor reads {SCHEMA_VERSION})")
+    for field in ("created", "qwendoctor_version"):
+        if not isinstance(data.get(field), str):
+            fail(field, "missing or not a string")
+    for table in ("fingerprint", "workload", "profile", "measured"):
+        if not isinstance(data.get(table), dict):
+            fail(table, "missing table")
+    for table in ("baseline", "study"):
+        if table in data and not isinstance(data[table], dict):
+            fail(table, "not a table")
+    unknown = sorted(set(data) - {"schema_version", "created", "qwendoctor_version", "fingerprint", "workload",
+                                  "profile", "measured", "baseline", "study"})
+    if unknown:
+        fail(unknown[0], "unknown field")
+
+    fingerprint = data["fingerprint"]
+    for field in REQUIRED_FINGERPRINT:
+        if not isinstance(fingerprint.get(field), str):
+            fail(f"fingerprint.{field}", "missing or not a string")
+
+    try:
+        workload = Workload.from_dict(data["workload"])
+        profile = Profile.from_dict(data["profile"])
+    except UsageError as error:
+        message = str(error)
+        section = "workload" if "workload" in message or not message.startswith("profile") else "profile"
+        raise LockfileError(f"{path}: {message if message.startswith(section) else section + '.' + message}") \
+            from None
+
+    for table in ("measured", "baseline"):
+        values = data.get(table, {})
+        for field, value in values.items():
+            if field not in MEASURED_FIELDS:
+                fail(f"{table}.{field}", "unknown field")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value) or value < 0:
+                fail(f"{table}.{field}", f"must be a non-negative number, got {value!r}")
+    for field in REQUIRED_MEASURED:
+        if field not in data["measured"]:
+            fail(f"measured.{field}", "missing")
+
+    study = data.get("study", {})
+    for field, value in study.items():
+        expected = STUDY_FIELDS.get(field)
+        if expected is None:
+            fail(f"study.{field}", "unknown field")
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) if expected is float else (
+            isinstance(value, expected) and not isinstance(value, bool))
+        if not ok:
+            fail(f"study.{field}", f"expected {expected.__name__}, got {value!r}")
+
+    return Lock(fingerprint=fingerprint, workload=workload, profile=profile, measured=dict(data["measured"]),
+                baseline=dict(data.get("baseline", {})), study=dict(study), created=data["created"],
+                qwendoctor_version=data["qwendoctor_version"], schema_version=version)

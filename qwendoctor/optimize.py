@@ -1,0 +1,93 @@
+"""The levers: one function each, `apply_<lever>(pipe, profile) -> pipe`, applied by `optimize` in a fixed order.
+
+Order, and why:
+  1. tf32               process-wide matmul precision; first so everything after sees it
+  2. attention backend  diffusers' dispatcher; before compile so the compiled graph traces the chosen kernel
+  3. quantization       torchao swaps Linear weights; before compile so inductor fuses the activation quantization
+  4. cache              diffusers' hooks around the blocks (never together with compile: Profile.validate)
+  5. compile            last: it traces whatever the steps above left
+
+A profile value at its default leaves the pipeline as diffusers built it. tf32, attention and cache set their
+state both ways, so they can be re-applied to a used pipeline; quantization and compile cannot be undone, so
+the tuner builds a fresh pipeline for each trial. Steps are not a lever on the pipeline but an argument of each
+call (`qwendoctor.runner.call_arguments`).
+"""
+
+from __future__ import annotations
+
+from qwendoctor.profile import Profile
+
+
+def apply_tf32(pipe, profile: Profile):
+    import torch
+
+    # "high" lets fp32 matmuls use TF32; bf16 matmuls are unaffected, so this matters only for fp32 parts.
+    torch.set_float32_matmul_precision("high" if profile.tf32 else "highest")
+    return pipe
+
+
+def apply_attention_backend(pipe, profile: Profile):
+    pipe.transformer.set_attention_backend(profile.attention_backend)
+    return pipe
+
+
+def apply_quantization(pipe, profile: Profile):
+    if profile.quantization == "none":
+        return pipe
+    import torch
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Float8WeightOnlyConfig,
+        PerRow,
+        PerTensor,
+        quantize_,
+    )
+
+    config = {
+        "fp8_rowwise": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+        "fp8_tensorwise": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor()),
+        "fp8_weight_only": lambda: Float8WeightOnlyConfig(),
+    }[profile.quantization]()
+
+    def is_block_linear(module, _fqn):
+        # FP8 GEMMs need both dimensions divisible by 16; the embedders and the final projection stay bf16.
+        return (isinstance(module, torch.nn.Linear)
+                and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+    quantize_(pipe.transformer.transformer_blocks, config, filter_fn=is_block_linear)
+    return pipe
+
+
+def apply_cache(pipe, profile: Profile):
+    if getattr(pipe.transformer, "is_cache_enabled", False):
+        pipe.transformer.disable_cache()
+    if profile.cache == "first_block":
+        from diffusers.hooks import FirstBlockCacheConfig
+
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=profile.cache_threshold))
+    return pipe
+
+
+def apply_compile(pipe, profile: Profile):
+    if profile.compile == "none":
+        return pipe
+    options = {"fullgraph": True}
+    if profile.compile_mode != "default":
+        options["mode"] = profile.compile_mode
+    if profile.compile == "regional":
+        # The 60 blocks share one code path: compile it once instead of the whole model (seconds, not minutes).
+        pipe.transformer.compile_repeated_blocks(**options)
+    else:
+        pipe.transformer.compile(**options)
+    return pipe
+
+
+LEVERS = (apply_tf32, apply_attention_backend, apply_quantization, apply_cache, apply_compile)
+
+
+def optimize(pipe, profile: Profile):
+    """Apply every lever of `profile` to `pipe`, in the documented order."""
+    profile.validate()
+    for lever in LEVERS:
+        pipe = lever(pipe, profile)
+    return pipe

@@ -1,0 +1,99 @@
+"""What tune shows a person (rich progress and tables) and a machine (--json)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from qwendoctor.tune import TuneOptions, TuneResult, run_tune
+
+
+def run_tune_with_progress(options: TuneOptions, as_json: bool = False) -> TuneResult:
+    # Progress goes to stderr so `--json` output on stdout stays parseable.
+    console = Console(stderr=True)
+    quiet = as_json or not console.is_terminal
+    if quiet:
+        def log(message: str) -> None:
+            print(f"qwendoctor: {message}", file=sys.stderr, flush=True)
+
+        def on_trial(row, done, total) -> None:
+            log(f"trial {done}/{total}: {_trial_line(row)}")
+
+        return run_tune(options, log=log, on_trial=on_trial)
+
+    with Progress(TextColumn("[bold]tune"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.description}"), console=console, transient=False) as progress:
+        task = progress.add_task("starting", total=options.trials)
+
+        def log(message: str) -> None:
+            progress.console.print(f"[dim]{message}[/dim]")
+
+        def on_trial(row, done, total) -> None:
+            progress.update(task, completed=min(done, total), description=_trial_line(row))
+
+        return run_tune(options, log=log, on_trial=on_trial)
+
+
+def _fmt(value, unit: str = "", digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isinf(value):
+        return "exact"
+    return f"{value:.{digits}g}{unit}"
+
+
+def _trial_line(row) -> str:
+    if row["state"] == "failed":
+        return f"#{row['number']} {row['profile']}: failed ({row['failure']})"
+    return (f"#{row['number']} {row['profile']}: {_fmt(row.get('latency_median_s'), ' s')} per image, "
+            f"PSNR {_fmt(row.get('psnr_db'), ' dB')}, SSIM {_fmt(row.get('ssim'))}"
+            + (" (below floor)" if row["state"] == "infeasible" else ""))
+
+
+def print_tune(result: TuneResult, lock_path: str, console: Console | None = None) -> None:
+    console = console or Console()
+    lock = result.lock
+    summary = Table(title="baseline vs best", show_lines=False)
+    for column in ("", "s / image", "ms / step", "peak GiB", "PSNR dB", "SSIM"):
+        summary.add_column(column, justify="right" if column else "left")
+    for label, values in (("default", lock.baseline), ("best: " + lock.profile.describe(), lock.measured)):
+        summary.add_row(label, _fmt(values.get("latency_median_s")), _fmt(values.get("step_ms"), digits=4),
+                        _fmt(values.get("peak_memory_gib")), _fmt(values.get("psnr_db", math.inf)),
+                        _fmt(values.get("ssim", 1.0)))
+    console.print(summary)
+
+    top = Table(title="top trials")
+    for column in ("#", "profile", "s / image", "PSNR dB", "SSIM", "state"):
+        top.add_column(column)
+    ranked = sorted(result.trials, key=lambda r: (r["state"] != "complete", r.get("latency_median_s", math.inf)))
+    for row in ranked[:5]:
+        top.add_row(str(row["number"]), row["profile"], _fmt(row.get("latency_median_s")),
+                    _fmt(row.get("psnr_db")), _fmt(row.get("ssim")), row["failure"] or row["state"])
+    console.print(top)
+    counts = result.counts
+    spent = ", ".join(f"{k} {v:.1f} s" for k, v in result.time_spent_s.items())
+    console.print(f"{counts['trials']} trials: {counts['completed']} feasible, {counts['infeasible']} below the "
+                  f"floor, {counts['failed']} failed. Time: {spent}.")
+    console.print(f"speedup {lock.measured['speedup']:.2f}x over the default; lock written to {lock_path}")
+
+
+def tune_json(result: TuneResult) -> str:
+    lock = result.lock
+
+    def clean(value):
+        return None if isinstance(value, float) and math.isinf(value) else value
+
+    return json.dumps({
+        "profile": lock.profile.to_dict(),
+        "measured": {k: clean(v) for k, v in lock.measured.items()},
+        "baseline": {k: clean(v) for k, v in lock.baseline.items()},
+        "study": lock.study,
+        "counts": result.counts,
+        "time_spent_s": result.time_spent_s,
+        "trials": [{k: clean(v) for k, v in row.items()} for row in result.trials],
+    }, indent=2)

@@ -1,0 +1,105 @@
+"""Build a tuned pipeline and render with it: the one code path tune, generate and bench share."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from qwendoctor import models, timing
+from qwendoctor.optimize import optimize
+from qwendoctor.profile import Capabilities, Profile, Workload, check_runnable
+
+
+def detect_capabilities(working_attention_backends: tuple[str, ...] | None = None) -> Capabilities:
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available():
+        return Capabilities(device="cuda", compute_capability=tuple(torch.cuda.get_device_capability()),
+                            has_torchao=importlib.util.find_spec("torchao") is not None,
+                            working_attention_backends=working_attention_backends)
+    return Capabilities(device="cpu", working_attention_backends=working_attention_backends)
+
+
+def build(workload: Workload, profile: Profile, capabilities: Capabilities) -> models.LoadedModel:
+    """Refuse what this machine cannot run, then load the model and apply the profile's levers."""
+    check_runnable(profile, workload, capabilities)
+    model = models.load_model(workload.model, capabilities.device, workload.dtype)
+    optimize(model.pipe, profile)
+    return model
+
+
+def call_arguments(workload: Workload, profile: Profile) -> dict[str, Any]:
+    return {
+        "width": workload.width,
+        "height": workload.height,
+        "num_inference_steps": profile.steps or workload.reference_steps,
+        "true_cfg_scale": workload.true_cfg_scale,
+    }
+
+
+def render(model: models.LoadedModel, workload: Workload, profile: Profile, prompt: str, seed: int,
+           clock: timing.StepClock | None = None):
+    """One image as a float32 array (H, W, 3) in [0, 1]."""
+    import torch
+
+    negative = workload.negative_prompt if workload.does_cfg else None
+    # A CPU generator draws the same noise on every device, so references render alike on CPU and GPU.
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.inference_mode():
+        output = model.pipe(
+            **models.prompt_inputs(model, prompt, negative),
+            **call_arguments(workload, profile),
+            generator=generator,
+            output_type="np",
+            callback_on_step_end=clock,
+        )
+    return output.images[0]
+
+
+@dataclasses.dataclass
+class Measurement:
+    images: list[Any]
+    latencies_s: list[float]
+    step_s: list[float]
+    warmup_s: float  # the first call: compile, autotuning and lazy initialisation land here, not in latencies
+    peak_memory_gib: float | None
+
+    def summary(self) -> dict[str, float]:
+        result = {
+            "latency_median_s": timing.median(self.latencies_s),
+            "latency_p90_s": timing.percentile(self.latencies_s, 90),
+            "step_ms": 1000 * timing.median(self.step_s),
+            "warmup_s": self.warmup_s,
+        }
+        if self.peak_memory_gib is not None:
+            result["peak_memory_gib"] = self.peak_memory_gib
+        return result
+
+
+def measure(model: models.LoadedModel, workload: Workload, profile: Profile, prompts: list[str],
+            seeds: list[int], warmup: int = 1) -> Measurement:
+    """Warm up, then render every (prompt, seed) once, timing each image and each step."""
+    timing.synchronize(model.device)
+    started = time.perf_counter()
+    # Compilation and autotuning depend on shapes, not on the step count: two steps warm up as well as fifty.
+    warmup_profile = dataclasses.replace(profile, steps=min(2, profile.steps or workload.reference_steps))
+    for _ in range(warmup):
+        render(model, workload, warmup_profile, prompts[0], seeds[0])
+    timing.synchronize(model.device)
+    warmup_s = time.perf_counter() - started
+
+    timing.reset_peak_memory(model.device)
+    images, latencies, steps = [], [], []
+    for prompt in prompts:
+        for seed in seeds:
+            clock = timing.StepClock(model.device)
+            clock.start()
+            images.append(render(model, workload, profile, prompt, seed, clock=clock))
+            timing.synchronize(model.device)
+            latencies.append(time.perf_counter() - clock.stamps[0])
+            steps.extend(clock.step_seconds)
+    return Measurement(images=images, latencies_s=latencies, step_s=steps, warmup_s=warmup_s,
+                       peak_memory_gib=timing.peak_memory_gib(model.device))

@@ -1,0 +1,395 @@
+"""qwendoctor tune: an Optuna study over the levers, a quality floor as constraint, the best profile to a lock.
+
+Flow: search space from the probes -> reference renders (default profile, cached on disk) -> trials (build,
+warm up, time, compare) -> the fastest feasible profile -> qwendoctor.lock. The study lives in an Optuna
+storage, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import json
+import math
+import os
+import time
+import warnings
+from typing import Any, Callable
+
+from qwendoctor import fingerprint, lockfile, quality, runner
+from qwendoctor.errors import QwendoctorError, UnavailableLever, UsageError
+from qwendoctor.profile import MIN_STEPS, Capabilities, Profile, Workload
+
+INTERRUPTED = "interrupted: the worker stopped during this trial"
+# On a GPU, math attention only serves as a numerical reference: it is never the fast choice.
+SLOW_REFERENCE_BACKENDS = ("_native_math",)
+CACHE_THRESHOLD_RANGE = (0.05, 0.3)
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+    attention_backends: tuple[str, ...]
+    compile: tuple[str, ...]
+    compile_modes: tuple[str, ...]
+    quantizations: tuple[str, ...]
+    caches: tuple[str, ...]
+    tf32: tuple[bool, ...]
+    steps: tuple[int, int, int]  # low, high, step
+
+    def describe(self) -> list[str]:
+        return [
+            f"attention: {', '.join(self.attention_backends)}",
+            f"compile: {', '.join(self.compile)}" + (f" (modes: {', '.join(self.compile_modes)})"
+                                                     if len(self.compile) > 1 else ""),
+            f"quantization: {', '.join(self.quantizations)}",
+            f"cache: {', '.join(self.caches)}",
+            f"tf32: {', '.join(map(str, self.tf32))}",
+            f"steps: {self.steps[0]}..{self.steps[1]} by {self.steps[2]}",
+        ]
+
+
+def build_search_space(capabilities: Capabilities, workload: Workload) -> SearchSpace:
+    """Only what this machine passed: backends the probe ran, FP8 where it can run, compile on CUDA."""
+    working = capabilities.working_attention_backends or ("native",)
+    attention = tuple(b for b in working if not (capabilities.device == "cuda" and b in SLOW_REFERENCE_BACKENDS))
+    on_gpu = capabilities.device == "cuda"
+    reference = workload.reference_steps
+    stride = max(1, reference // 10)
+    low = reference - stride * ((reference - max(MIN_STEPS, math.ceil(reference / 2))) // stride)
+    return SearchSpace(
+        attention_backends=attention or ("native",),
+        # Inductor on the CPU compiles the tiny model for longer than a whole CPU tune takes, and CPU speed is
+        # not what this tool tunes for: compile is searched where it pays, on CUDA.
+        compile=("none", "regional", "full") if on_gpu else ("none",),
+        compile_modes=("default", "max-autotune-no-cudagraphs") if on_gpu else ("default",),
+        quantizations=("none", "fp8_rowwise", "fp8_tensorwise", "fp8_weight_only") if capabilities.has_fp8
+        else ("none",),
+        caches=("none", "first_block"),
+        tf32=(False, True) if on_gpu else (False,),
+        steps=(low, reference, stride),
+    )
+
+
+def default_params(space: SearchSpace) -> dict[str, Any]:
+    return {"attention_backend": "native", "compile": "none", "quantization": "none", "cache": "none",
+            "tf32": False, "steps": space.steps[1]}
+
+
+def sample_profile(trial, space: SearchSpace, reference_steps: int) -> Profile:
+    attention = trial.suggest_categorical("attention_backend", space.attention_backends)
+    compile_ = trial.suggest_categorical("compile", space.compile)
+    compile_mode = "default"
+    if compile_ != "none" and len(space.compile_modes) > 1:
+        compile_mode = trial.suggest_categorical("compile_mode", space.compile_modes)
+    quantization = trial.suggest_categorical("quantization", space.quantizations)
+    # Cache hooks and compile do not mix (Profile.validate): the cache is only sampled for eager profiles.
+    cache = trial.suggest_categorical("cache", space.caches) if compile_ == "none" else "none"
+    threshold = trial.suggest_float("cache_threshold", *CACHE_THRESHOLD_RANGE) if cache != "none" else None
+    tf32 = trial.suggest_categorical("tf32", space.tf32)
+    low, high, stride = space.steps
+    steps = trial.suggest_int("steps", low, high, step=stride)
+    return Profile(attention_backend=attention, compile=compile_, compile_mode=compile_mode,
+                   quantization=quantization, cache=cache, cache_threshold=threshold, tf32=tf32,
+                   steps=None if steps == reference_steps else steps).validate()
+
+
+@dataclasses.dataclass
+class TuneOptions:
+    workload: Workload
+    prompts: list[str]
+    seeds: list[int]
+    floor: quality.Floor
+    lock_path: str
+    storage: str
+    trials: int = 20
+    timeout_s: float | None = None
+    cache_dir: str | None = None  # reference renders; default ~/.cache/qwendoctor
+
+    def validate(self) -> "TuneOptions":
+        self.workload.validate()
+        if self.trials < 1:
+            raise UsageError(f"--trials must be at least 1, got {self.trials}")
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            raise UsageError(f"--timeout must be positive, got {self.timeout_s}")
+        if not self.prompts:
+            raise UsageError("the prompt set is empty")
+        return self
+
+
+@dataclasses.dataclass
+class TuneResult:
+    lock: lockfile.Lock
+    trials: list[dict[str, Any]]  # one row per finished trial, for the report
+    counts: dict[str, int]
+    time_spent_s: dict[str, float]
+
+
+def read_prompts(path: str | None, count: int) -> list[str]:
+    if path is None:
+        from importlib import resources
+
+        text = resources.files("qwendoctor").joinpath("prompts.txt").read_text()
+    else:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+        except OSError as error:
+            raise UsageError(f"--prompts {path}: {error.strerror or error}") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    if not prompts:
+        raise UsageError(f"--prompts {path}: no prompts in the file")
+    return prompts[:count] if path is None else prompts
+
+
+def study_name(options: TuneOptions, here: dict[str, Any]) -> str:
+    """Same workload, prompts, floor and setup -> same study, so rerunning the command resumes it."""
+    key = {
+        "workload": options.workload.to_dict(),
+        "prompts": options.prompts,
+        "seeds": options.seeds,
+        "floor": dataclasses.asdict(options.floor),
+        "setup": {k: here.get(k) for k in fingerprint.MATCHED_FIELDS},
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return f"qwendoctor-{options.workload.model.replace('/', '_')}-{digest}"
+
+
+def _cache_dir(options: TuneOptions) -> str:
+    return options.cache_dir or os.environ.get("QWENDOCTOR_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "qwendoctor")
+
+
+def reference(options: TuneOptions, capabilities: Capabilities, name: str, log: Callable[[str], None]):
+    """The default profile's images, timing and model revision, rendered once per study and kept on disk."""
+    import numpy as np
+
+    path = os.path.join(_cache_dir(options), f"reference-{name}.npz")
+    if os.path.exists(path):
+        with np.load(path) as stored:
+            summary = json.loads(str(stored["summary"]))
+            log(f"reference renders: {path} (cached)")
+            revision = str(stored["revision"]) or None
+            return [stored[f"image{i}"] for i in range(int(stored["count"]))], summary, revision
+    log(f"reference renders: {len(options.prompts) * len(options.seeds)} images with the default profile")
+    model = runner.build(options.workload, Profile(), capabilities)
+    measurement = runner.measure(model, options.workload, Profile(), options.prompts, options.seeds)
+    summary, revision = measurement.summary(), model.revision
+    del model
+    _release_memory()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temporary = path + ".tmp.npz"
+    np.savez_compressed(temporary, count=len(measurement.images), summary=json.dumps(summary),
+                        revision=revision or "",
+                        **{f"image{i}": image for i, image in enumerate(measurement.images)})
+    os.replace(temporary, path)
+    return measurement.images, summary, revision
+
+
+def _release_memory() -> None:
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def classify_failure(error: BaseException) -> str:
+    """A one-line reason recorded on a failed trial."""
+    import torch
+
+    first_line = (str(error).strip().splitlines() or [""])[0][:300]
+    if isinstance(error, torch.OutOfMemoryError):
+        return f"out of memory: {first_line}"
+    if isinstance(error, UnavailableLever):
+        return f"unavailable: {first_line}"
+    module = type(error).__module__ or ""
+    if "_dynamo" in module or "_inductor" in module:
+        return f"compile failed: {type(error).__name__}: {first_line}"
+    return f"{type(error).__name__}: {first_line}"
+
+
+class TrialFailed(Exception):
+    """Raised from the objective so Optuna records the trial as FAIL; the reason is in user_attrs."""
+
+
+def _recover_interrupted(study) -> int:
+    """Trials a stopped run left behind get their profile queued again; finished trials never rerun.
+
+    A Ctrl-C marks its trial failed with INTERRUPTED (objective); a killed process leaves it RUNNING.
+    """
+    import optuna
+
+    states = optuna.trial.TrialState
+    for trial in study.get_trials(deepcopy=False, states=(states.RUNNING,)):
+        study._storage.set_trial_user_attr(trial._trial_id, "failure", INTERRUPTED)
+        study._storage.set_trial_state_values(trial._trial_id, state=states.FAIL)
+    trials = study.get_trials(deepcopy=False)
+    count = 0
+    for trial in trials:
+        if trial.user_attrs.get("failure") != INTERRUPTED or not trial.params:
+            continue
+        retried = any(later.number > trial.number and later.params == trial.params for later in trials)
+        if not retried:
+            study.enqueue_trial(trial.params, skip_if_exists=True)
+            count += 1
+    return count
+
+
+def _finished(study) -> list:
+    import optuna
+
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+    return [t for t in study.get_trials(deepcopy=False, states=done) if t.user_attrs.get("failure") != INTERRUPTED]
+
+
+def _same_profile_trial(study, profile: Profile, current_number: int):
+    import optuna
+
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if trial.number != current_number and trial.user_attrs.get("profile") == profile.to_dict():
+            return trial
+    return None
+
+
+RESULT_ATTRS = ("latency_median_s", "latency_p90_s", "step_ms", "warmup_s", "peak_memory_gib",
+                "psnr_db", "psnr_db_min", "ssim", "ssim_min")
+
+
+def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
+             log: Callable[[str], None] = lambda message: None,
+             on_trial: Callable[[dict[str, Any], int, int], None] | None = None) -> TuneResult:
+    """Run (or resume) the study, write the lock, and return the rows for the report."""
+    import optuna
+
+    options.validate()
+    spent = {"probe": 0.0, "reference": 0.0, "trials": 0.0}
+    if capabilities is None:
+        started = time.perf_counter()
+        capabilities = runner.detect_capabilities(probe_attention_backends())
+        spent["probe"] = time.perf_counter() - started
+    space = build_search_space(capabilities, options.workload)
+    for line in space.describe():
+        log(f"search space: {line}")
+
+    # The study key leaves the model revision out: it is only known once the model is built.
+    name = study_name(options, fingerprint.machine_fingerprint(options.workload.model, None))
+
+    started = time.perf_counter()
+    reference_images, reference_summary, revision = reference(options, capabilities, name, log)
+    spent["reference"] = time.perf_counter() - started
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=5, multivariate=True, group=True,
+                                         warn_independent_sampling=False)
+    try:
+        study = optuna.create_study(study_name=name, storage=options.storage, direction="minimize",
+                                    sampler=sampler, load_if_exists=True)
+    except Exception as error:  # a bad URL, an unreachable database
+        raise UsageError(f"--storage {options.storage}: {str(error).splitlines()[0]}") from None
+    recovered = _recover_interrupted(study)
+    if recovered:
+        log(f"resuming: {recovered} interrupted trial(s) queued again")
+    if not study.trials:
+        study.enqueue_trial(default_params(space))
+    remaining = options.trials - len(_finished(study))
+    log(f"study {name} in {options.storage}: {len(_finished(study))} trial(s) done, {max(remaining, 0)} to run")
+
+    def objective(trial) -> float:
+        profile = sample_profile(trial, space, options.workload.reference_steps)
+        trial.set_user_attr("profile", profile.to_dict())
+        trial.set_user_attr("describe", profile.describe())
+        duplicate = _same_profile_trial(study, profile, trial.number)
+        if duplicate is not None:
+            # TPE proposes a profile it already measured: reuse the measurement instead of paying again.
+            results = {k: duplicate.user_attrs[k] for k in RESULT_ATTRS if k in duplicate.user_attrs}
+            trial.set_user_attr("duplicate_of", duplicate.number)
+        elif profile == Profile():
+            results = {**reference_summary, "psnr_db": math.inf, "psnr_db_min": math.inf, "ssim": 1.0,
+                       "ssim_min": 1.0}
+        else:
+            model = None
+            try:
+                model = runner.build(options.workload, profile, capabilities)
+                measurement = runner.measure(model, options.workload, profile, options.prompts, options.seeds)
+            except KeyboardInterrupt:
+                trial.set_user_attr("failure", INTERRUPTED)
+                raise
+            except Exception as error:
+                reason = classify_failure(error)
+                trial.set_user_attr("failure", reason)
+                raise TrialFailed(reason) from error
+            finally:
+                del model
+                _release_memory()
+            results = {**measurement.summary(), **quality.compare(measurement.images, reference_images)}
+        for key, value in results.items():
+            trial.set_user_attr(key, value)
+        for key, value in zip(("psnr", "ssim"), options.floor.violations(results["psnr_db"], results["ssim"])):
+            trial.set_constraint(key, value)
+        return results["latency_median_s"]
+
+    def after_trial(study, frozen) -> None:
+        if on_trial is not None:
+            on_trial(_row(frozen), len(_finished(study)), options.trials)
+
+    started = time.perf_counter()
+    if remaining > 0:
+        study.optimize(objective, n_trials=remaining, timeout=options.timeout_s, catch=(TrialFailed,),
+                       callbacks=[after_trial], gc_after_trial=False, show_progress_bar=False)
+    spent["trials"] = time.perf_counter() - started
+
+    rows = [_row(t) for t in _finished(study)]
+    counts = {
+        "trials": len(rows),
+        "completed": sum(r["state"] == "complete" for r in rows),
+        "failed": sum(r["state"] == "failed" for r in rows),
+        "infeasible": sum(r["state"] == "infeasible" for r in rows),
+    }
+    try:
+        best = study.best_trial
+    except ValueError:
+        raise QwendoctorError(f"no trial met the quality floor {options.floor.name} "
+                              f"(PSNR >= {options.floor.psnr_db:g} dB, SSIM >= {options.floor.ssim:g}) "
+                              f"in {counts['trials']} trials; lower --floor or raise --trials") from None
+
+    measured = {k: best.user_attrs[k] for k in RESULT_ATTRS if k in best.user_attrs}
+    baseline = {k: reference_summary[k] for k in RESULT_ATTRS if k in reference_summary}
+    measured["speedup"] = baseline["latency_median_s"] / measured["latency_median_s"]
+    lock = lockfile.Lock(
+        fingerprint=fingerprint.machine_fingerprint(options.workload.model, revision),
+        workload=options.workload,
+        profile=Profile.from_dict(best.user_attrs["profile"]),
+        measured=measured,
+        baseline=baseline,
+        study={"name": name, "storage": options.storage, "trials": counts["trials"],
+               "completed": counts["completed"], "failed": counts["failed"], "infeasible": counts["infeasible"],
+               "best_trial": best.number, "floor": options.floor.name, "floor_psnr_db": options.floor.psnr_db,
+               "floor_ssim": options.floor.ssim},
+    )
+    lockfile.write_lock(options.lock_path, lock)
+    return TuneResult(lock=lock, trials=rows, counts=counts, time_spent_s=spent)
+
+
+def _row(trial) -> dict[str, Any]:
+    import optuna
+
+    attrs = trial.user_attrs
+    if trial.state == optuna.trial.TrialState.FAIL:
+        state = "failed"
+    elif trial.constraints and any(v > 0 for v in trial.constraints.values()):
+        state = "infeasible"
+    else:
+        state = "complete"
+    return {"number": trial.number, "state": state, "profile": attrs.get("describe", ""),
+            "failure": attrs.get("failure"), **{k: attrs[k] for k in RESULT_ATTRS if k in attrs}}
+
+
+def probe_attention_backends() -> tuple[str, ...] | None:
+    """Backends the attention probe ran correctly here; None when the probe itself could not run."""
+    from qwendoctor.doctor import run_probes
+
+    finding = run_probes(["attention_backends"])[0]
+    working = finding.measured.get("working") if finding.status in ("ok", "warn") else None
+    return tuple(working) if working else None

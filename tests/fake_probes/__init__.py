@@ -1,0 +1,1 @@
+"""Tiny probe modules the doctor tests inject through the registry parameter."""

@@ -1,0 +1,5 @@
+from qwendoctor.findings import Finding
+
+
+def probe(ctx):
+    return Finding(id="failing", status="fail", summary="it failed", details=["why it failed"], fix="do X")

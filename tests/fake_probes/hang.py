@@ -1,0 +1,5 @@
+import time
+
+
+def probe(ctx):
+    time.sleep(600)

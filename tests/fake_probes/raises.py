@@ -1,0 +1,2 @@
+def probe(ctx):
+    raise RuntimeError("boom\nsecond line")

@@ -1,0 +1,8 @@
+import time
+
+from qwendoctor.findings import Finding
+
+
+def probe(ctx):
+    time.sleep(0.5)
+    return Finding(id="slow", status="warn", summary="slow but fine", fix="be patient")

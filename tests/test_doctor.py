@@ -1,0 +1,181 @@
+"""The runner (crash classification, timeouts, order), exit codes, rendering, JSON and the click command."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from probes import PROBES, ProbeSpec
+from qwendoctor import doctor
+from qwendoctor.doctor import check, exit_code, render, run_probes, to_json
+from qwendoctor.errors import EXIT_USAGE, UsageError
+from qwendoctor.findings import Finding
+
+
+def spec(probe_id, module, native=False, timeout_s=30.0):
+    return ProbeSpec(probe_id, f"tests.fake_probes.{module}", native, timeout_s, f"fake {module}")
+
+
+def one(registry, **kw):
+    [finding] = run_probes(registry=registry, **kw)
+    return finding
+
+
+def test_in_process_exception_becomes_crash():
+    f = one([spec("boom", "raises")])
+    assert f.status == "crash" and f.summary == "RuntimeError: boom" and f.fix
+    assert f.elapsed_s is not None
+
+
+def test_subprocess_abort_is_crash_naming_the_signal(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the worker must not depend on the cwd
+    f = one([spec("aborts", "abort", native=True)])
+    assert f.status == "crash" and f.summary == "killed by SIGABRT"
+    assert "probes._worker aborts" in f.fix
+
+
+def test_subprocess_hang_times_out():
+    start = time.perf_counter()
+    f = one([spec("hangs", "hang", native=True, timeout_s=2)])
+    assert f.status == "crash" and f.summary == "timed out after 2 s"
+    assert 2 <= f.elapsed_s < 10 and time.perf_counter() - start < 10
+
+
+def test_subprocess_nonzero_exit_reports_last_stderr_line():
+    f = one([spec("exits", "exits", native=True)])
+    assert f.status == "crash"
+    assert f.summary == "exited with code 3: ImportError: libcudart.so.13: cannot open shared object file"
+
+
+def test_subprocess_exception_and_stdout_noise():
+    boom, noisy = run_probes(registry=[spec("boom", "raises", native=True), spec("noisy", "noisy", native=True)])
+    assert boom.status == "crash" and boom.summary == "RuntimeError: boom" and boom.details
+    assert noisy.status == "ok" and noisy.id == "noisy" and noisy.summary == "printed, still parsed"
+
+
+def test_unparsable_worker_output_is_crash():
+    argv = lambda s: [sys.executable, "-c", "import sys; print('not json'); print('oops', file=sys.stderr)"]
+    f = one([spec("garbage", "good", native=True)], worker_argv=argv)
+    assert f.status == "crash" and f.summary.startswith("unreadable worker output") and f.summary.endswith("oops")
+
+
+def test_in_subprocess_false_runs_native_probes_in_process():
+    f = one([spec("good", "good", native=True)], in_subprocess=False)
+    assert f.status == "ok" and f.id == "good"
+
+
+def test_fixed_order_despite_concurrency():
+    registry = [spec("slow1", "slow"), spec("good", "good"), spec("slow2", "slow"), spec("fail", "failing"),
+                spec("slow3", "slow")]
+    start = time.perf_counter()
+    findings = run_probes(registry=registry, jobs=5)
+    wall = time.perf_counter() - start
+    assert [f.id for f in findings] == ["slow1", "good", "slow2", "fail", "slow3"]
+    assert findings[0].elapsed_s >= 0.5 > findings[1].elapsed_s
+    assert wall < 1.4  # three 0.5 s probes ran concurrently
+
+
+def test_only_selects_and_unknown_id_is_usage_error():
+    registry = [spec("good", "good"), spec("fail", "failing")]
+    assert [f.id for f in run_probes(["fail"], registry=registry)] == ["fail"]
+    with pytest.raises(UsageError, match="unknown probe 'nope'; known: good, fail") as err:
+        run_probes(["nope"], registry=registry)
+    assert err.value.exit_code == EXIT_USAGE == 2
+
+
+@pytest.mark.parametrize("statuses, code", [
+    ([], 0), (["ok"], 0), (["ok", "warn", "skip"], 0), (["ok", "fail"], 1), (["crash"], 1), (["warn", "crash"], 1),
+])
+def test_exit_code_rule(statuses, code):
+    assert exit_code([Finding(id=f"p{i}", status=s, summary="x") for i, s in enumerate(statuses)]) == code
+
+
+FINDINGS = [
+    Finding(id="system", status="ok", summary="fine", details=["detail-ok"], fix="never shown", elapsed_s=0.01),
+    Finding(id="gpu", status="skip", summary="no NVIDIA GPU (NVML not available)"),
+    Finding(id="torch_build", status="fail", summary="CPU-only build", details=["detail-fail"],
+            fix="pip install torch --index-url https://download.pytorch.org/whl/cu128"),
+    Finding(id="diffusers", status="warn", summary="old", fix='pip install -U "diffusers>=0.35"'),
+    Finding(id="attention_backends", status="crash", summary="killed by SIGSEGV", fix="run the worker"),
+]
+
+
+def test_render_marks_fixes_details_and_footer():
+    text = render(FINDINGS)
+    lines = text.splitlines()
+    assert lines[0] == "[✓] system: fine"
+    assert "[-] gpu: no NVIDIA GPU (NVML not available)" in lines
+    assert "[✗] torch_build: CPU-only build" in lines
+    assert "[!] diffusers: old" in lines
+    assert "[☠] attention_backends: killed by SIGSEGV" in lines
+    assert "    fix: pip install torch --index-url https://download.pytorch.org/whl/cu128" in lines
+    assert "    fix: run the worker" in lines
+    assert "never shown" not in text and "detail-fail" not in text
+    assert lines[-1] == "3 issues found (1 warn, 1 fail, 1 crash); 1 skipped"
+
+    verbose = render(FINDINGS, verbose=True)
+    assert "    • detail-fail" in verbose and "    • detail-ok" in verbose and "(0.0 s)" in verbose
+    assert "[crash] attention_backends" in render(FINDINGS, ascii_only=True)
+    assert render(FINDINGS[:1]).splitlines()[-1] == "No issues found"
+    assert render(FINDINGS[2:3] + FINDINGS[4:]).splitlines()[-1] == "2 issues found (1 fail, 1 crash)"
+
+
+def test_to_json_schema():
+    data = json.loads(to_json(FINDINGS))
+    assert set(data) == {"schema_version", "findings", "exit_code"}
+    assert data["schema_version"] == 1 and data["exit_code"] == 1
+    assert [f["id"] for f in data["findings"]] == [f.id for f in FINDINGS]
+    for f in data["findings"]:
+        assert set(f) == {"id", "status", "summary", "details", "fix", "measured", "elapsed_s"}
+
+
+# --- the click command (fake registry, so nothing heavy runs) ----------------------------------------
+
+@pytest.fixture
+def fake_registry(monkeypatch):
+    registry = [spec("good", "good"), spec("fail", "failing"), spec("slow", "slow")]
+    monkeypatch.setattr(doctor, "PROBES", registry)
+    return registry
+
+
+def test_cli_list_uses_the_real_registry():
+    result = CliRunner().invoke(check, ["--list"])
+    assert result.exit_code == 0
+    assert [line.split()[0] for line in result.output.splitlines()] == [p.id for p in PROBES]
+
+
+def test_cli_json(fake_registry):
+    result = CliRunner().invoke(check, ["--json"])
+    assert result.exit_code == 1
+    data = json.loads(result.output)
+    assert data["exit_code"] == 1 and [f["id"] for f in data["findings"]] == ["good", "fail", "slow"]
+    assert all(f["elapsed_s"] is not None for f in data["findings"])
+
+
+def test_cli_only_and_verbose(fake_registry):
+    result = CliRunner().invoke(check, ["--only", "good", "--only", "slow", "-v"])
+    assert result.exit_code == 0, result.output
+    assert "good: all good" in result.output and "fail" not in result.output
+    assert "fix: be patient" in result.output
+    assert result.output.splitlines()[-1] == "1 issue found (1 warn)"
+
+
+def test_cli_only_unknown_is_usage_error(fake_registry):
+    result = CliRunner().invoke(check, ["--only", "nope"])
+    assert result.exit_code != 0 and result.output == ""
+    assert isinstance(result.exception, UsageError) and result.exception.exit_code == 2
+    assert str(result.exception) == "unknown probe 'nope'; known: good, fail, slow"
+
+
+def test_console_entry_point_turns_unknown_id_into_one_line_and_exit_2(capsys):
+    from qwendoctor.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["check", "--only", "nope"])
+    assert done.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("qwendoctor: error: unknown probe 'nope'; known: system, torch_build") and "\n" not in err

@@ -1,0 +1,133 @@
+"""generate, load_pipeline, and the CLI's exit codes and one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+import qwendoctor
+from qwendoctor import cli, lockfile
+from qwendoctor.generate import claim_path
+from qwendoctor.profile import Profile, Workload
+
+
+@pytest.fixture
+def tiny_lock(tmp_path):
+    """A lock for the tiny model on this machine, as tune would write it."""
+    from qwendoctor import fingerprint, models
+
+    revision = models.load_model("tiny", "cpu", "float32").revision
+    lock = lockfile.Lock(fingerprint=fingerprint.machine_fingerprint("tiny", revision),
+                         workload=Workload(model="tiny", width=128, height=128, reference_steps=3, dtype="float32"),
+                         profile=Profile(attention_backend="_native_math", steps=2),
+                         measured={"latency_median_s": 0.1, "step_ms": 5.0})
+    path = tmp_path / "qwendoctor.lock"
+    lockfile.write_lock(path, lock)
+    return path
+
+
+def run_cli(*args, cwd=None):
+    """The installed entry point in a fresh process: what a user sees, stdout, stderr and exit code."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(cwd or ".") + "/hf-home"}
+    return subprocess.run([sys.executable, "-c", "from qwendoctor.cli import main; main()", *args],
+                          capture_output=True, text=True, cwd=cwd, timeout=300, env=env)
+
+
+def test_load_pipeline_returns_the_tuned_pipeline(tiny_lock):
+    tuned = qwendoctor.load_pipeline(str(tiny_lock))
+    assert tuned.profile == Profile(attention_backend="_native_math", steps=2)
+    backends = {getattr(m.processor, "_attention_backend", None) for m in tuned.pipeline.transformer.modules()
+                if hasattr(m, "processor")}
+    assert {getattr(b, "value", b) for b in backends} == {"_native_math"}
+    image = tuned("a lighthouse", seed=1)
+    assert image.size == (128, 128)
+
+
+def test_generate_writes_pngs_with_metadata_and_never_overwrites(tiny_lock, tmp_path, capsys):
+    out = tmp_path / "out"
+    for _ in range(2):
+        with pytest.raises(SystemExit) as done:
+            cli.main(["generate", "a lighthouse at dusk", "--lock", str(tiny_lock), "--seed", "7",
+                      "--num-images", "2", "--out", str(out)])
+        assert done.value.code == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["a-lighthouse-at-dusk-7-1.png", "a-lighthouse-at-dusk-7.png",
+                     "a-lighthouse-at-dusk-8-1.png", "a-lighthouse-at-dusk-8.png"]
+    info = Image.open(out / "a-lighthouse-at-dusk-8.png").text
+    assert info["prompt"] == "a lighthouse at dusk" and info["seed"] == "8" and info["model"] == "tiny"
+    assert json.loads(info["profile"]) == {"attention_backend": "_native_math", "compile": "none",
+                                           "compile_mode": "default", "quantization": "none", "cache": "none",
+                                           "tf32": False, "steps": 2}
+    assert " s" in capsys.readouterr().out  # time per image printed
+
+
+def test_generate_refuses_a_lock_from_another_setup(tiny_lock, tmp_path, capsys):
+    lock = lockfile.read_lock(tiny_lock)
+    lock.fingerprint["torch"] = "2.5.0"
+    lock.fingerprint["gpu_name"] = "NVIDIA H100 80GB HBM3"
+    lockfile.write_lock(tiny_lock, lock)
+    with pytest.raises(SystemExit) as done:
+        cli.main(["generate", "x", "--lock", str(tiny_lock), "--out", str(tmp_path / "o")])
+    assert done.value.code == 1
+    error = capsys.readouterr().err
+    assert "gpu_name: lock NVIDIA H100 80GB HBM3, here none" in error and "torch: lock 2.5.0" in error
+    assert "--ignore-fingerprint" in error and error.count("\n") == 1
+    with pytest.raises(SystemExit) as done:
+        cli.main(["generate", "x", "--lock", str(tiny_lock), "--out", str(tmp_path / "o"), "--ignore-fingerprint"])
+    assert done.value.code == 0
+
+
+def test_claim_path_is_exclusive(tmp_path):
+    first, handle = claim_path(str(tmp_path), "img")
+    handle.close()
+    second, handle = claim_path(str(tmp_path), "img")
+    handle.close()
+    assert first != second and second.endswith("img-1.png")
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["generate", "x", "--lock", "{tmp}/missing.lock"], 2, "no such lock file; run `qwendoctor tune`"),
+    (["generate", "x", "--lock", "{tmp}/garbage.lock"], 2, "not valid TOML"),
+    (["generate", "x", "--num-images", "0"], 2, "--num-images must be at least 1"),
+    (["tune", "--width", "1000"], 2, "width must be a positive multiple of 16, got 1000"),
+    (["tune", "--steps", "0"], 2, "steps must be an integer >= 2"),
+    (["tune", "--steps", "-5"], 2, "steps must be an integer >= 2"),
+    (["tune", "--model", "no-such-model", "--trials", "1"], 2, "unknown model 'no-such-model'"),
+    (["tune", "--model", "Qwen/Qwen-Image"], 2, "not in the local Hugging Face cache; download it first"),
+    (["tune", "--model", "synthetic"], 2, "needs a CUDA GPU"),
+    (["tune", "--floor", "shiny"], 2, "--floor 'shiny'"),
+    (["tune", "--trials", "0"], 2, "--trials must be at least 1"),
+    (["tune", "--width", "abc"], 2, "Invalid value for '--width'"),
+    (["frobnicate"], 2, "No such command 'frobnicate'"),
+    (["check", "--only", "nope"], 2, "unknown probe 'nope'"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, code, message):
+    (tmp_path / "garbage.lock").write_text("[[[ not toml")
+    result = run_cli(*[a.replace("{tmp}", str(tmp_path)) for a in args], cwd=tmp_path)
+    assert result.returncode == code, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("qwendoctor: error:") and message in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_help_and_version_exit_0():
+    assert run_cli("--help").returncode == 0
+    version = run_cli("--version")
+    assert version.returncode == 0 and qwendoctor.__version__ in version.stdout
+
+
+def test_tune_cli_end_to_end_then_generate(tmp_path):
+    """The quick start's loop through the real CLI, small: tune writes a lock, generate reads it."""
+    tune = run_cli("tune", "--trials", "3", "--steps", "4", "--num-prompts", "1", "--json", cwd=tmp_path)
+    assert tune.returncode == 0, tune.stderr
+    report = json.loads(tune.stdout)
+    assert report["counts"]["trials"] == 3 and report["measured"]["speedup"] > 0
+    lockfile.read_lock(tmp_path / "qwendoctor.lock")
+    generate = run_cli("generate", "a red fox", "--json", cwd=tmp_path)
+    assert generate.returncode == 0, generate.stderr
+    written = json.loads(generate.stdout)["images"]
+    assert len(written) == 1 and (tmp_path / written[0]["path"]).exists()

@@ -1,0 +1,332 @@
+"""Each probe with injected fakes (no GPU needed), plus the real attention probe on this CPU."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from probes import PROBES
+from probes.context import ProbeContext, Workload, default_disk_paths, exc_line
+from qwendoctor.findings import Finding
+
+GIB = 1024**3
+
+
+def fake_import(**modules):
+    """import_module that serves fakes by dotted name (`diffusers__hooks` for diffusers.hooks); an
+    Exception value is raised; everything else is the real import."""
+    table = {name.replace("__", "."): mod for name, mod in modules.items()}
+
+    def import_module(name):
+        if name in table:
+            if isinstance(table[name], BaseException):
+                raise table[name]
+            return table[name]
+        return importlib.import_module(name)
+
+    return import_module
+
+
+def fake_run(returncode=0, stdout=""):
+    calls = []
+
+    def run(argv, timeout):
+        calls.append(list(argv))
+        return subprocess.CompletedProcess(argv, returncode, stdout, "")
+
+    run.calls = calls
+    return run
+
+
+NVIDIA_SMI = "| NVIDIA-SMI 570.86.15    Driver Version: 570.86.15    CUDA Version: 12.8     |\n"
+NO_SMI = fake_run(127)
+
+
+def fake_torch(version="2.8.0+cpu", cuda=None, available=False, arch_list=(), cc=(9, 0)):
+    return SimpleNamespace(
+        __version__=version,
+        version=SimpleNamespace(cuda=cuda),
+        backends=SimpleNamespace(cudnn=SimpleNamespace(version=lambda: 91002 if cuda else None)),
+        cuda=SimpleNamespace(is_available=lambda: available, get_arch_list=lambda: list(arch_list),
+                             get_device_capability=lambda i=0: cc),
+    )
+
+
+def test_registry_order_and_contract():
+    assert [p.id for p in PROBES] == ["system", "torch_build", "gpu", "diffusers", "attention_backends"]
+    assert [p.native for p in PROBES] == [False, True, True, True, True]
+    assert all(p.timeout_s > 0 and p.title for p in PROBES)
+
+
+def test_probe_modules_do_not_import_native_code():
+    code = ("import sys, importlib, probes, probes._worker, probes.context\n"
+            "for p in probes.PROBES: importlib.import_module(p.module)\n"
+            "bad = [m for m in ('torch', 'diffusers', 'pynvml') if m in sys.modules]\n"
+            "assert not bad, bad")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+
+
+def test_context_defaults_follow_env(tmp_path):
+    ctx = ProbeContext(env={"HF_HOME": str(tmp_path / "hf"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind")})
+    assert ctx.disk_paths == {"hf_cache": tmp_path / "hf" / "hub", "inductor_cache": tmp_path / "ind"}
+    assert default_disk_paths({"HF_HUB_CACHE": "/x/hub", "HOME": "/h"})["hf_cache"].as_posix() == "/x/hub"
+    assert default_disk_paths({"HOME": "/h"})["hf_cache"].as_posix() == "/h/.cache/huggingface/hub"
+    assert Workload().image_tokens == 83 * 83
+    assert ProbeContext().run(["definitely-not-a-program-xyz"], 5).returncode == 127
+    assert exc_line(ValueError("first\nsecond")) == "ValueError: first"
+
+
+# --- system -------------------------------------------------------------------------------------------
+
+def test_system_real_machine():
+    from probes import system
+
+    f = system.probe(ProbeContext())
+    assert f.status in ("ok", "warn")
+    assert set(f.measured) == {"python", "os", "cpus", "ram_gib", "disk_free_gib"}
+    assert "hf_cache" in f.measured["disk_free_gib"]
+
+
+def test_system_old_python_fails(tmp_path):
+    from probes import system
+
+    fake_sys = SimpleNamespace(version_info=(3, 10, 12, "final", 0), executable="/usr/bin/python3.10")
+    f = system.probe(ProbeContext(import_module=fake_import(sys=fake_sys), disk_paths={"hf_cache": tmp_path}))
+    assert f.status == "fail" and "3.10.12" in f.summary and "3.11" in f.fix
+
+
+def test_system_low_disk_warns_unless_weights_cached(tmp_path):
+    from probes import system
+
+    shutil = SimpleNamespace(disk_usage=lambda p: SimpleNamespace(total=100 * GIB, used=90 * GIB, free=10 * GIB))
+    ctx = ProbeContext(import_module=fake_import(shutil=shutil), disk_paths={"hf_cache": tmp_path / "hub"})
+    f = system.probe(ctx)
+    assert f.status == "warn" and "10.0 GiB free" in f.summary and "HF_HOME" in f.fix
+    assert f.measured["disk_free_gib"] == {"hf_cache": 10.0}
+
+    (tmp_path / "hub" / "models--Qwen--Qwen-Image").mkdir(parents=True)
+    assert system.probe(ctx).status == "ok"
+
+
+# --- torch_build --------------------------------------------------------------------------------------
+
+def test_torch_cpu_build_on_gpu_machine_fails():
+    from probes import torch_build
+
+    run = fake_run(0, NVIDIA_SMI)
+    f = torch_build.probe(ProbeContext(import_module=fake_import(torch=fake_torch()), run=run))
+    assert f.status == "fail"
+    assert "CPU-only" in f.summary
+    assert f.fix == "pip install --force-reinstall torch --index-url https://download.pytorch.org/whl/cu128"
+    assert run.calls == [["nvidia-smi"]]
+    assert f.measured["cuda"] is None and f.measured["cuda_available"] is False
+
+
+def test_torch_cpu_build_without_gpu_is_ok():
+    from probes import torch_build
+
+    f = torch_build.probe(ProbeContext(import_module=fake_import(torch=fake_torch()), run=NO_SMI))
+    assert f.status == "ok" and "CPU only" in f.summary and f.fix is None
+
+
+def test_torch_cuda_build_usable():
+    from probes import torch_build
+
+    torch = fake_torch("2.9.1+cu128", "12.8", True, ["sm_80", "sm_90", "sm_100", "sm_120"], (9, 0))
+    f = torch_build.probe(ProbeContext(import_module=fake_import(torch=torch), run=fake_run(0, NVIDIA_SMI)))
+    assert f.status == "ok", f.summary
+    assert f.measured == {"torch": "2.9.1+cu128", "cuda": "12.8", "cudnn": 91002, "cuda_available": True,
+                          "arch_list": ["sm_80", "sm_90", "sm_100", "sm_120"], "device_cc": "9.0"}
+
+
+def test_torch_build_without_kernels_for_this_gpu_fails():
+    from probes import torch_build
+
+    torch = fake_torch("2.7.0+cu126", "12.6", True, ["sm_50", "sm_80", "sm_90"], (12, 0))
+    smi = NVIDIA_SMI.replace("12.8", "13.0")
+    f = torch_build.probe(ProbeContext(import_module=fake_import(torch=torch), run=fake_run(0, smi)))
+    assert f.status == "fail" and "sm_120" in f.summary and f.fix.endswith("/cu130")
+
+
+def test_torch_cuda_build_that_cannot_see_the_gpu_fails():
+    from probes import torch_build
+
+    torch = fake_torch("2.9.0+cu130", "13.0", available=False)
+    f = torch_build.probe(ProbeContext(import_module=fake_import(torch=torch), run=fake_run(0, NVIDIA_SMI)))
+    assert f.status == "fail" and "cannot use the GPU" in f.summary and "cu128" in f.fix
+
+
+def test_old_torch_warns():
+    from probes import torch_build
+
+    f = torch_build.probe(ProbeContext(import_module=fake_import(torch=fake_torch("2.4.1+cpu")), run=NO_SMI))
+    assert f.status == "warn" and "2.5" in f.summary and "torch>=2.5" in f.fix
+
+
+def test_torch_missing_fails():
+    from probes import torch_build
+
+    f = torch_build.probe(ProbeContext(import_module=fake_import(torch=ImportError("No module named 'torch'")),
+                                       run=NO_SMI))
+    assert f.status == "fail" and "ImportError" in f.summary and "pip install" in f.fix
+
+
+# --- gpu ----------------------------------------------------------------------------------------------
+
+class FakeNVML:
+    def __init__(self, gpus, driver="570.86.15", cuda=12080):
+        self.gpus, self.driver, self.cuda, self.shut = gpus, driver, cuda, False
+
+    def nvmlSystemGetDriverVersion(self):
+        return self.driver
+
+    def nvmlSystemGetCudaDriverVersion(self):
+        return self.cuda
+
+    def nvmlDeviceGetCount(self):
+        return len(self.gpus)
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return self.gpus[i]
+
+    def nvmlDeviceGetName(self, h):
+        return h[0].encode()  # old pynvml returns bytes
+
+    def nvmlDeviceGetCudaComputeCapability(self, h):
+        return h[1]
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return SimpleNamespace(total=h[2] * GIB)
+
+    def nvmlShutdown(self):
+        self.shut = True
+
+
+def test_gpu_without_nvml_is_skip():
+    from probes import gpu
+
+    def no_nvml():
+        raise OSError("NVML Shared Library Not Found")
+
+    f = gpu.probe(ProbeContext(nvml=no_nvml))
+    assert f.status == "skip" and f.summary == "no NVIDIA GPU (NVML not available)"
+
+
+def test_gpu_h100_ok():
+    from probes import gpu
+
+    nvml = FakeNVML([("NVIDIA H100 80GB HBM3", (9, 0), 79.6)] * 2)
+    f = gpu.probe(ProbeContext(nvml=lambda: nvml))
+    assert f.status == "ok" and f.summary.startswith("2x NVIDIA H100 80GB HBM3 (cc 9.0")
+    assert f.measured == {"gpus": [{"name": "NVIDIA H100 80GB HBM3", "cc": "9.0", "memory_gib": 79.6}] * 2,
+                          "driver": "570.86.15", "driver_cuda": "12.8"}
+    assert nvml.shut
+
+
+def test_gpu_old_cc_warns_and_mentions_fp8():
+    from probes import gpu
+
+    f = gpu.probe(ProbeContext(nvml=lambda: FakeNVML([("Tesla T4", (7, 5), 15.0)])))
+    assert f.status == "warn" and "8.0" in f.summary and f.fix
+    assert any("FP8" in d and "8.9" in d for d in f.details)
+    assert any("does not fit" in d for d in f.details)
+
+
+def test_gpu_without_nvidia_ml_py_warns():
+    from probes import gpu
+
+    def missing():
+        raise ImportError("No module named 'pynvml'")
+
+    f = gpu.probe(ProbeContext(nvml=missing))
+    assert f.status == "warn" and f.fix == "pip install nvidia-ml-py"
+
+
+# --- diffusers ----------------------------------------------------------------------------------------
+
+def fake_diffusers(pipeline=True, dispatcher=True, hooks=True, regional=True):
+    class ModelMixin:
+        pass
+
+    if dispatcher:
+        ModelMixin.set_attention_backend = lambda self, name: None
+    if regional:
+        ModelMixin.compile_repeated_blocks = lambda self: None
+    mod = SimpleNamespace(__version__="0.36.0", ModelMixin=ModelMixin)
+    if pipeline:
+        mod.QwenImagePipeline = object
+    return fake_import(
+        diffusers=mod,
+        transformers=SimpleNamespace(__version__="4.57.1"),
+        diffusers__models__attention_dispatch=SimpleNamespace(dispatch_attention_fn=lambda *a, **k: None)
+        if dispatcher else ImportError("no dispatcher"),
+        diffusers__hooks=SimpleNamespace(FirstBlockCacheConfig=object) if hooks else SimpleNamespace(),
+    )
+
+
+def test_diffusers_complete_is_ok():
+    from probes import diffusers
+
+    f = diffusers.probe(ProbeContext(import_module=fake_diffusers()))
+    assert f.status == "ok" and f.summary == "diffusers 0.36.0, transformers 4.57.1"
+    assert f.measured == {"diffusers": "0.36.0", "transformers": "4.57.1", "has_pipeline": True,
+                          "has_dispatcher": True, "has_cache_hooks": True, "has_regional_compile": True}
+
+
+def test_diffusers_missing_or_without_qwen_fails():
+    from probes import diffusers
+
+    f = diffusers.probe(ProbeContext(import_module=fake_import(diffusers=ImportError("No module named 'diffusers'"))))
+    assert f.status == "fail" and "diffusers>=0.35" in f.fix
+    f = diffusers.probe(ProbeContext(import_module=fake_diffusers(pipeline=False)))
+    assert f.status == "fail" and "QwenImagePipeline" in f.summary
+
+
+@pytest.mark.parametrize("missing", ["dispatcher", "hooks", "regional"])
+def test_diffusers_missing_features_warn(missing):
+    from probes import diffusers
+
+    f = diffusers.probe(ProbeContext(import_module=fake_diffusers(**{missing: False})))
+    assert f.status == "warn" and f.fix == 'pip install -U "diffusers>=0.35"'
+    key = {"dispatcher": "has_dispatcher", "hooks": "has_cache_hooks", "regional": "has_regional_compile"}[missing]
+    assert f.measured[key] is False
+
+
+# --- attention_backends -------------------------------------------------------------------------------
+
+def test_attention_backends_real_cpu():
+    from probes import attention_backends
+
+    f = attention_backends.probe(ProbeContext())
+    assert f.status == "ok", f.summary
+    m = f.measured
+    assert m["device"] == "cpu"
+    assert m["working"][:2] == ["native", "_native_math"]
+    assert m["broken"]["_native_flash"] == "needs CUDA" and m["broken"]["flash"] == "needs CUDA"
+    assert all(m["errors"][n] < 1e-4 for n in m["working"])
+    assert set(m["working"]) | set(m["broken"]) == set(attention_backends.CANDIDATES)
+
+
+def test_attention_backends_broken_native_fails():
+    import torch
+
+    from probes import attention_backends
+
+    def dispatch_attention_fn(q, k, v, backend=None):
+        if backend == "native":
+            raise RuntimeError("CUDA error: no kernel image is available\nmore")
+        return torch.zeros_like(q)  # runs, but wrong
+
+    ctx = ProbeContext(import_module=fake_import(
+        diffusers__models__attention_dispatch=SimpleNamespace(dispatch_attention_fn=dispatch_attention_fn)))
+    f = attention_backends.probe(ctx)
+    assert f.status == "fail" and f.fix
+    assert f.measured["working"] == []
+    assert f.measured["broken"]["native"] == "not working: RuntimeError: CUDA error: no kernel image is available"
+    assert f.measured["broken"]["_native_math"].startswith("wrong result: relative error 1.00e+00")
+    assert isinstance(f, Finding)

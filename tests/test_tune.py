@@ -1,0 +1,170 @@
+"""The tune loop on the tiny model: search space, failures, the floor, resume, and the lock it writes."""
+
+import dataclasses
+
+import optuna
+import pytest
+
+from qwendoctor import lockfile, quality, runner, tune
+from qwendoctor.errors import QwendoctorError
+from qwendoctor.profile import Capabilities, Profile
+
+CPU = Capabilities(device="cpu", working_attention_backends=("native", "_native_math"))
+
+
+@pytest.fixture
+def options(tmp_path, tiny_workload):
+    return tune.TuneOptions(workload=tiny_workload, prompts=["a red fox in the snow"], seeds=[0],
+                            floor=quality.parse_floor("balanced"), lock_path=str(tmp_path / "qwendoctor.lock"),
+                            storage=f"sqlite:///{tmp_path / 'study.db'}", trials=4)
+
+
+@pytest.fixture
+def measured_profiles(monkeypatch):
+    """Every profile the tuner actually renders and times, in order."""
+    seen = []
+    real_measure = runner.measure
+
+    def spy(model, workload, profile, *args, **kwargs):
+        seen.append(profile)
+        return real_measure(model, workload, profile, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "measure", spy)
+    return seen
+
+
+def test_search_space_is_pruned_by_findings(tiny_workload):
+    cpu = tune.build_search_space(CPU, tiny_workload)
+    assert cpu.attention_backends == ("native", "_native_math")
+    assert cpu.compile == ("none",) and cpu.quantizations == ("none",) and cpu.tf32 == (False,)
+    assert cpu.steps == (2, 4, 1)
+
+    h100 = Capabilities(device="cuda", compute_capability=(9, 0), has_torchao=True,
+                        working_attention_backends=("native", "_native_cudnn", "_native_math"))
+    gpu = tune.build_search_space(h100, dataclasses.replace(tiny_workload, reference_steps=50))
+    assert gpu.attention_backends == ("native", "_native_cudnn")  # math is a reference, never searched on GPU
+    assert "regional" in gpu.compile and "max-autotune-no-cudagraphs" in gpu.compile_modes
+    assert gpu.quantizations == ("none", "fp8_rowwise", "fp8_tensorwise", "fp8_weight_only")
+    assert gpu.steps == (25, 50, 5)
+
+    ampere = dataclasses.replace(h100, compute_capability=(8, 0))
+    assert tune.build_search_space(ampere, tiny_workload).quantizations == ("none",)
+
+
+def test_tune_writes_a_valid_lock_that_meets_the_floor(options, measured_profiles):
+    result = tune.run_tune(options, capabilities=CPU)
+    lock = lockfile.read_lock(options.lock_path)
+    assert lock == result.lock
+    assert lock.measured["psnr_db"] >= options.floor.psnr_db and lock.measured["ssim"] >= options.floor.ssim
+    assert lock.baseline["latency_median_s"] > 0
+    assert lock.measured["speedup"] == pytest.approx(lock.baseline["latency_median_s"]
+                                                     / lock.measured["latency_median_s"])
+    assert lock.study["trials"] == 4 == result.counts["trials"]
+    assert lock.fingerprint["model_id"] == "tiny" and lock.fingerprint["model_revision"].startswith("config-")
+    # The first trial is the default profile; its numbers come from the reference renders, measured once.
+    assert result.trials[0]["profile"] == "attn=native"
+    assert measured_profiles[0] == Profile()
+    assert Profile() not in measured_profiles[1:]
+
+
+def test_lock_respects_a_floor_only_exact_renders_meet(options):
+    options.floor = quality.Floor("exact", psnr_db=1000.0, ssim=1.0)
+    options.trials = 5
+    result = tune.run_tune(options, capabilities=CPU)
+    # Only renders identical to the reference (the default, or a cache that never skipped) are feasible.
+    assert lockfile.read_lock(options.lock_path).measured["psnr_db"] == float("inf")
+    for row in result.trials:
+        assert (row["state"] == "complete") == (row.get("psnr_db") == float("inf")), row
+
+
+def test_a_trial_that_raises_is_recorded_and_the_study_goes_on(options, monkeypatch):
+    real_build = runner.build
+    failures = []
+
+    def flaky_build(workload, profile, capabilities):
+        if profile != Profile() and not failures:
+            failures.append(profile)
+            raise RuntimeError("backend exploded\nsecond line")
+        return real_build(workload, profile, capabilities)
+
+    monkeypatch.setattr(runner, "build", flaky_build)
+    result = tune.run_tune(options, capabilities=CPU)
+    failed = [row for row in result.trials if row["state"] == "failed"]
+    assert len(failed) == 1 and failed[0]["failure"] == "RuntimeError: backend exploded"
+    assert result.counts == {"trials": 4, "completed": result.counts["completed"], "failed": 1,
+                             "infeasible": result.counts["infeasible"]}
+    assert lockfile.read_lock(options.lock_path).study["failed"] == 1
+
+
+def test_no_feasible_trial_is_an_error_and_no_lock(options, monkeypatch):
+    options.floor = quality.Floor("impossible", psnr_db=1000.0, ssim=1.0)
+    monkeypatch.setattr(tune, "default_params", lambda space: {"attention_backend": "_native_math",
+                                                                 "compile": "none", "quantization": "none",
+                                                                 "cache": "none", "tf32": False, "steps": 2})
+    options.trials = 1
+    with pytest.raises(QwendoctorError, match="no trial met the quality floor impossible"):
+        tune.run_tune(options, capabilities=CPU)
+    import os
+    assert not os.path.exists(options.lock_path)
+
+
+def test_resume_after_kill_and_ctrl_c_repeats_no_finished_trial(options, measured_profiles, monkeypatch):
+    options.trials = 3
+    tune.run_tune(options, capabilities=CPU)
+    first_run = list(measured_profiles)
+
+    # A worker killed mid-trial leaves it RUNNING in the storage.
+    study = optuna.load_study(study_name=tune.study_name(options, _here(options)), storage=options.storage)
+    killed = study.ask({"attention_backend": optuna.distributions.CategoricalDistribution(["native", "_native_math"]),
+                        "steps": optuna.distributions.IntDistribution(2, 4)})
+    assert killed.number == 3
+
+    # Then a Ctrl-C during the next trial.
+    real_measure = runner.measure
+    interrupted = []
+
+    def ctrl_c_once(model, workload, profile, *args, **kwargs):
+        if not interrupted:
+            interrupted.append(profile)
+            raise KeyboardInterrupt
+        return real_measure(model, workload, profile, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "measure", ctrl_c_once)
+    options.trials = 6
+    with pytest.raises(KeyboardInterrupt):
+        tune.run_tune(options, capabilities=CPU)
+
+    monkeypatch.setattr(runner, "measure", real_measure)
+    measured_profiles.clear()
+    monkeypatch.setattr(runner, "measure", lambda *a, **k: (measured_profiles.append(a[2]), real_measure(*a, **k))[1])
+    result = tune.run_tune(options, capabilities=CPU)
+
+    assert result.counts["trials"] == 6
+    assert not set(first_run) & set(measured_profiles), "a finished trial was measured again"
+    states = [t.user_attrs.get("failure") for t in optuna.load_study(
+        study_name=tune.study_name(options, _here(options)), storage=options.storage).trials]
+    assert states.count(tune.INTERRUPTED) == 2  # the killed trial and the Ctrl-C'd one, both queued again
+    assert interrupted[0] in measured_profiles  # the Ctrl-C'd profile was retried
+
+
+def _here(options):
+    from qwendoctor import fingerprint
+
+    return fingerprint.machine_fingerprint(options.workload.model, None)
+
+
+def test_read_prompts(tmp_path):
+    assert len(tune.read_prompts(None, 2)) == 2
+    path = tmp_path / "prompts.txt"
+    path.write_text("# comment\n\nfirst\nsecond\n")
+    assert tune.read_prompts(str(path), 1) == ["first", "second"]
+    path.write_text("# nothing\n")
+    with pytest.raises(QwendoctorError, match="no prompts"):
+        tune.read_prompts(str(path), 1)
+
+
+def test_floor_presets_and_parsing():
+    assert quality.parse_floor("lossless") == quality.Floor("lossless", 40.0, 0.98)
+    assert quality.parse_floor("psnr=35,ssim=0.9") == quality.Floor("psnr=35,ssim=0.9", 35.0, 0.9)
+    with pytest.raises(QwendoctorError, match="--floor 'x=1'"):
+        quality.parse_floor("x=1")
