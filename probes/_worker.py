@@ -18,13 +18,14 @@ import traceback
 
 def run_one(probe_id: str, module: str | None = None) -> dict:
     from probes import PROBES, load_probe
-    from probes.context import ProbeContext, exc_line
+    from probes.context import SETTINGS_ENV, ProbeContext, exc_line
     from qwendoctor.findings import Finding
 
     try:
         if module is None:
             module = {spec.id: spec.module for spec in PROBES}[probe_id]
-        finding = load_probe(module)(ProbeContext())
+        settings = json.loads(os.environ.get(SETTINGS_ENV) or "{}")
+        finding = load_probe(module)(ProbeContext.from_settings(settings))
         if not isinstance(finding, Finding):
             raise TypeError(f"probe returned {type(finding).__name__}, not a Finding")
     except Exception as exc:

@@ -86,7 +86,25 @@ class ProbeContext:
     workload: Workload = dataclasses.field(default_factory=Workload)
     # label -> path; None derives them from `env` (HF_HUB_CACHE / HF_HOME, TORCHINDUCTOR_CACHE_DIR).
     disk_paths: Mapping[str, Path] | None = None
+    model: str = "Qwen/Qwen-Image"  # what the model and memory_plan probes look for
+    bench: bool = False  # the --bench tier: probes may spend tens of seconds measuring
 
     def __post_init__(self):
         if self.disk_paths is None:
             self.disk_paths = default_disk_paths(self.env)
+
+    def settings(self) -> dict[str, Any]:
+        """What a probe in a subprocess needs to rebuild this context (SETTINGS_ENV, as JSON)."""
+        return {"width": self.workload.width, "height": self.workload.height,
+                "text_tokens": self.workload.text_tokens, "model": self.model, "bench": self.bench}
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> "ProbeContext":
+        workload = Workload(width=int(settings.get("width", 1328)), height=int(settings.get("height", 1328)),
+                            text_tokens=int(settings.get("text_tokens", 128)))
+        return cls(workload=workload, model=str(settings.get("model", "Qwen/Qwen-Image")),
+                   bench=bool(settings.get("bench", False)))
+
+
+# The doctor passes the context's settings to a probe subprocess through this variable.
+SETTINGS_ENV = "QWENDOCTOR_PROBE_SETTINGS"

@@ -35,10 +35,9 @@ def probe(ctx: ProbeContext) -> Finding:
     except Exception as exc:
         transformers, tf_error = None, exc_line(exc)
 
-    try:
-        has_pipeline = hasattr(diffusers, "QwenImagePipeline")  # lazy import: pulls in the pipeline module
-    except Exception:
-        has_pipeline = False
+    # diffusers is a lazy module: dir() lists what it exports without importing the pipeline and, through
+    # it, transformers' Qwen2.5-VL (seconds of the quick tier's budget).
+    has_pipeline = "QwenImagePipeline" in dir(diffusers)
     model_mixin = getattr(diffusers, "ModelMixin", None)
     has_dispatcher = (_has(ctx, "diffusers.models.attention_dispatch", "dispatch_attention_fn")
                       and hasattr(model_mixin, "set_attention_backend"))

@@ -59,6 +59,35 @@ def _arch_supported(arch_list: list[str], cc: tuple[int, int]) -> bool:
     return False
 
 
+def _cudnn_text(version: int | None) -> str | None:
+    """torch reports cuDNN as an int: 91900 is 9.19.0 (cuDNN 9), 8902 is 8.9.2 (cuDNN 8)."""
+    if not version:
+        return None
+    if version >= 90000:
+        return f"{version // 10000}.{version // 100 % 100}.{version % 100}"
+    return f"{version // 1000}.{version // 100 % 10}.{version % 100}"
+
+
+def _distribution_version(ctx: ProbeContext, *names: str) -> str | None:
+    metadata = ctx.import_module("importlib.metadata")
+    for name in names:
+        try:
+            return metadata.version(name)
+        except Exception:
+            continue
+    return None
+
+
+def _shadowing_cudnn(ctx: ProbeContext, loaded: str | None, bundled: str | None) -> str | None:
+    """A cuDNN other than the wheel's, loaded through LD_LIBRARY_PATH: the usual cause of slow or failing
+    cuDNN attention after a system CUDA install."""
+    if not loaded or not bundled or loaded.split(".")[:2] == bundled.split(".")[:2]:
+        return None
+    paths = [p for p in (ctx.env.get("LD_LIBRARY_PATH") or "").split(":") if p]
+    return (f"cuDNN {loaded} is loaded but torch's wheel bundles {bundled}"
+            + (f"; LD_LIBRARY_PATH puts {', '.join(paths[:3])} first" if paths else ""))
+
+
 def probe(ctx: ProbeContext) -> Finding:
     try:
         torch = ctx.import_module("torch")
@@ -73,14 +102,24 @@ def probe(ctx: ProbeContext) -> Finding:
     cudnn = torch.backends.cudnn.version() if cuda else None
     cuda_available = bool(torch.cuda.is_available()) if cuda else False
     arch_list = list(torch.cuda.get_arch_list()) if cuda_available else []
+    nccl = None
+    if cuda_available:
+        try:
+            nccl = ".".join(str(part) for part in torch.cuda.nccl.version())
+        except Exception:  # a build without NCCL (Windows, some source builds)
+            nccl = None
+    triton = _distribution_version(ctx, "triton", "pytorch-triton")
+    bundled_cudnn = _distribution_version(ctx, "nvidia-cudnn-cu13", "nvidia-cudnn-cu12") if cuda else None
     measured = {"torch": version, "cuda": cuda, "cudnn": cudnn, "cuda_available": cuda_available,
-                "arch_list": arch_list}
+                "arch_list": arch_list, "nccl": nccl, "triton": triton, "cudnn_bundled": bundled_cudnn}
     has_gpu, driver_cuda = _driver_cuda(ctx)
     details = [f"torch {version}", f"built for CUDA {cuda}" if cuda else "CPU-only build (torch.version.cuda is None)",
                f"cuDNN {cudnn}" if cudnn else "no cuDNN",
                f"nvidia-smi: {'GPU present, driver supports CUDA ' + str(driver_cuda) if has_gpu else 'no GPU answers'}"]
     if arch_list:
         details.append("compiled for: " + " ".join(arch_list))
+    details.append(f"NCCL {nccl}" if nccl else "NCCL: not available (multi-GPU generation needs it)")
+    details.append(f"triton {triton}" if triton else "triton: not installed (torch.compile on GPU needs it)")
 
     def finding(status, summary, fix=None):
         return Finding(id="torch_build", status=status, summary=summary, details=details, fix=fix, measured=measured)
@@ -99,8 +138,16 @@ def probe(ctx: ProbeContext) -> Finding:
             return finding("fail", f"torch {version} (CUDA {cuda}) has no kernels for this GPU's sm_{cc[0]}{cc[1]}",
                            _pip_fix(driver_cuda))
 
+    shadowed = _shadowing_cudnn(ctx, _cudnn_text(cudnn), bundled_cudnn) if cuda_available else None
+    if shadowed:
+        return finding("warn", f"torch {version}, CUDA {cuda}: {shadowed}",
+                       "unset LD_LIBRARY_PATH (or drop the system CUDA/cuDNN directories from it) so torch loads "
+                       "the cuDNN its wheel ships")
+    if cuda_available and triton is None:
+        return finding("warn", f"torch {version}, CUDA {cuda}, GPU usable, but triton is missing: torch.compile "
+                               "cannot generate GPU kernels", "pip install triton")
     if cuda_available:
-        summary = f"torch {version}, CUDA {cuda}, cuDNN {cudnn}, GPU usable"
+        summary = f"torch {version}, CUDA {cuda}, cuDNN {_cudnn_text(cudnn)}, GPU usable"
     elif cuda:
         summary = f"torch {version}, CUDA {cuda} build, no GPU on this machine: CPU only"
     else:

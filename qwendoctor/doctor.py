@@ -20,7 +20,7 @@ import click
 
 import probes
 from probes import PROBES, ProbeSpec
-from probes.context import ProbeContext, exc_line
+from probes.context import SETTINGS_ENV, ProbeContext, Workload, exc_line
 from qwendoctor.errors import EXIT_FAILURE, EXIT_OK, UsageError
 from qwendoctor.findings import FAILING_STATUSES, Finding
 
@@ -61,8 +61,9 @@ def _run_in_process(spec: ProbeSpec, ctx: ProbeContext) -> Finding:
     return finding
 
 
-def _run_in_subprocess(spec: ProbeSpec, worker_argv: WorkerArgv) -> Finding:
+def _run_in_subprocess(spec: ProbeSpec, worker_argv: WorkerArgv, ctx: ProbeContext) -> Finding:
     env = dict(os.environ)
+    env[SETTINGS_ENV] = json.dumps(ctx.settings())
     env["PYTHONPATH"] = os.pathsep.join(p for p in [_PROBES_ROOT, env.get("PYTHONPATH")] if p)
     # Own session, so a timeout kills the probe's children (nvidia-smi, compile workers) too.
     proc = subprocess.Popen(worker_argv(spec), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -94,7 +95,7 @@ def _run_in_subprocess(spec: ProbeSpec, worker_argv: WorkerArgv) -> Finding:
 
 
 def run_probes(ids: Sequence[str] | None = None, ctx: ProbeContext | None = None, in_subprocess: bool = True,
-               jobs: int = 4, *, registry: Sequence[ProbeSpec] | None = None,
+               jobs: int = min(16, os.cpu_count() or 1), *, registry: Sequence[ProbeSpec] | None = None,
                worker_argv: WorkerArgv | None = None) -> list[Finding]:
     """Run the probes (all, or those in `ids`) concurrently; return their Findings in registry order.
 
@@ -107,15 +108,17 @@ def run_probes(ids: Sequence[str] | None = None, ctx: ProbeContext | None = None
     for probe_id in ids or []:
         if probe_id not in known:
             raise UsageError(f"unknown probe {probe_id!r}; known: {', '.join(known)}")
-    selected = [spec for spec in registry if ids is None or spec.id in ids]
     ctx = ctx or ProbeContext()
+    # Bench-tier probes spend tens of seconds measuring: they run with --bench, or when named with --only.
+    selected = [spec for spec in registry
+                if (spec.id in ids if ids else spec.tier == "quick" or ctx.bench)]
     worker_argv = worker_argv or default_worker_argv
 
     def timed(spec: ProbeSpec) -> Finding:
         start = time.perf_counter()
         try:
             if spec.native and in_subprocess:
-                finding = _run_in_subprocess(spec, worker_argv)
+                finding = _run_in_subprocess(spec, worker_argv, ctx)
             else:
                 finding = _run_in_process(spec, ctx)
         except Exception as exc:  # the runner itself failed (e.g. could not start the worker)
@@ -125,8 +128,13 @@ def run_probes(ids: Sequence[str] | None = None, ctx: ProbeContext | None = None
 
     if not selected:
         return []
+    shared = [spec for spec in selected if not spec.exclusive]
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        return list(pool.map(timed, selected))  # map keeps the registry's order
+        results = dict(zip((spec.id for spec in shared), pool.map(timed, shared)))
+    for spec in selected:
+        if spec.exclusive:
+            results[spec.id] = timed(spec)
+    return [results[spec.id] for spec in selected]  # the registry's order
 
 
 def exit_code(findings: Sequence[Finding]) -> int:
@@ -185,15 +193,25 @@ def _can_print_unicode() -> bool:
 @click.option("--only", "only", multiple=True, metavar="ID", help="Run only this probe (repeatable).")
 @click.option("--list", "list_probes", is_flag=True, help="List the probe ids and exit.")
 @click.option("-v", "--verbose", is_flag=True, help="Show each finding's details and timing.")
-def check(as_json: bool, only: tuple[str, ...], list_probes: bool, verbose: bool) -> None:
+@click.option("--bench", is_flag=True, help="Also run the measuring tier (GEMM and bandwidth roofline).")
+@click.option("--width", type=int, default=1328, show_default=True, help="Workload width the probes size for.")
+@click.option("--height", type=int, default=1328, show_default=True, help="Workload height the probes size for.")
+@click.option("--model", default="Qwen/Qwen-Image", show_default=True,
+              help="Model the model and memory probes look for (a local path or Hugging Face id).")
+def check(as_json: bool, only: tuple[str, ...], list_probes: bool, verbose: bool, bench: bool, width: int,
+          height: int, model: str) -> None:
     """Probe this machine and say what Qwen-Image can use here. Exit 0: nothing fails; 1: a probe
     failed or crashed; 2: usage error."""
     if list_probes:
-        width = max(len(spec.id) for spec in PROBES)
+        id_width = max(len(spec.id) for spec in PROBES)
         for spec in PROBES:
-            click.echo(f"{spec.id:<{width}}  {spec.title}")
+            click.echo(f"{spec.id:<{id_width}}  {spec.title}" + ("  [--bench]" if spec.tier == "bench" else ""))
         return
-    findings = run_probes(ids=list(only) or None)  # UsageError for an unknown id, before anything runs
+    for name, value in (("width", width), ("height", height)):
+        if value <= 0 or value % 16:
+            raise UsageError(f"--{name} must be a positive multiple of 16, got {value}")
+    ctx = ProbeContext(workload=Workload(width=width, height=height), model=model, bench=bench)
+    findings = run_probes(ids=list(only) or None, ctx=ctx)  # UsageError for an unknown id, before anything runs
     click.echo(to_json(findings) if as_json else render(findings, verbose=verbose,
                                                          ascii_only=not _can_print_unicode()))
     # click's Exit, not SystemExit: works standalone, under CliRunner and under cli.main(standalone_mode=False).

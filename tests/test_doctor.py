@@ -178,4 +178,4 @@ def test_console_entry_point_turns_unknown_id_into_one_line_and_exit_2(capsys):
         main(["check", "--only", "nope"])
     assert done.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("qwendoctor: error: unknown probe 'nope'; known: system, torch_build") and "\n" not in err
+    assert err.startswith("qwendoctor: error: unknown probe 'nope'; known: system, gpu, torch_build") and "\n" not in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -57,8 +58,11 @@ def fake_torch(version="2.8.0+cpu", cuda=None, available=False, arch_list=(), cc
 
 
 def test_registry_order_and_contract():
-    assert [p.id for p in PROBES] == ["system", "torch_build", "gpu", "diffusers", "attention_backends"]
-    assert [p.native for p in PROBES] == [False, True, True, True, True]
+    assert [p.id for p in PROBES] == ["system", "gpu", "torch_build", "flash_attn", "attention_backends",
+                                      "attention_truth", "tf32", "fp8", "compile", "diffusers", "model",
+                                      "memory_plan", "env", "roofline"]
+    assert [p.id for p in PROBES if not p.native] == ["system", "env"]
+    assert [p.id for p in PROBES if p.tier == "bench"] == ["roofline"]
     assert all(p.timeout_s > 0 and p.title for p in PROBES)
 
 
@@ -138,10 +142,46 @@ def test_torch_cuda_build_usable():
     from probes import torch_build
 
     torch = fake_torch("2.9.1+cu128", "12.8", True, ["sm_80", "sm_90", "sm_100", "sm_120"], (9, 0))
-    f = torch_build.probe(ProbeContext(import_module=fake_import(torch=torch), run=fake_run(0, NVIDIA_SMI)))
+    torch.cuda.nccl = SimpleNamespace(version=lambda: (2, 27, 3))
+    metadata = fake_metadata({"triton": "3.5.1", "nvidia-cudnn-cu12": "9.10.2.21"})
+    f = torch_build.probe(ProbeContext(import_module=fake_import(torch=torch, importlib__metadata=metadata),
+                                       run=fake_run(0, NVIDIA_SMI)))
     assert f.status == "ok", f.summary
+    assert f.summary == "torch 2.9.1+cu128, CUDA 12.8, cuDNN 9.10.2, GPU usable"
     assert f.measured == {"torch": "2.9.1+cu128", "cuda": "12.8", "cudnn": 91002, "cuda_available": True,
-                          "arch_list": ["sm_80", "sm_90", "sm_100", "sm_120"], "device_cc": "9.0"}
+                          "arch_list": ["sm_80", "sm_90", "sm_100", "sm_120"], "device_cc": "9.0",
+                          "nccl": "2.27.3", "triton": "3.5.1", "cudnn_bundled": "9.10.2.21"}
+
+
+def fake_metadata(versions):
+    def version(name):
+        if name not in versions:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return versions[name]
+
+    return SimpleNamespace(version=version)
+
+
+def test_cudnn_shadowed_by_ld_library_path_warns():
+    from probes import torch_build
+
+    torch = fake_torch("2.9.1+cu128", "12.8", True, ["sm_90"], (9, 0))  # loads cuDNN 9.10.2
+    metadata = fake_metadata({"triton": "3.5.1", "nvidia-cudnn-cu12": "9.19.0.56"})
+    f = torch_build.probe(ProbeContext(import_module=fake_import(torch=torch, importlib__metadata=metadata),
+                                       run=fake_run(0, NVIDIA_SMI),
+                                       env={"LD_LIBRARY_PATH": "/usr/local/cuda/lib64"}))
+    assert f.status == "warn"
+    assert "cuDNN 9.10.2 is loaded but torch's wheel bundles 9.19.0.56" in f.summary
+    assert "/usr/local/cuda/lib64" in f.summary and "LD_LIBRARY_PATH" in f.fix
+
+
+def test_missing_triton_on_gpu_warns():
+    from probes import torch_build
+
+    torch = fake_torch("2.9.1+cu128", "12.8", True, ["sm_90"], (9, 0))
+    f = torch_build.probe(ProbeContext(import_module=fake_import(torch=torch, importlib__metadata=fake_metadata({})),
+                                       run=fake_run(0, NVIDIA_SMI)))
+    assert f.status == "warn" and "triton is missing" in f.summary and f.fix == "pip install triton"
 
 
 def test_torch_build_without_kernels_for_this_gpu_fails():
@@ -223,7 +263,8 @@ def test_gpu_h100_ok():
     nvml = FakeNVML([("NVIDIA H100 80GB HBM3", (9, 0), 79.6)] * 2)
     f = gpu.probe(ProbeContext(nvml=lambda: nvml))
     assert f.status == "ok" and f.summary.startswith("2x NVIDIA H100 80GB HBM3 (cc 9.0")
-    assert f.measured == {"gpus": [{"name": "NVIDIA H100 80GB HBM3", "cc": "9.0", "memory_gib": 79.6}] * 2,
+    assert f.measured == {"gpus": [{"name": "NVIDIA H100 80GB HBM3", "cc": "9.0", "memory_gib": 79.6,
+                                    "form_factor": "unknown"}] * 2,
                           "driver": "570.86.15", "driver_cuda": "12.8"}
     assert nvml.shut
 

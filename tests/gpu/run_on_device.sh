@@ -16,4 +16,5 @@ case "${1:-tests}" in
   tests) python3 -m pytest tests/gpu -v -s -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" ;;
   smoke) python3 benchmarks/gpu_smoke.py --out "$out/gpu_smoke_h100.json" "${@:2}" 2>&1 | tee "$out/gpu-smoke.log" ;;
   check) python3 -c "from qwendoctor.cli import main; main()" check -v 2>&1 | tee "$out/check.txt" ;;
+  doctor) python3 benchmarks/check_h100.py --out "$out" 2>&1 | tee "$out/check-bench.log" ;;
 esac
