@@ -12,7 +12,7 @@ import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 from probes import qwen_shapes as qs
-from probes.context import ProbeContext, exc_line
+from probes.context import ProbeContext, cuda_torch, exc_line
 from probes.roofline import time_ms
 from qwendoctor.findings import Finding
 
@@ -265,14 +265,9 @@ def measure(ctx: ProbeContext, torch) -> dict[str, Any]:
 
 
 def probe(ctx: ProbeContext) -> Finding:
-    try:
-        torch = ctx.import_module("torch")
-    except ImportError as exc:
-        return Finding(id="attention_truth", status="skip", summary="torch is not installed", details=[exc_line(exc)])
-    if not torch.cuda.is_available():
-        return Finding(id="attention_truth", status="skip",
-                       summary="no CUDA device: attention kernels are timed on the GPU only",
-                       details=[f"torch {torch.__version__}, CUDA {torch.version.cuda}"])
+    torch, skipped = cuda_torch(ctx, "attention_truth", "no CUDA device: attention kernels are timed on the GPU only")
+    if skipped is not None:
+        return skipped
     m = measure(ctx, torch)
     finding = summarize(m["shape"], m["ms"], m["failed"], m["picks"], m["kernel"], m["gemm_ms"], m["errors"])
     finding.details.insert(0, f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, "

@@ -108,3 +108,17 @@ class ProbeContext:
 
 # The doctor passes the context's settings to a probe subprocess through this variable.
 SETTINGS_ENV = "QWENDOCTOR_PROBE_SETTINGS"
+
+
+def cuda_torch(ctx: "ProbeContext", probe_id: str, without_cuda: str):
+    """(torch, None) where CUDA works, else (None, a skip Finding saying why): the prelude of GPU-only probes."""
+    from qwendoctor.findings import Finding
+
+    try:
+        torch = ctx.import_module("torch")
+    except ImportError as exc:
+        return None, Finding(id=probe_id, status="skip", summary="torch is not installed", details=[exc_line(exc)])
+    if not torch.cuda.is_available():
+        return None, Finding(id=probe_id, status="skip", summary=without_cuda,
+                             details=[f"torch {torch.__version__}, CUDA {torch.version.cuda}"])
+    return torch, None

@@ -12,7 +12,7 @@ import statistics
 import time
 from typing import Any, Callable, Mapping
 
-from probes.context import ProbeContext, exc_line
+from probes.context import ProbeContext, cuda_torch, exc_line
 from probes.memory_plan import visible_nvml_index
 from qwendoctor.findings import Finding
 
@@ -272,13 +272,9 @@ def measure(ctx: ProbeContext, torch) -> tuple[dict[str, Any], dict[str, Any] | 
 
 
 def probe(ctx: ProbeContext) -> Finding:
-    try:
-        torch = ctx.import_module("torch")
-    except ImportError as exc:
-        return Finding(id="roofline", status="skip", summary="torch is not installed", details=[exc_line(exc)])
-    if not torch.cuda.is_available():
-        return Finding(id="roofline", status="skip", summary="no CUDA device: nothing to measure",
-                       details=[f"torch {torch.__version__}, CUDA {torch.version.cuda}"])
+    torch, skipped = cuda_torch(ctx, "roofline", "no CUDA device: nothing to measure")
+    if skipped is not None:
+        return skipped
     rates, facts, notes = measure(ctx, torch)
     return summarize(torch.cuda.get_device_name(0), rates["bf16"], rates["fp8"], rates["copy"], facts, notes,
                      bf16_sustained_tflops=rates["bf16_sustained"])

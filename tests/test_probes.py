@@ -17,19 +17,7 @@ from qwendoctor.findings import Finding
 GIB = 1024**3
 
 
-def fake_import(**modules):
-    """import_module that serves fakes by dotted name (`diffusers__hooks` for diffusers.hooks); an
-    Exception value is raised; everything else is the real import."""
-    table = {name.replace("__", "."): mod for name, mod in modules.items()}
-
-    def import_module(name):
-        if name in table:
-            if isinstance(table[name], BaseException):
-                raise table[name]
-            return table[name]
-        return importlib.import_module(name)
-
-    return import_module
+from tests.fakes import fake_import  # noqa: E402
 
 
 def fake_run(returncode=0, stdout=""):

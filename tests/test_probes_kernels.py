@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import subprocess
 import sys
@@ -20,18 +19,7 @@ CUTLASS_ERR = ("Traceback (most recent call last):\n  File \"/venv/flash_attn/cu
                "ModuleNotFoundError: No module named 'cutlass.cute'\n")
 
 
-def fake_import(**modules):
-    """import_module serving fakes by dotted name (`a__b` for a.b); an Exception value is raised."""
-    table = {name.replace("__", "."): mod for name, mod in modules.items()}
-
-    def import_module(name):
-        if name in table:
-            if isinstance(table[name], BaseException):
-                raise table[name]
-            return table[name]
-        return importlib.import_module(name)
-
-    return import_module
+from tests.fakes import fake_import  # noqa: E402
 
 
 def fake_packages(dists=(), specs=()):
