@@ -8,18 +8,19 @@ it REFERENCE.md's H100 figures).
 
 from __future__ import annotations
 
+import statistics
 import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 from probes import qwen_shapes as qs
 from probes.context import ProbeContext, cuda_torch, exc_line
-from probes.roofline import time_ms
+from probes.roofline import event_samples, keep_busy, l2_flush_buffer
 from qwendoctor.findings import Finding
 
-WARMUP, REPS = 3, 50
+WARMUP, REPS, ROUNDS = 3, 50, 5
 # Seconds of back-to-back calls before timing: an H100 at its 700 W limit boosts for a moment, then runs
 # ~10% slower for the rest of a generation; the probe reports that steady rate.
-SETTLE_S = 0.4
+SETTLE_S = 1.0
 MATH_MAX_S = 4096  # the math backend materialises S x S scores per head: slow, and big beyond this
 GAIN_THRESHOLD = 0.05  # warn when another backend saves more than 5% of attention time
 REL_ERR_LIMIT = 2e-2  # bf16 output vs the default SDPA's
@@ -86,8 +87,9 @@ def summarize(shape: Mapping[str, int], ms: Mapping[str, float], failed: Mapping
     flops = qs.attention_flops_one_call(s, h, d) * b
     tflops = {k: round(flops / (v * 1e-3) / 1e12, 1) for k, v in ms.items()}
     details = [f"q/k/v B={b} H={h} S={s} D={d} bf16 (diffusers' layout: [B, S, H, D] storage, SDPA sees the "
-               f"[B, H, S, D] view); {WARMUP} warm-up calls, median of {REPS}, CUDA events, L2 flushed before each call, "
-               f"after {SETTLE_S} s of back-to-back calls so clocks have settled"]
+               f"[B, H, S, D] view); {WARMUP} warm-up calls, then {SETTLE_S} s of load so clocks settle, then "
+               f"median of {REPS} calls per backend in {ROUNDS} round-robin rounds, CUDA events, L2 flushed "
+               "before each call"]
     for k in sorted(ms, key=ms.get):
         extra = f", max rel. error vs native {errors[k]:.1e}" if k in errors else ""
         details.append(f"{k}: {ms[k]:.3f} ms, {tflops[k]:.0f} TFLOP/s{extra}")
@@ -231,6 +233,7 @@ def measure(ctx: ProbeContext, torch) -> dict[str, Any]:
     ref = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # SDPA warns at length about why a restricted backend cannot run
+        working = {}
         for name, call in calls.items():
             try:
                 out = call()
@@ -239,13 +242,36 @@ def measure(ctx: ProbeContext, torch) -> dict[str, Any]:
                     ref = out.float()
                 elif ref is not None:
                     errors[name] = float(f"{float((out.float() - ref).abs().max() / ref.abs().max()):.3g}")
-                ms[name] = time_ms(torch, call, WARMUP, REPS, flush_l2=True, settle_s=SETTLE_S)
+                for _ in range(WARMUP):
+                    call()
+                torch.cuda.synchronize()
+                working[name] = call
             except Exception as exc:
                 failed[name] = f"does not run: {exc_line(exc)}"
                 try:
                     torch.cuda.synchronize()
                 except Exception:
                     pass
+        gemm = None
+        try:
+            x = torch.randn(s, qs.HIDDEN, device=dev, dtype=bf16)
+            w = torch.randn(qs.HIDDEN, qs.MLP, device=dev, dtype=bf16)
+            gemm = lambda: x @ w  # noqa: E731
+            gemm()
+        except Exception as exc:
+            failed["gemm"] = f"bf16 GEMM did not run: {exc_line(exc)}"
+        # Rounds over all backends, after one settling load: the card's clock drifts as it heats under its
+        # power limit, and round-robin spreads that drift over every backend instead of the last ones timed.
+        timed = {**working, **({"gemm": gemm} if gemm is not None else {})}
+        samples = {name: [] for name in timed}
+        if timed:
+            keep_busy(torch, next(iter(timed.values())), SETTLE_S)
+            flush = l2_flush_buffer(torch)
+            for _ in range(ROUNDS):
+                for name, call in timed.items():
+                    samples[name] += event_samples(torch, call, REPS // ROUNDS, flush)
+        ms = {name: statistics.median(values) for name, values in samples.items() if name != "gemm"}
+        gemm_ms = statistics.median(samples["gemm"]) if "gemm" in samples else None
         kernels, ops, picks, kernel = [], [], "unknown", ""
         if "native" in calls:
             try:
@@ -253,13 +279,6 @@ def measure(ctx: ProbeContext, torch) -> dict[str, Any]:
                 picks, kernel = classify_kernels(kernels, ops)
             except Exception as exc:
                 kernel = f"profiler failed: {exc_line(exc)}"
-    gemm_ms = None
-    try:
-        x = torch.randn(s, qs.HIDDEN, device=dev, dtype=bf16)
-        w = torch.randn(qs.HIDDEN, qs.MLP, device=dev, dtype=bf16)
-        gemm_ms = time_ms(torch, lambda: x @ w, WARMUP, REPS, flush_l2=True, settle_s=SETTLE_S)
-    except Exception as exc:
-        failed["gemm"] = f"bf16 GEMM did not run: {exc_line(exc)}"
     return {"shape": shape, "ms": ms, "failed": failed, "picks": picks, "kernel": kernel, "gemm_ms": gemm_ms,
             "errors": errors}
 

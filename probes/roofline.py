@@ -133,26 +133,11 @@ def summarize(name: str, bf16_tflops: float | None, fp8_tflops: float | None, co
 L2_FLUSH_BYTES = 256 * 2**20  # larger than any current GPU's L2 (H100: 50 MB, B200: 126 MB)
 
 
-def time_ms(torch, fn: Callable[[], Any], warmup: int, reps: int, during: Callable[[], None] | None = None,
-            flush_l2: bool = False, settle_s: float = 0.0) -> float:
-    """Median ms of `reps` calls between CUDA events; `during` runs on the CPU while they execute.
-
-    `flush_l2` overwrites a buffer larger than the L2 cache before each call (outside the timed region), so
-    inputs come from device memory as they do inside a model, not from a cache the previous call warmed.
-    `settle_s` keeps the GPU busy that long before timing: a power-limited card boosts for the first tens of
-    milliseconds of heavy work, then settles at the clock a long denoising loop actually runs at.
-    """
-    for _ in range(warmup):
-        fn()
-    if settle_s > 0:
-        torch.cuda.synchronize()
-        settled_at = time.perf_counter() + settle_s
-        while time.perf_counter() < settled_at:
-            for _ in range(8):
-                fn()
-            torch.cuda.synchronize()
-    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda") if flush_l2 else None
-    torch.cuda.synchronize()
+def event_samples(torch, fn: Callable[[], Any], reps: int, flush: Any = None,
+                  during: Callable[[], None] | None = None) -> list[float]:
+    """ms of each of `reps` calls between CUDA events. `flush`, a buffer larger than the L2 cache, is
+    overwritten before each call (outside the timed region) so inputs come from device memory, as inside a
+    model; `during` runs on the CPU while the calls execute."""
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
     for start, end in events:
         if flush is not None:
@@ -163,7 +148,34 @@ def time_ms(torch, fn: Callable[[], Any], warmup: int, reps: int, during: Callab
     if during is not None:
         during()
     torch.cuda.synchronize()
-    return statistics.median(start.elapsed_time(end) for start, end in events)
+    return [start.elapsed_time(end) for start, end in events]
+
+
+def l2_flush_buffer(torch):
+    return torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+
+
+def keep_busy(torch, fn: Callable[[], Any], seconds: float) -> None:
+    """Back-to-back calls for `seconds`: a power-limited card boosts for a moment under heavy work, then
+    settles at the clock a long run actually gets."""
+    torch.cuda.synchronize()
+    until = time.perf_counter() + seconds
+    while time.perf_counter() < until:
+        for _ in range(8):
+            fn()
+        torch.cuda.synchronize()
+
+
+def time_ms(torch, fn: Callable[[], Any], warmup: int, reps: int, during: Callable[[], None] | None = None,
+            flush_l2: bool = False, settle_s: float = 0.0) -> float:
+    """Median ms of `reps` calls between CUDA events, after `warmup` calls and `settle_s` seconds of load."""
+    for _ in range(warmup):
+        fn()
+    if settle_s > 0:
+        keep_busy(torch, fn, settle_s)
+    flush = l2_flush_buffer(torch) if flush_l2 else None
+    torch.cuda.synchronize()
+    return statistics.median(event_samples(torch, fn, reps, flush, during))
 
 
 def _first(out):
