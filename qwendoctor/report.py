@@ -70,8 +70,7 @@ def print_tune(result: TuneResult, lock_path: str, console: Console | None = Non
     top = Table(title="top trials")
     for column in ("#", "profile", "s / image", "PSNR dB", "SSIM", "state"):
         top.add_column(column)
-    ranked = sorted(result.trials, key=lambda r: (r["state"] != "complete", r.get("latency_median_s", math.inf)))
-    for row in ranked[:5]:
+    for row in top_trials(result.trials):
         top.add_row(str(row["number"]), row["profile"], _fmt(row.get("latency_median_s")),
                     _fmt(row.get("psnr_db")), _fmt(row.get("ssim")), row["failure"] or row["state"])
     console.print(top)
@@ -80,6 +79,18 @@ def print_tune(result: TuneResult, lock_path: str, console: Console | None = Non
     console.print(f"{counts['trials']} trials: {counts['completed']} feasible, {counts['infeasible']} below the "
                   f"floor, {counts['failed']} failed. Time: {spent}.")
     console.print(f"speedup {lock.measured['speedup']:.2f}x over the default; lock written to {lock_path}")
+
+
+def top_trials(rows: list[dict], count: int = 5) -> list[dict]:
+    """Fastest feasible first, then the rest; each profile once (TPE re-proposes profiles it has measured,
+    and their numbers are reused, so the same row would otherwise fill the table)."""
+    ranked = sorted(rows, key=lambda r: (r["state"] != "complete", r.get("latency_median_s", math.inf)))
+    seen, result = set(), []
+    for row in ranked:
+        if row["profile"] not in seen:
+            seen.add(row["profile"])
+            result.append(row)
+    return result[:count]
 
 
 def tune_json(result: TuneResult) -> str:

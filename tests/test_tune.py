@@ -168,3 +168,28 @@ def test_floor_presets_and_parsing():
     assert quality.parse_floor("psnr=35,ssim=0.9") == quality.Floor("psnr=35,ssim=0.9", 35.0, 0.9)
     with pytest.raises(QwendoctorError, match="--floor 'x=1'"):
         quality.parse_floor("x=1")
+
+
+def test_report_lists_each_profile_once_and_states_the_speedup(options):
+    import io
+    import json
+
+    from rich.console import Console
+
+    from qwendoctor import report
+
+    rows = [{"number": 0, "state": "complete", "profile": "a", "latency_median_s": 2.0, "failure": None},
+            {"number": 1, "state": "complete", "profile": "b", "latency_median_s": 1.0, "failure": None},
+            {"number": 2, "state": "complete", "profile": "b", "latency_median_s": 1.0, "failure": None},
+            {"number": 3, "state": "failed", "profile": "c", "failure": "out of memory: x"},
+            {"number": 4, "state": "infeasible", "profile": "d", "latency_median_s": 0.5, "failure": None}]
+    assert [r["number"] for r in report.top_trials(rows)] == [1, 0, 4, 3]
+
+    result = tune.run_tune(options, capabilities=CPU)
+    buffer = io.StringIO()
+    report.print_tune(result, options.lock_path, console=Console(file=buffer, width=200))
+    text = buffer.getvalue()
+    assert "baseline vs best" in text and "top trials" in text
+    assert f"speedup {result.lock.measured['speedup']:.2f}x" in text and options.lock_path in text
+    parsed = json.loads(report.tune_json(result))
+    assert parsed["counts"]["trials"] == 4 and parsed["profile"] == result.lock.profile.to_dict()
