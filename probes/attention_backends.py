@@ -12,7 +12,7 @@ from probes.context import ProbeContext, exc_line
 from qwendoctor.findings import Finding
 
 CANDIDATES = ["native", "_native_math", "_native_efficient", "_native_flash", "_native_cudnn", "flash", "_flash_3",
-              "flex"]
+              "fa4", "flex"]
 CPU_CANDIDATES = ["native", "_native_math"]
 B, S, H, D = 1, 256, 4, 64
 REL_ERR_LIMIT = {"bfloat16": 2e-2, "float32": 1e-4}
@@ -27,6 +27,13 @@ def probe(ctx: ProbeContext) -> Finding:
     torch = ctx.import_module("torch")
     dispatch = ctx.import_module("diffusers.models.attention_dispatch")
     names = getattr(dispatch, "AttentionBackendName", None)
+    fa4_note = None
+    if torch.cuda.is_available():
+        try:  # FA4 is ours to register (qwendoctor.attention); False when flash_attn.cute does not import
+            if not ctx.import_module("qwendoctor.attention").register_fa4_backend():
+                fa4_note = "not installed or does not import (flash_attn.cute): see the flash_attn probe"
+        except Exception as exc:
+            fa4_note = f"could not be registered: {exc_line(exc)}"
     registered = {b.value for b in names} if names is not None else set(CANDIDATES)
     check_requirements = getattr(dispatch, "_check_attention_backend_requirements", None)
 
@@ -44,6 +51,9 @@ def probe(ctx: ProbeContext) -> Finding:
     for name in CANDIDATES:
         if device == "cpu" and name not in CPU_CANDIDATES:
             broken[name] = "needs CUDA"
+            continue
+        if name == "fa4" and fa4_note:
+            broken[name] = fa4_note
             continue
         if name not in registered:
             broken[name] = "not registered in this diffusers"

@@ -27,6 +27,9 @@ def apply_tf32(pipe, profile: Profile):
 
 
 def apply_attention_backend(pipe, profile: Profile):
+    from qwendoctor.attention import ensure_backend
+
+    ensure_backend(profile.attention_backend)  # FA4 is registered with diffusers' dispatcher on first use
     pipe.transformer.set_attention_backend(profile.attention_backend)
     return pipe
 

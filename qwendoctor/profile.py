@@ -21,6 +21,7 @@ ATTENTION_BACKENDS = (
     "_native_math",
     "flash",
     "_flash_3",
+    "fa4",  # flash-attn-4 (flash_attn.cute), registered by qwendoctor.attention
     "flex",
 )
 COMPILE_MODES = ("none", "regional", "full")

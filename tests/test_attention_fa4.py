@@ -1,0 +1,68 @@
+"""The FA4 backend registered through diffusers' dispatcher, exercised on the CPU with a stand-in module.
+
+The stand-in computes attention with SDPA math in FA4's [B, S, H, D] layout and returns (out, lse) as
+flash-attn-4 does; the real package runs in tests/gpu and benchmarks/fa4.
+"""
+
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from qwendoctor import attention, models, optimize, runner
+from qwendoctor.profile import Profile
+
+
+@pytest.fixture
+def fake_fa4(monkeypatch):
+    calls = []
+
+    def flash_attn_func(q, k, v, softmax_scale=None, causal=False):
+        calls.append(tuple(q.shape))
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=softmax_scale, is_causal=causal)
+        return out.transpose(1, 2), None
+
+    cute = types.ModuleType("flash_attn.cute")
+    cute.flash_attn_func = flash_attn_func
+    package = types.ModuleType("flash_attn")
+    package.cute = cute
+    # Libraries probe for flash_attn with importlib.util.find_spec, which needs a spec. Import diffusers'
+    # dispatcher first, so it decides what is installed before the stand-in exists (as without flash-attn 2).
+    import diffusers.models.attention_dispatch  # noqa: F401
+    import importlib.machinery
+
+    package.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None, is_package=True)
+    cute.__spec__ = importlib.machinery.ModuleSpec("flash_attn.cute", None)
+    monkeypatch.setitem(sys.modules, "flash_attn", package)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    return calls
+
+
+def test_fa4_is_refused_with_the_install_command_when_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # import fails
+    assert attention.register_fa4_backend() is False
+    with pytest.raises(RuntimeError, match="install_flash_attention.sh --which fa4"):
+        attention.ensure_backend("fa4")
+
+
+def test_fa4_backend_runs_the_tiny_pipeline_like_native(fake_fa4, tiny_workload):
+    model = models.load_model("tiny", "cpu", "float32")
+    reference = runner.render(model, tiny_workload, Profile(), "a fox", 0)
+    optimize.apply_attention_backend(model.pipe, Profile(attention_backend="fa4"))
+    image = runner.render(model, tiny_workload, Profile(), "a fox", 0)
+    assert fake_fa4, "the registered FA4 function was never called"
+    assert fake_fa4[0][2:] == (2, 32)  # [B, S, H=2, D=32]: FA4's layout, as the dispatcher hands it over
+    assert np.abs(image - reference).max() < 1e-4
+    assert attention.register_fa4_backend() is True  # idempotent
+
+
+def test_fa4_backend_refuses_a_mask(fake_fa4):
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    assert attention.register_fa4_backend()
+    q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(ValueError, match="no attention mask"):
+        dispatch_attention_fn(q, q, q, attn_mask=torch.ones(1, 1, 8, 8, dtype=torch.bool), backend="fa4")
