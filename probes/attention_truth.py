@@ -36,8 +36,8 @@ LEVERS = {
     "flex": ('"flex"', "torch flex_attention, needs torch.compile"),
     "fa2": ('"flash"', "the flash-attn package (FA2)"),
     "fa3": ('"_flash_3"', "FA3 from flash-attention's hopper/ build (flash_attn_interface)"),
-    "fa4": (None, "FA4 (pip install flash-attn-4), flash_attn.cute.flash_attn_func; no diffusers backend name, "
-                  "register one through diffusers' attention dispatcher"),
+    "fa4": ('"fa4"', "flash-attn-4 (./install_flash_attention.sh --which fa4); call "
+                     "qwendoctor.attention.register_fa4_backend() first"),
 }
 
 

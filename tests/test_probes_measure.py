@@ -219,7 +219,8 @@ def test_native_on_flash_warns_with_gain():
 def test_fast_but_wrong_backend_is_not_recommended_and_fa_package_named():
     ms = {"native": ms_at(360), "fa3": ms_at(700), "fa4": ms_at(650)}
     f = attention_truth.summarize(W1, ms, {}, "flash", FLASH_KERNEL, None, errors={"fa3": 0.5, "fa4": 3e-3})
-    assert f.status == "warn" and f.measured["best"] == "fa4" and "flash_attn.cute" in f.fix
+    assert f.status == "warn" and f.measured["best"] == "fa4" and 'set_attention_backend("fa4")' in f.fix
+    assert "install_flash_attention.sh --which fa4" in f.fix
     assert f.measured["attention_share"] is None  # no GEMM timing, no share
     f = attention_truth.summarize(W1, {"cudnn": 1.0}, {"native": "does not run: RuntimeError: x"}, "unknown", "",
                                   None)
