@@ -155,8 +155,9 @@ class Capabilities:
 
     device: str = "cpu"  # "cuda" or "cpu"
     compute_capability: tuple[int, int] | None = None
-    has_torchao: bool = False
+    has_torchao: bool = False  # torchao imports and FP8 GEMMs run (the fp8 probe passed, where it ran)
     working_attention_backends: tuple[str, ...] | None = None  # None: not probed
+    compile_works: bool | None = None  # the compile probe's verdict; None: not probed
 
     @property
     def has_fp8(self) -> bool:

@@ -50,10 +50,12 @@ class SearchSpace:
 
 
 def build_search_space(capabilities: Capabilities, workload: Workload) -> SearchSpace:
-    """Only what this machine passed: backends the probe ran, FP8 where it can run, compile on CUDA."""
+    """Only what this machine passed: backends the probe ran, FP8 where its probe passed, compile on CUDA where
+    its probe passed."""
     working = capabilities.working_attention_backends or ("native",)
     attention = tuple(b for b in working if not (capabilities.device == "cuda" and b in SLOW_REFERENCE_BACKENDS))
     on_gpu = capabilities.device == "cuda"
+    can_compile = on_gpu and capabilities.compile_works is not False
     reference = workload.reference_steps
     stride = max(1, reference // 10)
     low = reference - stride * ((reference - max(MIN_STEPS, math.ceil(reference / 2))) // stride)
@@ -61,8 +63,8 @@ def build_search_space(capabilities: Capabilities, workload: Workload) -> Search
         attention_backends=attention or ("native",),
         # Inductor on the CPU compiles the tiny model for longer than a whole CPU tune takes, and CPU speed is
         # not what this tool tunes for: compile is searched where it pays, on CUDA.
-        compile=("none", "regional", "full") if on_gpu else ("none",),
-        compile_modes=("default", "max-autotune-no-cudagraphs") if on_gpu else ("default",),
+        compile=("none", "regional", "full") if can_compile else ("none",),
+        compile_modes=("default", "max-autotune-no-cudagraphs") if can_compile else ("default",),
         quantizations=("none", "fp8_rowwise", "fp8_tensorwise", "fp8_weight_only") if capabilities.has_fp8
         else ("none",),
         caches=("none", "first_block"),
@@ -266,7 +268,7 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
     spent = {"probe": 0.0, "reference": 0.0, "trials": 0.0}
     if capabilities is None:
         started = time.perf_counter()
-        capabilities = runner.detect_capabilities(probe_attention_backends())
+        capabilities = probe_capabilities(log)
         spent["probe"] = time.perf_counter() - started
     space = build_search_space(capabilities, options.workload)
     for line in space.describe():
@@ -386,10 +388,41 @@ def _row(trial) -> dict[str, Any]:
             "failure": attrs.get("failure"), **{k: attrs[k] for k in RESULT_ATTRS if k in attrs}}
 
 
-def probe_attention_backends() -> tuple[str, ...] | None:
-    """Backends the attention probe ran correctly here; None when the probe itself could not run."""
+PROBED_FOR_THE_SPACE = ("attention_backends", "fp8", "compile")
+
+
+def probe_capabilities(log: Callable[[str], None] = lambda message: None) -> Capabilities:
+    """What this machine can run, from the doctor's probes: the search space is built from their findings."""
     from qwendoctor.doctor import run_probes
 
-    finding = run_probes(["attention_backends"])[0]
-    working = finding.measured.get("working") if finding.status in ("ok", "warn") else None
-    return tuple(working) if working else None
+    device = runner.detect_capabilities()
+    ids = PROBED_FOR_THE_SPACE if device.device == "cuda" else PROBED_FOR_THE_SPACE[:1]
+    return capabilities_from_findings(device, run_probes(list(ids)), log)
+
+
+def capabilities_from_findings(device: Capabilities, findings, log: Callable[[str], None] = lambda m: None
+                               ) -> Capabilities:
+    """Narrow what the device could run to what the probes saw work: a lever whose probe failed or crashed
+    would only fill the study with failed trials."""
+    by_id = {finding.id: finding for finding in findings}
+    working = None
+    backends = by_id.get("attention_backends")
+    if backends is not None:
+        if backends.status in ("ok", "warn") and backends.measured.get("working"):
+            working = tuple(backends.measured["working"])
+        else:
+            log(f"search space: attention probe {backends.status} ({backends.summary}); searching native only")
+            working = ("native",)
+    has_fp8, compile_works = device.has_torchao, device.compile_works
+    fp8 = by_id.get("fp8")
+    if fp8 is not None:
+        has_fp8 = device.has_torchao and fp8.status == "ok"
+        if device.has_fp8 and not has_fp8:
+            log(f"search space: FP8 left out: fp8 probe {fp8.status}: {fp8.summary}")
+    compile_probe = by_id.get("compile")
+    if compile_probe is not None:
+        compile_works = compile_probe.status in ("ok", "warn")
+        if not compile_works:
+            log(f"search space: compile left out: compile probe {compile_probe.status}: {compile_probe.summary}")
+    return dataclasses.replace(device, has_torchao=has_fp8, working_attention_backends=working,
+                               compile_works=compile_works)

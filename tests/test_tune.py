@@ -193,3 +193,26 @@ def test_report_lists_each_profile_once_and_states_the_speedup(options):
     assert f"speedup {result.lock.measured['speedup']:.2f}x" in text and options.lock_path in text
     parsed = json.loads(report.tune_json(result))
     assert parsed["counts"]["trials"] == 4 and parsed["profile"] == result.lock.profile.to_dict()
+
+
+def test_space_follows_the_probes_findings(tiny_workload):
+    from qwendoctor.findings import Finding
+
+    h100 = Capabilities(device="cuda", compute_capability=(9, 0), has_torchao=True)
+    healthy = [Finding("attention_backends", "ok", "s", measured={"working": ["native", "_native_cudnn", "fa4"]}),
+               Finding("fp8", "ok", "FP8 ready"), Finding("compile", "ok", "works")]
+    capabilities = tune.capabilities_from_findings(h100, healthy)
+    space = tune.build_search_space(capabilities, tiny_workload)
+    assert space.attention_backends == ("native", "_native_cudnn", "fa4")
+    assert "fp8_rowwise" in space.quantizations and "regional" in space.compile
+
+    logged = []
+    broken = [Finding("attention_backends", "crash", "killed by SIGSEGV"),
+              Finding("fp8", "fail", "torchao does not import against torch 2.11"),
+              Finding("compile", "fail", "no C++ compiler")]
+    capabilities = tune.capabilities_from_findings(h100, broken, logged.append)
+    space = tune.build_search_space(capabilities, tiny_workload)
+    assert space.attention_backends == ("native",)
+    assert space.quantizations == ("none",) and space.compile == ("none",) and space.compile_modes == ("default",)
+    assert any("FP8 left out" in line and "torchao" in line for line in logged)
+    assert any("compile left out" in line for line in logged)
