@@ -99,20 +99,23 @@ def generate(prompt, lock_path, seed, num_images, out_dir, ignore_fingerprint, a
     """Generate images with the tuned lock; never overwrites an existing file."""
     import json
 
-    from qwendoctor.generate import generate_images, load_tuned
+    from qwendoctor.generate import generate_images, load_tuned, warm_up
 
     if num_images < 1:
         raise UsageError(f"--num-images must be at least 1, got {num_images}")
     if not prompt.strip():
         raise UsageError("the prompt is empty")
     tuned = load_tuned(lock_path, ignore_fingerprint=ignore_fingerprint)
+    warm_up_s = warm_up(tuned)
+    if warm_up_s is not None and not as_json:
+        click.echo(f"warm-up (compile, autotune): {warm_up_s:.1f} s")
     written = []
     for path, seconds in generate_images(tuned, prompt, seed, num_images, out_dir):
         written.append({"path": path, "seconds": round(seconds, 4)})
         if not as_json:
             click.echo(f"{path}  {seconds:.2f} s")
     if as_json:
-        click.echo(json.dumps({"images": written, "profile": tuned.profile.to_dict()}))
+        click.echo(json.dumps({"images": written, "warm_up_s": warm_up_s, "profile": tuned.profile.to_dict()}))
     elif len(written) > 1:
         mean = sum(w["seconds"] for w in written) / len(written)
         click.echo(f"{len(written)} images, {mean:.2f} s per image")

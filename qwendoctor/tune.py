@@ -283,8 +283,7 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=5, multivariate=True, group=True,
-                                         warn_independent_sampling=False)
+    sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=5, multivariate=True, group=True)
     try:
         study = optuna.create_study(study_name=name, storage=options.storage, direction="minimize",
                                     sampler=sampler, load_if_exists=True)

@@ -131,3 +131,17 @@ def test_tune_cli_end_to_end_then_generate(tmp_path):
     assert generate.returncode == 0, generate.stderr
     written = json.loads(generate.stdout)["images"]
     assert len(written) == 1 and (tmp_path / written[0]["path"]).exists()
+
+
+def test_warm_up_runs_only_for_profiles_that_compile_or_quantize(tiny_lock, monkeypatch):
+    from qwendoctor import generate, runner
+
+    tuned = qwendoctor.load_pipeline(str(tiny_lock))
+    assert generate.warm_up(tuned) is None  # eager, unquantized: nothing to warm up
+    rendered = []
+    monkeypatch.setattr(runner, "render", lambda model, workload, profile, prompt, seed: rendered.append(profile))
+    import dataclasses
+
+    compiled = dataclasses.replace(tuned, profile=Profile(compile="regional", steps=3))
+    assert generate.warm_up(compiled) >= 0
+    assert rendered == [Profile(compile="regional", steps=2)]
