@@ -25,9 +25,10 @@ ATTENTION_BACKENDS = (
     "flex",
 )
 COMPILE_MODES = ("none", "regional", "full")
-# torch.compile's CUDA-graph mode ("reduce-overhead") is left out until the pipeline keeps the cond pass's output
-# alive across the uncond pass: on an H100 it failed with "accessing tensor output of CUDAGraphs that has been
-# overwritten by a subsequent run" (benchmarks/gpu_tests_h100.log).
+# torch.compile's CUDA-graph mode ("reduce-overhead") is left out until it works here: on an H100 it failed with
+# "accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run"
+# (benchmarks/gpu_tests_h100.log); the cause (the 60 blocks sharing one captured graph, or the cond output
+# outliving the uncond pass) is not established yet.
 COMPILE_OPTIONS = ("default", "max-autotune-no-cudagraphs")
 QUANTIZATIONS = ("none", "fp8_rowwise", "fp8_tensorwise", "fp8_weight_only")
 CACHES = ("none", "first_block")
