@@ -5,10 +5,11 @@ Order, and why:
   2. attention backend  diffusers' dispatcher; before compile so the compiled graph traces the chosen kernel
   3. quantization       torchao swaps Linear weights; before compile so inductor fuses the activation quantization
   4. cache              diffusers' hooks around the blocks (never together with compile: Profile.validate)
-  5. compile            last: it traces whatever the steps above left
+  5. compile            it traces whatever the steps above left
+  6. cfg batching       last: it wraps the call the pipeline makes, around the compiled model
 
-A profile value at its default leaves the pipeline as diffusers built it. tf32, attention and cache set their
-state both ways, so they can be re-applied to a used pipeline; quantization and compile cannot be undone, so
+A profile value at its default leaves the pipeline as diffusers built it. tf32, attention, cache and CFG
+batching set their state both ways, so they can be re-applied to a used pipeline; quantization and compile cannot be undone, so
 the tuner builds a fresh pipeline for each trial. Steps are not a lever on the pipeline but an argument of each
 call (`qwendoctor.runner.call_arguments`).
 """
@@ -85,7 +86,17 @@ def apply_compile(pipe, profile: Profile):
     return pipe
 
 
-LEVERS = (apply_tf32, apply_attention_backend, apply_quantization, apply_cache, apply_compile)
+def apply_cfg_batching(pipe, profile: Profile):
+    from qwendoctor import cfg_batching
+
+    if profile.cfg_batching:
+        cfg_batching.enable(pipe)
+    else:
+        cfg_batching.disable(pipe)
+    return pipe
+
+
+LEVERS = (apply_tf32, apply_attention_backend, apply_quantization, apply_cache, apply_compile, apply_cfg_batching)
 
 
 def optimize(pipe, profile: Profile):

@@ -50,6 +50,7 @@ class Profile:
     cache: str = "none"
     cache_threshold: float | None = None
     tf32: bool = False
+    cfg_batching: bool = False  # true CFG's cond and uncond passes as one batch-2 transformer call
     steps: int | None = None  # None: the workload's reference steps
 
     def validate(self) -> "Profile":
@@ -58,8 +59,9 @@ class Profile:
         _choice("profile.compile_mode", self.compile_mode, COMPILE_OPTIONS)
         _choice("profile.quantization", self.quantization, QUANTIZATIONS)
         _choice("profile.cache", self.cache, CACHES)
-        if not isinstance(self.tf32, bool):
-            raise UsageError(f"profile.tf32: expected true or false, got {self.tf32!r}")
+        for name in ("tf32", "cfg_batching"):
+            if not isinstance(getattr(self, name), bool):
+                raise UsageError(f"profile.{name}: expected true or false, got {getattr(self, name)!r}")
         if self.steps is not None and (not _is_int(self.steps) or self.steps < MIN_STEPS):
             raise UsageError(f"profile.steps: must be an integer >= {MIN_STEPS}, got {self.steps!r}")
         if self.compile == "none" and self.compile_mode != "default":
@@ -86,6 +88,8 @@ class Profile:
             parts.append(f"{self.cache}({self.cache_threshold:g})")
         if self.tf32:
             parts.append("tf32")
+        if self.cfg_batching:
+            parts.append("cfg-batch")
         if self.steps is not None:
             parts.append(f"steps={self.steps}")
         return " ".join(parts)
@@ -181,6 +185,9 @@ def check_runnable(profile: Profile, workload: Workload, capabilities: Capabilit
             raise UnavailableLever(f"{profile.quantization} needs torchao: pip install 'qwendoctor[fp8]'")
         if workload.dtype != "bfloat16":
             raise UsageError(f"{profile.quantization} quantizes a bfloat16 model, workload dtype is {workload.dtype}")
+    if profile.cfg_batching and not workload.does_cfg:
+        raise UsageError("profile.cfg_batching batches true CFG's two passes; this workload has no CFG "
+                         f"(true_cfg_scale {workload.true_cfg_scale:g})")
     if profile.tf32 and capabilities.device != "cuda":
         raise UnavailableLever("tf32 is a CUDA matmul mode; it does nothing on the CPU")
     working = capabilities.working_attention_backends

@@ -35,6 +35,7 @@ class SearchSpace:
     quantizations: tuple[str, ...]
     caches: tuple[str, ...]
     tf32: tuple[bool, ...]
+    cfg_batching: tuple[bool, ...]
     steps: tuple[int, int, int]  # low, high, step
 
     def describe(self) -> list[str]:
@@ -45,6 +46,7 @@ class SearchSpace:
             f"quantization: {', '.join(self.quantizations)}",
             f"cache: {', '.join(self.caches)}",
             f"tf32: {', '.join(map(str, self.tf32))}",
+            f"cfg batching: {', '.join(map(str, self.cfg_batching))}",
             f"steps: {self.steps[0]}..{self.steps[1]} by {self.steps[2]}",
         ]
 
@@ -69,13 +71,14 @@ def build_search_space(capabilities: Capabilities, workload: Workload) -> Search
         else ("none",),
         caches=("none", "first_block"),
         tf32=(False, True) if on_gpu else (False,),
+        cfg_batching=(False, True) if workload.does_cfg else (False,),
         steps=(low, reference, stride),
     )
 
 
 def default_params(space: SearchSpace) -> dict[str, Any]:
     return {"attention_backend": "native", "compile": "none", "quantization": "none", "cache": "none",
-            "tf32": False, "steps": space.steps[1]}
+            "tf32": False, "cfg_batching": False, "steps": space.steps[1]}
 
 
 def sample_profile(trial, space: SearchSpace, reference_steps: int) -> Profile:
@@ -89,11 +92,12 @@ def sample_profile(trial, space: SearchSpace, reference_steps: int) -> Profile:
     cache = trial.suggest_categorical("cache", space.caches) if compile_ == "none" else "none"
     threshold = trial.suggest_float("cache_threshold", *CACHE_THRESHOLD_RANGE) if cache != "none" else None
     tf32 = trial.suggest_categorical("tf32", space.tf32)
+    cfg_batching = trial.suggest_categorical("cfg_batching", space.cfg_batching)
     low, high, stride = space.steps
     steps = trial.suggest_int("steps", low, high, step=stride)
     return Profile(attention_backend=attention, compile=compile_, compile_mode=compile_mode,
                    quantization=quantization, cache=cache, cache_threshold=threshold, tf32=tf32,
-                   steps=None if steps == reference_steps else steps).validate()
+                   cfg_batching=cfg_batching, steps=None if steps == reference_steps else steps).validate()
 
 
 @dataclasses.dataclass

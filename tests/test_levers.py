@@ -108,7 +108,90 @@ def test_steps_are_a_call_argument(tiny_workload):
 
 def test_optimize_applies_levers_in_the_documented_order():
     names = [lever.__name__ for lever in optimize.LEVERS]
-    assert names == ["apply_tf32", "apply_attention_backend", "apply_quantization", "apply_cache", "apply_compile"]
+    assert names == ["apply_tf32", "apply_attention_backend", "apply_quantization", "apply_cache", "apply_compile",
+                     "apply_cfg_batching"]
+
+
+@pytest.fixture
+def transformer_batches(monkeypatch):
+    """The batch size of every real transformer pass."""
+    from diffusers import QwenImageTransformer2DModel
+
+    seen = []
+    real_forward = QwenImageTransformer2DModel.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs["hidden_states"].shape[0])
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(QwenImageTransformer2DModel, "forward", spy)
+    return seen
+
+
+def test_apply_cfg_batching_runs_one_batch_2_pass_a_step_with_the_same_image(fresh_tiny, tiny_workload,
+                                                                              transformer_batches):
+    reference = runner.render(fresh_tiny, tiny_workload, Profile(), "a red fox in the snow", 0)
+    assert transformer_batches == [1] * 2 * tiny_workload.reference_steps
+    transformer_batches.clear()
+    optimize.apply_cfg_batching(fresh_tiny.pipe, Profile(cfg_batching=True))
+    batched = runner.render(fresh_tiny, tiny_workload, Profile(), "a red fox in the snow", 0)
+    assert transformer_batches == [2] * tiny_workload.reference_steps
+    # The tiny model encodes prompt and negative prompt to different lengths: the padded, masked batch must
+    # give the image the two separate passes gave, to float32 rounding.
+    assert np.abs(batched - reference).max() < 1e-4
+    transformer_batches.clear()
+    optimize.apply_cfg_batching(fresh_tiny.pipe, Profile())
+    assert type(fresh_tiny.pipe.transformer).__name__ == "QwenImageTransformer2DModel"
+    assert "encode_prompt" not in vars(fresh_tiny.pipe)
+    assert np.array_equal(runner.render(fresh_tiny, tiny_workload, Profile(), "a red fox in the snow", 0), reference)
+    assert transformer_batches == [1] * 2 * tiny_workload.reference_steps
+
+
+def test_cfg_batching_leaves_a_call_without_cfg_as_it_was(fresh_tiny, tiny_workload, transformer_batches):
+    import dataclasses
+
+    no_cfg = dataclasses.replace(tiny_workload, true_cfg_scale=1.0)
+    reference = runner.render(fresh_tiny, no_cfg, Profile(), "a fox", 0)
+    optimize.apply_cfg_batching(fresh_tiny.pipe, Profile(cfg_batching=True))
+    transformer_batches.clear()
+    # The same pipeline serves a CFG call and then a call without CFG: the second must not reuse the first's
+    # negative prompt.
+    runner.render(fresh_tiny, tiny_workload, Profile(), "a fox", 0)
+    image = runner.render(fresh_tiny, no_cfg, Profile(), "a fox", 0)
+    assert transformer_batches == [2] * tiny_workload.reference_steps + [1] * tiny_workload.reference_steps
+    assert np.array_equal(image, reference)
+
+
+def test_cfg_batching_reaches_the_real_transformer_for_the_other_levers(fresh_tiny, recorded_compiles):
+    optimize.apply_cfg_batching(fresh_tiny.pipe, Profile(cfg_batching=True))
+    optimize.apply_compile(fresh_tiny.pipe, Profile(compile="full"))
+    optimize.apply_attention_backend(fresh_tiny.pipe, Profile(attention_backend="_native_math"))
+    real = fresh_tiny.pipe.transformer.inner
+    assert real._compiled_call_impl is not None and recorded_compiles == [{"fullgraph": True}]
+    assert {str(getattr(b, "value", b)) for b in _attention_backends(fresh_tiny.pipe)} == {"_native_math"}
+    assert fresh_tiny.pipe.transformer.config is real.config
+
+
+def test_cfg_batching_without_cfg_is_refused_before_loading(tiny_workload):
+    import dataclasses
+
+    from qwendoctor.errors import UsageError
+    from qwendoctor.profile import check_runnable
+
+    with pytest.raises(UsageError, match="cfg_batching.*no CFG"):
+        check_runnable(Profile(cfg_batching=True), dataclasses.replace(tiny_workload, true_cfg_scale=1.0),
+                       Capabilities(device="cpu"))
+
+
+def test_text_pair_padding_masks_only_what_it_pads():
+    from qwendoctor.cfg_batching import _pad_text_pair
+
+    a, b = torch.randn(1, 5, 8), torch.randn(1, 3, 8)
+    text, mask = _pad_text_pair(a, None, b, None)
+    assert text.shape == (2, 5, 8) and mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    assert torch.equal(text[1, 3:], torch.zeros(2, 8)) and torch.equal(text[0], a[0])
+    same, no_mask = _pad_text_pair(a, None, torch.randn(1, 5, 8), None)
+    assert same.shape == (2, 5, 8) and no_mask is None  # equal lengths keep the mask-free kernels
 
 
 def test_tiny_model_is_seeded_and_deterministic(tiny_workload):
