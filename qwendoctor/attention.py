@@ -37,15 +37,44 @@ def register_fa4_backend() -> bool:
     if member in attention_dispatch._AttentionBackendRegistry._backends:
         return True
 
+    kernel = _fa4_custom_op()
+
     def fa4_attention(query, key, value, attn_mask=None, is_causal: bool = False, scale: float | None = None):
         # query/key/value: [B, S, H, D], the layout both diffusers' dispatcher and FA4 use.
         if attn_mask is not None:
             raise ValueError("the fa4 backend takes no attention mask (diffusers drops Qwen-Image's all-ones mask)")
-        out = flash_attn_func(query, key, value, softmax_scale=scale, causal=is_causal)
-        return out[0] if isinstance(out, (tuple, list)) else out
+        return kernel(query, key, value, query.shape[-1] ** -0.5 if scale is None else float(scale), is_causal)
 
     attention_dispatch._AttentionBackendRegistry.register(member)(fa4_attention)
     return True
+
+
+_FA4_OP = None
+
+
+def _fa4_custom_op():
+    """FA4 as a torch custom op: torch.compile cannot trace into the CuTe DSL's JIT, but it keeps an opaque op
+    in its graph, so `fullgraph=True` regional compile works with the fa4 backend."""
+    global _FA4_OP
+    if _FA4_OP is not None:
+        return _FA4_OP
+    import torch
+
+    # An explicit schema: this module's lazy (string) annotations cannot be resolved from inside a function.
+    @torch.library.custom_op("qwendoctor::fa4_attention", mutates_args=(),
+                             schema="(Tensor query, Tensor key, Tensor value, float scale, bool causal) -> Tensor")
+    def fa4_attention_op(query, key, value, scale, causal):
+        from flash_attn.cute import flash_attn_func
+
+        out = flash_attn_func(query, key, value, softmax_scale=scale, causal=causal)
+        return (out[0] if isinstance(out, (tuple, list)) else out).contiguous()
+
+    @fa4_attention_op.register_fake
+    def _(query, key, value, scale, causal):
+        return query.new_empty((*query.shape[:-1], value.shape[-1]))
+
+    _FA4_OP = fa4_attention_op
+    return _FA4_OP
 
 
 LOCAL_BACKENDS = {FA4: register_fa4_backend}

@@ -23,8 +23,7 @@ class CFGBatchedTransformer:
 
     def __init__(self, transformer):
         self.__dict__["inner"] = transformer
-        self.__dict__["_encoded"] = []  # (embeds, mask) from this pipeline call's encode_prompt calls
-        self.__dict__["_denoising"] = False
+        self.__dict__["_encoded"] = []  # the last two (embeds, mask) that encode_prompt returned
         self.__dict__["_kept"] = None  # (latents, negative embeds, uncond output) of the batched call
         self.__dict__["batched_calls"] = 0
 
@@ -35,17 +34,13 @@ class CFGBatchedTransformer:
         setattr(self.inner, name, value)
 
     def record_encoding(self, result):
-        """Called with each `encode_prompt` result: the first of a pipeline call is the prompt, a second one
-        (made only when true CFG is on) the negative prompt."""
-        if self._denoising:  # a new pipeline call started
-            self.__dict__["_encoded"] = []
-            self.__dict__["_denoising"] = False
-            self.__dict__["_kept"] = None
-        self._encoded.append(result)
+        """Called with each `encode_prompt` result. A pipeline call encodes its prompt, then, only when true
+        CFG is on, its negative prompt: so a cond pass whose text is the second-to-last encoding has its
+        negative in the last one. Without CFG the cond text is the last encoding, and nothing is batched."""
+        self.__dict__["_encoded"] = [*self._encoded[-1:], result]
         return result
 
     def __call__(self, *args, **kwargs):
-        self.__dict__["_denoising"] = True
         if args or len(self._encoded) != 2:
             return self.inner(*args, **kwargs)
         (prompt_embeds, prompt_mask), (negative_embeds, negative_mask) = self._encoded

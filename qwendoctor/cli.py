@@ -121,6 +121,69 @@ def generate(prompt, lock_path, seed, num_images, out_dir, ignore_fingerprint, a
         click.echo(f"{len(written)} images, {mean:.2f} s per image")
 
 
+@cli.command()
+@click.option("--model", help="synthetic (CUDA default), tiny (CPU default), a local directory or a cached HF id.")
+@click.option("--width", type=int, help="Image width, a multiple of 16 [tiny: 128, else 1328].")
+@click.option("--height", type=int, help="Image height, a multiple of 16 [tiny: 128, else 1328].")
+@click.option("--steps", type=int, default=50, show_default=True, help="Steps of a full image (for s / image).")
+@click.option("--true-cfg-scale", type=float, default=4.0, show_default=True, help="1 turns CFG off.")
+@click.option("--timed-steps", type=int, default=8, show_default=True,
+              help="Steps rendered and timed per row (the median step is reported).")
+@click.option("--full-image", is_flag=True, help="Render full --steps images per row: s / image measured end to end.")
+@click.option("--no-ladder", is_flag=True, help="Only the default and the given profiles.")
+@click.option("--rows", help="Comma-separated ladder row ids to run (see --list-rows); the default always runs.")
+@click.option("--list-rows", is_flag=True, help="Print the ladder's row ids for this machine and exit.")
+@click.option("--lock", "lock_paths", multiple=True, help="Also measure this lock's profile (repeatable).")
+@click.option("--profile", "profile_texts", multiple=True,
+              help="Also measure this profile, e.g. compile=regional,cfg_batching=true (repeatable).")
+@click.option("--no-breakdown", is_flag=True, help="Skip the torch.profiler breakdown of one step per row.")
+@click.option("--out", "out_dir", default="benchmarks", show_default=True, help="Directory for the JSON and table.")
+@click.option("--name", help="File stem [bench-<model>-<W>x<H>].")
+@click.option("--resume", is_flag=True, help="Keep the rows an interrupted run of this bench already wrote.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result document as JSON.")
+def bench(model, width, height, steps, true_cfg_scale, timed_steps, full_image, no_ladder, rows, list_rows,
+          lock_paths, profile_texts, no_breakdown, out_dir, name, resume, as_json):
+    """Measure the default and the ablation ladder on this machine; write JSON and a markdown table."""
+    import json
+
+    from qwendoctor import bench as bench_module
+    from qwendoctor import lockfile, models, tune
+    from qwendoctor.profile import Profile
+
+    model = model or ("synthetic" if models.default_device() == "cuda" else "tiny")
+    workload = _workload(model, width, height, steps, true_cfg_scale, " ")
+    given = []
+    for path in lock_paths:
+        given.append((f"lock {os.path.basename(path)}", lockfile.read_lock(path).profile))
+    for text in profile_texts:
+        given.append((text, Profile.from_text(text)))
+
+    def log(message: str) -> None:
+        click.echo(f"qwendoctor: {message}", err=True)
+
+    capabilities = tune.probe_capabilities(log)
+    known = ([r.id for r in bench_module.alone_rungs(capabilities, workload)]
+             + [rung_id for rung_id, _, _, applies in bench_module.STACK if applies(capabilities, workload)])
+    if list_rows:
+        click.echo("\n".join(["default", *known]))
+        return
+    wanted = tuple(filter(None, (r.strip() for r in (rows or "").split(","))))
+    for rung_id in wanted:
+        if rung_id not in known and rung_id != "default":
+            raise UsageError(f"--rows: unknown row {rung_id!r} here; rows: {', '.join(known)}")
+    options = bench_module.BenchOptions(workload=workload, timed_steps=timed_steps, full_image=full_image,
+                                        ladder=not no_ladder, rows=wanted, given=tuple(given),
+                                        breakdown=not no_breakdown, out_dir=out_dir, name=name,
+                                        resume=resume).validate()
+    command = "qwendoctor bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
+    result = bench_module.run_bench(options, capabilities, log=log, command=command.strip())
+    if as_json:
+        click.echo(json.dumps(bench_module._finite(result.document), indent=2, default=str))
+    else:
+        click.echo(bench_module.markdown(result.document))
+        click.echo(f"wrote {result.path_json} and {result.path_md}")
+
+
 def _quiet_import_noise() -> None:
     """torchao and diffusers log warnings while being imported (enum registration, optional tensor types) that
     say nothing about the user's setup; `check` reports what matters instead."""

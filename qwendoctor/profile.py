@@ -101,6 +101,31 @@ class Profile:
     def from_dict(cls, data: dict[str, Any]) -> "Profile":
         return cls(**_known_fields(cls, data, "profile")).validate()
 
+    @classmethod
+    def from_text(cls, text: str) -> "Profile":
+        """`compile=regional,cfg_batching=true,steps=30`, as typed on a command line."""
+        data: dict[str, Any] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            key, sep, value = part.partition("=")
+            key, value = key.strip(), value.strip()
+            if not sep or not key:
+                raise UsageError(f"profile {text!r}: expected name=value pairs separated by commas, got {part!r}")
+            kind = {f.name: f.type for f in dataclasses.fields(cls)}.get(key)
+            if kind is None:
+                raise UsageError(f"profile.{key}: unknown field")
+            if "bool" in str(kind):
+                if value.lower() not in ("true", "false"):
+                    raise UsageError(f"profile.{key}: expected true or false, got {value!r}")
+                data[key] = value.lower() == "true"
+            elif "int" in str(kind) or "float" in str(kind):
+                try:
+                    data[key] = int(value) if "int" in str(kind) else float(value)
+                except ValueError:
+                    raise UsageError(f"profile.{key}: expected a number, got {value!r}") from None
+            else:
+                data[key] = value
+        return cls.from_dict(data)
+
 
 @dataclasses.dataclass(frozen=True)
 class Workload:

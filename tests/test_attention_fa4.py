@@ -66,3 +66,18 @@ def test_fa4_backend_refuses_a_mask(fake_fa4):
     q = torch.randn(1, 8, 2, 16)
     with pytest.raises(ValueError, match="no attention mask"):
         dispatch_attention_fn(q, q, q, attn_mask=torch.ones(1, 1, 8, 8, dtype=torch.bool), backend="fa4")
+
+
+def test_fa4_backend_compiles_with_fullgraph(fake_fa4):
+    """Regional compile uses fullgraph=True: FA4 must be one opaque op in the graph, not a graph break into
+    the CuTe DSL. (backend="eager": dynamo's tracing is what is tested, not inductor's code generation.)"""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    assert attention.register_fa4_backend()
+    q, k, v = (torch.randn(1, 8, 2, 16) for _ in range(3))
+    compiled = torch.compile(lambda a, b, c: dispatch_attention_fn(a, b, c, backend="fa4"), fullgraph=True,
+                             backend="eager")
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    assert torch.allclose(compiled(q, k, v), expected, atol=1e-5)
+    assert fake_fa4, "the stand-in kernel did not run"

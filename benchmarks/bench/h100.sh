@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The issue-5 H100 runs on the lent device machine. Its image lacks diffusers/torchao (carried as wheels in
+# .whl/) and flash-attn-4 (.fa4/, plus its 92 MB cu13 libs wheel split in .fa4a/ and .fa4b/, because one
+# call carries at most 64 MiB). Results go to /tmp/bench (kept while the machine is warm, so --resume can
+# finish a ladder a 10-minute call cut short) and are copied to $OUT.
+#   bash benchmarks/bench/h100.sh tests   # carry .whl .fa4a: wheels, then the GPU tests of this issue
+#   bash benchmarks/bench/h100.sh w1      # carry .fa4 .fa4b: FA4 installed, then the W1 ladder (repeat to resume)
+#   bash benchmarks/bench/h100.sh 1024    # default and the W1 tiers' profiles at 1024x1024, full 50-step images
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 QWENDOCTOR_CACHE=/tmp/qwendoctor-cache
+out="${OUT:-/tmp/out}"
+mkdir -p "$out" /tmp/bench /tmp/fa4w
+qd() { python3 -c "from qwendoctor.cli import main; main()" "$@"; }
+if [ -d .whl ] && [ ! -d /tmp/site/diffusers ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+fi
+[ -d .fa4a ] && cp .fa4a/cu13.part.aa /tmp/fa4w/
+if [ -d .fa4b ] && ! python3 -c "import flash_attn.cute" 2>/dev/null; then
+  cat /tmp/fa4w/cu13.part.aa .fa4b/cu13.part.ab \
+    > /tmp/fa4w/nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl
+  rm /tmp/fa4w/cu13.part.aa
+  cp .fa4/*.whl /tmp/fa4w/
+  ./install_flash_attention.sh --which fa4 --wheelhouse /tmp/fa4w > "$out/fa4-install.log" 2>&1 || tail -5 "$out/fa4-install.log"
+fi
+nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.sm,clocks.max.sm --format=csv | tee "$out/nvidia-smi.txt"
+case "${1:-tests}" in
+  tests)
+    python3 -m pytest tests/gpu/test_bench_gpu.py -v -s -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" ;;
+  w1)
+    timeout -s INT "${BENCH_SECONDS:-540}" python3 -c "from qwendoctor.cli import main; main()" bench \
+      --model synthetic --timed-steps 6 --out /tmp/bench --resume 2>&1 | tee -a "$out/bench-w1.log" || true ;;
+  1024)
+    profiles=$(python3 - <<'PY'
+import json
+tiers = json.load(open("/tmp/bench/bench-synthetic-1328x1328.json"))["tiers"]
+rows = {r["id"]: r for r in json.load(open("/tmp/bench/bench-synthetic-1328x1328.json"))["rows"]}
+for tier in tiers.values():
+    if tier and tier["id"] != "default":
+        print(",".join(f"{k}={str(v).lower()}" for k, v in rows[tier["id"]]["profile"].items()))
+PY
+)
+    args=()
+    while read -r p; do [ -n "$p" ] && args+=(--profile "$p"); done <<< "$profiles"
+    timeout -s INT "${BENCH_SECONDS:-560}" python3 -c "from qwendoctor.cli import main; main()" bench \
+      --model synthetic --width 1024 --height 1024 --full-image --no-ladder "${args[@]}" --out /tmp/bench \
+      --resume 2>&1 | tee -a "$out/bench-1024.log" || true ;;
+esac
+cp /tmp/bench/*.json /tmp/bench/*.md "$out/" 2>/dev/null || true
