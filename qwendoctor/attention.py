@@ -28,7 +28,7 @@ def _add_backend_name(names, value: str):
 def register_fa4_backend() -> bool:
     """Register FA4 as diffusers backend "fa4"; False (nothing registered) when flash_attn.cute does not import."""
     try:
-        from flash_attn.cute import flash_attn_func
+        from flash_attn.cute import flash_attn_func  # noqa: F401  (the import is the check)
     except Exception:  # not installed, a missing CuTe DSL dependency, or an ABI error: the probes say which
         return False
     from diffusers.models import attention_dispatch

@@ -174,7 +174,8 @@ def step_breakdown(model: models.LoadedModel, workload: Workload, profile: Profi
                    seed: int) -> dict[str, Any]:
     """Where one denoising step's time goes: kernel time by kind, and the GPU's idle share (launch gaps)."""
     import torch
-    from torch.profiler import ProfilerActivity, profile as torch_profile, schedule
+    from torch.profiler import ProfilerActivity, schedule
+    from torch.profiler import profile as torch_profile
 
     on_cuda = model.device == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
@@ -197,7 +198,8 @@ def step_breakdown(model: models.LoadedModel, workload: Workload, profile: Profi
             duration_us = event.time_range.elapsed_us()
         else:
             parent = event.cpu_parent
-            if not event.name.startswith("aten::") or (parent is not None and not parent.name.startswith("ProfilerStep")):
+            top_level = parent is None or parent.name.startswith("ProfilerStep")
+            if not event.name.startswith("aten::") or not top_level:
                 continue  # top-level aten ops only: their children's time is inside theirs
             duration_us = event.cpu_time_total
         by_kind[kernel_kind(event.name)] += duration_us / 1000
@@ -505,7 +507,8 @@ def markdown(document: dict[str, Any]) -> str:
             f"| {_num(row.get('peak_memory_gib'))} | {_db(row['psnr_db'])} | {row['ssim']:.4f} |")
     tier_rows = document.get("tiers") or {}
     if tier_rows:
-        lines += ["", "| tier | fastest row | ms / step | vs default | s / image | PSNR dB |", "|---|---|---|---|---|---|"]
+        lines += ["", "| tier | fastest row | ms / step | vs default | s / image | PSNR dB |",
+                  "|---|---|---|---|---|---|"]
         for name, tier in tier_rows.items():
             if tier is None:
                 lines.append(f"| {name} | none measured | | | | |")
