@@ -55,7 +55,9 @@ def test_bench_rows_on_synthetic_break_a_step_down_into_cuda_kernels(tmp_path):
         print(row["id"], f"{row['step_ms']:.1f} ms/step", breakdown)
         assert breakdown["source"] == "CUDA kernels"
         assert breakdown["kernel_ms"]["gemm"] > breakdown["kernel_ms"]["attention"] > 0
-        assert breakdown["busy_ms"] <= breakdown["step_ms"] * 1.02
+        assert breakdown["kernel_ms"]["other"] < 0.2 * breakdown["busy_ms"]  # the kinds name what runs
+        # Kernels of one stream do not overlap: their sum fits in the (profiled) step.
+        assert breakdown["busy_ms"] <= breakdown["profiled_step_ms"] * 1.02
         assert row["pct_of_bf16_gemm"] > 5
     assert rows["cfg_batching"]["psnr_db"] > 40
     assert np.isfinite(rows["default"]["tflops"])
