@@ -91,6 +91,9 @@ STACK: tuple[tuple[str, str, Callable[[Profile], Profile], Callable[[Capabilitie
      lambda c, w: w.does_cfg),
     ("stack:+compile", "+ regional compile", lambda p: dataclasses.replace(p, compile="regional"),
      lambda c, w: c.device == "cuda" and c.compile_works is not False),
+    ("stack:+real_rope", "+ real RoPE (fusable rotary embedding)",
+     lambda p: dataclasses.replace(p, real_rope=True) if p.compile != "none" else p,
+     lambda c, w: c.device == "cuda" and c.compile_works is not False),
     ("stack:+max_autotune", "+ max-autotune (no CUDA graphs)",
      lambda p: dataclasses.replace(p, compile_mode="max-autotune-no-cudagraphs") if p.compile != "none" else p,
      lambda c, w: c.device == "cuda" and c.compile_works is not False),
@@ -147,18 +150,21 @@ def gemm_ceiling(device: str) -> dict[str, float | None]:
 # ---- one step, by kernel kind ---------------------------------------------------------------------------
 
 KINDS = ("gemm", "attention", "elementwise", "memory", "other")
+TOP_KERNELS = 12
 
 
 def kernel_kind(name: str) -> str:
     """The kind of a CUDA kernel or a CPU aten op, from its name (attention before GEMM: FA kernels are
     CUTLASS kernels too)."""
     lowered = name.lower()
+    if lowered.startswith("triton_"):
+        # Inductor names its kernels after the ops they fuse, so a layout copy feeding attention is
+        # "triton_poi_fused_..._attention_...": only its templates are matmul or attention.
+        if lowered.startswith("triton_tem"):
+            return "attention" if "flex" in lowered or "attention" in lowered else "gemm"
+        return "elementwise"
     if any(key in lowered for key in ("flash", "fmha", "attention", "sdpa", "attn")):
         return "attention"
-    if lowered.startswith("triton_tem"):  # inductor's matmul templates (max-autotune)
-        return "gemm"
-    if lowered.startswith("triton_"):  # inductor's fused pointwise / reduction kernels
-        return "elementwise"
     if any(key in lowered for key in ("gemm", "xmma", "cutlass", "nvjet", "matmul", "cublas", "scaled_mm",
                                       "triton_tem", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear")):
         return "gemm"
@@ -192,6 +198,7 @@ def step_breakdown(model: models.LoadedModel, workload: Workload, profile: Profi
         clock.start()
         runner.render(model, workload, dataclasses.replace(profile, steps=3), prompt, seed, clock=on_step)
     by_kind = {kind: 0.0 for kind in KINDS}
+    by_name: dict[str, float] = {}
     for event in prof.events():
         if event.name.startswith("ProfilerStep") or getattr(event, "is_user_annotation", False):
             continue  # the step's own marker spans the whole window, on the GPU timeline too
@@ -206,7 +213,9 @@ def step_breakdown(model: models.LoadedModel, workload: Workload, profile: Profi
                 continue  # top-level aten ops only: their children's time is inside theirs
             duration_us = event.cpu_time_total
         by_kind[kernel_kind(event.name)] += duration_us / 1000
+        by_name[event.name] = by_name.get(event.name, 0.0) + duration_us / 1000
     busy = sum(by_kind.values())
+    top = sorted(by_name.items(), key=lambda item: -item[1])[:TOP_KERNELS]
     return {
         "profiled_step_ms": round(1000 * clock.step_seconds[1], 2),
         "kernel_ms": {k: round(v, 2) for k, v in by_kind.items()},
@@ -214,6 +223,7 @@ def step_breakdown(model: models.LoadedModel, workload: Workload, profile: Profi
         # On the CPU, "busy" is the host's top-level op time; idle is then Python and hook overhead.
         "idle_ms": round(max(unprofiled_step_ms - busy, 0.0), 2),
         "source": "CUDA kernels" if on_cuda else "CPU aten ops",
+        "top": [{"name": name[:160], "kind": kernel_kind(name), "ms": round(ms, 2)} for name, ms in top],
     }
 
 
@@ -487,7 +497,7 @@ def markdown(document: dict[str, Any]) -> str:
         f"true CFG {w['true_cfg_scale']:g}",
         "",
         f"Command: `{document.get('command')}`  ",
-        f"Device: {document['fingerprint'].get('gpu') or 'CPU'}; torch {document['fingerprint'].get('torch')}, "
+        f"Device: {document['fingerprint'].get('gpu_name') or 'CPU'}; torch {document['fingerprint'].get('torch')}, "
         f"diffusers {document['fingerprint'].get('diffusers')}; {document['date']}  ",
         f"Rendered {document['render_steps']} steps per row; bf16 GEMM ceiling measured in this run: "
         + (f"{ceiling['bf16_tflops']:.0f} TFLOP/s" if ceiling.get("bf16_tflops") else "not measured (no CUDA)")

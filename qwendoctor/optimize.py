@@ -3,13 +3,14 @@
 Order, and why:
   1. tf32               process-wide matmul precision; first so everything after sees it
   2. attention backend  diffusers' dispatcher; before compile so the compiled graph traces the chosen kernel
-  3. quantization       torchao swaps Linear weights; before compile so inductor fuses the activation quantization
-  4. cache              diffusers' hooks around the blocks (never together with compile: Profile.validate)
-  5. compile            it traces whatever the steps above left
-  6. cfg batching       last: it wraps the call the pipeline makes, around the compiled model
+  3. real RoPE          rotary embedding in real arithmetic; before compile, which cannot fuse complex ops
+  4. quantization       torchao swaps Linear weights; before compile so inductor fuses the activation quantization
+  5. cache              diffusers' hooks around the blocks (never together with compile: Profile.validate)
+  6. compile            it traces whatever the steps above left
+  7. cfg batching       last: it wraps the call the pipeline makes, around the compiled model
 
-A profile value at its default leaves the pipeline as diffusers built it. tf32, attention, cache and CFG
-batching set their state both ways, so they can be re-applied to a used pipeline; quantization and compile cannot be undone, so
+A profile value at its default leaves the pipeline as diffusers built it. tf32, attention, real RoPE, cache
+and CFG batching set their state both ways, so they can be re-applied to a used pipeline; quantization and compile cannot be undone, so
 the tuner builds a fresh pipeline for each trial. Steps are not a lever on the pipeline but an argument of each
 call (`qwendoctor.runner.call_arguments`).
 """
@@ -32,6 +33,14 @@ def apply_attention_backend(pipe, profile: Profile):
 
     ensure_backend(profile.attention_backend)  # FA4 is registered with diffusers' dispatcher on first use
     pipe.transformer.set_attention_backend(profile.attention_backend)
+    return pipe
+
+
+def apply_real_rope(pipe, profile: Profile):
+    from qwendoctor import rope
+
+    # Process-wide, like tf32: diffusers' attention processor looks the function up in its module.
+    (rope.enable if profile.real_rope else rope.disable)()
     return pipe
 
 
@@ -96,7 +105,7 @@ def apply_cfg_batching(pipe, profile: Profile):
     return pipe
 
 
-LEVERS = (apply_tf32, apply_attention_backend, apply_quantization, apply_cache, apply_compile, apply_cfg_batching)
+LEVERS = (apply_tf32, apply_attention_backend, apply_real_rope, apply_quantization, apply_cache, apply_compile, apply_cfg_batching)
 
 
 def optimize(pipe, profile: Profile):

@@ -51,6 +51,7 @@ class Profile:
     cache_threshold: float | None = None
     tf32: bool = False
     cfg_batching: bool = False  # true CFG's cond and uncond passes as one batch-2 transformer call
+    real_rope: bool = False  # the rotary embedding in real arithmetic, so compile can fuse it
     steps: int | None = None  # None: the workload's reference steps
 
     def validate(self) -> "Profile":
@@ -59,7 +60,7 @@ class Profile:
         _choice("profile.compile_mode", self.compile_mode, COMPILE_OPTIONS)
         _choice("profile.quantization", self.quantization, QUANTIZATIONS)
         _choice("profile.cache", self.cache, CACHES)
-        for name in ("tf32", "cfg_batching"):
+        for name in ("tf32", "cfg_batching", "real_rope"):
             if not isinstance(getattr(self, name), bool):
                 raise UsageError(f"profile.{name}: expected true or false, got {getattr(self, name)!r}")
         if self.steps is not None and (not _is_int(self.steps) or self.steps < MIN_STEPS):
@@ -88,6 +89,8 @@ class Profile:
             parts.append(f"{self.cache}({self.cache_threshold:g})")
         if self.tf32:
             parts.append("tf32")
+        if self.real_rope:
+            parts.append("real-rope")
         if self.cfg_batching:
             parts.append("cfg-batch")
         if self.steps is not None:

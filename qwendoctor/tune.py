@@ -36,6 +36,7 @@ class SearchSpace:
     caches: tuple[str, ...]
     tf32: tuple[bool, ...]
     cfg_batching: tuple[bool, ...]
+    real_rope: tuple[bool, ...]
     steps: tuple[int, int, int]  # low, high, step
 
     def describe(self) -> list[str]:
@@ -47,6 +48,7 @@ class SearchSpace:
             f"cache: {', '.join(self.caches)}",
             f"tf32: {', '.join(map(str, self.tf32))}",
             f"cfg batching: {', '.join(map(str, self.cfg_batching))}",
+            f"real RoPE: {', '.join(map(str, self.real_rope))}",
             f"steps: {self.steps[0]}..{self.steps[1]} by {self.steps[2]}",
         ]
 
@@ -72,13 +74,16 @@ def build_search_space(capabilities: Capabilities, workload: Workload) -> Search
         caches=("none", "first_block"),
         tf32=(False, True) if on_gpu else (False,),
         cfg_batching=(False, True) if workload.does_cfg else (False,),
+        # Real RoPE only pays under compile (it lets inductor fuse the rotation); eager it is the same math.
+        real_rope=(False, True) if can_compile else (False,),
         steps=(low, reference, stride),
     )
 
 
 def default_params(space: SearchSpace) -> dict[str, Any]:
     return {"attention_backend": "native", "compile": "none", "quantization": "none", "cache": "none",
-            "tf32": False, "cfg_batching": False, "steps": space.steps[1]}
+            "tf32": False, "cfg_batching": False, "real_rope": False,
+            "steps": space.steps[1]}
 
 
 def sample_profile(trial, space: SearchSpace, reference_steps: int) -> Profile:
@@ -93,11 +98,12 @@ def sample_profile(trial, space: SearchSpace, reference_steps: int) -> Profile:
     threshold = trial.suggest_float("cache_threshold", *CACHE_THRESHOLD_RANGE) if cache != "none" else None
     tf32 = trial.suggest_categorical("tf32", space.tf32)
     cfg_batching = trial.suggest_categorical("cfg_batching", space.cfg_batching)
+    real_rope = trial.suggest_categorical("real_rope", space.real_rope) if compile_ != "none" else False
     low, high, stride = space.steps
     steps = trial.suggest_int("steps", low, high, step=stride)
     return Profile(attention_backend=attention, compile=compile_, compile_mode=compile_mode,
                    quantization=quantization, cache=cache, cache_threshold=threshold, tf32=tf32,
-                   cfg_batching=cfg_batching, steps=None if steps == reference_steps else steps).validate()
+                   cfg_batching=cfg_batching, real_rope=real_rope, steps=None if steps == reference_steps else steps).validate()
 
 
 @dataclasses.dataclass

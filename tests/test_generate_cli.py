@@ -60,7 +60,8 @@ def test_generate_writes_pngs_with_metadata_and_never_overwrites(tiny_lock, tmp_
     assert info["prompt"] == "a lighthouse at dusk" and info["seed"] == "8" and info["model"] == "tiny"
     assert json.loads(info["profile"]) == {"attention_backend": "_native_math", "compile": "none",
                                            "compile_mode": "default", "quantization": "none", "cache": "none",
-                                           "tf32": False, "cfg_batching": False, "steps": 2}
+                                           "tf32": False, "cfg_batching": False, "real_rope": False,
+                                           "steps": 2}
     assert " s" in capsys.readouterr().out  # time per image printed
 
 

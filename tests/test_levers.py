@@ -108,8 +108,31 @@ def test_steps_are_a_call_argument(tiny_workload):
 
 def test_optimize_applies_levers_in_the_documented_order():
     names = [lever.__name__ for lever in optimize.LEVERS]
-    assert names == ["apply_tf32", "apply_attention_backend", "apply_quantization", "apply_cache", "apply_compile",
-                     "apply_cfg_batching"]
+    assert names == ["apply_tf32", "apply_attention_backend", "apply_real_rope", "apply_quantization", "apply_cache",
+                     "apply_compile", "apply_cfg_batching"]
+
+
+def test_apply_real_rope_rotates_like_the_complex_path_and_is_undone(fresh_tiny, tiny_workload):
+    from diffusers.models.transformers import transformer_qwenimage
+
+    from qwendoctor import rope
+
+    original = transformer_qwenimage.apply_rotary_emb_qwen
+    x = torch.randn(2, 7, 3, 8, dtype=torch.bfloat16)
+    freqs = torch.polar(torch.ones(7, 4), torch.randn(7, 4))  # unit complex numbers, as RoPE's
+    expected = original(x, freqs, use_real=False)
+    reference = runner.render(fresh_tiny, tiny_workload, Profile(), "a fox", 0)
+    try:
+        optimize.apply_real_rope(fresh_tiny.pipe, Profile(real_rope=True))
+        assert rope.enabled()
+        assert torch.allclose(transformer_qwenimage.apply_rotary_emb_qwen(x, freqs, use_real=False).float(),
+                              expected.float(), atol=1e-2)
+        assert transformer_qwenimage.apply_rotary_emb_qwen(x, freqs, use_real=False).dtype == torch.bfloat16
+        image = runner.render(fresh_tiny, tiny_workload, Profile(), "a fox", 0)
+        assert np.abs(image - reference).max() < 1e-4  # the same rotation, in float32 either way
+    finally:
+        optimize.apply_real_rope(fresh_tiny.pipe, Profile())
+    assert transformer_qwenimage.apply_rotary_emb_qwen is original and not rope.enabled()
 
 
 @pytest.fixture

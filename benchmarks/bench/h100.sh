@@ -6,6 +6,7 @@
 #   bash benchmarks/bench/h100.sh tests   # carry .whl .fa4a: wheels, then the GPU tests of this issue
 #   bash benchmarks/bench/h100.sh w1      # carry .fa4 .fa4b: FA4 installed, then the W1 ladder (repeat to resume)
 #   bash benchmarks/bench/h100.sh 1024    # default and the W1 tiers' profiles at 1024x1024, full 50-step images
+#   bash benchmarks/bench/h100.sh rope    # the W1 tiers' profiles with and without real RoPE (repeat to resume)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 QWENDOCTOR_CACHE=/tmp/qwendoctor-cache
@@ -30,6 +31,13 @@ case "${1:-tests}" in
   w1)
     timeout -s INT "${BENCH_SECONDS:-540}" python3 -c "from qwendoctor.cli import main; main()" bench \
       --model synthetic --timed-steps 6 --out /tmp/bench --resume 2>&1 | tee -a "$out/bench-w1.log" || true ;;
+  rope)
+    lossless=attention_backend=fa4,compile=regional,cfg_batching=true
+    timeout -s INT "${BENCH_SECONDS:-540}" python3 -c "from qwendoctor.cli import main; main()" bench \
+      --model synthetic --timed-steps 6 --no-ladder --name bench-synthetic-1328x1328-real-rope \
+      --profile "$lossless" --profile "$lossless,real_rope=true" \
+      --profile "$lossless,real_rope=true,quantization=fp8_rowwise" --profile "$lossless,quantization=fp8_rowwise" \
+      --out /tmp/bench --resume 2>&1 | tee -a "$out/bench-rope.log" || true ;;
   1024)
     profiles=$(python3 - <<'PY'
 import json

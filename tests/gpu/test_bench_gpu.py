@@ -62,3 +62,26 @@ def test_bench_rows_on_synthetic_break_a_step_down_into_cuda_kernels(tmp_path):
     assert rows["cfg_batching"]["psnr_db"] > 40
     assert np.isfinite(rows["default"]["tflops"])
     _free()
+
+
+def test_real_rope_under_regional_compile_keeps_the_image():
+    from qwendoctor import rope
+
+    _free()
+    torch._dynamo.reset()
+    model = runner.build(SMALL, Profile(), CAPABILITIES)
+    reference = runner.render(model, SMALL, Profile(), "a red fox", 0)
+    del model
+    _free()
+    try:
+        profile = Profile(compile="regional", real_rope=True)
+        model = runner.build(SMALL, profile, CAPABILITIES)
+        assert rope.enabled()
+        image = runner.render(model, SMALL, profile, "a red fox", 0)
+    finally:
+        rope.disable()
+    fidelity = quality.compare([image], [reference])
+    print(f"real RoPE + regional compile vs eager: PSNR {fidelity['psnr_db']:.1f} dB")
+    assert fidelity["psnr_db"] > 40
+    del model
+    _free()
