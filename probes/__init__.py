@@ -22,27 +22,36 @@ class ProbeSpec:
     tier: str = "quick"  # "bench": only with `check --bench` (or when named with --only)
     # Times GPU work: runs alone, after the concurrent probes, so no other probe's kernels share the GPU.
     exclusive: bool = False
+    # Native probes of one group run in one worker process, in registry order: one torch import and one CUDA
+    # context instead of one each. Groups run concurrently; a probe that kills its worker is reported as a
+    # crash and the rest of its group runs alone. Exclusive probes form their own group.
+    group: str | None = None
 
 
 PROBES: list[ProbeSpec] = [
     ProbeSpec("system", "probes.system", False, 30.0, "Python, OS, CPU, RAM, free disk for weights and caches"),
-    ProbeSpec("gpu", "probes.gpu", True, 30.0, "NVIDIA GPUs (NVML): arch, memory, driver, clocks, power, MIG"),
-    ProbeSpec("torch_build", "probes.torch_build", True, 90.0, "torch build: CUDA, cuDNN, NCCL, triton, GPU archs"),
+    ProbeSpec("gpu", "probes.gpu", True, 30.0, "NVIDIA GPUs (NVML): arch, memory, driver, clocks, power, MIG",
+              group="cuda"),
+    ProbeSpec("torch_build", "probes.torch_build", True, 90.0, "torch build: CUDA, cuDNN, NCCL, triton, GPU archs",
+              group="cuda"),
     ProbeSpec("flash_attn", "probes.flash_attn", True, 120.0,
-              "flash-attention packages (FA2, FA3, FA4): import, classify errors, check numbers"),
+              "flash-attention packages (FA2, FA3, FA4): import, classify errors, check numbers", group="cuda"),
     ProbeSpec("attention_backends", "probes.attention_backends", True, 180.0,
-              "diffusers attention backends that run and match a float64 reference"),
+              "diffusers attention backends that run and match a float64 reference", group="libs"),
     ProbeSpec("attention_truth", "probes.attention_truth", True, 240.0,
               "attention at the workload's shapes: TF/s per backend, what native picks, step share",
               exclusive=True),
     ProbeSpec("tf32", "probes.tf32", True, 60.0, "TF32 flags and whether they matter for a bf16 pipeline",
               exclusive=True),
-    ProbeSpec("fp8", "probes.fp8", True, 120.0, "FP8: compute capability, torchao, a _scaled_mm smoke test"),
-    ProbeSpec("compile", "probes.compile", True, 180.0, "torch.compile: triton, a tiny compile, inductor cache"),
-    ProbeSpec("diffusers", "probes.diffusers", True, 120.0, "diffusers/transformers and the features we use"),
-    ProbeSpec("model", "probes.model", True, 60.0, "model weights present locally (never downloads)"),
+    ProbeSpec("fp8", "probes.fp8", True, 120.0, "FP8: compute capability, torchao, a _scaled_mm smoke test",
+              group="libs"),
+    ProbeSpec("compile", "probes.compile", True, 180.0, "torch.compile: triton, a tiny compile, inductor cache",
+              group="compile"),
+    ProbeSpec("diffusers", "probes.diffusers", True, 120.0, "diffusers/transformers and the features we use",
+              group="libs"),
+    ProbeSpec("model", "probes.model", True, 60.0, "model weights present locally (never downloads)", group="cuda"),
     ProbeSpec("memory_plan", "probes.memory_plan", True, 60.0,
-              "will transformer + text encoder + VAE + activations fit at the workload"),
+              "will transformer + text encoder + VAE + activations fit at the workload", group="cuda"),
     ProbeSpec("env", "probes.env", False, 10.0, "environment variables that slow or break things"),
     ProbeSpec("roofline", "probes.roofline", True, 180.0,
               "measured bf16/FP8 GEMM TFLOP/s and memory GB/s against the datasheet", tier="bench",

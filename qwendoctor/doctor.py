@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -77,14 +79,8 @@ def _run_in_subprocess(spec: ProbeSpec, worker_argv: WorkerArgv, ctx: ProbeConte
             pass
         out, err = proc.communicate()
         return _crash(spec, f"timed out after {spec.timeout_s:g} s", _tail(err))
-    if proc.returncode < 0:
-        try:
-            name = signal.Signals(-proc.returncode).name
-        except ValueError:
-            name = f"signal {-proc.returncode}"
-        return _crash(spec, f"killed by {name}", _tail(err))
     if proc.returncode != 0:
-        return _crash(spec, f"exited with code {proc.returncode}: {_last_line(err)}", _tail(err))
+        return _crash(spec, _signal_reason(proc.returncode, err), _tail(err))
     lines = [line for line in (out or "").splitlines() if line.strip()]
     try:
         finding = Finding.from_dict(json.loads(lines[-1]))
@@ -92,6 +88,87 @@ def _run_in_subprocess(spec: ProbeSpec, worker_argv: WorkerArgv, ctx: ProbeConte
         return _crash(spec, f"unreadable worker output ({exc_line(exc)}): {_last_line(err)}", _tail(err))
     finding.id = spec.id
     return finding
+
+
+def _signal_reason(returncode: int, err: str) -> str:
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exited with code {returncode}: {_last_line(err)}"
+
+
+class _GroupWorker:
+    """One worker process running several probes in order (`python -m probes._worker --group`).
+
+    Started early when `wait` is set: it imports torch, then blocks until `release()`, so the timing probes'
+    import cost overlaps the other probes without any of their GPU work overlapping."""
+
+    def __init__(self, specs: list[ProbeSpec], ctx: ProbeContext, wait: bool = False):
+        self.specs = specs
+        env = dict(os.environ)
+        env[SETTINGS_ENV] = json.dumps(ctx.settings())
+        env["PYTHONPATH"] = os.pathsep.join(p for p in [_PROBES_ROOT, env.get("PYTHONPATH")] if p)
+        argv = [sys.executable, "-P", "-m", "probes._worker", "--group",
+                ",".join(f"{spec.id}={spec.module}" for spec in specs)] + (["--wait"] if wait else [])
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=env, start_new_session=True)
+        self.lines: queue.Queue = queue.Queue()
+        self.stderr: list[str] = []
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True).start()
+        if not wait:
+            self.proc.stdin.close()
+
+    def _read_stdout(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def release(self) -> None:
+        try:
+            self.proc.stdin.write("go\n")
+            self.proc.stdin.close()
+        except (BrokenPipeError, ValueError, OSError):
+            pass  # the worker is already gone: collect() reports how
+
+    def _kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+    def collect(self) -> tuple[dict[str, Finding], list[ProbeSpec]]:
+        """Findings in order until the worker finishes, dies or a probe outlives its timeout; the probe in
+        flight then is a crash, and the probes after it are returned to be run alone."""
+        findings: dict[str, Finding] = {}
+        for index, spec in enumerate(self.specs):
+            started = time.perf_counter()
+            try:
+                line = self.lines.get(timeout=spec.timeout_s)
+            except queue.Empty:
+                self._kill()
+                err = "".join(self.stderr)
+                findings[spec.id] = _crash(spec, f"timed out after {spec.timeout_s:g} s", _tail(err))
+                findings[spec.id].elapsed_s = round(time.perf_counter() - started, 3)
+                return findings, self.specs[index + 1:]
+            if line is None:
+                self.proc.wait()
+                time.sleep(0.05)  # let the stderr reader drain
+                err = "".join(self.stderr)
+                findings[spec.id] = _crash(spec, _signal_reason(self.proc.returncode, err), _tail(err))
+                findings[spec.id].elapsed_s = round(time.perf_counter() - started, 3)
+                return findings, self.specs[index + 1:]
+            try:
+                finding = Finding.from_dict(json.loads(line))
+            except (ValueError, TypeError) as exc:
+                finding = _crash(spec, f"unreadable worker output ({exc_line(exc)})")
+            finding.id = spec.id
+            findings[spec.id] = finding
+        self.proc.wait()
+        return findings, []
 
 
 def run_probes(ids: Sequence[str] | None = None, ctx: ProbeContext | None = None, in_subprocess: bool = True,
@@ -128,11 +205,45 @@ def run_probes(ids: Sequence[str] | None = None, ctx: ProbeContext | None = None
 
     if not selected:
         return []
+    # Grouped workers serve the real probes; an injected worker (tests' fakes of a broken worker) runs each
+    # probe alone, as does any probe without a group.
+    grouping = in_subprocess and worker_argv is default_worker_argv
+    results: dict[str, Finding] = {}
+    exclusive = [spec for spec in selected if spec.exclusive]
+    timing_worker = None
+    if grouping and exclusive and all(spec.native for spec in exclusive):
+        timing_worker = _GroupWorker(exclusive, ctx, wait=True)
     shared = [spec for spec in selected if not spec.exclusive]
+    groups: dict[str, list[ProbeSpec]] = {}
+    alone: list[ProbeSpec] = []
+    for spec in shared:
+        if grouping and spec.native and spec.group:
+            groups.setdefault(spec.group, []).append(spec)
+        else:
+            alone.append(spec)
+
+    def run_group(specs: list[ProbeSpec]) -> dict[str, Finding]:
+        try:
+            found, rest = _GroupWorker(specs, ctx).collect()
+        except Exception:  # the worker could not start: each probe alone, where the error is reported
+            found, rest = {}, specs
+        for spec in rest:
+            found[spec.id] = timed(spec)
+        return found
+
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        results = dict(zip((spec.id for spec in shared), pool.map(timed, shared)))
-    for spec in selected:
-        if spec.exclusive:
+        group_futures = [pool.submit(run_group, specs) for specs in groups.values()]
+        results.update(zip((spec.id for spec in alone), pool.map(timed, alone)))
+        for future in group_futures:
+            results.update(future.result())
+    if timing_worker is not None:
+        timing_worker.release()
+        found, rest = timing_worker.collect()
+        results.update(found)
+        for spec in rest:
+            results[spec.id] = timed(spec)
+    else:
+        for spec in exclusive:
             results[spec.id] = timed(spec)
     return [results[spec.id] for spec in selected]  # the registry's order
 
