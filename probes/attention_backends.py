@@ -6,6 +6,7 @@ compared with a float64 math reference. `measured["working"]` is the tuner's att
 
 from __future__ import annotations
 
+import time
 import warnings
 
 from probes.context import ProbeContext, exc_line
@@ -47,8 +48,9 @@ def probe(ctx: ProbeContext) -> Finding:
     ref = torch.nn.functional.scaled_dot_product_attention(
         *(t.to("cpu", torch.float64).transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
 
-    working, broken, errors = [], {}, {}
+    working, broken, errors, seconds = [], {}, {}, {}
     for name in CANDIDATES:
+        started = time.perf_counter()
         if device == "cpu" and name not in CPU_CANDIDATES:
             broken[name] = "needs CUDA"
             continue
@@ -71,13 +73,16 @@ def probe(ctx: ProbeContext) -> Finding:
         except Exception as exc:
             broken[name] = f"not working: {exc_line(exc)}"
             continue
+        finally:
+            seconds[name] = round(time.perf_counter() - started, 3)
         errors[name] = float(f"{err:.3g}")
         if not err <= limit:  # also catches NaN
             broken[name] = f"wrong result: relative error {err:.2e} > {limit:.0e}"
         else:
             working.append(name)
 
-    measured = {"working": working, "broken": broken, "device": device, "errors": errors}
+    # Seconds per backend: a first call pays for loading its kernels (or compiling them, for flex).
+    measured = {"working": working, "broken": broken, "device": device, "errors": errors, "seconds": seconds}
     details = [f"q/k/v [B={B}, S={S}, H={H}, D={D}] {dtype_name} on {device}, "
                f"vs float64 reference, limit {limit:.0e}"]
     details += [f"{n}: works (relative error {errors[n]:.1e})" for n in working]

@@ -179,3 +179,45 @@ def test_console_entry_point_turns_unknown_id_into_one_line_and_exit_2(capsys):
     assert done.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("qwendoctor: error: unknown probe 'nope'; known: system, gpu, torch_build") and "\n" not in err
+
+
+def grouped(probe_id, module, group, timeout_s=30.0, exclusive=False):
+    return ProbeSpec(probe_id, f"tests.fake_probes.{module}", True, timeout_s, f"fake {module}", group=group,
+                     exclusive=exclusive)
+
+
+def test_a_group_runs_in_one_worker_process():
+    a, b, c = run_probes(registry=[grouped("a", "whoami", "g"), grouped("b", "whoami", "g"),
+                                   grouped("c", "whoami", "other")])
+    assert a.status == b.status == c.status == "ok"
+    assert a.measured["pid"] == b.measured["pid"] != c.measured["pid"]
+    assert a.measured["started"] <= b.measured["started"]  # registry order inside the group
+    assert a.elapsed_s is not None and b.elapsed_s is not None
+
+
+def test_a_probe_that_kills_its_group_worker_is_a_crash_and_the_rest_run_alone():
+    before, abort, after, later = run_probes(registry=[
+        grouped("before", "whoami", "g"), grouped("abort", "abort", "g"), grouped("after", "whoami", "g"),
+        grouped("later", "good", "g")])
+    assert before.status == "ok"
+    assert abort.status == "crash" and abort.summary == "killed by SIGABRT"
+    assert after.status == "ok" and later.status == "ok"
+    assert after.measured["pid"] != before.measured["pid"]  # a fresh process, not the dead worker
+
+
+def test_a_probe_that_hangs_in_a_group_times_out_and_the_rest_still_run():
+    hang, after = run_probes(registry=[grouped("hang", "hang", "g", timeout_s=1.0), grouped("after", "good", "g")])
+    assert hang.status == "crash" and hang.summary == "timed out after 1 s"
+    assert after.status == "ok"
+
+
+def test_grouped_exception_and_unparsable_outputs_stay_per_probe():
+    boom, fine = run_probes(registry=[grouped("boom", "raises", "g"), grouped("fine", "good", "g")])
+    assert boom.status == "crash" and boom.summary == "RuntimeError: boom" and fine.status == "ok"
+
+
+def test_the_timing_worker_starts_early_but_times_nothing_until_the_others_finish():
+    slow, timing = run_probes(registry=[grouped("slow", "slow_clock", "g"),
+                                        grouped("timing", "whoami", None, exclusive=True)])
+    assert slow.status == timing.status == "ok"
+    assert timing.measured["started"] >= slow.measured["ended"]
