@@ -13,6 +13,7 @@ import sys
 import click
 
 from qwendoctor.errors import EXIT_FAILURE, EXIT_USAGE, QwendoctorError, UsageError
+from qwendoctor.tune import DEFAULT_HEARTBEAT_S  # light: tune imports torch and optuna only when it runs
 
 DEFAULT_LOCK = "qwendoctor.lock"
 DEFAULT_SIZES = {"tiny": 128}  # the tiny model's VAE and transformer are sized for 128x128
@@ -62,10 +63,14 @@ def _workload(model: str, width: int | None, height: int | None, steps: int, tru
 @click.option("--floor", default="balanced", show_default=True,
               help="Quality floor vs the reference: lossless, balanced, fast, or psnr=DB,ssim=S.")
 @click.option("--lock", "lock_path", default=DEFAULT_LOCK, show_default=True, help="Where to write the lock.")
-@click.option("--storage", help="Optuna storage URL [sqlite:///<lock dir>/qwendoctor-study.db].")
+@click.option("--storage", help="Where the study lives: sqlite:///PATH (one worker), journal:///PATH (several "
+              "workers on one host) or postgresql+psycopg2://USER@HOST:PORT/DB (several hosts) "
+              "[sqlite:///<lock dir>/qwendoctor-study.db].")
+@click.option("--heartbeat", type=click.IntRange(min=1), default=DEFAULT_HEARTBEAT_S, show_default=True,
+              help="Seconds between a worker's heartbeats; a trial silent for twice as long is run again.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def tune(model, width, height, steps, true_cfg_scale, negative_prompt, trials, timeout, prompts_file,
-         num_prompts, seeds, floor, lock_path, storage, as_json):
+         num_prompts, seeds, floor, lock_path, storage, heartbeat, as_json):
     """Search the optimization levers for the fastest profile that meets the quality floor; write a lock."""
     from qwendoctor import quality, report
     from qwendoctor.tune import TuneOptions, read_prompts
@@ -78,7 +83,7 @@ def tune(model, width, height, steps, true_cfg_scale, negative_prompt, trials, t
         storage = f"sqlite:///{os.path.join(directory, 'qwendoctor-study.db')}"
     options = TuneOptions(workload=workload, prompts=read_prompts(prompts_file, num_prompts),
                           seeds=list(range(seeds)), floor=quality.parse_floor(floor), lock_path=lock_path,
-                          storage=storage, trials=trials, timeout_s=timeout)
+                          storage=storage, trials=trials, timeout_s=timeout, heartbeat_s=heartbeat)
     options.validate()
     result = report.run_tune_with_progress(options, as_json=as_json)
     if as_json:

@@ -2,17 +2,23 @@
 
 Flow: search space from the probes -> reference renders (default profile, cached on disk) -> trials (build,
 warm up, time, compare) -> the fastest feasible profile -> qwendoctor.lock. The study lives in an Optuna
-storage, so an interrupted run resumes where it stopped.
+storage, so an interrupted run resumes where it stopped, and several workers (processes, GPUs, hosts) can share
+it: see qwendoctor.storage for the URLs and heartbeats, `_claim` for how two workers never measure the same
+profile at once, and `_drain` for how the study finishes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import gc
 import hashlib
 import json
 import math
 import os
+import socket
+import tempfile
 import time
 import warnings
 from typing import Any, Callable
@@ -22,6 +28,15 @@ from qwendoctor.errors import QwendoctorError, UnavailableLever, UsageError
 from qwendoctor.profile import MIN_STEPS, Capabilities, Profile, Workload
 
 INTERRUPTED = "interrupted: the worker stopped during this trial"
+DEFAULT_HEARTBEAT_S = 10  # seconds between a running trial's heartbeats (qwendoctor.storage)
+# How often a worker looks at the shared study while it waits for another worker (a rival's claim, the last trials).
+POLL_S = 0.5
+# A running trial gets its first heartbeat within milliseconds of being created (storage._HeartbeatFromTheStart):
+# one still without any after this long has lost its worker.
+ORPHAN_AFTER_S = 1.0
+# Test-only fault injection (tests/test_distributed_tune.py): a worker started with this variable set to a path
+# writes the number of the first trial it is about to measure there and hangs, so the test can kill it mid-trial.
+STALL_ENV = "QWENDOCTOR_TEST_STALL_FILE"
 # On a GPU, math attention only serves as a numerical reference: it is never the fast choice.
 SLOW_REFERENCE_BACKENDS = ("_native_math",)
 CACHE_THRESHOLD_RANGE = (0.05, 0.3)
@@ -117,11 +132,14 @@ class TuneOptions:
     trials: int = 20
     timeout_s: float | None = None
     cache_dir: str | None = None  # reference renders; default ~/.cache/qwendoctor
+    heartbeat_s: int = DEFAULT_HEARTBEAT_S  # a trial silent for twice this long is retried by another worker
 
     def validate(self) -> "TuneOptions":
         self.workload.validate()
         if self.trials < 1:
             raise UsageError(f"--trials must be at least 1, got {self.trials}")
+        if isinstance(self.heartbeat_s, bool) or not isinstance(self.heartbeat_s, int) or self.heartbeat_s < 1:
+            raise UsageError(f"--heartbeat must be a whole number of seconds, at least 1, got {self.heartbeat_s}")
         if self.timeout_s is not None and self.timeout_s <= 0:
             raise UsageError(f"--timeout must be positive, got {self.timeout_s}")
         if not self.prompts:
@@ -172,30 +190,55 @@ def _cache_dir(options: TuneOptions) -> str:
         os.path.expanduser("~"), ".cache", "qwendoctor")
 
 
+@contextlib.contextmanager
+def _exclusive(path: str, log: Callable[[str], None], waiting: str):
+    """An flock on `path`: workers on one host take turns. (Across hosts each has its own cache.)"""
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(waiting)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def reference(options: TuneOptions, capabilities: Capabilities, name: str, log: Callable[[str], None]):
-    """The default profile's images, timing and model revision, rendered once per study and kept on disk."""
+    """The default profile's images, timing and model revision, rendered once per study and kept on disk.
+
+    Workers starting together on one host render it once: the others wait on the lock, then read the cache."""
     import numpy as np
 
     path = os.path.join(_cache_dir(options), f"reference-{name}.npz")
-    if os.path.exists(path):
-        with np.load(path) as stored:
-            summary = json.loads(str(stored["summary"]))
-            log(f"reference renders: {path} (cached)")
-            revision = str(stored["revision"]) or None
-            return [stored[f"image{i}"] for i in range(int(stored["count"]))], summary, revision
-    log(f"reference renders: {len(options.prompts) * len(options.seeds)} images with the default profile")
-    model = runner.build(options.workload, Profile(), capabilities)
-    measurement = runner.measure(model, options.workload, Profile(), options.prompts, options.seeds)
-    summary, revision = measurement.summary(), model.revision
-    del model
-    _release_memory()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    temporary = path + ".tmp.npz"
-    np.savez_compressed(temporary, count=len(measurement.images), summary=json.dumps(summary),
-                        revision=revision or "",
-                        **{f"image{i}": image for i, image in enumerate(measurement.images)})
-    os.replace(temporary, path)
-    return measurement.images, summary, revision
+    with _exclusive(path + ".lock", log, "reference renders: waiting for another worker rendering them"):
+        if os.path.exists(path):
+            with np.load(path) as stored:
+                summary = json.loads(str(stored["summary"]))
+                log(f"reference renders: {path} (cached)")
+                revision = str(stored["revision"]) or None
+                return [stored[f"image{i}"] for i in range(int(stored["count"]))], summary, revision
+        log(f"reference renders: {len(options.prompts) * len(options.seeds)} images with the default profile")
+        model = runner.build(options.workload, Profile(), capabilities)
+        measurement = runner.measure(model, options.workload, Profile(), options.prompts, options.seeds)
+        summary, revision = measurement.summary(), model.revision
+        del model
+        _release_memory()
+        # A unique temporary name: a host sharing this cache directory over NFS may be writing it too.
+        descriptor, temporary = tempfile.mkstemp(prefix=".reference-", suffix=".npz", dir=os.path.dirname(path))
+        try:
+            with os.fdopen(descriptor, "wb") as handle:
+                np.savez_compressed(handle, count=len(measurement.images), summary=json.dumps(summary),
+                                    revision=revision or "",
+                                    **{f"image{i}": image for i, image in enumerate(measurement.images)})
+            os.replace(temporary, path)
+        except BaseException:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+            raise
+        return measurement.images, summary, revision
 
 
 def _release_memory() -> None:
@@ -225,43 +268,168 @@ class TrialFailed(Exception):
     """Raised from the objective so Optuna records the trial as FAIL; the reason is in user_attrs."""
 
 
-def _recover_interrupted(study) -> int:
-    """Trials a stopped run left behind get their profile queued again; finished trials never rerun.
+# A trial's claim on the profile it sampled (user attr "claim"; see _claim).
+DECIDING, MEASURE, WAIT = "deciding", "measure", "wait"
 
-    A Ctrl-C marks its trial failed with INTERRUPTED (objective); a killed process leaves it RUNNING.
-    """
+
+def _states():
     import optuna
 
-    states = optuna.trial.TrialState
-    for trial in study.get_trials(deepcopy=False, states=(states.RUNNING,)):
-        study._storage.set_trial_user_attr(trial._trial_id, "failure", INTERRUPTED)
-        study._storage.set_trial_state_values(trial._trial_id, state=states.FAIL)
-    trials = study.get_trials(deepcopy=False)
-    count = 0
-    for trial in trials:
-        if trial.user_attrs.get("failure") != INTERRUPTED or not trial.params:
-            continue
-        retried = any(later.number > trial.number and later.params == trial.params for later in trials)
-        if not retried:
-            study.enqueue_trial(trial.params, skip_if_exists=True)
-            count += 1
-    return count
+    return optuna.trial.TrialState
 
 
 def _finished(study) -> list:
+    """Trials that count towards --trials: complete, or failed with a reason. A trial whose worker stopped does
+    not count (Ctrl-C: INTERRUPTED; killed: failed by a heartbeat check, with no reason): it is queued again."""
+    states = _states()
+    return [t for t in study.get_trials(deepcopy=False, states=(states.COMPLETE, states.FAIL))
+            if t.state == states.COMPLETE or t.user_attrs.get("failure") not in (None, INTERRUPTED)]
+
+
+def _requeue(study, number: int, params: dict[str, Any]) -> None:
+    """Queue a stopped trial's parameters again. Only the worker that stopped it, or that won the race to mark it
+    failed, does this, so it happens once."""
+    if params:
+        study.enqueue_trial(params, user_attrs={"retry_of": number})
+
+
+def _fail_stale(study) -> None:
+    """Optuna's heartbeat check: trials of dead workers are failed and queued again (storage.RetryDeadWorkerTrial).
+    study.optimize runs it before each trial; waits run it too, so a dead rival cannot hold a worker up for ever."""
     import optuna
 
-    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
-    return [t for t in study.get_trials(deepcopy=False, states=done) if t.user_attrs.get("failure") != INTERRUPTED]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def _recover(study, storage) -> int:
+    """Fail the trials that lost their worker and queue them again; leave live workers' trials alone.
+
+    A dead worker's trial has a heartbeat older than the grace period (Optuna's check), or none at all: its worker
+    died between creating it and its first beat, or was a qwendoctor without heartbeats. Returns how many trials
+    wait in the queue as retries.
+    """
+    import optuna
+
+    states = _states()
+    _fail_stale(study)
+    study_id = storage.get_study_id_from_name(study.study_name)
+    orphans = storage.trials_without_heartbeat(study_id)
+    if orphans:
+        time.sleep(ORPHAN_AFTER_S)
+        orphans = sorted(set(orphans) & set(storage.trials_without_heartbeat(study_id)))
+    for trial_id in orphans:
+        trial = study._storage.get_trial(trial_id)
+        try:
+            study._storage.set_trial_user_attr(trial_id, "failure", INTERRUPTED)
+            study._storage.set_trial_state_values(trial_id, state=states.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker failed it first, and queued it
+        _requeue(study, trial.number, trial.params)
+    return sum("failed_trial" in t.system_attrs or "retry_of" in t.user_attrs
+               for t in study.get_trials(deepcopy=False, states=(states.WAITING,)))
 
 
 def _same_profile_trial(study, profile: Profile, current_number: int):
-    import optuna
-
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+    for trial in study.get_trials(deepcopy=False, states=(_states().COMPLETE,)):
         if trial.number != current_number and trial.user_attrs.get("profile") == profile.to_dict():
             return trial
     return None
+
+
+def _rivals(study, key: dict[str, Any], number: int) -> list:
+    """Other running trials that sampled the same profile."""
+    return [t for t in study.get_trials(deepcopy=False, states=(_states().RUNNING,))
+            if t.number != number and t.user_attrs.get("profile") == key]
+
+
+def _pause(study) -> None:
+    _fail_stale(study)
+    time.sleep(POLL_S)
+
+
+def _decision_of(study, rival) -> str | None:
+    """A rival's claim once it has decided; None if it stopped running first."""
+    while True:
+        current = study._storage.get_trial(rival._trial_id)
+        if current.state != _states().RUNNING:
+            return None
+        if current.user_attrs.get("claim") in (MEASURE, WAIT):
+            return current.user_attrs["claim"]
+        _pause(study)
+
+
+def _lowest_decides(study, higher_rivals) -> str | None:
+    """The decision of the lowest-numbered trial of a profile: wait if a higher one already measures, else
+    measure; None if a rival stopped running meanwhile."""
+    for rival in higher_rivals:
+        claim = _decision_of(study, rival)
+        if claim is None:
+            return None
+        if claim == MEASURE:
+            return WAIT
+    return MEASURE
+
+
+def _claim(study, trial, profile: Profile):
+    """Measure this trial's profile, or reuse another trial's measurement of it: two live workers never measure
+    the same profile at once (TPE proposes the same profile to workers asking at the same moment).
+
+    Each trial publishes its profile, then its decision. A trial that sees a lower-numbered rival waits. The lowest
+    waits for the higher rivals' decisions and measures unless one of them already does (it looked before the
+    lower one had published its profile). A decision only waits for higher-numbered trials' decisions, so none
+    waits for ever. A waiting trial reuses the measurement once it is complete, or decides again if the measuring
+    trial failed or its worker died. Returns the complete trial to reuse, or None to measure.
+    """
+    key = profile.to_dict()
+    while True:
+        done = _same_profile_trial(study, profile, trial.number)
+        if done is not None:
+            return done
+        rivals = sorted(_rivals(study, key, trial.number), key=lambda t: t.number)
+        decision = WAIT if any(r.number < trial.number for r in rivals) else _lowest_decides(study, rivals)
+        if decision is None:
+            continue  # a rival finished while this trial waited for its decision: its result may be reusable
+        trial.set_user_attr("claim", decision)
+        if decision == MEASURE:
+            return None
+        while any(r.user_attrs.get("claim") != WAIT for r in _rivals(study, key, trial.number)):
+            _pause(study)
+        trial.set_user_attr("claim", DECIDING)
+
+
+def _stall_for_tests(number: int) -> None:
+    """The STALL_ENV fault injection; nothing unless a test sets the variable."""
+    path = os.environ.get(STALL_ENV)
+    if not path or os.path.exists(path):
+        return
+    with open(path + ".tmp", "w") as handle:
+        handle.write(str(number))
+    os.replace(path + ".tmp", path)
+    while True:
+        time.sleep(3600)
+
+
+def _drain(study, storage, run_queued: Callable[[], None], deadline: float | None,
+           log: Callable[[str], None]) -> None:
+    """Once the study has its trials: run what is queued (retries of trials whose worker died) and wait for the
+    other workers' running trials to finish or be found dead, so that every worker writes the lock of the
+    finished study and no trial is left behind."""
+    states = _states()
+    told = False
+    while deadline is None or time.monotonic() < deadline:
+        _recover(study, storage)
+        if study.get_trials(deepcopy=False, states=(states.WAITING,)):
+            run_queued()
+            continue
+        running = study.get_trials(deepcopy=False, states=(states.RUNNING,))
+        if not running:
+            return
+        if not told:
+            log(f"waiting for {len(running)} trial(s) of other workers: {', '.join(f'#{t.number}' for t in running)}")
+            told = True
+        time.sleep(POLL_S)
 
 
 RESULT_ATTRS = ("latency_median_s", "latency_p90_s", "step_ms", "warmup_s", "peak_memory_gib",
@@ -271,10 +439,17 @@ RESULT_ATTRS = ("latency_median_s", "latency_p90_s", "step_ms", "warmup_s", "pea
 def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
              log: Callable[[str], None] = lambda message: None,
              on_trial: Callable[[dict[str, Any], int, int], None] | None = None) -> TuneResult:
-    """Run (or resume) the study, write the lock, and return the rows for the report."""
+    """Run (or resume, or join) the study, write the lock, and return the rows for the report."""
     import optuna
 
+    from qwendoctor import storage as storages
+
     options.validate()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # First, so that a bad URL or an unreachable database fails before minutes of probing and rendering.
+    storage = storages.open_storage(options.storage, options.heartbeat_s)
+    shown = storages.describe(options.storage)
     spent = {"probe": 0.0, "reference": 0.0, "trials": 0.0}
     if capabilities is None:
         started = time.perf_counter()
@@ -291,27 +466,42 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
     reference_images, reference_summary, revision = reference(options, capabilities, name, log)
     spent["reference"] = time.perf_counter() - started
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=5, multivariate=True, group=True)
+    # Workers sharing a study must not share a seed, or they propose the same profiles in lockstep; the constant
+    # liar steers TPE away from the profiles other workers are running.
+    shared = storages.is_shared(options.storage)
+    sampler = optuna.samplers.TPESampler(seed=None if shared else 0, constant_liar=shared, n_startup_trials=5,
+                                         multivariate=True, group=True)
     try:
-        study = optuna.create_study(study_name=name, storage=options.storage, direction="minimize",
+        study = optuna.create_study(study_name=name, storage=storage, direction="minimize",
                                     sampler=sampler, load_if_exists=True)
-    except Exception as error:  # a bad URL, an unreachable database
-        raise UsageError(f"--storage {options.storage}: {str(error).splitlines()[0]}") from None
-    recovered = _recover_interrupted(study)
+    except Exception as error:  # the database went away, or holds something else
+        raise UsageError(f"--storage {shown}: {(str(error).splitlines() or [type(error).__name__])[0]}") from None
+    recovered = _recover(study, storage)
     if recovered:
-        log(f"resuming: {recovered} interrupted trial(s) queued again")
+        log(f"resuming: {recovered} trial(s) of stopped workers queued again")
     if not study.trials:
-        study.enqueue_trial(default_params(space))
-    remaining = options.trials - len(_finished(study))
-    log(f"study {name} in {options.storage}: {len(_finished(study))} trial(s) done, {max(remaining, 0)} to run")
+        study.enqueue_trial(default_params(space), skip_if_exists=True)
+    done = len(_finished(study))
+    remaining = options.trials - done
+    log(f"study {name} in {shown}: {done} trial(s) done, {max(remaining, 0)} to run")
+    worker = f"{socket.gethostname()}:{os.getpid()}"
 
-    def objective(trial) -> float:
+    def measure(trial) -> float:
+        queued = study._storage.get_trial(trial._trial_id).system_attrs
+        if "fixed_params" not in queued and "failed_trial" not in queued and len(_finished(study)) >= options.trials:
+            # Other workers finished the study while this one asked for a trial; a queued retry still runs.
+            study.stop()
+            raise optuna.TrialPruned("the study already has its trials")
         profile = sample_profile(trial, space, options.workload.reference_steps)
+        trial.set_user_attr("worker", worker)
+        # Undecided before the profile is published: a rival that sees the profile waits for this trial's decision.
+        trial.set_user_attr("claim", DECIDING)
         trial.set_user_attr("profile", profile.to_dict())
         trial.set_user_attr("describe", profile.describe())
-        duplicate = _same_profile_trial(study, profile, trial.number)
+        if profile == Profile():
+            duplicate = _same_profile_trial(study, profile, trial.number)
+        else:
+            duplicate = _claim(study, trial, profile)
         if duplicate is not None:
             # TPE proposes a profile it already measured: reuse the measurement instead of paying again.
             results = {k: duplicate.user_attrs[k] for k in RESULT_ATTRS if k in duplicate.user_attrs}
@@ -320,13 +510,11 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
             results = {**reference_summary, "psnr_db": math.inf, "psnr_db_min": math.inf, "ssim": 1.0,
                        "ssim_min": 1.0}
         else:
+            _stall_for_tests(trial.number)
             model = None
             try:
                 model = runner.build(options.workload, profile, capabilities)
                 measurement = runner.measure(model, options.workload, profile, options.prompts, options.seeds)
-            except KeyboardInterrupt:
-                trial.set_user_attr("failure", INTERRUPTED)
-                raise
             except Exception as error:
                 reason = classify_failure(error)
                 trial.set_user_attr("failure", reason)
@@ -341,14 +529,34 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
             trial.set_constraint(key, value)
         return results["latency_median_s"]
 
+    def objective(trial) -> float:
+        try:
+            return measure(trial)
+        except KeyboardInterrupt:
+            # Queued again now, so that another worker (or the next run) picks it up.
+            trial.set_user_attr("failure", INTERRUPTED)
+            _requeue(study, trial.number, trial.params)
+            raise
+
     def after_trial(study, frozen) -> None:
+        if frozen.state not in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL):
+            return
+        done = len(_finished(study))
         if on_trial is not None:
-            on_trial(_row(frozen), len(_finished(study)), options.trials)
+            on_trial(_row(frozen), done, options.trials)
+        if done >= options.trials:
+            study.stop()  # other workers finished trials meanwhile: the study is complete
+
+    def optimize(n_trials: int, timeout: float | None) -> None:
+        study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(TrialFailed,),
+                       callbacks=[after_trial], gc_after_trial=False, show_progress_bar=False)
 
     started = time.perf_counter()
+    deadline = None if options.timeout_s is None else time.monotonic() + options.timeout_s
     if remaining > 0:
-        study.optimize(objective, n_trials=remaining, timeout=options.timeout_s, catch=(TrialFailed,),
-                       callbacks=[after_trial], gc_after_trial=False, show_progress_bar=False)
+        optimize(remaining, options.timeout_s)
+    if len(_finished(study)) >= options.trials:
+        _drain(study, storage, lambda: optimize(1, None), deadline, log)
     spent["trials"] = time.perf_counter() - started
 
     rows = [_row(t) for t in _finished(study)]
@@ -374,11 +582,12 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
         profile=Profile.from_dict(best.user_attrs["profile"]),
         measured=measured,
         baseline=baseline,
-        study={"name": name, "storage": options.storage, "trials": counts["trials"],
+        study={"name": name, "storage": shown, "trials": counts["trials"],
                "completed": counts["completed"], "failed": counts["failed"], "infeasible": counts["infeasible"],
                "best_trial": best.number, "floor": options.floor.name, "floor_psnr_db": options.floor.psnr_db,
                "floor_ssim": options.floor.ssim},
     )
+    # Every worker writes the lock of the finished study (the same content); the write is atomic.
     lockfile.write_lock(options.lock_path, lock)
     return TuneResult(lock=lock, trials=rows, counts=counts, time_spent_s=spent)
 
