@@ -118,7 +118,8 @@ def sample_profile(trial, space: SearchSpace, reference_steps: int) -> Profile:
     steps = trial.suggest_int("steps", low, high, step=stride)
     return Profile(attention_backend=attention, compile=compile_, compile_mode=compile_mode,
                    quantization=quantization, cache=cache, cache_threshold=threshold, tf32=tf32,
-                   cfg_batching=cfg_batching, real_rope=real_rope, steps=None if steps == reference_steps else steps).validate()
+                   cfg_batching=cfg_batching, real_rope=real_rope,
+                   steps=None if steps == reference_steps else steps).validate()
 
 
 @dataclasses.dataclass
