@@ -78,7 +78,8 @@ def print_tune(result: TuneResult, lock_path: str, console: Console | None = Non
     spent = ", ".join(f"{k} {v:.1f} s" for k, v in result.time_spent_s.items())
     console.print(f"{counts['trials']} trials: {counts['completed']} feasible, {counts['infeasible']} below the "
                   f"floor, {counts['failed']} failed. Time: {spent}.")
-    console.print(f"speedup {lock.measured['speedup']:.2f}x over the default; lock written to {lock_path}")
+    console.print(f"speedup {lock.measured['speedup']:.2f}x over the default; lock written to {lock_path}"
+                  + (f", plot to {result.plot_path}" if result.plot_path else ""))
 
 
 def top_trials(rows: list[dict], count: int = 5) -> list[dict]:
@@ -106,5 +107,6 @@ def tune_json(result: TuneResult) -> str:
         "study": lock.study,
         "counts": result.counts,
         "time_spent_s": result.time_spent_s,
+        "plot": result.plot_path,
         "trials": [{k: clean(v) for k, v in row.items()} for row in result.trials],
     }, indent=2)

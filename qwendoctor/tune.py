@@ -154,6 +154,7 @@ class TuneResult:
     trials: list[dict[str, Any]]  # one row per finished trial, for the report
     counts: dict[str, int]
     time_spent_s: dict[str, float]
+    plot_path: str | None = None  # latency vs PSNR of every trial, beside the lock
 
 
 def read_prompts(path: str | None, count: int) -> list[str]:
@@ -590,7 +591,17 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
     )
     # Every worker writes the lock of the finished study (the same content); the write is atomic.
     lockfile.write_lock(options.lock_path, lock)
-    return TuneResult(lock=lock, trials=rows, counts=counts, time_spent_s=spent)
+    plot = None
+    try:
+        from qwendoctor.plot import plot_path, write_tune_plot
+
+        plot = write_tune_plot(rows, baseline["latency_median_s"], best.number, options.floor,
+                               plot_path(options.lock_path),
+                               f"{options.workload.model} {options.workload.width}x{options.workload.height}, "
+                               f"{counts['trials']} trials")
+    except ImportError as error:  # matplotlib is a dependency, but a lock must not depend on a plot
+        log(f"plot not written: {error}")
+    return TuneResult(lock=lock, trials=rows, counts=counts, time_spent_s=spent, plot_path=plot)
 
 
 def _row(trial) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The tune loop on the tiny model: search space, failures, the floor, resume, and the lock it writes."""
 
 import dataclasses
+import math
 
 import optuna
 import pytest
@@ -65,6 +66,29 @@ def test_tune_writes_a_valid_lock_that_meets_the_floor(options, measured_profile
     assert result.trials[0]["profile"] == "attn=native"
     assert measured_profiles[0] == Profile()
     assert Profile() not in measured_profiles[1:]
+    # The plot beside the lock: qwendoctor.lock -> qwendoctor-tune.png, a real PNG.
+    assert result.plot_path == options.lock_path.removesuffix(".lock") + "-tune.png"
+    with open(result.plot_path, "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tune_plot_draws_each_state_and_an_exact_match(tmp_path):
+    from PIL import Image
+
+    from qwendoctor.plot import write_tune_plot
+
+    rows = [
+        {"number": 0, "state": "complete", "profile": "attn=native", "latency_median_s": 2.0, "psnr_db": math.inf},
+        {"number": 1, "state": "complete", "profile": "compile=regional", "latency_median_s": 1.5, "psnr_db": 46.0},
+        {"number": 2, "state": "infeasible", "profile": "steps=20", "latency_median_s": 0.8, "psnr_db": 21.0},
+        {"number": 3, "state": "failed", "profile": "fp8_rowwise", "failure": "out of memory"},
+    ]
+    path = write_tune_plot(rows, 2.0, 1, quality.parse_floor("balanced"), str(tmp_path / "q-tune.png"), "test")
+    with Image.open(path) as image:
+        assert image.size == (840, 540)  # 7 x 4.5 inches at 120 dpi
+        colors = {color for _, color in image.convert("RGB").getcolors(1 << 20)}
+    assert (255, 215, 0) in colors  # the gold star of the best trial
+    assert not list(tmp_path.glob("*.tmp.png"))
 
 
 def test_lock_respects_a_floor_only_exact_renders_meet(options):
