@@ -45,8 +45,9 @@ def write_tune_plot(rows: list[dict[str, Any]], baseline_s: float, best_number: 
         axes.scatter([best["latency_median_s"]], [y(best)], marker="*", s=250, c="gold", edgecolors="black",
                      zorder=3, label=f"best: {best['profile']}")
     failed = sum(r["state"] == "failed" for r in rows)
+    not_drawn = f" ({failed} failed, not drawn)" if failed else ""
     axes.axhline(floor.psnr_db, color="grey", linestyle="--", linewidth=1,
-                 label=f"floor {floor.name}: {floor.psnr_db:g} dB" + (f" ({failed} failed, not drawn)" if failed else ""))
+                 label=f"floor {floor.name}: {floor.psnr_db:g} dB{not_drawn}")
     axes.axvline(baseline_s, color="tab:blue", linestyle=":", linewidth=1, label=f"default: {baseline_s:.3g} s")
     axes.axhline(exact_at, color="lightgrey", linewidth=0.5)
     axes.text(axes.get_xlim()[0], exact_at, " exact", va="bottom", fontsize=8, color="grey")
