@@ -68,9 +68,15 @@ def _workload(model: str, width: int | None, height: int | None, steps: int, tru
               "[sqlite:///<lock dir>/qwendoctor-study.db].")
 @click.option("--heartbeat", type=click.IntRange(min=1), default=DEFAULT_HEARTBEAT_S, show_default=True,
               help="Seconds between a worker's heartbeats; a trial silent for twice as long is run again.")
+@click.option("--timed-steps", type=int, default=5, show_default=True,
+              help="Denoising steps timed per trial (after a 2-step warm-up); full images are rendered only for "
+                   "trials whose estimate could beat the best so far.")
+@click.option("--exhaustive", is_flag=True,
+              help="Also search choices measured to lose here (full compile, max-autotune, eager FP8, TF32 in "
+                   "bf16); the default space lists what it leaves out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def tune(model, width, height, steps, true_cfg_scale, negative_prompt, trials, timeout, prompts_file,
-         num_prompts, seeds, floor, lock_path, storage, heartbeat, as_json):
+         num_prompts, seeds, floor, lock_path, storage, heartbeat, timed_steps, exhaustive, as_json):
     """Search the optimization levers for the fastest profile that meets the quality floor; write a lock."""
     from qwendoctor import quality, report
     from qwendoctor.tune import TuneOptions, read_prompts
@@ -83,7 +89,8 @@ def tune(model, width, height, steps, true_cfg_scale, negative_prompt, trials, t
         storage = f"sqlite:///{os.path.join(directory, 'qwendoctor-study.db')}"
     options = TuneOptions(workload=workload, prompts=read_prompts(prompts_file, num_prompts),
                           seeds=list(range(seeds)), floor=quality.parse_floor(floor), lock_path=lock_path,
-                          storage=storage, trials=trials, timeout_s=timeout, heartbeat_s=heartbeat)
+                          storage=storage, trials=trials, timeout_s=timeout, heartbeat_s=heartbeat,
+                          timed_steps=timed_steps, exhaustive=exhaustive)
     options.validate()
     result = report.run_tune_with_progress(options, as_json=as_json)
     if as_json:

@@ -11,8 +11,8 @@ Layout (every table required unless marked optional):
     [measured]      the chosen profile: latency_median_s, latency_p90_s, step_ms, warmup_s, peak_memory_gib,
                     psnr_db, psnr_db_min, ssim, ssim_min, speedup
     [baseline]      (optional) the same measurements for the default profile
-    [study]         (optional) the study it came from: name, storage, trials, completed, failed, best_trial,
-                    floor, floor_psnr_db, floor_ssim
+    [study]         (optional) the study it came from: name, storage, trials, completed, failed, infeasible,
+                    slower (timed, not rendered: they could not win), best_trial, floor, floor_psnr_db, floor_ssim
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ MEASURED_FIELDS = {
 }
 REQUIRED_MEASURED = ("latency_median_s", "step_ms")
 STUDY_FIELDS = {
-    "name": str, "storage": str, "trials": int, "completed": int, "failed": int, "infeasible": int,
+    "name": str, "storage": str, "trials": int, "completed": int, "failed": int, "infeasible": int, "slower": int,
     "best_trial": int, "floor": str, "floor_psnr_db": float, "floor_ssim": float,
 }
 REQUIRED_FINGERPRINT = ("device", "torch", "model_id")

@@ -138,10 +138,47 @@ def build_synthetic_transformer(config: dict[str, Any], device: str, dtype, seed
                 param.zero_()
             else:
                 param.fill_(1.0)
-    # The rotary tables are plain tensor attributes (complex, not buffers), so the meta build left them empty.
+    return rebuild_rotary_tables(transformer).eval()
+
+
+def rebuild_rotary_tables(transformer):
+    """The rotary tables are plain tensor attributes (complex, not buffers): a transformer built on the meta
+    device has them empty, and neither `to_empty` nor `load_state_dict` fills them. Make them again."""
     rope = transformer.pos_embed
     transformer.pos_embed = type(rope)(theta=rope.theta, axes_dim=list(rope.axes_dim), scale_rope=rope.scale_rope)
-    return transformer.eval()
+    return transformer
+
+
+def pristine_transformer_source(model: LoadedModel):
+    """A function that returns a new transformer with `model`'s original weights, on its device.
+
+    The tuner quantizes and compiles the transformer in place; neither can be undone, so a later trial that
+    needs it bf16 and eager gets a new one from here instead of loading the whole pipeline again. `synthetic`
+    regenerates its seeded weights on the GPU (faster than any copy); other models keep a CPU copy of the
+    weights, made now, before any lever touched them (41 GB of host memory for the full Qwen-Image)."""
+    import torch
+
+    if model.model_id == "synthetic":
+        config = _package_json("qwendoctor", "synthetic.json")["transformer"]
+        return lambda: build_synthetic_transformer(config, model.device, _torch_dtype(model.dtype), seed=0)
+    original = model.pipe.transformer
+    kind, config = type(original), dict(original.config)
+    # Non-persistent buffers are not in the state dict: they are kept too.
+    persistent = {name: tensor.detach().to("cpu", copy=True) for name, tensor in original.state_dict().items()}
+    buffers = {name: tensor.detach().to("cpu", copy=True) for name, tensor in original.named_buffers()
+               if name not in persistent}
+
+    def fresh():
+        with torch.device("meta"):
+            transformer = kind.from_config(config)
+        transformer = transformer.to(dtype=_torch_dtype(model.dtype)).to_empty(device=model.device)
+        transformer.load_state_dict(persistent)
+        for name, tensor in buffers.items():
+            owner, _, leaf = name.rpartition(".")
+            transformer.get_submodule(owner).register_buffer(leaf, tensor.to(model.device), persistent=False)
+        return rebuild_rotary_tables(transformer).eval()
+
+    return fresh
 
 
 def resolve_model(model: str, device: str) -> str:

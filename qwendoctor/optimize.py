@@ -105,12 +105,16 @@ def apply_cfg_batching(pipe, profile: Profile):
     return pipe
 
 
-LEVERS = (apply_tf32, apply_attention_backend, apply_real_rope, apply_quantization, apply_cache, apply_compile, apply_cfg_batching)
+LEVERS = (apply_tf32, apply_attention_backend, apply_real_rope, apply_quantization, apply_cache, apply_compile,
+          apply_cfg_batching)
+# The levers that set their state both ways: re-applying them to a used pipeline leaves it as a fresh one would be.
+REAPPLICABLE = (apply_tf32, apply_attention_backend, apply_real_rope, apply_cache, apply_cfg_batching)
 
 
-def optimize(pipe, profile: Profile):
-    """Apply every lever of `profile` to `pipe`, in the documented order."""
+def optimize(pipe, profile: Profile, only: tuple | None = None):
+    """Apply the levers of `profile` to `pipe` in the documented order (`only`: a subset, such as REAPPLICABLE)."""
     profile.validate()
     for lever in LEVERS:
-        pipe = lever(pipe, profile)
+        if only is None or lever in only:
+            pipe = lever(pipe, profile)
     return pipe

@@ -18,7 +18,7 @@ def plot_path(lock_path: str) -> str:
 def write_tune_plot(rows: list[dict[str, Any]], baseline_s: float, best_number: int, floor: quality.Floor,
                     path: str, title: str) -> str:
     """Draw the trials and write the PNG atomically; returns the path. Failed trials have no point (no
-    latency); the legend counts them."""
+    latency); the legend counts them. Trials skipped as slower are drawn at their estimate, in a row below."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: a file is the product
@@ -40,6 +40,15 @@ def write_tune_plot(rows: list[dict[str, Any]], baseline_s: float, best_number: 
         if points:
             axes.scatter([r["latency_median_s"] for r in points], [y(r) for r in points], marker=marker, c=color,
                          label=f"{label} ({len(points)})")
+    # Trials timed but not rendered (slower than the best at the time) have no PSNR: a row of their own, under
+    # everything else, at their estimated seconds per image.
+    slower = [r for r in rows if r["state"] == "slower" and r.get("estimate_s") is not None]
+    if slower:
+        lowest = min([y(r) for r in measured] + [floor.psnr_db])
+        axes.scatter([r["estimate_s"] for r in slower], [lowest - 4] * len(slower), marker="|", s=120,
+                     c="grey", label=f"slower than the best, not rendered ({len(slower)})")
+        axes.text(min(r["estimate_s"] for r in slower), lowest - 3.5, " estimated", va="bottom", fontsize=8,
+                  color="grey")
     best = next((r for r in measured if r["number"] == best_number), None)
     if best is not None:
         axes.scatter([best["latency_median_s"]], [y(best)], marker="*", s=250, c="gold", edgecolors="black",

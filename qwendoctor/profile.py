@@ -191,6 +191,8 @@ class Capabilities:
     has_torchao: bool = False  # torchao imports and FP8 GEMMs run (the fp8 probe passed, where it ran)
     working_attention_backends: tuple[str, ...] | None = None  # None: not probed
     compile_works: bool | None = None  # the compile probe's verdict; None: not probed
+    # ms of one attention call at the workload's shapes per dispatcher backend (attention_truth); None: not timed
+    attention_ms: tuple[tuple[str, float], ...] | None = None
 
     @property
     def has_fp8(self) -> bool:

@@ -50,6 +50,9 @@ def _fmt(value, unit: str = "", digits: int = 3) -> str:
 def _trial_line(row) -> str:
     if row["state"] == "failed":
         return f"#{row['number']} {row['profile']}: failed ({row['failure']})"
+    if row["state"] == "slower":
+        return (f"#{row['number']} {row['profile']}: {_fmt(row.get('step_ms'), ' ms', 4)} per step, about "
+                f"{_fmt(row.get('estimate_s'), ' s')} per image: slower than the best, not rendered")
     return (f"#{row['number']} {row['profile']}: {_fmt(row.get('latency_median_s'), ' s')} per image, "
             f"PSNR {_fmt(row.get('psnr_db'), ' dB')}, SSIM {_fmt(row.get('ssim'))}"
             + (" (below floor)" if row["state"] == "infeasible" else ""))
@@ -71,21 +74,36 @@ def print_tune(result: TuneResult, lock_path: str, console: Console | None = Non
     for column in ("#", "profile", "s / image", "PSNR dB", "SSIM", "state"):
         top.add_column(column)
     for row in top_trials(result.trials):
-        top.add_row(str(row["number"]), row["profile"], _fmt(row.get("latency_median_s")),
+        seconds = (_fmt(row.get("latency_median_s")) if row.get("latency_median_s") is not None
+                   else f"~{_fmt(row.get('estimate_s'))}")  # an estimate from timed steps: never rendered
+        top.add_row(str(row["number"]), row["profile"], seconds,
                     _fmt(row.get("psnr_db")), _fmt(row.get("ssim")), row["failure"] or row["state"])
     console.print(top)
     counts = result.counts
-    spent = ", ".join(f"{k} {v:.1f} s" for k, v in result.time_spent_s.items())
     console.print(f"{counts['trials']} trials: {counts['completed']} feasible, {counts['infeasible']} below the "
-                  f"floor, {counts['failed']} failed. Time: {spent}.")
+                  f"floor, {counts.get('slower', 0)} slower than the best (timed, not rendered), "
+                  f"{counts['failed']} failed.")
+    console.print(time_line(result))
     console.print(f"speedup {lock.measured['speedup']:.2f}x over the default; lock written to {lock_path}"
                   + (f", plot to {result.plot_path}" if result.plot_path else ""))
+
+
+TIME_LABELS = {"build": "load, restore and apply levers", "warmup": "warm-up (compile, autotune)",
+               "speed": "timed steps", "render": "full renders", "quality": "PSNR/SSIM"}
+
+
+def time_line(result: TuneResult) -> str:
+    """Where the time went: this run's wall clock, then the study's trials by part."""
+    wall = ", ".join(f"{k} {v:.1f} s" for k, v in result.time_spent_s.items())
+    parts = ", ".join(f"{TIME_LABELS.get(k, k)} {v:.1f} s" for k, v in result.trial_time_s.items())
+    return f"Time: this run {wall}." + (f" The study's trials: {parts}." if parts else "")
 
 
 def top_trials(rows: list[dict], count: int = 5) -> list[dict]:
     """Fastest feasible first, then the rest; each profile once (TPE re-proposes profiles it has measured,
     and their numbers are reused, so the same row would otherwise fill the table)."""
-    ranked = sorted(rows, key=lambda r: (r["state"] != "complete", r.get("latency_median_s", math.inf)))
+    ranked = sorted(rows, key=lambda r: (r["state"] != "complete",
+                                         r.get("latency_median_s", r.get("estimate_s", math.inf))))
     seen, result = set(), []
     for row in ranked:
         if row["profile"] not in seen:
@@ -107,6 +125,7 @@ def tune_json(result: TuneResult) -> str:
         "study": lock.study,
         "counts": result.counts,
         "time_spent_s": result.time_spent_s,
+        "trial_time_s": result.trial_time_s,
         "plot": result.plot_path,
         "trials": [{k: clean(v) for k, v in row.items()} for row in result.trials],
     }, indent=2)

@@ -103,3 +103,32 @@ def measure(model: models.LoadedModel, workload: Workload, profile: Profile, pro
             steps.extend(clock.step_seconds)
     return Measurement(images=images, latencies_s=latencies, step_s=steps, warmup_s=warmup_s,
                        peak_memory_gib=timing.peak_memory_gib(model.device))
+
+
+@dataclasses.dataclass
+class StepTiming:
+    step_s: list[float]
+    warmup_s: float
+    peak_memory_gib: float | None
+
+    @property
+    def step_median_s(self) -> float:
+        return timing.median(self.step_s)
+
+
+def time_steps(model: models.LoadedModel, workload: Workload, profile: Profile, prompt: str, seed: int,
+               timed_steps: int) -> StepTiming:
+    """The step time of `profile` from a short render: a 2-step warm-up (compile and autotuning land there),
+    then `timed_steps` steps, each timed. A denoising step costs the same whatever the step count, so this
+    predicts a full render's steps at a fraction of its cost; tune renders full images only for candidates."""
+    timing.synchronize(model.device)
+    started = time.perf_counter()
+    render(model, workload, dataclasses.replace(profile, steps=2), prompt, seed)
+    timing.synchronize(model.device)
+    warmup_s = time.perf_counter() - started
+    timing.reset_peak_memory(model.device)
+    clock = timing.StepClock(model.device)
+    clock.start()
+    render(model, workload, dataclasses.replace(profile, steps=timed_steps), prompt, seed, clock=clock)
+    return StepTiming(step_s=clock.step_seconds, warmup_s=warmup_s,
+                      peak_memory_gib=timing.peak_memory_gib(model.device))

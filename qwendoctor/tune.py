@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from qwendoctor import fingerprint, lockfile, quality, runner
 from qwendoctor.errors import QwendoctorError, UnavailableLever, UsageError
+from qwendoctor.pool import ModelPool
 from qwendoctor.profile import MIN_STEPS, Capabilities, Profile, Workload
 
 INTERRUPTED = "interrupted: the worker stopped during this trial"
@@ -53,6 +54,8 @@ class SearchSpace:
     cfg_batching: tuple[bool, ...]
     real_rope: tuple[bool, ...]
     steps: tuple[int, int, int]  # low, high, step
+    quantize_eager: bool = True  # False: quantization is only searched together with compile
+    left_out: tuple[str, ...] = ()  # what the default space leaves out and why (`--exhaustive` keeps it)
 
     def describe(self) -> list[str]:
         return [
@@ -65,34 +68,82 @@ class SearchSpace:
             f"cfg batching: {', '.join(map(str, self.cfg_batching))}",
             f"real RoPE: {', '.join(map(str, self.real_rope))}",
             f"steps: {self.steps[0]}..{self.steps[1]} by {self.steps[2]}",
+            *(f"left out: {reason}" for reason in self.left_out),
         ]
 
 
-def build_search_space(capabilities: Capabilities, workload: Workload) -> SearchSpace:
+# What a default study leaves out on a GPU, and the measurement that says why (benchmarks/bench, H100, W1).
+# `--exhaustive` searches them too.
+DOMINATED = {
+    "full": "full-model compile (regional compile compiles one of the 60 identical blocks instead of all, for "
+            "the same kernels in each)",
+    "max-autotune": "max-autotune-no-cudagraphs (473 vs 470.5 ms/step with the default mode on an H100, for "
+                    "minutes more compile per profile)",
+    "eager-fp8": "FP8 without compile (its activation quantization is not fused: 1794 vs 637 ms/step bf16 on "
+                 "an H100)",
+    "tf32": "TF32 in a bf16 pipeline (its matmuls are bf16: the flag changes nothing they run)",
+}
+# An attention backend measured (attention_truth, at this workload's shapes) this much slower than the fastest is
+# left out: attention is about a third of a W1 step, so 15% slower attention costs about 5% of a step.
+ATTENTION_SLACK = 0.15
+# attention_truth's names for the kernels it times -> the dispatcher backends that run them.
+TRUTH_TO_BACKEND = {"native": "native", "cudnn": "_native_cudnn", "flash": "_native_flash",
+                    "efficient": "_native_efficient", "flex": "flex", "fa2": "flash", "fa3": "_flash_3",
+                    "fa4": "fa4"}
+
+
+def build_search_space(capabilities: Capabilities, workload: Workload, exhaustive: bool = False) -> SearchSpace:
     """Only what this machine passed: backends the probe ran, FP8 where its probe passed, compile on CUDA where
-    its probe passed."""
+    its probe passed. Unless `exhaustive`, choices measured to lose on this model (DOMINATED) are left out, so
+    that a study's trials go to profiles that can win."""
     working = capabilities.working_attention_backends or ("native",)
     attention = tuple(b for b in working if not (capabilities.device == "cuda" and b in SLOW_REFERENCE_BACKENDS))
+    slow_attention = () if exhaustive else _dominated_attention(attention, dict(capabilities.attention_ms or ()))
+    attention = tuple(b for b in attention if b not in slow_attention)
     on_gpu = capabilities.device == "cuda"
     can_compile = on_gpu and capabilities.compile_works is not False
     reference = workload.reference_steps
     stride = max(1, reference // 10)
     low = reference - stride * ((reference - max(MIN_STEPS, math.ceil(reference / 2))) // stride)
+    full_compile = exhaustive  # every model here is a QwenImageTransformer2DModel, which regional compile serves
+    tf32 = on_gpu and (exhaustive or workload.dtype == "float32")
+    left_out = [DOMINATED[key] for key, out in (("full", can_compile and not full_compile),
+                                                ("max-autotune", can_compile and not exhaustive),
+                                                ("eager-fp8", capabilities.has_fp8 and can_compile and not exhaustive),
+                                                ("tf32", on_gpu and not tf32)) if out]
+    if slow_attention:
+        timed = dict(capabilities.attention_ms or ())
+        fastest = min(timed, key=timed.get)
+        left_out.append(f"attention {', '.join(f'{b} ({timed[b] / timed[fastest]:.2f}x)' for b in slow_attention)}"
+                        f" (more than {ATTENTION_SLACK:.0%} slower than {fastest} at this workload's shapes, "
+                        "measured by attention_truth)")
     return SearchSpace(
         attention_backends=attention or ("native",),
         # Inductor on the CPU compiles the tiny model for longer than a whole CPU tune takes, and CPU speed is
         # not what this tool tunes for: compile is searched where it pays, on CUDA.
-        compile=("none", "regional", "full") if can_compile else ("none",),
-        compile_modes=("default", "max-autotune-no-cudagraphs") if can_compile else ("default",),
+        compile=(("none", "regional", "full") if full_compile else ("none", "regional")) if can_compile
+        else ("none",),
+        compile_modes=("default", "max-autotune-no-cudagraphs") if can_compile and exhaustive else ("default",),
         quantizations=("none", "fp8_rowwise", "fp8_tensorwise", "fp8_weight_only") if capabilities.has_fp8
         else ("none",),
+        quantize_eager=exhaustive or not (capabilities.has_fp8 and can_compile),
+        left_out=tuple(left_out),
         caches=("none", "first_block"),
-        tf32=(False, True) if on_gpu else (False,),
+        tf32=(False, True) if tf32 else (False,),
         cfg_batching=(False, True) if workload.does_cfg else (False,),
         # Real RoPE only pays under compile (it lets inductor fuse the rotation); eager it is the same math.
         real_rope=(False, True) if can_compile else (False,),
         steps=(low, reference, stride),
     )
+
+
+def _dominated_attention(backends: tuple[str, ...], timed_ms: dict[str, float]) -> tuple[str, ...]:
+    """The backends measured more than ATTENTION_SLACK slower than the fastest; untimed ones stay."""
+    if not timed_ms:
+        return ()
+    fastest = min(timed_ms.values())
+    return tuple(b for b in backends if b != "native" and b in timed_ms
+                 and timed_ms[b] > (1 + ATTENTION_SLACK) * fastest)
 
 
 def default_params(space: SearchSpace) -> dict[str, Any]:
@@ -107,7 +158,9 @@ def sample_profile(trial, space: SearchSpace, reference_steps: int) -> Profile:
     compile_mode = "default"
     if compile_ != "none" and len(space.compile_modes) > 1:
         compile_mode = trial.suggest_categorical("compile_mode", space.compile_modes)
-    quantization = trial.suggest_categorical("quantization", space.quantizations)
+    quantization = "none"
+    if compile_ != "none" or space.quantize_eager:
+        quantization = trial.suggest_categorical("quantization", space.quantizations)
     # Cache hooks and compile do not mix (Profile.validate): the cache is only sampled for eager profiles.
     cache = trial.suggest_categorical("cache", space.caches) if compile_ == "none" else "none"
     threshold = trial.suggest_float("cache_threshold", *CACHE_THRESHOLD_RANGE) if cache != "none" else None
@@ -134,11 +187,15 @@ class TuneOptions:
     timeout_s: float | None = None
     cache_dir: str | None = None  # reference renders; default ~/.cache/qwendoctor
     heartbeat_s: int = DEFAULT_HEARTBEAT_S  # a trial silent for twice this long is retried by another worker
+    timed_steps: int = 5  # denoising steps timed per trial, after a 2-step warm-up
+    exhaustive: bool = False  # search the choices measured to lose too (DOMINATED)
 
     def validate(self) -> "TuneOptions":
         self.workload.validate()
         if self.trials < 1:
             raise UsageError(f"--trials must be at least 1, got {self.trials}")
+        if isinstance(self.timed_steps, bool) or not isinstance(self.timed_steps, int) or self.timed_steps < 2:
+            raise UsageError(f"--timed-steps must be a whole number, at least 2, got {self.timed_steps}")
         if isinstance(self.heartbeat_s, bool) or not isinstance(self.heartbeat_s, int) or self.heartbeat_s < 1:
             raise UsageError(f"--heartbeat must be a whole number of seconds, at least 1, got {self.heartbeat_s}")
         if self.timeout_s is not None and self.timeout_s <= 0:
@@ -153,8 +210,9 @@ class TuneResult:
     lock: lockfile.Lock
     trials: list[dict[str, Any]]  # one row per finished trial, for the report
     counts: dict[str, int]
-    time_spent_s: dict[str, float]
+    time_spent_s: dict[str, float]  # this run's wall clock: probing, the reference renders, the trials
     plot_path: str | None = None  # latency vs PSNR of every trial, beside the lock
+    trial_time_s: dict[str, float] = dataclasses.field(default_factory=dict)  # the study's trials, by TIME_PARTS
 
 
 def read_prompts(path: str | None, count: int) -> list[str]:
@@ -183,6 +241,8 @@ def study_name(options: TuneOptions, here: dict[str, Any]) -> str:
         "floor": dataclasses.asdict(options.floor),
         "setup": {k: here.get(k) for k in fingerprint.MATCHED_FIELDS},
     }
+    if options.exhaustive:  # another search space: another study
+        key["exhaustive"] = True
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return f"qwendoctor-{options.workload.model.replace('/', '_')}-{digest}"
 
@@ -207,7 +267,7 @@ def _exclusive(path: str, log: Callable[[str], None], waiting: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def reference(options: TuneOptions, capabilities: Capabilities, name: str, log: Callable[[str], None]):
+def reference(options: TuneOptions, pool: ModelPool, name: str, log: Callable[[str], None]):
     """The default profile's images, timing and model revision, rendered once per study and kept on disk.
 
     Workers starting together on one host render it once: the others wait on the lock, then read the cache."""
@@ -223,11 +283,9 @@ def reference(options: TuneOptions, capabilities: Capabilities, name: str, log: 
                 revision = str(stored["revision"]) or None
                 return [stored[f"image{i}"] for i in range(int(stored["count"]))], summary, revision
         log(f"reference renders: {len(options.prompts) * len(options.seeds)} images with the default profile")
-        model = runner.build(options.workload, Profile(), capabilities)
+        model = pool.prepare(Profile()).model
         measurement = runner.measure(model, options.workload, Profile(), options.prompts, options.seeds)
         summary, revision = measurement.summary(), model.revision
-        del model
-        _release_memory()
         # A unique temporary name: a host sharing this cache directory over NFS may be writing it too.
         descriptor, temporary = tempfile.mkstemp(prefix=".reference-", suffix=".npz", dir=os.path.dirname(path))
         try:
@@ -281,11 +339,13 @@ def _states():
 
 
 def _finished(study) -> list:
-    """Trials that count towards --trials: complete, or failed with a reason. A trial whose worker stopped does
+    """Trials that count towards --trials: complete, skipped as slower than the best, or failed with a reason.
+    A trial whose worker stopped does
     not count (Ctrl-C: INTERRUPTED; killed: failed by a heartbeat check, with no reason): it is queued again."""
     states = _states()
-    return [t for t in study.get_trials(deepcopy=False, states=(states.COMPLETE, states.FAIL))
-            if t.state == states.COMPLETE or t.user_attrs.get("failure") not in (None, INTERRUPTED)]
+    return [t for t in study.get_trials(deepcopy=False, states=(states.COMPLETE, states.FAIL, states.PRUNED))
+            if t.state == states.COMPLETE or t.user_attrs.get("skipped")
+            or (t.state == states.FAIL and t.user_attrs.get("failure") not in (None, INTERRUPTED))]
 
 
 def _requeue(study, number: int, params: dict[str, Any]) -> None:
@@ -334,8 +394,12 @@ def _recover(study, storage) -> int:
 
 
 def _same_profile_trial(study, profile: Profile, current_number: int):
-    for trial in study.get_trials(deepcopy=False, states=(_states().COMPLETE,)):
-        if trial.number != current_number and trial.user_attrs.get("profile") == profile.to_dict():
+    """A finished trial of the same profile whose result stands: complete, or skipped as slower than the best
+    (the best only gets faster)."""
+    states = _states()
+    for trial in study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED)):
+        if (trial.number != current_number and trial.user_attrs.get("profile") == profile.to_dict()
+                and (trial.state == states.COMPLETE or trial.user_attrs.get("skipped"))):
             return trial
     return None
 
@@ -435,7 +499,32 @@ def _drain(study, storage, run_queued: Callable[[], None], deadline: float | Non
 
 
 RESULT_ATTRS = ("latency_median_s", "latency_p90_s", "step_ms", "warmup_s", "peak_memory_gib",
-                "psnr_db", "psnr_db_min", "ssim", "ssim_min")
+                "psnr_db", "psnr_db_min", "ssim", "ssim_min", "estimate_s", "skipped", "time_s", "model")
+# A trial renders full images only if its estimated seconds per image could beat the best feasible trial's
+# measured ones. The estimate comes from a few timed steps, which vary by about 1% run to run on an H100: a
+# profile within this margin of the best is rendered, so noise does not discard a winner.
+CANDIDATE_MARGIN = 0.03
+# Where the study's time goes (a trial's user attr "time_s"), in the order the report lists them.
+TIME_PARTS = ("build", "warmup", "speed", "render", "quality")
+
+
+def _best_feasible_s(study) -> float:
+    best = math.inf
+    for trial in study.get_trials(deepcopy=False, states=(_states().COMPLETE,)):
+        if all(v <= 0 for v in trial.constraints.values()) and trial.value is not None:
+            best = min(best, trial.value)
+    return best
+
+
+# A cache skips steps depending on how the whole image develops, so a few timed steps (run without skips) only
+# bound it: it is rendered unless even this speed-up over its uncached steps would not win. diffusers' and
+# cache-dit's published FirstBlockCache results on FLUX and Qwen-Image stay within 2-2.5x at usable quality.
+MAX_CACHE_SPEEDUP = 3.0
+
+
+def _is_candidate(profile: Profile, estimate_s: float, best_s: float) -> bool:
+    bound = estimate_s / MAX_CACHE_SPEEDUP if profile.cache != "none" else estimate_s
+    return bound <= best_s * (1 + CANDIDATE_MARGIN)
 
 
 def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
@@ -457,16 +546,22 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
         started = time.perf_counter()
         capabilities = probe_capabilities(log)
         spent["probe"] = time.perf_counter() - started
-    space = build_search_space(capabilities, options.workload)
+    space = build_search_space(capabilities, options.workload, options.exhaustive)
     for line in space.describe():
         log(f"search space: {line}")
+    pool = ModelPool(options.workload, capabilities)
 
     # The study key leaves the model revision out: it is only known once the model is built.
     name = study_name(options, fingerprint.machine_fingerprint(options.workload.model, None))
 
     started = time.perf_counter()
-    reference_images, reference_summary, revision = reference(options, capabilities, name, log)
+    reference_images, reference_summary, revision = reference(options, pool, name, log)
     spent["reference"] = time.perf_counter() - started
+    reference_steps = options.workload.reference_steps
+    # What an image costs besides its denoising steps (latents, VAE decode, text encoding): the reference's
+    # measured seconds per image less its steps. A trial's estimate is its timed step times its steps plus this.
+    overhead_s = max(0.0, reference_summary["latency_median_s"]
+                     - reference_steps * reference_summary["step_ms"] / 1000)
 
     # Workers sharing a study must not share a seed, or they propose the same profiles in lockstep; the constant
     # liar steers TPE away from the profiles other workers are running.
@@ -508,28 +603,61 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
             # TPE proposes a profile it already measured: reuse the measurement instead of paying again.
             results = {k: duplicate.user_attrs[k] for k in RESULT_ATTRS if k in duplicate.user_attrs}
             trial.set_user_attr("duplicate_of", duplicate.number)
+            results.pop("time_s", None)  # nothing was spent on this one
+            if duplicate.state == optuna.trial.TrialState.PRUNED:
+                return _skip(trial, results)
         elif profile == Profile():
             results = {**reference_summary, "psnr_db": math.inf, "psnr_db_min": math.inf, "ssim": 1.0,
                        "ssim_min": 1.0}
         else:
             _stall_for_tests(trial.number)
-            model = None
-            try:
-                model = runner.build(options.workload, profile, capabilities)
-                measurement = runner.measure(model, options.workload, profile, options.prompts, options.seeds)
-            except Exception as error:
-                reason = classify_failure(error)
-                trial.set_user_attr("failure", reason)
-                raise TrialFailed(reason) from error
-            finally:
-                del model
-                _release_memory()
-            results = {**measurement.summary(), **quality.compare(measurement.images, reference_images)}
+            results = evaluate(trial, profile)
         for key, value in results.items():
             trial.set_user_attr(key, value)
         for key, value in zip(("psnr", "ssim"), options.floor.violations(results["psnr_db"], results["ssim"])):
             trial.set_constraint(key, value)
         return results["latency_median_s"]
+
+    def evaluate(trial, profile: Profile) -> dict[str, Any]:
+        """Time a few steps; if the estimate could win, render the full images and compare them."""
+        times = {}
+        try:
+            prepared = pool.prepare(profile)
+            times["build"] = prepared.seconds
+            model = prepared.model
+            speed = runner.time_steps(model, options.workload, profile, options.prompts[0], options.seeds[0],
+                                      options.timed_steps)
+            times["warmup"] = speed.warmup_s
+            times["speed"] = sum(speed.step_s)
+            step_s = speed.step_median_s
+            estimate_s = step_s * (profile.steps or reference_steps) + overhead_s
+            results = {"step_ms": 1000 * step_s, "warmup_s": speed.warmup_s, "estimate_s": estimate_s,
+                       "model": prepared.how, "time_s": times}
+            if speed.peak_memory_gib is not None:
+                results["peak_memory_gib"] = speed.peak_memory_gib
+            best_s = _best_feasible_s(study)
+            if not _is_candidate(profile, estimate_s, best_s):
+                results["skipped"] = (f"slower than the best so far: estimated {estimate_s:.3g} s per image "
+                                      f"against {best_s:.3g} s; not rendered")
+                return _skip(trial, results)
+            started = time.perf_counter()
+            measurement = runner.measure(model, options.workload, profile, options.prompts, options.seeds,
+                                         warmup=0)
+            times["render"] = time.perf_counter() - started
+        except optuna.TrialPruned:
+            raise
+        except Exception as error:
+            pool.forget()
+            _release_memory()
+            reason = classify_failure(error)
+            trial.set_user_attr("failure", reason)
+            trial.set_user_attr("time_s", times)
+            raise TrialFailed(reason) from error
+        started = time.perf_counter()
+        fidelity = quality.compare(measurement.images, reference_images)
+        times["quality"] = time.perf_counter() - started
+        # The full renders replace the estimate: the lock records measured seconds per image.
+        return {**results, **measurement.summary(), "warmup_s": speed.warmup_s, **fidelity}
 
     def objective(trial) -> float:
         try:
@@ -541,7 +669,9 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
             raise
 
     def after_trial(study, frozen) -> None:
-        if frozen.state not in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL):
+        states = optuna.trial.TrialState
+        if frozen.state not in (states.COMPLETE, states.FAIL, states.PRUNED) or (
+                frozen.state == states.PRUNED and not frozen.user_attrs.get("skipped")):
             return
         done = len(_finished(study))
         if on_trial is not None:
@@ -567,7 +697,10 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
         "completed": sum(r["state"] == "complete" for r in rows),
         "failed": sum(r["state"] == "failed" for r in rows),
         "infeasible": sum(r["state"] == "infeasible" for r in rows),
+        "slower": sum(r["state"] == "slower" for r in rows),
     }
+    # What the study's trials (of every run and worker) spent their time on; `spent` above is this run's wall.
+    study_time = {part: sum((r.get("time_s") or {}).get(part, 0.0) for r in rows) for part in TIME_PARTS}
     try:
         best = study.best_trial
     except ValueError:
@@ -575,7 +708,7 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
                               f"(PSNR >= {options.floor.psnr_db:g} dB, SSIM >= {options.floor.ssim:g}) "
                               f"in {counts['trials']} trials; lower --floor or raise --trials") from None
 
-    measured = {k: best.user_attrs[k] for k in RESULT_ATTRS if k in best.user_attrs}
+    measured = {k: best.user_attrs[k] for k in RESULT_ATTRS if k in best.user_attrs and k in lockfile.MEASURED_FIELDS}
     baseline = {k: reference_summary[k] for k in RESULT_ATTRS if k in reference_summary}
     measured["speedup"] = baseline["latency_median_s"] / measured["latency_median_s"]
     lock = lockfile.Lock(
@@ -586,6 +719,7 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
         baseline=baseline,
         study={"name": name, "storage": shown, "trials": counts["trials"],
                "completed": counts["completed"], "failed": counts["failed"], "infeasible": counts["infeasible"],
+               "slower": counts["slower"],
                "best_trial": best.number, "floor": options.floor.name, "floor_psnr_db": options.floor.psnr_db,
                "floor_ssim": options.floor.ssim},
     )
@@ -601,7 +735,18 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
                                f"{counts['trials']} trials")
     except ImportError as error:  # matplotlib is a dependency, but a lock must not depend on a plot
         log(f"plot not written: {error}")
-    return TuneResult(lock=lock, trials=rows, counts=counts, time_spent_s=spent, plot_path=plot)
+    return TuneResult(lock=lock, trials=rows, counts=counts, time_spent_s=spent, plot_path=plot,
+                      trial_time_s=study_time)
+
+
+def _skip(trial, results: dict[str, Any]):
+    """Record a trial that could not win as pruned: TPE ranks it by its estimate, after the measured ones."""
+    import optuna
+
+    for key, value in results.items():
+        trial.set_user_attr(key, value)
+    trial.report(results["estimate_s"], 0)
+    raise optuna.TrialPruned(results["skipped"])
 
 
 def _row(trial) -> dict[str, Any]:
@@ -610,6 +755,8 @@ def _row(trial) -> dict[str, Any]:
     attrs = trial.user_attrs
     if trial.state == optuna.trial.TrialState.FAIL:
         state = "failed"
+    elif trial.state == optuna.trial.TrialState.PRUNED:
+        state = "slower"
     elif trial.constraints and any(v > 0 for v in trial.constraints.values()):
         state = "infeasible"
     else:
@@ -618,7 +765,7 @@ def _row(trial) -> dict[str, Any]:
             "failure": attrs.get("failure"), **{k: attrs[k] for k in RESULT_ATTRS if k in attrs}}
 
 
-PROBED_FOR_THE_SPACE = ("attention_backends", "fp8", "compile")
+PROBED_FOR_THE_SPACE = ("attention_backends", "fp8", "compile", "attention_truth")
 
 
 def probe_capabilities(log: Callable[[str], None] = lambda message: None) -> Capabilities:
@@ -626,7 +773,7 @@ def probe_capabilities(log: Callable[[str], None] = lambda message: None) -> Cap
     from qwendoctor.doctor import run_probes
 
     device = runner.detect_capabilities()
-    ids = PROBED_FOR_THE_SPACE if device.device == "cuda" else PROBED_FOR_THE_SPACE[:1]
+    ids = PROBED_FOR_THE_SPACE if device.device == "cuda" else PROBED_FOR_THE_SPACE[:1]  # the rest need a GPU
     return capabilities_from_findings(device, run_probes(list(ids)), log)
 
 
@@ -654,5 +801,10 @@ def capabilities_from_findings(device: Capabilities, findings, log: Callable[[st
         compile_works = compile_probe.status in ("ok", "warn")
         if not compile_works:
             log(f"search space: compile left out: compile probe {compile_probe.status}: {compile_probe.summary}")
+    attention_ms = device.attention_ms
+    truth = by_id.get("attention_truth")
+    if truth is not None and truth.status in ("ok", "warn") and truth.measured.get("ms"):
+        attention_ms = tuple(sorted((TRUTH_TO_BACKEND[k], float(v)) for k, v in truth.measured["ms"].items()
+                                    if k in TRUTH_TO_BACKEND))
     return dataclasses.replace(device, has_torchao=has_fp8, working_attention_backends=working,
-                               compile_works=compile_works)
+                               compile_works=compile_works, attention_ms=attention_ms)

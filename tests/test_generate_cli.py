@@ -101,6 +101,7 @@ def test_claim_path_is_exclusive(tmp_path):
     (["tune", "--model", "synthetic"], 2, "needs a CUDA GPU"),
     (["tune", "--floor", "shiny"], 2, "--floor 'shiny'"),
     (["tune", "--trials", "0"], 2, "--trials must be at least 1"),
+    (["tune", "--timed-steps", "1"], 2, "--timed-steps must be a whole number, at least 2, got 1"),
     (["tune", "--width", "abc"], 2, "Invalid value for '--width'"),
     (["frobnicate"], 2, "No such command 'frobnicate'"),
     (["check", "--only", "nope"], 2, "unknown probe 'nope'"),

@@ -42,11 +42,21 @@ def test_search_space_is_pruned_by_findings(tiny_workload):
 
     h100 = Capabilities(device="cuda", compute_capability=(9, 0), has_torchao=True,
                         working_attention_backends=("native", "_native_cudnn", "_native_math"))
-    gpu = tune.build_search_space(h100, dataclasses.replace(tiny_workload, reference_steps=50))
+    w1 = dataclasses.replace(tiny_workload, reference_steps=50, dtype="bfloat16")
+    gpu = tune.build_search_space(h100, w1)
     assert gpu.attention_backends == ("native", "_native_cudnn")  # math is a reference, never searched on GPU
-    assert "regional" in gpu.compile and "max-autotune-no-cudagraphs" in gpu.compile_modes
     assert gpu.quantizations == ("none", "fp8_rowwise", "fp8_tensorwise", "fp8_weight_only")
     assert gpu.steps == (25, 50, 5)
+    # Choices measured to lose are left out, and the space says which and why; --exhaustive keeps them.
+    assert gpu.compile == ("none", "regional") and gpu.compile_modes == ("default",)
+    assert gpu.tf32 == (False,) and not gpu.quantize_eager
+    assert len(gpu.left_out) == 4 and sum(line.startswith("left out: ") for line in gpu.describe()) == 4
+    everything = tune.build_search_space(h100, w1, exhaustive=True)
+    assert everything.compile == ("none", "regional", "full")
+    assert everything.compile_modes == ("default", "max-autotune-no-cudagraphs")
+    assert everything.tf32 == (False, True) and everything.quantize_eager and not everything.left_out
+    # A float32 pipeline's matmuls do use TF32: there it is searched.
+    assert tune.build_search_space(h100, dataclasses.replace(w1, dtype="float32")).tf32 == (False, True)
 
     ampere = dataclasses.replace(h100, compute_capability=(8, 0))
     assert tune.build_search_space(ampere, tiny_workload).quantizations == ("none",)
@@ -102,21 +112,24 @@ def test_lock_respects_a_floor_only_exact_renders_meet(options):
 
 
 def test_a_trial_that_raises_is_recorded_and_the_study_goes_on(options, monkeypatch):
-    real_build = runner.build
+    real_time_steps = runner.time_steps
     failures = []
 
-    def flaky_build(workload, profile, capabilities):
+    def flaky_time_steps(model, workload, profile, *args, **kwargs):
         if profile != Profile() and not failures:
             failures.append(profile)
             raise RuntimeError("backend exploded\nsecond line")
-        return real_build(workload, profile, capabilities)
+        return real_time_steps(model, workload, profile, *args, **kwargs)
 
-    monkeypatch.setattr(runner, "build", flaky_build)
+    monkeypatch.setattr(runner, "time_steps", flaky_time_steps)
     result = tune.run_tune(options, capabilities=CPU)
     failed = [row for row in result.trials if row["state"] == "failed"]
     assert len(failed) == 1 and failed[0]["failure"] == "RuntimeError: backend exploded"
-    assert result.counts == {"trials": 4, "completed": result.counts["completed"], "failed": 1,
-                             "infeasible": result.counts["infeasible"]}
+    # The failed trial left the shared pipeline in an unknown state: the next measured trial got a new
+    # transformer with the original weights instead of inheriting it.
+    after = [row for row in result.trials if row["number"] > failed[0]["number"] and row.get("model")]
+    assert after and after[0]["model"] == "replaced"
+    assert result.counts["trials"] == 4 and result.counts["failed"] == 1
     assert lockfile.read_lock(options.lock_path).study["failed"] == 1
 
 
@@ -217,6 +230,43 @@ def test_report_lists_each_profile_once_and_states_the_speedup(options):
     assert f"speedup {result.lock.measured['speedup']:.2f}x" in text and options.lock_path in text
     parsed = json.loads(report.tune_json(result))
     assert parsed["counts"]["trials"] == 4 and parsed["profile"] == result.lock.profile.to_dict()
+    # Where the time went: this run's wall clock, and the trials' time by part.
+    assert "Time: this run probe" in text and "The study's trials: load, restore and apply levers" in text
+    assert set(parsed["trial_time_s"]) == set(tune.TIME_PARTS) and parsed["trial_time_s"]["speed"] > 0
+
+
+def test_only_candidates_are_rendered(options, measured_profiles, monkeypatch):
+    """A trial whose timed steps say it cannot beat the best is recorded as slower, with its estimate, and never
+    rendered in full; the lock is chosen among rendered trials only."""
+    real_time_steps = runner.time_steps
+
+    def slow_unless_default(model, workload, profile, *args, **kwargs):
+        timed = real_time_steps(model, workload, profile, *args, **kwargs)
+        if profile != Profile():
+            timed.step_s = [s + 10.0 for s in timed.step_s]  # 10 s more a step than it took
+        return timed
+
+    monkeypatch.setattr(runner, "time_steps", slow_unless_default)
+    options.trials = 6
+    result = tune.run_tune(options, capabilities=CPU)
+    # Rendered: the reference alone. Even a cache's best case (MAX_CACHE_SPEEDUP) is far behind here.
+    assert measured_profiles == [Profile()]
+    slower = [row for row in result.trials if row["state"] == "slower"]
+    assert len(slower) == result.counts["slower"] == options.trials - 1
+    for row in slower:
+        assert "psnr_db" not in row and row["estimate_s"] > 10 and "not rendered" in row["skipped"]
+    assert result.lock.profile == Profile() and result.lock.study["slower"] == len(slower)
+    assert result.trial_time_s["speed"] > 0
+
+
+def test_a_candidate_is_rendered_and_its_measured_latency_replaces_the_estimate(options):
+    result = tune.run_tune(options, capabilities=CPU)
+    rendered = [row for row in result.trials if row.get("estimate_s") is not None and row["state"] != "slower"]
+    assert rendered, "no trial was a candidate"
+    for row in rendered:
+        assert row["latency_median_s"] > 0 and "psnr_db" in row and "skipped" not in row
+        assert row["model"] in ("loaded", "re-applied", "reused", "replaced")
+    assert result.trial_time_s["render"] > 0 and result.trial_time_s["quality"] > 0
 
 
 def test_space_follows_the_probes_findings(tiny_workload):
@@ -240,3 +290,34 @@ def test_space_follows_the_probes_findings(tiny_workload):
     assert space.quantizations == ("none",) and space.compile == ("none",) and space.compile_modes == ("default",)
     assert any("FP8 left out" in line and "torchao" in line for line in logged)
     assert any("compile left out" in line for line in logged)
+
+
+def test_attention_measured_slow_at_the_workload_is_left_out(tiny_workload):
+    """attention_truth's timings (the H100 figures of benchmarks/check) prune backends that cannot win."""
+    from qwendoctor.findings import Finding
+
+    h100 = Capabilities(device="cuda", compute_capability=(9, 0), has_torchao=True)
+    findings = [Finding("attention_backends", "ok", "s", measured={
+                    "working": ["native", "_native_efficient", "_native_flash", "_native_cudnn", "flex", "fa4"]}),
+                Finding("attention_truth", "ok", "s", measured={"ms": {
+                    "native": 0.955, "cudnn": 1.0223, "flash": 1.8128, "efficient": 3.7432, "flex": 1.4591}})]
+    capabilities = tune.capabilities_from_findings(h100, findings)
+    assert dict(capabilities.attention_ms)["_native_flash"] == 1.8128
+    space = tune.build_search_space(capabilities, tiny_workload)
+    # cuDNN is 7% behind (kept), FA4 was not timed (kept); FA2, efficient and flex are 1.5-3.9x behind.
+    assert space.attention_backends == ("native", "_native_cudnn", "fa4")
+    line = next(line for line in space.left_out if line.startswith("attention "))
+    assert "_native_flash (1.90x)" in line and "flex (1.53x)" in line and "_native_efficient (3.92x)" in line
+    assert "_native_flash" in tune.build_search_space(capabilities, tiny_workload, exhaustive=True).attention_backends
+    # A failed timing probe prunes nothing.
+    failed = [findings[0], Finding("attention_truth", "crash", "killed")]
+    assert tune.capabilities_from_findings(h100, failed).attention_ms is None
+
+
+def test_a_cache_profile_is_rendered_unless_even_its_best_case_loses():
+    cached = Profile(cache="first_block", cache_threshold=0.2)
+    # Timed without skips at 2.5x the best: a cache might still win (up to MAX_CACHE_SPEEDUP).
+    assert tune._is_candidate(cached, estimate_s=25.0, best_s=10.0)
+    assert not tune._is_candidate(cached, estimate_s=157.0, best_s=11.0)  # eager flex + cache, H100 trial #9
+    assert not tune._is_candidate(Profile(), estimate_s=10.5, best_s=10.0)
+    assert tune._is_candidate(Profile(), estimate_s=10.2, best_s=10.0)  # within the noise margin

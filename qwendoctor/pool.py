@@ -1,0 +1,102 @@
+"""One pipeline kept loaded across a study's trials: weights load once, and compile is paid only when its knobs
+change.
+
+Levers split in two (qwendoctor.optimize): tf32, attention, real RoPE, caches and CFG batching are set both
+ways, so any trial can re-apply them to a used pipeline; quantization and compile cannot be undone. The pool
+remembers what of the second kind its transformer carries (`baked_into`), and per trial:
+
+- the same baked-in part (say, the same compiled FP8 graph, another step count): re-apply the rest, reuse;
+- the transformer is still bf16 and eager: apply the whole profile to it;
+- otherwise: a new transformer with the original weights (`models.pristine_transformer_source`), then apply.
+
+A compiled transformer's graph also depends on every other lever it traced (attention kernel, RoPE, batch
+size through CFG batching), so a compiled profile's baked-in part is the whole profile but its steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import time
+from typing import Any, Callable
+
+from qwendoctor import cfg_batching, models, optimize
+from qwendoctor.profile import Capabilities, Profile, Workload, check_runnable
+
+# `baked_into` after a failure half-way: nothing is known about the transformer, so the next trial replaces it.
+UNKNOWN = {"unknown": True}
+
+
+def baked_part(profile: Profile) -> dict[str, Any] | None:
+    """What of `profile` cannot be taken off a transformer once applied; None when all of it can."""
+    if profile.compile != "none":
+        return dataclasses.replace(profile, steps=None).to_dict()
+    if profile.quantization != "none":
+        return {"quantization": profile.quantization}
+    return None
+
+
+@dataclasses.dataclass
+class Prepared:
+    model: models.LoadedModel
+    how: str  # loaded | reused | re-applied | replaced: what the pool did for this trial
+    seconds: float  # load or replace, and applying the levers (quantization lands here, compile does not)
+
+
+class ModelPool:
+    def __init__(self, workload: Workload, capabilities: Capabilities,
+                 load: Callable[[str, str, str], models.LoadedModel] | None = None):
+        self.workload = workload
+        self.capabilities = capabilities
+        self._load = load or models.load_model
+        self.model: models.LoadedModel | None = None
+        self.baked_into: dict[str, Any] | None = None
+        self._pristine: Callable[[], Any] | None = None
+        self.replaced = 0  # transformers made again from the original weights
+
+    def prepare(self, profile: Profile) -> Prepared:
+        """The pipeline with `profile` applied. If this raises, the pool forgets what its transformer holds."""
+        check_runnable(profile, self.workload, self.capabilities)
+        started = time.perf_counter()
+        wanted = baked_part(profile)
+        try:
+            if self.model is None:
+                self.model = self._load(self.workload.model, self.capabilities.device, self.workload.dtype)
+                self._pristine = models.pristine_transformer_source(self.model)
+                how = "loaded"
+            elif self.baked_into is not None and self.baked_into == wanted:
+                optimize.optimize(self.model.pipe, profile, only=optimize.REAPPLICABLE)
+                return Prepared(self.model, "reused", time.perf_counter() - started)
+            elif self.baked_into is not None:
+                self._replace_transformer()
+                how = "replaced"
+            else:
+                how = "re-applied"
+            self.baked_into = UNKNOWN
+            optimize.optimize(self.model.pipe, profile)
+            self.baked_into = wanted
+        except BaseException:
+            self.baked_into = UNKNOWN
+            raise
+        return Prepared(self.model, how, time.perf_counter() - started)
+
+    def forget(self) -> None:
+        """After a trial failed while running (a compile error, an OOM): the transformer's state is unknown."""
+        if self.model is not None:
+            self.baked_into = UNKNOWN
+
+    def _replace_transformer(self) -> None:
+        import torch
+
+        pipe = self.model.pipe
+        cfg_batching.disable(pipe)  # the wrapper holds the old transformer
+        if getattr(pipe.transformer, "is_cache_enabled", False):
+            pipe.transformer.disable_cache()
+        # The old one goes first: two full transformers do not fit on an 80 GB card.
+        pipe.transformer = None
+        torch._dynamo.reset()  # drops the compiled graphs, which hold the old weights too
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        pipe.transformer = self._pristine()
+        self.replaced += 1
