@@ -5,8 +5,8 @@
 #     OUT=<dir> bash benchmarks/check/h100_quick.sh
 #
 # Assumes diffusers/optuna/torchao wheels are installed under /tmp/site (PYTHONPATH=/tmp/site:$PWD) and
-# python3 has torch; PYTHON=<interpreter> picks another one (e.g. a venv on a CPU box, where the GPU probes
-# report skip). Writes under $OUT: quick_cold.json, quick_warm_{1,2,3}.json, bench.json (each `check --json`
+# python3 has torch; PYTHON=<interpreter> picks another one (without torch in python3 it tries the checkout's
+# .venv; on a CPU box the GPU probes report skip). Writes under $OUT: quick_cold.json, quick_warm_{1,2,3}.json, bench.json (each `check --json`
 # as printed), trace_*.jsonl (when each worker started, asked for the GPU, got it, and each finding came
 # back), timing.json (wall seconds and each probe's elapsed_s per run) and timing.txt (the table, printed
 # last). Each run is capped at 300 s; the whole script takes about 2-4 minutes on an H100.
@@ -17,9 +17,16 @@ mkdir -p "$OUT"
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ -z "${PYTHON:-}" ]; then
     PYTHON=python3
-    # A checkout with its own venv (a CPU box): use it when python3 has no torch.
-    if ! python3 -c "import torch" 2>/dev/null && [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; fi
+    # On a development box python3 may have no torch: then the venv of this checkout, or of the checkout
+    # this git worktree belongs to.
+    if ! python3 -c "import torch" 2>/dev/null; then
+        common="$(git rev-parse --path-format=absolute --git-common-dir 2>/dev/null || true)"
+        for candidate in .venv/bin/python "${common:+$common/../.venv/bin/python}"; do
+            if [ -n "$candidate" ] && [ -x "$candidate" ]; then PYTHON="$candidate"; break; fi
+        done
+    fi
 fi
+echo "python: $PYTHON" >&2
 
 "$PYTHON" - "$OUT" <<'EOF'
 import json
@@ -41,7 +48,10 @@ def machine() -> str:
                              capture_output=True, text=True, timeout=20).stdout.strip() or "no GPU"
     except (OSError, subprocess.TimeoutExpired):
         gpu = "no nvidia-smi"
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:  # no git on the machine
+        rev = ""
     return f"{gpu}; {os.cpu_count()} CPUs; Python {platform.python_version()}; commit {rev or '?'}"
 
 
