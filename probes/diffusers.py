@@ -49,6 +49,7 @@ def _package_dir(util, name: str) -> tuple[Path | None, str | None]:
 def unmet_requirements(metadata, dist: str) -> list[str]:
     """The requirements of `dist` (without extras) that the installed packages do not satisfy."""
     from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.version import InvalidVersion
 
     try:
         declared = metadata.requires(dist) or []
@@ -65,7 +66,12 @@ def unmet_requirements(metadata, dist: str) -> list[str]:
         installed = _dist_version(metadata, req.name)
         if installed is None:
             problems.append(f"{dist} requires {req}, which is not installed")
-        elif req.specifier and not req.specifier.contains(installed, prereleases=True):
+            continue
+        try:
+            met = not req.specifier or req.specifier.contains(installed, prereleases=True)
+        except InvalidVersion:  # a version string packaging cannot compare: not ours to judge
+            met = True
+        if not met:
             problems.append(f"{dist} requires {req}, {req.name} {installed} is installed")
     return problems
 
@@ -95,8 +101,12 @@ class Source:
         return self._trees[module]
 
     def _resolve(self, module: str, node: ast.ImportFrom) -> str | None:
-        """The package-relative module a relative `from .x import y` in `module` names."""
+        """The package-relative module that `from .x import y` (or `from <package>.x import y`) in `module`
+        names; None for other packages."""
         if not node.level:
+            name = node.module or ""
+            if name == self.root.name or name.startswith(self.root.name + "."):
+                return name[len(self.root.name) + 1:]
             return None
         path = self.path(module)
         package = module.split(".") if module and path and path.name == "__init__.py" else module.split(".")[:-1]
@@ -107,7 +117,7 @@ class Source:
         return ".".join(parts)
 
     def _origin(self, module: str, name: str, depth: int):
-        """(module, node) where `name` is defined, following relative re-exports a few levels."""
+        """(module, node) where `name` is defined, following re-exports within the package a few levels."""
         tree = self.tree(module)
         if tree is None or depth > 4:
             return None

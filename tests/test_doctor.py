@@ -276,3 +276,31 @@ def test_a_timing_probe_that_dies_or_hangs_frees_the_gpu(monkeypatch, timing_mod
     assert _disjoint(second, shared)
 
 
+
+
+def test_the_gpu_gate_lets_a_waiting_timing_probe_go_before_later_askers():
+    import threading
+
+    from qwendoctor.doctor import _GpuGate
+
+    gate, order = _GpuGate(), []
+    gate.acquire(exclusive=False)  # a probe already on the GPU
+
+    def take(name, exclusive):
+        gate.acquire(exclusive)
+        order.append(name)
+        time.sleep(0.1)
+        gate.release(exclusive)
+
+    timing = threading.Thread(target=take, args=("timing", True))
+    timing.start()
+    while not gate._exclusive_waiting:
+        time.sleep(0.01)
+    later = threading.Thread(target=take, args=("later", False))
+    later.start()
+    time.sleep(0.2)
+    assert order == []  # the timing probe waits for the probe on the GPU, the later one waits behind it
+    gate.release(exclusive=False)
+    timing.join(5)
+    later.join(5)
+    assert order == ["timing", "later"]

@@ -376,6 +376,21 @@ def test_diffusers_missing_features_warn(tmp_path, missing, change):
     assert [k for k, v in f.measured.items() if v is False] == [missing]
 
 
+def test_diffusers_follows_absolute_imports_within_the_package(tmp_path):
+    from probes import diffusers
+
+    modeling = DIFFUSERS_TREE["models/modeling_utils.py"].replace("from .attention import",
+                                                                  "from diffusers.models.attention import")
+    hooks = "from diffusers.hooks.first_block_cache import FirstBlockCacheConfig\n"
+    f = diffusers.probe(fake_diffusers(tmp_path / "a", replace={"models/modeling_utils.py": modeling,
+                                                                 "hooks/__init__.py": hooks}))
+    assert f.status == "ok", (f.summary, f.details)
+    # Another package's class of the same name does not count.
+    modeling = DIFFUSERS_TREE["models/modeling_utils.py"].replace("from .attention import", "from other import")
+    f = diffusers.probe(fake_diffusers(tmp_path / "b", replace={"models/modeling_utils.py": modeling}))
+    assert f.status == "warn" and f.measured["has_dispatcher"] is False
+
+
 def test_diffusers_without_metadata_or_transformers(tmp_path):
     from probes import diffusers
 
