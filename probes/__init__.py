@@ -20,7 +20,9 @@ class ProbeSpec:
     timeout_s: float  # the runner's limit for a subprocess run
     title: str
     tier: str = "quick"  # "bench": only with `check --bench` (or when named with --only)
-    # Times GPU work: runs alone, after the concurrent probes, so no other probe's kernels share the GPU.
+    # Times GPU work: no other probe's kernels share the GPU while it runs. Probes launch kernels only after
+    # `ctx.use_gpu()`, which waits while a timing probe measures; the timing probes' worker starts at once
+    # and each of them begins as soon as no other probe is on the GPU (the others' imports overlap it).
     exclusive: bool = False
     # Native probes of one group run in one worker process, in registry order: one torch import and one CUDA
     # context instead of one each. Groups run concurrently; a probe that kills its worker is reported as a
@@ -44,11 +46,11 @@ PROBES: list[ProbeSpec] = [
     ProbeSpec("tf32", "probes.tf32", True, 60.0, "TF32 flags and whether they matter for a bf16 pipeline",
               exclusive=True),
     ProbeSpec("fp8", "probes.fp8", True, 120.0, "FP8: compute capability, torchao, a _scaled_mm smoke test",
-              group="fp8"),
+              group="cuda"),
     ProbeSpec("compile", "probes.compile", True, 180.0, "torch.compile: triton, a tiny compile, inductor cache",
               group="compile"),
-    ProbeSpec("diffusers", "probes.diffusers", True, 120.0, "diffusers/transformers and the features we use",
-              group="diffusers"),
+    # Reads package metadata and diffusers' source, imports nothing: in the doctor's process.
+    ProbeSpec("diffusers", "probes.diffusers", False, 30.0, "diffusers/transformers and the features we use"),
     ProbeSpec("model", "probes.model", True, 60.0, "model weights present locally (never downloads)", group="cuda"),
     ProbeSpec("memory_plan", "probes.memory_plan", True, 60.0,
               "will transformer + text encoder + VAE + activations fit at the workload", group="cuda"),

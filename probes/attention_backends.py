@@ -39,6 +39,12 @@ def probe(ctx: ProbeContext) -> Finding:
     check_requirements = getattr(dispatch, "_check_attention_backend_requirements", None)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        try:  # what flex's compile imports, imported before asking for the GPU (errors come back below)
+            ctx.import_module("torch._inductor.compile_fx")
+        except Exception:
+            pass
+        ctx.use_gpu()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     dtype_name = str(dtype).removeprefix("torch.")
     limit = REL_ERR_LIMIT[dtype_name]

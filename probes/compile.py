@@ -46,6 +46,18 @@ def cache_writable(path: Path) -> tuple[bool, str | None]:
         return False, exc_line(exc)
 
 
+def fx_graph_cache(ctx: ProbeContext) -> str | None:
+    """'hit' | 'miss' | 'bypass' for the tiny compile, from inductor's counters; None where unknown."""
+    try:
+        counters = ctx.import_module("torch._dynamo.utils").counters["inductor"]
+    except Exception:
+        return None
+    for outcome in ("hit", "miss", "bypass"):
+        if counters.get(f"fxgraph_cache_{outcome}"):
+            return outcome
+    return None
+
+
 def _error_lines(exc: BaseException) -> list[str]:
     """The lines of a (long, multi-line) inductor error that say what went wrong."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
@@ -59,6 +71,10 @@ def probe(ctx: ProbeContext) -> Finding:
         # One tiny graph does not need inductor's pool of compile workers, whose start-up would dominate
         # the probe's time.
         ctx.import_module("torch._inductor.config").compile_threads = 1
+        # Inductor's compiler is imported by the first compile anyway; imported now, before the probe asks
+        # for the GPU, so its seconds overlap the timing probes instead of following them. An error here
+        # comes back from the compile below, where it is classified.
+        ctx.import_module("torch._inductor.compile_fx")
     except Exception:
         pass
     cuda = bool(torch.cuda.is_available())
@@ -66,7 +82,7 @@ def probe(ctx: ProbeContext) -> Finding:
     cache_dir = Path(ctx.disk_paths.get("inductor_cache") or ctx.env.get("TORCHINDUCTOR_CACHE_DIR")
                      or Path(tempfile.gettempdir()) / "torchinductor")
     measured: dict = {"triton": None, "compile_s": None, "cache_dir": str(cache_dir), "cache_writable": None,
-                      "device": device, "disabled_by": []}
+                      "device": device, "disabled_by": [], "fx_graph_cache": None}
     details: list[str] = []
 
     if cuda:
@@ -83,6 +99,8 @@ def probe(ctx: ProbeContext) -> Finding:
     measured["disabled_by"] = disabled
 
     compile_error = None
+    if cuda:
+        ctx.use_gpu()  # the compiled kernel runs on the GPU
     try:
         seconds, diff = tiny_compile(torch, device)
         measured["compile_s"] = round(seconds, 2)
@@ -90,6 +108,10 @@ def probe(ctx: ProbeContext) -> Finding:
             raise AssertionError(f"compiled result differs from eager by {diff:.2e}")
         details.append(f"torch.compile of gelu(x)*2+1 on a (64, 64) float32 tensor on {device}: first call "
                        f"{seconds:.1f} s (compile), matches eager (max diff {diff:.1e})")
+        cache = fx_graph_cache(ctx)
+        measured["fx_graph_cache"] = cache
+        if cache:
+            details.append(f"inductor FX graph cache: {cache} (a hit reuses the compiled graph from an earlier run)")
     except Exception as exc:
         compile_error = exc
         details.append(f"torch.compile failed on {device}: {exc_line(exc)}")

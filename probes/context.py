@@ -88,10 +88,18 @@ class ProbeContext:
     disk_paths: Mapping[str, Path] | None = None
     model: str = "Qwen/Qwen-Image"  # what the model and memory_plan probes look for
     bench: bool = False  # the --bench tier: probes may spend tens of seconds measuring
+    # Called by `use_gpu()`. A grouped worker sets it to wait until no timing probe is measuring; None: no-op.
+    gpu_gate: Callable[[], None] | None = None
 
     def __post_init__(self):
         if self.disk_paths is None:
             self.disk_paths = default_disk_paths(self.env)
+
+    def use_gpu(self) -> None:
+        """Call before launching GPU kernels (imports and CUDA queries need not): in `qwendoctor check` this
+        waits while an exclusive probe times the GPU, so no probe's kernels share the GPU with its timing."""
+        if self.gpu_gate is not None:
+            self.gpu_gate()
 
     def settings(self) -> dict[str, Any]:
         """What a probe in a subprocess needs to rebuild this context (SETTINGS_ENV, as JSON)."""

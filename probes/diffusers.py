@@ -1,9 +1,18 @@
 """diffusers: the diffusers and transformers installed, and whether diffusers has the pieces qwendoctor
-builds on (QwenImagePipeline, the attention dispatcher, cache hooks, regional compile)."""
+builds on (QwenImagePipeline, the attention dispatcher, cache hooks, regional compile).
+
+It imports neither: importing diffusers imports torch and torch._dynamo (seconds, in every process that does
+it). Versions come from package metadata, the pieces from diffusers' own source (parsed, not run), and each
+package's declared requirements are checked against what is installed, which is what their imports check
+first. Whether diffusers imports against this torch is what attention_backends finds out in the same run:
+it calls diffusers' dispatcher.
+"""
 
 from __future__ import annotations
 
+import ast
 import re
+from pathlib import Path
 
 from probes.context import ProbeContext, exc_line
 from qwendoctor.findings import Finding
@@ -16,58 +25,226 @@ def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", str(text))[:3])
 
 
-def _has(ctx: ProbeContext, module: str, attr: str) -> bool:
+def _dist_version(metadata, name: str) -> str | None:
     try:
-        return hasattr(ctx.import_module(module), attr)
+        return str(metadata.version(name))
+    except Exception:  # PackageNotFoundError, or broken metadata
+        return None
+
+
+def _package_dir(util, name: str) -> tuple[Path | None, str | None]:
+    """(the package's directory, why not): find_spec of a top-level name runs none of its code."""
+    try:
+        spec = util.find_spec(name)
+    except Exception as exc:  # ValueError for a module without a spec, an import hook's error
+        return None, exc_line(exc)
+    if spec is None:
+        return None, f"no module named {name!r} on sys.path"
+    locations = list(spec.submodule_search_locations or [])
+    if not locations:
+        return None, f"{name} is a single module ({spec.origin}), not the package"
+    return Path(locations[0]), None
+
+
+def unmet_requirements(metadata, dist: str) -> list[str]:
+    """The requirements of `dist` (without extras) that the installed packages do not satisfy."""
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.version import InvalidVersion
+
+    try:
+        declared = metadata.requires(dist) or []
     except Exception:
+        return []
+    problems = []
+    for text in declared:
+        try:
+            req = Requirement(text)
+        except InvalidRequirement:
+            continue
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue  # an extra, or another platform's
+        installed = _dist_version(metadata, req.name)
+        if installed is None:
+            problems.append(f"{dist} requires {req}, which is not installed")
+            continue
+        try:
+            met = not req.specifier or req.specifier.contains(installed, prereleases=True)
+        except InvalidVersion:  # a version string packaging cannot compare: not ours to judge
+            met = True
+        if not met:
+            problems.append(f"{dist} requires {req}, {req.name} {installed} is installed")
+    return problems
+
+
+class Source:
+    """A package's modules, each parsed once, asked what they define without running them."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._trees: dict[str, ast.Module | None] = {}
+
+    def path(self, module: str) -> Path | None:
+        """module is dotted, relative to the package ("" is its __init__)."""
+        base = self.root.joinpath(*module.split(".")) if module else self.root
+        for candidate in ([base.with_suffix(".py")] if module else []) + [base / "__init__.py"]:
+            if candidate.is_file():
+                return candidate
+        return None
+
+    def tree(self, module: str) -> ast.Module | None:
+        if module not in self._trees:
+            path = self.path(module)
+            try:
+                self._trees[module] = ast.parse(path.read_text(encoding="utf-8")) if path else None
+            except (OSError, SyntaxError, ValueError):
+                self._trees[module] = None
+        return self._trees[module]
+
+    def _resolve(self, module: str, node: ast.ImportFrom) -> str | None:
+        """The package-relative module that `from .x import y` (or `from <package>.x import y`) in `module`
+        names; None for other packages."""
+        if not node.level:
+            name = node.module or ""
+            if name == self.root.name or name.startswith(self.root.name + "."):
+                return name[len(self.root.name) + 1:]
+            return None
+        path = self.path(module)
+        package = module.split(".") if module and path and path.name == "__init__.py" else module.split(".")[:-1]
+        package = [p for p in package if p]
+        if node.level - 1 > len(package):
+            return None
+        parts = package[:len(package) - (node.level - 1)] + (node.module.split(".") if node.module else [])
+        return ".".join(parts)
+
+    def _origin(self, module: str, name: str, depth: int):
+        """(module, node) where `name` is defined, following re-exports within the package a few levels."""
+        tree = self.tree(module)
+        if tree is None or depth > 4:
+            return None
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name:
+                return module, node
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                for alias in node.names:
+                    if (alias.asname or alias.name) == name:
+                        target = self._resolve(module, node)
+                        if target is not None:
+                            return self._origin(target, alias.name, depth + 1)
+        return None
+
+    def defines(self, module: str, name: str) -> bool:
+        return self._origin(module, name, 0) is not None
+
+    def has_method(self, module: str, cls: str, method: str, depth: int = 0) -> bool:
+        """Whether class `cls` (found from `module`) or one of its package-local bases defines `method`."""
+        found = self._origin(module, cls, depth)
+        if found is None or not isinstance(found[1], ast.ClassDef):
+            return False
+        where, node = found
+        if any(isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and item.name == method
+               for item in node.body):
+            return True
+        return any(isinstance(base, ast.Name) and depth < 4 and self.has_method(where, base.id, method, depth + 1)
+                   for base in node.bases)
+
+    def exports(self, name: str) -> bool:
+        """The package's top level offers `name`: diffusers lists its lazy exports as strings."""
+        tree = self.tree("")
+        if tree is None:
+            return False
+        return any(isinstance(node, ast.Constant) and node.value == name for node in ast.walk(tree)) \
+            or self.defines("", name)
+
+    def defines_in(self, package: str, name: str) -> bool:
+        """Some module of sub-package `package` defines class/function `name` (text first, then parsed)."""
+        directory = self.root.joinpath(*package.split("."))
+        pattern = re.compile(rf"^\s*(class|def)\s+{re.escape(name)}\b", re.MULTILINE)
+        for path in sorted(directory.glob("*.py")) if directory.is_dir() else []:
+            try:
+                if not pattern.search(path.read_text(encoding="utf-8")):
+                    continue
+            except OSError:
+                continue
+            if self.defines(f"{package}.{path.stem}" if path.stem != "__init__" else package, name):
+                return True
         return False
 
 
-def probe(ctx: ProbeContext) -> Finding:
-    try:
-        diffusers = ctx.import_module("diffusers")
-    except Exception as exc:
-        return Finding(id="diffusers", status="fail", summary=f"diffusers does not import: {exc_line(exc)}",
-                       fix=UPGRADE, measured={"diffusers": None})
-    version = str(getattr(diffusers, "__version__", "?"))
-    try:
-        transformers = str(ctx.import_module("transformers").__version__)
-    except Exception as exc:
-        transformers, tf_error = None, exc_line(exc)
+# What qwendoctor uses -> where diffusers defines it (package-relative module) and what to look for.
+PIECES = {
+    "pipeline": "QwenImagePipeline (exported, and a class in pipelines/qwenimage)",
+    "dispatcher": "attention dispatcher (dispatch_attention_fn, ModelMixin.set_attention_backend)",
+    "cache_hooks": "cache hooks (FirstBlockCacheConfig in diffusers.hooks)",
+    "regional_compile": "regional compile (ModelMixin.compile_repeated_blocks)",
+}
 
-    # diffusers is a lazy module: dir() lists what it exports without importing the pipeline and, through
-    # it, transformers' Qwen2.5-VL (seconds of the quick tier's budget).
-    has_pipeline = "QwenImagePipeline" in dir(diffusers)
-    model_mixin = getattr(diffusers, "ModelMixin", None)
-    has_dispatcher = (_has(ctx, "diffusers.models.attention_dispatch", "dispatch_attention_fn")
-                      and hasattr(model_mixin, "set_attention_backend"))
-    has_cache_hooks = _has(ctx, "diffusers.hooks", "FirstBlockCacheConfig")
-    has_regional_compile = hasattr(model_mixin, "compile_repeated_blocks")
-    measured = {"diffusers": version, "transformers": transformers, "has_pipeline": has_pipeline,
-                "has_dispatcher": has_dispatcher, "has_cache_hooks": has_cache_hooks,
-                "has_regional_compile": has_regional_compile}
-    details = [f"diffusers {version}", f"transformers {transformers}" if transformers else
-               f"transformers missing: {tf_error}",
-               f"QwenImagePipeline: {'yes' if has_pipeline else 'no'}",
-               f"attention dispatcher (set_attention_backend): {'yes' if has_dispatcher else 'no'}",
-               f"cache hooks (FirstBlockCacheConfig): {'yes' if has_cache_hooks else 'no'}",
-               f"regional compile (compile_repeated_blocks): {'yes' if has_regional_compile else 'no'}"]
-    summary = f"diffusers {version}, transformers {transformers or 'missing'}"
+
+def find_pieces(source: Source) -> dict[str, bool]:
+    return {
+        "pipeline": source.exports("QwenImagePipeline")
+        and source.defines_in("pipelines.qwenimage", "QwenImagePipeline"),
+        "dispatcher": source.defines("models.attention_dispatch", "dispatch_attention_fn")
+        and source.has_method("models.modeling_utils", "ModelMixin", "set_attention_backend"),
+        "cache_hooks": source.defines("hooks", "FirstBlockCacheConfig"),
+        "regional_compile": source.has_method("models.modeling_utils", "ModelMixin", "compile_repeated_blocks"),
+    }
+
+
+def probe(ctx: ProbeContext) -> Finding:
+    metadata = ctx.import_module("importlib.metadata")
+    util = ctx.import_module("importlib.util")
+    version = _dist_version(metadata, "diffusers")
+    root, why_not = _package_dir(util, "diffusers")
+    if root is None:
+        where = f"diffusers {version} has package metadata but is not importable: {why_not}" if version else \
+            f"diffusers is not installed ({why_not})"
+        return Finding(id="diffusers", status="fail", summary=where, fix=UPGRADE,
+                       details=["metadata: " + (f"diffusers {version}" if version else "none")],
+                       measured={"diffusers": version, "diffusers_path": None})
+    transformers = _dist_version(metadata, "transformers")
+    tf_root, tf_why = _package_dir(util, "transformers")
+    pieces = find_pieces(Source(root))
+    unmet = (unmet_requirements(metadata, "diffusers") if version else []) + \
+        (unmet_requirements(metadata, "transformers") if transformers else [])
+    measured = {"diffusers": version, "transformers": transformers, "diffusers_path": str(root),
+                "has_pipeline": pieces["pipeline"], "has_dispatcher": pieces["dispatcher"],
+                "has_cache_hooks": pieces["cache_hooks"], "has_regional_compile": pieces["regional_compile"],
+                "unmet_requirements": unmet}
+    details = [f"diffusers {version or '(no package metadata: version unknown)'} at {root}",
+               f"transformers {transformers}" + (f" at {tf_root}" if tf_root else f", but {tf_why}")
+               if transformers else f"transformers: no package metadata ({tf_why or 'found on sys.path'})"]
+    details += [f"{label}: {'yes' if pieces[key] else 'no'}" for key, label in PIECES.items()]
+    details += [f"unmet requirement: {line}" for line in unmet]
+    details.append("read from package metadata and diffusers' source without importing it; attention_backends "
+                   "imports and runs diffusers' dispatcher")
+    summary = f"diffusers {version or '?'}, transformers {transformers or 'missing'}"
 
     def finding(status, why=None, fix=None):
         return Finding(id="diffusers", status=status, summary=f"{summary}: {why}" if why else summary,
                        details=details, fix=fix, measured=measured)
 
-    if not has_pipeline:
+    if not pieces["pipeline"]:
         return finding("fail", "no QwenImagePipeline in this diffusers", UPGRADE)
-    if transformers is None:
-        return finding("fail", "transformers is missing (the Qwen2.5-VL text encoder needs it)",
-                       'pip install "transformers>=4.51"')
-    missing = [name for name, ok in [("attention dispatcher", has_dispatcher), ("cache hooks", has_cache_hooks),
-                                     ("regional compile", has_regional_compile)] if not ok]
+    if transformers is None or tf_root is None:
+        why = "transformers is missing" if transformers is None and tf_root is None else \
+            "transformers has no package metadata" if transformers is None else \
+            f"transformers is installed but not importable ({tf_why})"
+        return finding("fail", f"{why} (the Qwen2.5-VL text encoder needs it)",
+                       'pip install --force-reinstall "transformers>=4.51"')
+    if unmet:
+        names = sorted({re.split(r"[ <>=!~;\[]", line.split(" requires ", 1)[1])[0] for line in unmet})
+        # As `pip check` would: diffusers and transformers check their core requirements when imported.
+        return finding("fail", f"unmet requirement: {unmet[0]}" + (f" (and {len(unmet) - 1} more)" if len(unmet) > 1
+                                                                   else ""), f"pip install -U {' '.join(names)}")
+    missing = [PIECES[key].split(" (")[0] for key in ("dispatcher", "cache_hooks", "regional_compile")
+               if not pieces[key]]
     if missing:
         return finding("warn", f"missing {', '.join(missing)}, so those levers are off", UPGRADE)
     if _version_tuple(transformers) < MIN_TRANSFORMERS:
         return finding("warn", "transformers older than 4.51 may not load the Qwen2.5-VL text encoder",
                        'pip install -U "transformers>=4.51"')
+    if version is None:
+        return finding("warn", "diffusers has no package metadata, so its version is unknown (a source tree on "
+                               "the path?)", "install it with pip (pip install -e <checkout> for a checkout)")
     return finding("ok")

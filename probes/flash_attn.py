@@ -279,6 +279,7 @@ def probe(ctx: ProbeContext) -> Finding:
             details.append(f"{label}: imports; numerical check skipped (no CUDA GPU: the kernels need one)")
             continue
         device, dtype = check
+        ctx.use_gpu()
         try:
             err = rel_err(torch, _attention_fn(ctx, key, info["module"]), device, dtype)
         except Exception as exc:

@@ -69,14 +69,28 @@ def _torchao(ctx: ProbeContext):
         log.removeHandler(handler)
 
 
+def _torchao_installed(ctx: ProbeContext):
+    """Without a GPU the verdict is skip whatever torchao does, so its import (seconds) is not paid:
+    (state, version, None, []) from package metadata, state 'not_imported' | 'missing'."""
+    try:
+        version = str(ctx.import_module("importlib.metadata").version("torchao"))
+    except Exception:
+        version = None
+    if version is None and ctx.import_module("importlib.util").find_spec("torchao") is None:
+        return "missing", None, None, []
+    return "not_imported", version, None, []
+
+
 def probe(ctx: ProbeContext) -> Finding:
     torch = ctx.import_module("torch")
     torch_version = str(torch.__version__)
     cuda = bool(torch.cuda.is_available())
-    state, ao_version, ao_error, ao_log = _torchao(ctx)
+    state, ao_version, ao_error, ao_log = _torchao(ctx) if cuda else _torchao_installed(ctx)
     measured: dict = {"torch": torch_version, "cuda_available": cuda, "torchao": ao_version, "torchao_state": state,
                       "torchao_error": ao_error, "cc": None, "scaled_mm_rel_err": None}
     ao_line = {"ok": f"torchao {ao_version} imports, with Float8DynamicActivationFloat8WeightConfig",
+               "not_imported": f"torchao {ao_version or '(version unknown)'} is installed; not imported without "
+                               "a CUDA GPU",
                "missing": "torchao is not installed",
                "broken": f"torchao {ao_version or ''} does not import with torch {torch_version}: {ao_error}"
                .replace("  ", " ")}[state]
@@ -102,6 +116,7 @@ def probe(ctx: ProbeContext) -> Finding:
                        f"install the torchao release built for torch {torch_version.split('+')[0]}: "
                        "pip install --force-reinstall --no-deps torchao "
                        "(see the torch/torchao compatibility table in pytorch/ao's README)")
+    ctx.use_gpu()
     try:
         err = scaled_mm_rel_err(torch, "cuda")
     except Exception as exc:

@@ -22,6 +22,7 @@ import click
 
 import probes
 from probes import PROBES, ProbeSpec
+from probes._worker import GATE_REQUEST
 from probes.context import SETTINGS_ENV, ProbeContext, Workload, exc_line
 from qwendoctor.errors import EXIT_FAILURE, EXIT_OK, UsageError
 from qwendoctor.findings import FAILING_STATUSES, Finding
@@ -99,26 +100,80 @@ def _signal_reason(returncode: int, err: str) -> str:
     return f"exited with code {returncode}: {_last_line(err)}"
 
 
+TRACE_ENV = "QWENDOCTOR_CHECK_TRACE"  # a file: the runner appends when each worker starts, asks for the GPU,
+_T0 = time.perf_counter()           # gets it, and when each finding arrives (JSON lines, seconds)
+
+
+def _trace(event: str, **fields) -> None:
+    path = os.environ.get(TRACE_ENV)
+    if path:
+        with open(path, "a") as fh:
+            fh.write(json.dumps({"t": round(time.perf_counter() - _T0, 3), "event": event, **fields}) + "\n")
+
+
+WARM_UP_TIMEOUT_S = 120.0  # a timing worker's torch import and CUDA context, before its first probe
+
+
+class _GpuGate:
+    """The GPU as a readers-writer lock between worker processes: probes that launch kernels hold it shared,
+    a timing probe holds it alone. A waiting timing probe goes before probes that ask after it, so it starts
+    as soon as the probes already on the GPU finish; the imports of everyone else overlap it."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._exclusive_waiting = 0
+
+    def acquire(self, exclusive: bool) -> None:
+        with self._cond:
+            if exclusive:
+                self._exclusive_waiting += 1
+                while self._exclusive or self._shared:
+                    self._cond.wait()
+                self._exclusive_waiting -= 1
+                self._exclusive = True
+            else:
+                while self._exclusive or self._exclusive_waiting:
+                    self._cond.wait()
+                self._shared += 1
+
+    def release(self, exclusive: bool) -> None:
+        with self._cond:
+            if exclusive:
+                self._exclusive = False
+            else:
+                self._shared -= 1
+            self._cond.notify_all()
+
+
 class _GroupWorker:
     """One worker process running several probes in order (`python -m probes._worker --group`).
 
-    Started early when `wait` is set: it imports torch, then blocks until `release()`, so the timing probes'
-    import cost overlaps the other probes without any of their GPU work overlapping."""
+    With a gate, the worker asks for the GPU (a `#gpu` line) before a probe launches kernels, and `collect`
+    answers once `gate` allows: shared for ordinary probes, exclusive for timing probes (whose worker asks
+    before each probe, after importing torch and creating its CUDA context). Time spent waiting for the GPU
+    does not count against a probe's timeout."""
 
-    def __init__(self, specs: list[ProbeSpec], ctx: ProbeContext, wait: bool = False):
+    def __init__(self, specs: list[ProbeSpec], ctx: ProbeContext, gate: _GpuGate | None = None,
+                 exclusive: bool = False):
         self.specs = specs
+        self.gate, self.exclusive = gate, exclusive
         env = dict(os.environ)
         env[SETTINGS_ENV] = json.dumps(ctx.settings())
         env["PYTHONPATH"] = os.pathsep.join(p for p in [_PROBES_ROOT, env.get("PYTHONPATH")] if p)
         argv = [sys.executable, "-P", "-m", "probes._worker", "--group",
-                ",".join(f"{spec.id}={spec.module}" for spec in specs)] + (["--wait"] if wait else [])
+                ",".join(f"{spec.id}={spec.module}" for spec in specs)]
+        if gate is not None:
+            argv += ["--gate", "exclusive" if exclusive else "shared"]
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, env=env, start_new_session=True)
+        _trace("worker", probes=[spec.id for spec in specs], gate=argv[-1] if gate is not None else None)
         self.lines: queue.Queue = queue.Queue()
         self.stderr: list[str] = []
         threading.Thread(target=self._read_stdout, daemon=True).start()
         threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True).start()
-        if not wait:
+        if gate is None:
             self.proc.stdin.close()
 
     def _read_stdout(self) -> None:
@@ -126,10 +181,10 @@ class _GroupWorker:
             self.lines.put(line)
         self.lines.put(None)
 
-    def release(self) -> None:
+    def _answer(self) -> None:
         try:
             self.proc.stdin.write("go\n")
-            self.proc.stdin.close()
+            self.proc.stdin.flush()
         except (BrokenPipeError, ValueError, OSError):
             pass  # the worker is already gone: collect() reports how
 
@@ -140,35 +195,76 @@ class _GroupWorker:
             pass
         self.proc.wait()
 
+    def _finish(self) -> None:
+        if self.gate is not None:
+            try:
+                self.proc.stdin.close()
+            except (BrokenPipeError, ValueError, OSError):
+                pass
+        self.proc.wait()
+
     def collect(self) -> tuple[dict[str, Finding], list[ProbeSpec]]:
         """Findings in order until the worker finishes, dies or a probe outlives its timeout; the probe in
         flight then is a crash, and the probes after it are returned to be run alone."""
         findings: dict[str, Finding] = {}
-        for index, spec in enumerate(self.specs):
-            started = time.perf_counter()
-            try:
-                line = self.lines.get(timeout=spec.timeout_s)
-            except queue.Empty:
-                self._kill()
-                err = "".join(self.stderr)
-                findings[spec.id] = _crash(spec, f"timed out after {spec.timeout_s:g} s", _tail(err))
-                findings[spec.id].elapsed_s = round(time.perf_counter() - started, 3)
-                return findings, self.specs[index + 1:]
-            if line is None:
-                self.proc.wait()
-                time.sleep(0.05)  # let the stderr reader drain
-                err = "".join(self.stderr)
-                findings[spec.id] = _crash(spec, _signal_reason(self.proc.returncode, err), _tail(err))
-                findings[spec.id].elapsed_s = round(time.perf_counter() - started, 3)
-                return findings, self.specs[index + 1:]
-            try:
-                finding = Finding.from_dict(json.loads(line))
-            except (ValueError, TypeError) as exc:
-                finding = _crash(spec, f"unreadable worker output ({exc_line(exc)})")
-            finding.id = spec.id
-            findings[spec.id] = finding
-        self.proc.wait()
-        return findings, []
+        held = False
+        try:
+            for index, spec in enumerate(self.specs):
+                started = time.perf_counter()
+                # A timing worker asks for the GPU before each probe; before its first, it imports torch and
+                # creates its CUDA context, which the probe's own timeout does not cover.
+                warming = self.exclusive and self.gate is not None
+                limit = max(spec.timeout_s, WARM_UP_TIMEOUT_S) if warming else spec.timeout_s
+                deadline = started + limit
+                while True:
+                    try:
+                        line = self.lines.get(timeout=max(0.0, deadline - time.perf_counter()))
+                    except queue.Empty:
+                        line = ""
+                    if line is not None and line.strip() == GATE_REQUEST and self.gate is not None and not held:
+                        asked = time.perf_counter()
+                        _trace("gpu_asked", probe=spec.id)
+                        self.gate.acquire(self.exclusive)
+                        _trace("gpu_granted", probe=spec.id)
+                        held = True
+                        # A timing probe's clock starts now (its worker's warm-up came before); another probe
+                        # does not pay for the wait.
+                        now = time.perf_counter()
+                        deadline = now + spec.timeout_s if self.exclusive else deadline + now - asked
+                        warming = False
+                        self._answer()
+                        continue
+                    break
+                if line == "":
+                    self._kill()
+                    err = "".join(self.stderr)
+                    why = f"timed out after {spec.timeout_s:g} s" if not warming else \
+                        f"timed out after {limit:g} s before it began (its worker importing torch)"
+                    findings[spec.id] = _crash(spec, why, _tail(err))
+                    findings[spec.id].elapsed_s = round(time.perf_counter() - started, 3)
+                    return findings, self.specs[index + 1:]
+                if line is None:
+                    self.proc.wait()
+                    time.sleep(0.05)  # let the stderr reader drain
+                    err = "".join(self.stderr)
+                    findings[spec.id] = _crash(spec, _signal_reason(self.proc.returncode, err), _tail(err))
+                    findings[spec.id].elapsed_s = round(time.perf_counter() - started, 3)
+                    return findings, self.specs[index + 1:]
+                try:
+                    finding = Finding.from_dict(json.loads(line))
+                except (ValueError, TypeError) as exc:
+                    finding = _crash(spec, f"unreadable worker output ({exc_line(exc)})")
+                finding.id = spec.id
+                findings[spec.id] = finding
+                _trace("finding", probe=spec.id, status=finding.status, elapsed_s=finding.elapsed_s)
+                if held:  # the probe is over: the GPU is free again
+                    self.gate.release(self.exclusive)
+                    held = False
+            self._finish()
+            return findings, []
+        finally:
+            if held:  # the worker died or was killed holding the GPU
+                self.gate.release(self.exclusive)
 
 
 def run_probes(ids: Sequence[str] | None = None, ctx: ProbeContext | None = None, in_subprocess: bool = True,
@@ -179,7 +275,13 @@ def run_probes(ids: Sequence[str] | None = None, ctx: ProbeContext | None = None
     Native probes run in a subprocess (`worker_argv(spec)`, default `python -m probes._worker`) with the
     spec's timeout, and always with a default ProbeContext; `ctx` is for in-process probes (all of them when
     `in_subprocess` is False). A probe never raises out of here: it becomes a `crash` Finding.
+
+    Exclusive (timing) probes never share the GPU with another probe's kernels. With the real grouped
+    workers that is a gate: their worker starts at once, and each timing probe begins as soon as no other
+    probe is on the GPU, while the others import their libraries. Otherwise they run after all the others.
     """
+    global _T0
+    _T0 = time.perf_counter()
     registry = list(PROBES if registry is None else registry)
     known = [spec.id for spec in registry]
     for probe_id in ids or []:
@@ -201,6 +303,7 @@ def run_probes(ids: Sequence[str] | None = None, ctx: ProbeContext | None = None
         except Exception as exc:  # the runner itself failed (e.g. could not start the worker)
             finding = _crash(spec, exc_line(exc))
         finding.elapsed_s = round(time.perf_counter() - start, 3)
+        _trace("finding", probe=spec.id, status=finding.status, elapsed_s=finding.elapsed_s, alone=True)
         return finding
 
     if not selected:
@@ -208,11 +311,27 @@ def run_probes(ids: Sequence[str] | None = None, ctx: ProbeContext | None = None
     # Grouped workers serve the real probes; an injected worker (tests' fakes of a broken worker) runs each
     # probe alone, as does any probe without a group.
     grouping = in_subprocess and worker_argv is default_worker_argv
+    gate = _GpuGate() if grouping else None
+
+    def gated(spec: ProbeSpec, exclusive: bool) -> Finding:
+        """A native probe run alone while `gate` is held: it cannot tell the runner when it uses the GPU."""
+        if gate is None or not (spec.native and in_subprocess):
+            return timed(spec)
+        gate.acquire(exclusive)
+        try:
+            return timed(spec)
+        finally:
+            gate.release(exclusive)
+
     results: dict[str, Finding] = {}
     exclusive = [spec for spec in selected if spec.exclusive]
+    gated_timing = grouping and exclusive and all(spec.native for spec in exclusive)
     timing_worker = None
-    if grouping and exclusive and all(spec.native for spec in exclusive):
-        timing_worker = _GroupWorker(exclusive, ctx, wait=True)
+    if gated_timing:
+        try:
+            timing_worker = _GroupWorker(exclusive, ctx, gate, exclusive=True)
+        except Exception:  # could not start: they run alone after the others, where the error is reported
+            timing_worker = None
     shared = [spec for spec in selected if not spec.exclusive]
     groups: dict[str, list[ProbeSpec]] = {}
     alone: list[ProbeSpec] = []
@@ -224,25 +343,31 @@ def run_probes(ids: Sequence[str] | None = None, ctx: ProbeContext | None = None
 
     def run_group(specs: list[ProbeSpec]) -> dict[str, Finding]:
         try:
-            found, rest = _GroupWorker(specs, ctx).collect()
+            found, rest = _GroupWorker(specs, ctx, gate).collect()
         except Exception:  # the worker could not start: each probe alone, where the error is reported
             found, rest = {}, specs
         for spec in rest:
-            found[spec.id] = timed(spec)
+            found[spec.id] = gated(spec, exclusive=False)
         return found
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        group_futures = [pool.submit(run_group, specs) for specs in groups.values()]
-        results.update(zip((spec.id for spec in alone), pool.map(timed, alone)))
+    def run_timing() -> dict[str, Finding]:
+        found, rest = timing_worker.collect()
+        for spec in rest:
+            found[spec.id] = gated(spec, exclusive=True)
+        return found
+
+    # A thread per worker process, all started at once: the threads only wait on pipes, and the processes
+    # (a few) share the CPUs. Probes run alone share `jobs` threads.
+    with ThreadPoolExecutor(max_workers=len(groups) + 1) as workers, \
+            ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        timing_future = workers.submit(run_timing) if timing_worker is not None else None
+        group_futures = [workers.submit(run_group, specs) for specs in groups.values()]
+        results.update(zip((spec.id for spec in alone), pool.map(lambda spec: gated(spec, False), alone)))
         for future in group_futures:
             results.update(future.result())
-    if timing_worker is not None:
-        timing_worker.release()
-        found, rest = timing_worker.collect()
-        results.update(found)
-        for spec in rest:
-            results[spec.id] = timed(spec)
-    else:
+        if timing_future is not None:
+            results.update(timing_future.result())
+    if timing_worker is None:
         for spec in exclusive:
             results[spec.id] = timed(spec)
     return [results[spec.id] for spec in selected]  # the registry's order

@@ -216,8 +216,91 @@ def test_grouped_exception_and_unparsable_outputs_stay_per_probe():
     assert boom.status == "crash" and boom.summary == "RuntimeError: boom" and fine.status == "ok"
 
 
-def test_the_timing_worker_starts_early_but_times_nothing_until_the_others_finish():
-    slow, timing = run_probes(registry=[grouped("slow", "slow_clock", "g"),
-                                        grouped("timing", "whoami", None, exclusive=True)])
-    assert slow.status == timing.status == "ok"
-    assert timing.measured["started"] >= slow.measured["ended"]
+def _disjoint(a, b):
+    return a.measured["ended"] <= b.measured["started"] or b.measured["ended"] <= a.measured["started"]
+
+
+def test_a_timing_probe_never_shares_the_gpu_with_another_probes_kernels(monkeypatch):
+    monkeypatch.setenv("GPU_WINDOW_S", "0.5")
+    a, b, timing = run_probes(registry=[grouped("a", "gpu_window", "g"), grouped("b", "gpu_window", "h"),
+                                        grouped("timing", "gpu_window", None, exclusive=True)])
+    assert a.status == b.status == timing.status == "ok"
+    assert _disjoint(timing, a) and _disjoint(timing, b)
+
+
+def test_the_timing_probe_overlaps_the_others_imports_but_not_their_gpu_work(tmp_path, monkeypatch):
+    """The waiting probe sees the timing probe's mark before it asks for the GPU (so its non-GPU part ran
+    during the timing), and gets the GPU only once the timing probe is done."""
+    monkeypatch.setenv("QWENDOCTOR_TEST_MARK", str(tmp_path / "mark"))
+    monkeypatch.setenv("WAITS_THEN_USES_GPU", "1")
+    monkeypatch.setenv("GPU_WINDOW_S", "1.0")
+    waiting, timing = run_probes(registry=[grouped("waiting", "waits_for_mark", "g", timeout_s=90.0),
+                                           grouped("timing", "gpu_window", None, exclusive=True)])
+    assert waiting.status == timing.status == "ok", (waiting.summary, timing.summary)
+    assert waiting.measured["saw_mark"] is True
+    assert waiting.measured["on_gpu"] >= timing.measured["ended"]
+
+
+def test_waiting_for_the_gpu_does_not_count_against_a_probes_timeout(monkeypatch):
+    import threading
+
+    from probes.context import ProbeContext
+    from qwendoctor.doctor import _GpuGate, _GroupWorker
+
+    monkeypatch.setenv("GPU_WINDOW_S", "0.1")
+    gate = _GpuGate()
+    gate.acquire(exclusive=True)  # a timing probe holds the GPU for 2.5 s, longer than the 1.5 s timeout
+    released = []
+
+    def release_later():
+        time.sleep(2.5)
+        released.append(time.time())
+        gate.release(exclusive=True)
+
+    threading.Thread(target=release_later).start()
+    found, rest = _GroupWorker([grouped("p", "gpu_window", "g", timeout_s=1.5)], ProbeContext(), gate).collect()
+    assert rest == [] and found["p"].status == "ok", found["p"].summary
+    assert found["p"].measured["started"] >= released[0]
+    gate.acquire(exclusive=True)  # the worker handed the GPU back
+    gate.release(exclusive=True)
+
+
+@pytest.mark.parametrize("timing_module, summary", [("abort", "killed by SIGABRT"), ("hang", "timed out after 1 s")])
+def test_a_timing_probe_that_dies_or_hangs_frees_the_gpu(monkeypatch, timing_module, summary):
+    monkeypatch.setenv("GPU_WINDOW_S", "0.1")
+    bad, second, shared = run_probes(registry=[
+        grouped("bad", timing_module, None, timeout_s=1.0, exclusive=True),
+        grouped("second", "gpu_window", None, exclusive=True), grouped("shared", "gpu_window", "g")])
+    assert bad.status == "crash" and bad.summary == summary
+    assert second.status == "ok" and shared.status == "ok"
+    assert _disjoint(second, shared)
+
+
+
+
+def test_the_gpu_gate_lets_a_waiting_timing_probe_go_before_later_askers():
+    import threading
+
+    from qwendoctor.doctor import _GpuGate
+
+    gate, order = _GpuGate(), []
+    gate.acquire(exclusive=False)  # a probe already on the GPU
+
+    def take(name, exclusive):
+        gate.acquire(exclusive)
+        order.append(name)
+        time.sleep(0.1)
+        gate.release(exclusive)
+
+    timing = threading.Thread(target=take, args=("timing", True))
+    timing.start()
+    while not gate._exclusive_waiting:
+        time.sleep(0.01)
+    later = threading.Thread(target=take, args=("later", False))
+    later.start()
+    time.sleep(0.2)
+    assert order == []  # the timing probe waits for the probe on the GPU, the later one waits behind it
+    gate.release(exclusive=False)
+    timing.join(5)
+    later.join(5)
+    assert order == ["timing", "later"]

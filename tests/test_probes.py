@@ -49,7 +49,7 @@ def test_registry_order_and_contract():
     assert [p.id for p in PROBES] == ["system", "gpu", "torch_build", "flash_attn", "attention_backends",
                                       "attention_truth", "tf32", "fp8", "compile", "diffusers", "model",
                                       "memory_plan", "env", "roofline"]
-    assert [p.id for p in PROBES if not p.native] == ["system", "env"]
+    assert [p.id for p in PROBES if not p.native] == ["system", "diffusers", "env"]
     assert [p.id for p in PROBES if p.tier == "bench"] == ["roofline"]
     assert all(p.timeout_s > 0 and p.title for p in PROBES)
 
@@ -278,52 +278,153 @@ def test_gpu_without_nvidia_ml_py_warns():
 
 # --- diffusers ----------------------------------------------------------------------------------------
 
-def fake_diffusers(pipeline=True, dispatcher=True, hooks=True, regional=True):
-    class ModelMixin:
-        pass
-
-    if dispatcher:
-        ModelMixin.set_attention_backend = lambda self, name: None
-    if regional:
-        ModelMixin.compile_repeated_blocks = lambda self: None
-    mod = SimpleNamespace(__version__="0.36.0", ModelMixin=ModelMixin)
-    if pipeline:
-        mod.QwenImagePipeline = object
-    return fake_import(
-        diffusers=mod,
-        transformers=SimpleNamespace(__version__="4.57.1"),
-        diffusers__models__attention_dispatch=SimpleNamespace(dispatch_attention_fn=lambda *a, **k: None)
-        if dispatcher else ImportError("no dispatcher"),
-        diffusers__hooks=SimpleNamespace(FirstBlockCacheConfig=object) if hooks else SimpleNamespace(),
-    )
+DIFFUSERS_TREE = {
+    "__init__.py": '_import_structure = {"pipelines": []}\n_import_structure["pipelines"].extend(["QwenImagePipeline"])\n',
+    "pipelines/__init__.py": "",
+    "pipelines/qwenimage/__init__.py": "",
+    "pipelines/qwenimage/pipeline_qwenimage.py": "class QwenImagePipeline(DiffusionPipeline):\n    pass\n",
+    "models/__init__.py": "",
+    "models/attention_dispatch.py": "def dispatch_attention_fn(query, key, value, backend=None):\n    pass\n",
+    # set_attention_backend lives in a base class of another module, as a mixin might.
+    "models/attention.py": "class AttentionMixin:\n    def set_attention_backend(self, backend):\n        pass\n",
+    "models/modeling_utils.py": ("import torch\nfrom .attention import AttentionMixin\n\n"
+                                 "class ModelMixin(torch.nn.Module, AttentionMixin):\n"
+                                 "    def compile_repeated_blocks(self, *args):\n        pass\n"),
+    "hooks/__init__.py": "if is_torch_available():\n    from .first_block_cache import FirstBlockCacheConfig\n",
+    "hooks/first_block_cache.py": "class FirstBlockCacheConfig:\n    pass\n",
+}
+DIFFUSERS_METADATA = {"diffusers": "0.36.0", "transformers": "4.57.1", "huggingface-hub": "0.35.0"}
 
 
-def test_diffusers_complete_is_ok():
+def fake_diffusers(tmp_path, versions=None, drop=(), replace=None, requires=None, importable=("diffusers",
+                                                                                                "transformers")):
+    """A diffusers source tree under tmp_path, fake importlib.metadata / importlib.util, and an import_module
+    that refuses everything else: the probe must decide without importing diffusers or transformers."""
+    from importlib.machinery import ModuleSpec
+
+    files = {**DIFFUSERS_TREE, **(replace or {})}
+    for name, text in files.items():
+        if name not in drop:
+            path = tmp_path / "diffusers" / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    versions = dict(DIFFUSERS_METADATA if versions is None else versions)
+    requires = requires or {}
+
+    def version(dist):
+        if dist not in versions:
+            raise LookupError(dist)  # stands in for PackageNotFoundError
+        return versions[dist]
+
+    def find_spec(name):
+        if name not in importable:
+            return None
+        spec = ModuleSpec(name, None, is_package=True)
+        spec.submodule_search_locations = [str(tmp_path / name)]
+        return spec
+
+    modules = {"importlib.metadata": SimpleNamespace(version=version, requires=lambda d: requires.get(d, [])),
+               "importlib.util": SimpleNamespace(find_spec=find_spec)}
+
+    def import_module(name):
+        if name not in modules:
+            raise AssertionError(f"the diffusers probe imported {name}")
+        return modules[name]
+
+    return ProbeContext(import_module=import_module)
+
+
+def test_diffusers_complete_is_ok_without_importing_it(tmp_path):
     from probes import diffusers
 
-    f = diffusers.probe(ProbeContext(import_module=fake_diffusers()))
-    assert f.status == "ok" and f.summary == "diffusers 0.36.0, transformers 4.57.1"
-    assert f.measured == {"diffusers": "0.36.0", "transformers": "4.57.1", "has_pipeline": True,
-                          "has_dispatcher": True, "has_cache_hooks": True, "has_regional_compile": True}
+    f = diffusers.probe(fake_diffusers(tmp_path))
+    assert f.status == "ok", (f.summary, f.details)
+    assert f.summary == "diffusers 0.36.0, transformers 4.57.1"
+    assert f.measured == {"diffusers": "0.36.0", "transformers": "4.57.1", "diffusers_path": str(tmp_path / "diffusers"),
+                          "has_pipeline": True, "has_dispatcher": True, "has_cache_hooks": True,
+                          "has_regional_compile": True, "unmet_requirements": []}
 
 
-def test_diffusers_missing_or_without_qwen_fails():
+def test_diffusers_missing_or_without_qwen_fails(tmp_path):
     from probes import diffusers
 
-    f = diffusers.probe(ProbeContext(import_module=fake_import(diffusers=ImportError("No module named 'diffusers'"))))
-    assert f.status == "fail" and "diffusers>=0.35" in f.fix
-    f = diffusers.probe(ProbeContext(import_module=fake_diffusers(pipeline=False)))
+    f = diffusers.probe(fake_diffusers(tmp_path / "a", versions={}, importable=()))
+    assert f.status == "fail" and "not installed" in f.summary and "diffusers>=0.35" in f.fix
+    # Metadata left behind without the package: says so, instead of "not installed".
+    f = diffusers.probe(fake_diffusers(tmp_path / "b", importable=("transformers",)))
+    assert f.status == "fail" and "0.36.0 has package metadata but is not importable" in f.summary
+    # Exported name, but no class in pipelines/qwenimage (and the other way round).
+    f = diffusers.probe(fake_diffusers(tmp_path / "c", drop=("pipelines/qwenimage/pipeline_qwenimage.py",)))
+    assert f.status == "fail" and "QwenImagePipeline" in f.summary and f.measured["has_pipeline"] is False
+    f = diffusers.probe(fake_diffusers(tmp_path / "d", replace={"__init__.py": "_import_structure = {}\n"}))
     assert f.status == "fail" and "QwenImagePipeline" in f.summary
 
 
-@pytest.mark.parametrize("missing", ["dispatcher", "hooks", "regional"])
-def test_diffusers_missing_features_warn(missing):
+@pytest.mark.parametrize("missing, change", [
+    ("has_dispatcher", {"models/attention_dispatch.py": "def other():\n    pass\n"}),
+    ("has_dispatcher", {"models/attention.py": "class AttentionMixin:\n    pass\n"}),
+    ("has_cache_hooks", {"hooks/__init__.py": "from .other import Something\n"}),
+    ("has_regional_compile", {"models/modeling_utils.py": "class ModelMixin:\n    def set_attention_backend(s):"
+                                                          "\n        pass\n"}),
+])
+def test_diffusers_missing_features_warn(tmp_path, missing, change):
     from probes import diffusers
 
-    f = diffusers.probe(ProbeContext(import_module=fake_diffusers(**{missing: False})))
-    assert f.status == "warn" and f.fix == 'pip install -U "diffusers>=0.35"'
-    key = {"dispatcher": "has_dispatcher", "hooks": "has_cache_hooks", "regional": "has_regional_compile"}[missing]
-    assert f.measured[key] is False
+    f = diffusers.probe(fake_diffusers(tmp_path, replace=change))
+    assert f.status == "warn" and f.fix == 'pip install -U "diffusers>=0.35"', f.summary
+    assert f.measured[missing] is False
+    assert [k for k, v in f.measured.items() if v is False] == [missing]
+
+
+def test_diffusers_follows_absolute_imports_within_the_package(tmp_path):
+    from probes import diffusers
+
+    modeling = DIFFUSERS_TREE["models/modeling_utils.py"].replace("from .attention import",
+                                                                  "from diffusers.models.attention import")
+    hooks = "from diffusers.hooks.first_block_cache import FirstBlockCacheConfig\n"
+    f = diffusers.probe(fake_diffusers(tmp_path / "a", replace={"models/modeling_utils.py": modeling,
+                                                                 "hooks/__init__.py": hooks}))
+    assert f.status == "ok", (f.summary, f.details)
+    # Another package's class of the same name does not count.
+    modeling = DIFFUSERS_TREE["models/modeling_utils.py"].replace("from .attention import", "from other import")
+    f = diffusers.probe(fake_diffusers(tmp_path / "b", replace={"models/modeling_utils.py": modeling}))
+    assert f.status == "warn" and f.measured["has_dispatcher"] is False
+
+
+def test_diffusers_without_metadata_or_transformers(tmp_path):
+    from probes import diffusers
+
+    # A source tree on the path, no dist-info: everything checks out, but the version is unknown.
+    f = diffusers.probe(fake_diffusers(tmp_path / "a", versions={"transformers": "4.57.1"}))
+    assert f.status == "warn" and "no package metadata" in f.summary and f.measured["diffusers"] is None
+    f = diffusers.probe(fake_diffusers(tmp_path / "b", versions={"diffusers": "0.36.0"}, importable=("diffusers",)))
+    assert f.status == "fail" and "transformers is missing" in f.summary and "transformers>=4.51" in f.fix
+    f = diffusers.probe(fake_diffusers(tmp_path / "c", versions={"diffusers": "0.36.0", "transformers": "4.40.0"}))
+    assert f.status == "warn" and "older than 4.51" in f.summary
+
+
+def test_diffusers_unmet_requirement_fails(tmp_path):
+    from probes import diffusers
+
+    requires = {"transformers": ["huggingface-hub<1.0,>=0.36", "torch>=2.2; extra == 'torch'",
+                                 "tokenizers>=0.22; python_version < '3'"],
+                "diffusers": ["regex!=2019.12.17", "huggingface-hub>=0.30"]}
+    f = diffusers.probe(fake_diffusers(tmp_path, requires=requires))
+    assert f.status == "fail", f.summary
+    assert f.measured["unmet_requirements"] == [
+        "diffusers requires regex!=2019.12.17, which is not installed",
+        "transformers requires huggingface-hub<1.0,>=0.36, huggingface-hub 0.35.0 is installed"]
+    assert f.summary.endswith("regex!=2019.12.17, which is not installed (and 1 more)")
+    assert f.fix == "pip install -U huggingface-hub regex"
+
+
+def test_diffusers_probe_reads_the_installed_diffusers():
+    pytest.importorskip("diffusers")
+    from probes import diffusers
+
+    f = diffusers.probe(ProbeContext())
+    assert f.status == "ok", (f.summary, f.details)
+    assert all(f.measured[k] for k in ("has_pipeline", "has_dispatcher", "has_cache_hooks", "has_regional_compile"))
 
 
 # --- attention_backends -------------------------------------------------------------------------------

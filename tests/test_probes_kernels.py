@@ -420,3 +420,41 @@ def test_worker_runs_probe_honestly(probe_id):
 
     if not torch.cuda.is_available() and probe_id == "tf32":
         assert finding["status"] == "skip"
+
+
+def test_fp8_without_cuda_reads_torchao_metadata_instead_of_importing_it():
+    from probes import fp8
+
+    refuse = AssertionError("torchao imported without a GPU")
+    torch = fake_cuda_torch(version="2.13.0+cpu", cuda=None, available=False)
+    f = fp8.probe(_fp8_ctx(torch, torchao=refuse, torchao__quantization=refuse,
+                           **fake_packages(dists={"torchao": "0.18.0"})))
+    assert f.status == "skip" and f.measured["torchao"] == "0.18.0"
+    assert f.measured["torchao_state"] == "not_imported" and "not imported without a CUDA GPU" in f.details[0]
+    f = fp8.probe(_fp8_ctx(torch, torchao=refuse, **fake_packages()))
+    assert f.status == "skip" and f.measured["torchao_state"] == "missing"
+
+
+def test_fp8_asks_for_the_gpu_before_its_kernels(monkeypatch):
+    from probes import fp8
+
+    calls = []
+    monkeypatch.setattr(fp8, "scaled_mm_rel_err", lambda t, d: calls.append("kernels") or 0.04)
+    ctx = _fp8_ctx(fake_cuda_torch())
+    ctx.gpu_gate = lambda: calls.append("gate")
+    assert fp8.probe(ctx).status == "ok" and calls == ["gate", "kernels"]
+
+
+def test_compile_reports_the_fx_graph_cache_outcome():
+    from probes import compile as compile_probe
+    from tests.fakes import fake_import
+
+    def ctx(counters):
+        return ProbeContext(import_module=fake_import(
+            torch___dynamo__utils=SimpleNamespace(counters={"inductor": counters})))
+
+    assert compile_probe.fx_graph_cache(ctx({"fxgraph_cache_hit": 1})) == "hit"
+    assert compile_probe.fx_graph_cache(ctx({"fxgraph_cache_miss": 1, "fxgraph_cache_hit": 0})) == "miss"
+    assert compile_probe.fx_graph_cache(ctx({})) is None
+    assert compile_probe.fx_graph_cache(ProbeContext(import_module=fake_import(
+        torch___dynamo__utils=ImportError("no dynamo")))) is None
