@@ -10,8 +10,9 @@ Order, and why:
   7. cfg batching       last: it wraps the call the pipeline makes, around the compiled model
 
 A profile value at its default leaves the pipeline as diffusers built it. tf32, attention, real RoPE, cache
-and CFG batching set their state both ways, so they can be re-applied to a used pipeline; quantization and compile cannot be undone, so
-the tuner builds a fresh pipeline for each trial. Steps are not a lever on the pipeline but an argument of each
+and CFG batching set their state both ways (REAPPLICABLE), so they can be re-applied to a used pipeline;
+quantization and compile cannot be undone, so the tuner's pool (qwendoctor.pool) gives a trial that needs them
+gone a new transformer with the original weights. Steps are not a lever on the pipeline but an argument of each
 call (`qwendoctor.runner.call_arguments`).
 """
 
