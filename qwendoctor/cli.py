@@ -109,7 +109,7 @@ def generate(prompt, lock_path, seed, num_images, out_dir, ignore_fingerprint, g
     import json
 
     from qwendoctor import lockfile, parallel
-    from qwendoctor.generate import generate_images, load_tuned, warm_up
+    from qwendoctor.generate import check_fingerprint, generate_images, load_tuned, warm_up
 
     if num_images < 1:
         raise UsageError(f"--num-images must be at least 1, got {num_images}")
@@ -121,6 +121,8 @@ def generate(prompt, lock_path, seed, num_images, out_dir, ignore_fingerprint, g
     profile = parallel.with_gpus(lock.profile, lock.profile.gpus if gpus is None else gpus, strategy,
                                  lock.workload.does_cfg)
     if profile.gpus > 1 and not parallel.in_rank():
+        if not ignore_fingerprint:
+            check_fingerprint(lock, lock_path)
         _launch_generate(profile, lock, [prompt, "--lock", os.path.abspath(lock_path), "--seed", str(seed),
                                          "--num-images", str(num_images), "--out", out_dir]
                          + ["--ignore-fingerprint"] * ignore_fingerprint + ["--json"] * as_json)

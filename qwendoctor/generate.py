@@ -35,19 +35,24 @@ class TunedPipeline:
         return Image.fromarray((array * 255).round().clip(0, 255).astype("uint8"))
 
 
+def check_fingerprint(lock: lockfile.Lock, lock_path: str) -> None:
+    """Refuse a lock tuned on another setup, before anything loads."""
+    revision_source = lock.fingerprint.get("model_revision")
+    here = fingerprint.machine_fingerprint(lock.workload.model, revision_source)
+    # model_revision of a pretrained model is only known once loaded; load_tuned compares it after loading.
+    differing = [d for d in fingerprint.differences(lock.fingerprint, here) if not d.startswith("model_revision")]
+    if differing:
+        raise QwendoctorError(f"{lock_path} was tuned on another setup ({'; '.join(differing)}); "
+                              "re-run `qwendoctor tune`, or pass --ignore-fingerprint")
+
+
 def load_tuned(lock_path: str, ignore_fingerprint: bool = False, profile: Profile | None = None) -> TunedPipeline:
     """The lock's pipeline, with `profile` instead of the lock's where given (the lock's on more GPUs)."""
     lock = lockfile.read_lock(lock_path)
     profile = profile or lock.profile
     capabilities = runner.detect_capabilities()
     if not ignore_fingerprint:
-        revision_source = lock.fingerprint.get("model_revision")
-        here = fingerprint.machine_fingerprint(lock.workload.model, revision_source)
-        # model_revision of a pretrained model is only known once loaded; compare it after loading.
-        differing = [d for d in fingerprint.differences(lock.fingerprint, here) if not d.startswith("model_revision")]
-        if differing:
-            raise QwendoctorError(f"{lock_path} was tuned on another setup ({'; '.join(differing)}); "
-                                  "re-run `qwendoctor tune`, or pass --ignore-fingerprint")
+        check_fingerprint(lock, lock_path)
     model = runner.build(lock.workload, profile, capabilities)
     if not ignore_fingerprint and lock.fingerprint.get("model_revision") != model.revision:
         raise QwendoctorError(f"{lock_path} was tuned on model revision {lock.fingerprint.get('model_revision')}, "

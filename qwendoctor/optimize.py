@@ -86,8 +86,7 @@ def apply_cache(pipe, profile: Profile):
 def apply_compile(pipe, profile: Profile):
     if profile.compile == "none":
         return pipe
-    # Context parallelism's "anything" mode reads the per-rank sequence lengths on the host inside attention:
-    # a graph break, so the compiled blocks are allowed to break there.
+    # Under context parallelism attention runs eagerly between compiled pieces (qwendoctor.parallel): a break.
     options = {"fullgraph": profile.context_degree == 1}
     if profile.compile_mode != "default":
         options["mode"] = profile.compile_mode

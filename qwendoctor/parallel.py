@@ -65,13 +65,13 @@ def default_strategy(gpus: int, does_cfg: bool) -> str:
 
 def with_gpus(profile: Profile, gpus: int, strategy: str | None, does_cfg: bool) -> Profile:
     """`profile` run on `gpus` GPUs: the given strategy, else the profile's own if it fits, else the default.
-    CFG batching gives way to the cfg strategies (both handle the same two passes)."""
+    CFG batching gives way to the cfg strategies (both handle the same two passes) and to ring (its mask)."""
     import dataclasses
 
     if strategy is None:
         strategy = profile.parallel if profile.parallel != "none" and gpus > 1 else default_strategy(gpus, does_cfg)
     changed = dataclasses.replace(profile, parallel=strategy, gpus=gpus)
-    if changed.cfg_degree == 2:
+    if changed.cfg_degree == 2 or strategy == "ring":
         changed = dataclasses.replace(changed, cfg_batching=False)
     return changed.validate()
 
@@ -95,9 +95,10 @@ def init_process_group(device: str) -> None:
         return
     timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
     if device == "cuda":
-        local = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(local)
-        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=local, timeout=timeout)
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        # No device_id: with a bound default group DeviceMesh makes its groups by ncclCommSplit instead of
+        # new_group, which keeps the "cpu:gloo,cuda:nccl" pair that the size exchange's gloo half needs.
+        dist.init_process_group("cpu:gloo,cuda:nccl", timeout=timeout)
     else:
         dist.init_process_group("gloo", timeout=timeout)
 
@@ -174,7 +175,22 @@ def apply_context_parallel(pipe, profile: Profile):
                                    ring_anything=ring, ulysses_anything=not ring, mesh=mesh)
     with _cpu_device_count():
         pipe.transformer.enable_parallelism(config=config)
+    _attention_outside_compiled_graphs()
     return pipe
+
+
+def _attention_outside_compiled_graphs() -> None:
+    """Dynamo cannot trace the "anything" attention (it runs the size exchange on a fake process group and
+    fails), so compiled blocks break around it and it runs eagerly; the projections, RoPE, norms and MLP around
+    it still compile. Attention is one cuDNN/flash kernel either way."""
+    import torch
+    from diffusers.models import attention_dispatch
+
+    function = attention_dispatch._templated_context_parallel_attention
+    if not getattr(function, "_qwendoctor_eager", False):
+        eager = torch.compiler.disable(function)
+        eager._qwendoctor_eager = True
+        attention_dispatch._templated_context_parallel_attention = eager
 
 
 def apply_cfg_parallel(pipe, profile: Profile):

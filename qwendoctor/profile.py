@@ -99,8 +99,8 @@ class Profile:
                                  f"({', '.join(PARALLEL_STRATEGIES[1:])})")
             return
         if self.parallel == "cfg" and self.gpus != 2:
-            raise UsageError(f"profile.gpus: parallel 'cfg' runs the two CFG passes on exactly 2 GPUs, got {self.gpus}; "
-                             "use cfg+ulysses or cfg+ring for more")
+            raise UsageError(f"profile.gpus: parallel 'cfg' runs the two CFG passes on exactly 2 GPUs, got "
+                             f"{self.gpus}; use cfg+ulysses or cfg+ring for more")
         if "+" in self.parallel and (self.gpus < 4 or self.gpus % 2):
             raise UsageError(f"profile.gpus: parallel {self.parallel!r} needs an even count >= 4 (2 CFG groups of "
                              f">= 2 GPUs), got {self.gpus}")
@@ -109,6 +109,15 @@ class Profile:
         if self.cfg_degree == 2 and self.cfg_batching:
             raise UsageError(f"profile.cfg_batching: parallel {self.parallel!r} already runs the two CFG passes on "
                              "separate GPUs; set cfg_batching = false")
+        if self.parallel == "ring" and self.cfg_batching:
+            # CFG batching masks the shorter of the two prompts; diffusers' ring attention for sequences that
+            # do not split evenly (ring_anything) refuses any attention mask.
+            raise UsageError("profile.cfg_batching: parallel 'ring' takes no text mask, which CFG batching needs "
+                             "for prompts of different lengths; set cfg_batching = false")
+        if self.context_degree > 1 and self.compile == "full":
+            # The whole model would trace diffusers' output gather, which Dynamo cannot (see
+            # qwendoctor.parallel); regional compile leaves it outside the compiled blocks.
+            raise UsageError(f"profile.compile: parallel {self.parallel!r} takes compile = regional, not full")
         if self.context_degree > 1 and self.cache != "none":
             # Each rank would decide to skip blocks from its own shard of the sequence: ranks that decide
             # differently issue different collectives and the run deadlocks.
