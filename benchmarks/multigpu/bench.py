@@ -197,7 +197,7 @@ def markdown(document: dict) -> str:
             f"{row['warmup_s']:.1f} | {_gib(row.get('peak_memory_gib'))} | {'yes' if row['weights_agree'] else 'NO'} |")
     target = TARGETS.get(document["gpus"])
     best = max((r.get("speedup", 0) for r in document["rows"][1:] if "failed" not in r), default=None)
-    if target and best is not None:
+    if target and best is not None and "gpu" in document["host"]:  # the targets are for GPUs
         lines += ["", f"target at {document['gpus']} GPUs: >= {target}x; best measured: {best:.2f}x "
                       f"({'met' if best >= target else 'not met'})"]
     if document.get("interrupted"):
