@@ -242,3 +242,27 @@ def test_topology_skips_one_gpu_and_no_gpu():
         raise RuntimeError("NVMLError_LibraryNotFound")
 
     assert topology.probe(ProbeContext(nvml=no_driver)).status == "skip"
+
+
+# ---- the benchmark's table -----------------------------------------------------------------------------------
+
+def test_benchmark_rows_and_table():
+    from benchmarks.multigpu import bench
+
+    assert bench.strategies_for(1, True) == []
+    assert bench.strategies_for(2, True) == ["cfg", "ulysses", "ring"]
+    assert bench.strategies_for(4, True) == ["cfg+ulysses", "cfg+ring", "ulysses", "ring"]
+    assert bench.strategies_for(2, False) == ["ulysses", "ring"]
+    profile = parallel.with_gpus(Profile.from_text(bench.DEFAULT_PROFILE), 2, "cfg", True)
+    assert Profile.from_text(bench.profile_text(profile)) == profile
+    document = {"workload": CFG.to_dict() | {"model": "synthetic"}, "gpus": 2, "timed_steps": 6,
+                "host": {"gpu": "NVIDIA H100 80GB HBM3"},
+                "rows": [{"label": "1 GPU (tuned)", "gpus": 1, "describe": "attn=_native_cudnn", "step_ms": 500.0,
+                          "speedup": 1.0, "warmup_s": 12.0, "weights_agree": True, "peak_memory_gib": 70.0},
+                         {"label": "cfg", "gpus": 2, "describe": "parallel=cfg/2", "step_ms": 260.0,
+                          "speedup": 500 / 260, "psnr_db": 45.25, "warmup_s": 13.0, "weights_agree": True},
+                         {"label": "ring", "gpus": 2, "failed": "rank 1: OutOfMemoryError: CUDA out of memory"}]}
+    table = bench.markdown(document)
+    assert "| cfg | 2 | parallel=cfg/2 | 260.0 | 1.92x | 13.0 | 45.2 dB | 13.0 |  | yes |" in table
+    assert "| ring | 2 | | failed: rank 1: OutOfMemoryError" in table
+    assert table.endswith("target at 2 GPUs: >= 1.85x; best measured: 1.92x (met)")
