@@ -34,6 +34,8 @@ PROBES: list[ProbeSpec] = [
     ProbeSpec("system", "probes.system", False, 30.0, "Python, OS, CPU, RAM, free disk for weights and caches"),
     ProbeSpec("gpu", "probes.gpu", True, 30.0, "NVIDIA GPUs (NVML): arch, memory, driver, clocks, power, MIG",
               group="cuda"),
+    ProbeSpec("topology", "probes.topology", True, 30.0,
+              "multi-GPU: NVLink links per GPU, PCIe paths, peer access between GPUs", group="cuda"),
     ProbeSpec("torch_build", "probes.torch_build", True, 90.0, "torch build: CUDA, cuDNN, NCCL, triton, GPU archs",
               group="cuda"),
     ProbeSpec("flash_attn", "probes.flash_attn", True, 120.0,

@@ -97,10 +97,12 @@ def _pad_text_pair(prompt_embeds, prompt_mask, negative_embeds, negative_mask):
     return torch.cat(texts), torch.cat(masks)
 
 
-def enable(pipe) -> CFGBatchedTransformer:
+def enable(pipe, wrap=CFGBatchedTransformer) -> CFGBatchedTransformer:
+    """Install `wrap(transformer)` (CFG batching's wrapper, or one that shares its interception, such as
+    qwendoctor.parallel's CFG-parallel one) over the pipeline's transformer."""
     if isinstance(pipe.transformer, CFGBatchedTransformer):
         return pipe.transformer
-    wrapper = CFGBatchedTransformer(pipe.transformer)
+    wrapper = wrap(pipe.transformer)
     original_encode = pipe.encode_prompt
 
     def encode_prompt(*args, **kwargs):

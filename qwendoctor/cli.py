@@ -13,6 +13,7 @@ import sys
 import click
 
 from qwendoctor.errors import EXIT_FAILURE, EXIT_USAGE, QwendoctorError, UsageError
+from qwendoctor.profile import PARALLEL_STRATEGIES
 from qwendoctor.tune import DEFAULT_HEARTBEAT_S  # light: tune imports torch and optuna only when it runs
 
 DEFAULT_LOCK = "qwendoctor.lock"
@@ -106,31 +107,70 @@ def tune(model, width, height, steps, true_cfg_scale, negative_prompt, trials, t
 @click.option("--num-images", type=int, default=1, show_default=True)
 @click.option("--out", "out_dir", default="qwendoctor-out", show_default=True, help="Directory for the PNGs.")
 @click.option("--ignore-fingerprint", is_flag=True, help="Use a lock tuned on another machine or stack.")
+@click.option("--gpus", type=int, help="GPUs to split each image over, one torchrun rank each [the lock's, else 1].")
+@click.option("--parallel", "strategy", type=click.Choice(PARALLEL_STRATEGIES),
+              help="How --gpus share the work [the lock's; else cfg on 2 GPUs, cfg+ulysses on 4, ...].")
 @click.option("--json", "as_json", is_flag=True, help="Print the written files and timings as JSON.")
-def generate(prompt, lock_path, seed, num_images, out_dir, ignore_fingerprint, as_json):
+def generate(prompt, lock_path, seed, num_images, out_dir, ignore_fingerprint, gpus, strategy, as_json):
     """Generate images with the tuned lock; never overwrites an existing file."""
     import json
 
-    from qwendoctor.generate import generate_images, load_tuned, warm_up
+    from qwendoctor import lockfile, parallel
+    from qwendoctor.generate import check_fingerprint, generate_images, load_tuned, warm_up
 
     if num_images < 1:
         raise UsageError(f"--num-images must be at least 1, got {num_images}")
     if not prompt.strip():
         raise UsageError("the prompt is empty")
-    tuned = load_tuned(lock_path, ignore_fingerprint=ignore_fingerprint)
+    lock = lockfile.read_lock(lock_path)
+    if gpus is not None and gpus < 1:
+        raise UsageError(f"--gpus must be at least 1, got {gpus}")
+    profile = parallel.with_gpus(lock.profile, lock.profile.gpus if gpus is None else gpus, strategy,
+                                 lock.workload.does_cfg)
+    if profile.gpus > 1 and not parallel.in_rank():
+        if not ignore_fingerprint:
+            check_fingerprint(lock, lock_path)
+        _launch_generate(profile, lock, [prompt, "--lock", os.path.abspath(lock_path), "--seed", str(seed),
+                                         "--num-images", str(num_images), "--out", out_dir]
+                         + ["--ignore-fingerprint"] * ignore_fingerprint + ["--json"] * as_json)
+        return
+    main_rank = parallel.is_main()
+    if profile.gpus > 1:
+        from qwendoctor import models
+
+        parallel.init_process_group(models.default_device())
+    tuned = load_tuned(lock_path, ignore_fingerprint=ignore_fingerprint, profile=profile)
     warm_up_s = warm_up(tuned)
-    if warm_up_s is not None and not as_json:
+    if warm_up_s is not None and not as_json and main_rank:
         click.echo(f"warm-up (compile, autotune): {warm_up_s:.1f} s")
     written = []
-    for path, seconds in generate_images(tuned, prompt, seed, num_images, out_dir):
+    for path, seconds in generate_images(tuned, prompt, seed, num_images, out_dir, save=main_rank):
         written.append({"path": path, "seconds": round(seconds, 4)})
-        if not as_json:
+        if not as_json and main_rank:
             click.echo(f"{path}  {seconds:.2f} s")
+    if profile.gpus > 1:
+        parallel.destroy_process_group()
+    if not main_rank:
+        return
     if as_json:
         click.echo(json.dumps({"images": written, "warm_up_s": warm_up_s, "profile": tuned.profile.to_dict()}))
     elif len(written) > 1:
         mean = sum(w["seconds"] for w in written) / len(written)
         click.echo(f"{len(written)} images, {mean:.2f} s per image")
+
+
+def _launch_generate(profile, lock, arguments: list[str]) -> None:
+    """Check what can be checked here (GPU count, the profile on this machine), then start the ranks."""
+    import torch
+
+    from qwendoctor import models, parallel, runner
+
+    device = models.default_device()
+    parallel.check_gpu_count(profile.gpus, device, torch.cuda.device_count())
+    runner.check_runnable(profile, lock.workload, runner.detect_capabilities())
+    parallel.launch(profile.gpus, ["qwendoctor", "generate", *arguments, "--gpus", str(profile.gpus),
+                                   "--parallel", profile.parallel],
+                    echo=lambda line: click.echo(line, err=True))
 
 
 @cli.command()
@@ -208,6 +248,15 @@ def _quiet_import_noise() -> None:
     logging.getLogger("torchao").setLevel(logging.ERROR)
 
 
+def _fail(message: str, code: int) -> int:
+    """Print the one-line error; inside a multi-GPU rank, also leave it for the launcher to report."""
+    from qwendoctor import parallel
+
+    click.echo(f"qwendoctor: error: {message}", err=True)
+    parallel.report_failure(message, code)
+    return code
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one-line errors and documented exit codes instead of tracebacks."""
     debug = os.environ.get("QWENDOCTOR_DEBUG") == "1"
@@ -229,15 +278,12 @@ def main(argv: list[str] | None = None) -> None:
     except QwendoctorError as error:
         if debug:
             raise
-        click.echo(f"qwendoctor: error: {error}", err=True)
-        code = error.exit_code
+        code = _fail(str(error), error.exit_code)
     except Exception as error:  # a bug or an environment failure we did not classify
         if debug:
             raise
         message = (str(error).strip().splitlines() or [""])[0]
-        click.echo(f"qwendoctor: error: {type(error).__name__}: {message} (QWENDOCTOR_DEBUG=1 for the traceback)",
-                   err=True)
-        code = EXIT_FAILURE
+        code = _fail(f"{type(error).__name__}: {message} (QWENDOCTOR_DEBUG=1 for the traceback)", EXIT_FAILURE)
     sys.exit(code if isinstance(code, int) else 0)
 
 

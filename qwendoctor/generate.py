@@ -35,22 +35,29 @@ class TunedPipeline:
         return Image.fromarray((array * 255).round().clip(0, 255).astype("uint8"))
 
 
-def load_tuned(lock_path: str, ignore_fingerprint: bool = False) -> TunedPipeline:
+def check_fingerprint(lock: lockfile.Lock, lock_path: str) -> None:
+    """Refuse a lock tuned on another setup, before anything loads."""
+    revision_source = lock.fingerprint.get("model_revision")
+    here = fingerprint.machine_fingerprint(lock.workload.model, revision_source)
+    # model_revision of a pretrained model is only known once loaded; load_tuned compares it after loading.
+    differing = [d for d in fingerprint.differences(lock.fingerprint, here) if not d.startswith("model_revision")]
+    if differing:
+        raise QwendoctorError(f"{lock_path} was tuned on another setup ({'; '.join(differing)}); "
+                              "re-run `qwendoctor tune`, or pass --ignore-fingerprint")
+
+
+def load_tuned(lock_path: str, ignore_fingerprint: bool = False, profile: Profile | None = None) -> TunedPipeline:
+    """The lock's pipeline, with `profile` instead of the lock's where given (the lock's on more GPUs)."""
     lock = lockfile.read_lock(lock_path)
+    profile = profile or lock.profile
     capabilities = runner.detect_capabilities()
     if not ignore_fingerprint:
-        revision_source = lock.fingerprint.get("model_revision")
-        here = fingerprint.machine_fingerprint(lock.workload.model, revision_source)
-        # model_revision of a pretrained model is only known once loaded; compare it after loading.
-        differing = [d for d in fingerprint.differences(lock.fingerprint, here) if not d.startswith("model_revision")]
-        if differing:
-            raise QwendoctorError(f"{lock_path} was tuned on another setup ({'; '.join(differing)}); "
-                                  "re-run `qwendoctor tune`, or pass --ignore-fingerprint")
-    model = runner.build(lock.workload, lock.profile, capabilities)
+        check_fingerprint(lock, lock_path)
+    model = runner.build(lock.workload, profile, capabilities)
     if not ignore_fingerprint and lock.fingerprint.get("model_revision") != model.revision:
         raise QwendoctorError(f"{lock_path} was tuned on model revision {lock.fingerprint.get('model_revision')}, "
                               f"here it is {model.revision}; re-run `qwendoctor tune`, or pass --ignore-fingerprint")
-    return TunedPipeline(model=model, workload=lock.workload, profile=lock.profile, lock=lock)
+    return TunedPipeline(model=model, workload=lock.workload, profile=profile, lock=lock)
 
 
 def _slug(prompt: str) -> str:
@@ -95,8 +102,9 @@ def warm_up(tuned: TunedPipeline) -> float | None:
 
 
 def generate_images(tuned: TunedPipeline, prompt: str, seed: int, num_images: int,
-                    out_dir: str) -> Iterator[tuple[str, float]]:
-    """Render `num_images` (seeds seed, seed+1, ...) and yield (path, seconds) for each as it is written."""
+                    out_dir: str, save: bool = True) -> Iterator[tuple[str | None, float]]:
+    """Render `num_images` (seeds seed, seed+1, ...) and yield (path, seconds) for each as it is written.
+    With `save` off (the other ranks of a multi-GPU run) the images are rendered, not written: path None."""
     from PIL import PngImagePlugin
 
     if num_images < 1:
@@ -108,6 +116,9 @@ def generate_images(tuned: TunedPipeline, prompt: str, seed: int, num_images: in
         image = tuned(prompt, seed=image_seed)
         timing.synchronize(tuned.model.device)
         seconds = time.perf_counter() - started
+        if not save:
+            yield None, seconds
+            continue
         info = PngImagePlugin.PngInfo()
         for key, value in png_metadata(tuned, prompt, image_seed).items():
             info.add_itxt(key, value)

@@ -6,8 +6,10 @@ Order, and why:
   3. real RoPE          rotary embedding in real arithmetic; before compile, which cannot fuse complex ops
   4. quantization       torchao swaps Linear weights; before compile so inductor fuses the activation quantization
   5. cache              diffusers' hooks around the blocks (never together with compile: Profile.validate)
-  6. compile            it traces whatever the steps above left
-  7. cfg batching       last: it wraps the call the pipeline makes, around the compiled model
+  6. context parallel   diffusers' Ulysses / ring hooks (qwendoctor.parallel); before compile, which traces them
+  7. compile            it traces whatever the steps above left
+  8. cfg batching       it wraps the call the pipeline makes, around the compiled model
+  9. cfg parallel       the same interception with the two passes on two GPUs (never together with 8)
 
 A profile value at its default leaves the pipeline as diffusers built it. tf32, attention, real RoPE, cache
 and CFG batching set their state both ways (REAPPLICABLE), so they can be re-applied to a used pipeline;
@@ -85,7 +87,8 @@ def apply_cache(pipe, profile: Profile):
 def apply_compile(pipe, profile: Profile):
     if profile.compile == "none":
         return pipe
-    options = {"fullgraph": True}
+    # Under context parallelism attention runs eagerly between compiled pieces (qwendoctor.parallel): a break.
+    options = {"fullgraph": profile.context_degree == 1}
     if profile.compile_mode != "default":
         options["mode"] = profile.compile_mode
     if profile.compile == "regional":
@@ -106,8 +109,20 @@ def apply_cfg_batching(pipe, profile: Profile):
     return pipe
 
 
-LEVERS = (apply_tf32, apply_attention_backend, apply_real_rope, apply_quantization, apply_cache, apply_compile,
-          apply_cfg_batching)
+def apply_context_parallel(pipe, profile: Profile):
+    from qwendoctor import parallel
+
+    return parallel.apply_context_parallel(pipe, profile)
+
+
+def apply_cfg_parallel(pipe, profile: Profile):
+    from qwendoctor import parallel
+
+    return parallel.apply_cfg_parallel(pipe, profile)
+
+
+LEVERS = (apply_tf32, apply_attention_backend, apply_real_rope, apply_quantization, apply_cache,
+          apply_context_parallel, apply_compile, apply_cfg_batching, apply_cfg_parallel)
 # The levers that set their state both ways: re-applying them to a used pipeline leaves it as a fresh one would be.
 REAPPLICABLE = (apply_tf32, apply_attention_backend, apply_real_rope, apply_cache, apply_cfg_batching)
 

@@ -29,7 +29,7 @@ UNKNOWN = {"unknown": True}
 
 def baked_part(profile: Profile) -> dict[str, Any] | None:
     """What of `profile` cannot be taken off a transformer once applied; None when all of it can."""
-    if profile.compile != "none":
+    if profile.compile != "none" or profile.parallel != "none":  # parallel hooks and groups are not undone
         return dataclasses.replace(profile, steps=None).to_dict()
     if profile.quantization != "none":
         return {"quantization": profile.quantization}

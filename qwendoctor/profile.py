@@ -33,6 +33,13 @@ COMPILE_OPTIONS = ("default", "max-autotune-no-cudagraphs")
 QUANTIZATIONS = ("none", "fp8_rowwise", "fp8_tensorwise", "fp8_weight_only")
 CACHES = ("none", "first_block")
 DTYPES = ("bfloat16", "float32")
+# Multi-GPU strategies (qwendoctor.parallel). cfg: true CFG's two passes on two GPUs; ulysses / ring: diffusers'
+# context parallelism, the sequence split over the GPUs; cfg+X: two groups of GPUs, one per CFG pass, X inside each.
+PARALLEL_STRATEGIES = ("none", "cfg", "ulysses", "ring", "cfg+ulysses", "cfg+ring")
+# diffusers 0.42's backends registered with supports_context_parallel=True, among ATTENTION_BACKENDS; ring also
+# needs the kernel's log-sum-exp to merge partial results, which "native" (plain SDPA) does not return.
+ULYSSES_BACKENDS = ("native", "_native_cudnn", "_native_flash", "flash")
+RING_BACKENDS = ("_native_cudnn", "_native_flash", "flash")
 FP8_MIN_COMPUTE_CAPABILITY = (8, 9)
 PIXELS_MULTIPLE = 16  # VAE downsamples by 8, then the transformer packs 2x2 patches
 # Qwen-Image's scheduler stretches sigmas to shift_terminal with (1 - sigma) / (1 - last sigma): 0/0 at one step.
@@ -53,6 +60,8 @@ class Profile:
     cfg_batching: bool = False  # true CFG's cond and uncond passes as one batch-2 transformer call
     real_rope: bool = False  # the rotary embedding in real arithmetic, so compile can fuse it
     steps: int | None = None  # None: the workload's reference steps
+    parallel: str = "none"  # one of PARALLEL_STRATEGIES
+    gpus: int = 1  # processes (one GPU each) that run the strategy; cfg takes 2 of them, context parallel the rest
 
     def validate(self) -> "Profile":
         _choice("profile.attention_backend", self.attention_backend, ATTENTION_BACKENDS)
@@ -77,7 +86,52 @@ class Profile:
                 # diffusers' cache hooks decide per step in Python whether to skip blocks: a compiled graph
                 # around them either breaks on the decision or bakes one branch in.
                 raise UsageError(f"profile: cache {self.cache!r} cannot be combined with compile {self.compile!r}")
+        self._validate_parallel()
         return self
+
+    def _validate_parallel(self) -> None:
+        _choice("profile.parallel", self.parallel, PARALLEL_STRATEGIES)
+        if not _is_int(self.gpus) or self.gpus < 1:
+            raise UsageError(f"profile.gpus: must be an integer >= 1, got {self.gpus!r}")
+        if self.parallel == "none":
+            if self.gpus != 1:
+                raise UsageError(f"profile.gpus: {self.gpus} GPUs need a parallel strategy "
+                                 f"({', '.join(PARALLEL_STRATEGIES[1:])})")
+            return
+        if self.parallel == "cfg" and self.gpus != 2:
+            raise UsageError(f"profile.gpus: parallel 'cfg' runs the two CFG passes on exactly 2 GPUs, got "
+                             f"{self.gpus}; use cfg+ulysses or cfg+ring for more")
+        if "+" in self.parallel and (self.gpus < 4 or self.gpus % 2):
+            raise UsageError(f"profile.gpus: parallel {self.parallel!r} needs an even count >= 4 (2 CFG groups of "
+                             f">= 2 GPUs), got {self.gpus}")
+        if self.gpus < 2:
+            raise UsageError(f"profile.gpus: parallel {self.parallel!r} needs at least 2 GPUs, got {self.gpus}")
+        if self.cfg_degree == 2 and self.cfg_batching:
+            raise UsageError(f"profile.cfg_batching: parallel {self.parallel!r} already runs the two CFG passes on "
+                             "separate GPUs; set cfg_batching = false")
+        if self.parallel == "ring" and self.cfg_batching:
+            # CFG batching masks the shorter of the two prompts; diffusers' ring attention for sequences that
+            # do not split evenly (ring_anything) refuses any attention mask.
+            raise UsageError("profile.cfg_batching: parallel 'ring' takes no text mask, which CFG batching needs "
+                             "for prompts of different lengths; set cfg_batching = false")
+        if self.context_degree > 1 and self.compile == "full":
+            # The whole model would trace diffusers' output gather, which Dynamo cannot (see
+            # qwendoctor.parallel); regional compile leaves it outside the compiled blocks.
+            raise UsageError(f"profile.compile: parallel {self.parallel!r} takes compile = regional, not full")
+        if self.context_degree > 1 and self.cache != "none":
+            # Each rank would decide to skip blocks from its own shard of the sequence: ranks that decide
+            # differently issue different collectives and the run deadlocks.
+            raise UsageError(f"profile: cache {self.cache!r} cannot be combined with parallel {self.parallel!r}")
+
+    @property
+    def cfg_degree(self) -> int:
+        """GPUs the CFG passes are split over: 2 for the cfg strategies, else 1."""
+        return 2 if self.parallel.startswith("cfg") else 1
+
+    @property
+    def context_degree(self) -> int:
+        """GPUs one transformer pass's sequence is split over (Ulysses or ring); 1 without context parallelism."""
+        return self.gpus // self.cfg_degree
 
     def describe(self) -> str:
         parts = [f"attn={self.attention_backend}"]
@@ -95,10 +149,16 @@ class Profile:
             parts.append("cfg-batch")
         if self.steps is not None:
             parts.append(f"steps={self.steps}")
+        if self.parallel != "none":
+            parts.append(f"parallel={self.parallel}/{self.gpus}")
         return " ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
-        return _without_none(dataclasses.asdict(self))
+        data = _without_none(dataclasses.asdict(self))
+        if self.parallel == "none" and self.gpus == 1:
+            # One-GPU profiles read and write as they did before multi-GPU existed.
+            del data["parallel"], data["gpus"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Profile":
@@ -193,6 +253,7 @@ class Capabilities:
     compile_works: bool | None = None  # the compile probe's verdict; None: not probed
     # ms of one attention call at the workload's shapes per dispatcher backend (attention_truth); None: not timed
     attention_ms: tuple[tuple[str, float], ...] | None = None
+    gpu_count: int | None = None  # visible CUDA devices; None on the CPU, where gloo runs any number of ranks
 
     @property
     def has_fp8(self) -> bool:
@@ -220,6 +281,16 @@ def check_runnable(profile: Profile, workload: Workload, capabilities: Capabilit
                          f"(true_cfg_scale {workload.true_cfg_scale:g})")
     if profile.tf32 and capabilities.device != "cuda":
         raise UnavailableLever("tf32 is a CUDA matmul mode; it does nothing on the CPU")
+    if profile.cfg_degree == 2 and not workload.does_cfg:
+        raise UsageError(f"profile.parallel {profile.parallel!r} splits true CFG's two passes; this workload has no "
+                         f"CFG (true_cfg_scale {workload.true_cfg_scale:g})")
+    if profile.context_degree > 1:
+        backends = RING_BACKENDS if profile.parallel.endswith("ring") else ULYSSES_BACKENDS
+        if profile.attention_backend not in backends:
+            raise UnavailableLever(f"parallel {profile.parallel!r} needs an attention backend diffusers can split "
+                                   f"({', '.join(backends)}), not {profile.attention_backend!r}")
+    if capabilities.gpu_count is not None and profile.gpus > capabilities.gpu_count:
+        raise UsageError(f"profile.gpus: {profile.gpus} GPUs asked for, {capabilities.gpu_count} visible")
     working = capabilities.working_attention_backends
     if working is not None and profile.attention_backend not in working:
         raise UnavailableLever(f"attention backend {profile.attention_backend!r} did not pass the check here "

@@ -19,7 +19,8 @@ def detect_capabilities(working_attention_backends: tuple[str, ...] | None = Non
     if torch.cuda.is_available():
         return Capabilities(device="cuda", compute_capability=tuple(torch.cuda.get_device_capability()),
                             has_torchao=importlib.util.find_spec("torchao") is not None,
-                            working_attention_backends=working_attention_backends)
+                            working_attention_backends=working_attention_backends,
+                            gpu_count=torch.cuda.device_count())
     return Capabilities(device="cpu", working_attention_backends=working_attention_backends)
 
 

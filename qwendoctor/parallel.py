@@ -1,0 +1,305 @@
+"""Multi-GPU generation: one process per GPU started by torchrun, and the strategies that split the work.
+
+    cfg          true CFG's cond and uncond passes on two GPUs, one all_gather of the two predictions per step
+    ulysses      diffusers' context parallelism: the sequence split over the GPUs, an all-to-all around attention
+    ring         the same split, keys and values passed around a ring (needs a backend that returns the LSE)
+    cfg+ulysses  two groups, one per CFG pass, each splitting its pass's sequence; cfg+ring likewise
+
+The ranks form one device mesh, dims ("cfg", "ring", "ulysses") of shape (cfg degree, ring, ulysses): the CFG
+exchange runs over the "cfg" dim, diffusers' context parallelism over the other two (ContextParallelConfig's
+`mesh` argument), so the two compose. Every rank runs the whole pipeline (scheduler, VAE) on identical inputs
+and gets identical latents back from the collectives; rank 0 alone writes images and prints.
+
+Each strategy is one lever, `apply_<strategy>(pipe, profile)`, applied by qwendoctor.optimize in its place.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from qwendoctor.cfg_batching import CFGBatchedTransformer
+from qwendoctor.errors import QwendoctorError, UsageError
+from qwendoctor.profile import Profile
+
+# torchrun sets these in every rank; qwendoctor sets ERROR_DIR_ENV so a failing rank can name its error.
+ERROR_DIR_ENV = "QWENDOCTOR_RANK_ERRORS"
+TIMEOUT_ENV = "QWENDOCTOR_DIST_TIMEOUT_S"
+# A collective that waits longer than this fails instead of hanging. Generous: a rank may be compiling (FP8
+# compiles take ~165 s on an H100) while the others already wait in the first collective.
+DEFAULT_TIMEOUT_S = 900.0
+MESH_DIMS = ("cfg", "ring", "ulysses")
+_meshes: dict = {}
+
+
+def in_rank() -> bool:
+    """True inside a process torchrun started (it sets RANK, WORLD_SIZE and LOCAL_RANK)."""
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def default_strategy(gpus: int, does_cfg: bool) -> str:
+    """What `--gpus N` runs when the lock names no strategy: CFG across two groups when the workload has true
+    CFG (one exchange per step instead of one per attention call), Ulysses for the rest of the split."""
+    if gpus == 1:
+        return "none"
+    if does_cfg and gpus == 2:
+        return "cfg"
+    if does_cfg and gpus % 2 == 0:
+        return "cfg+ulysses"
+    return "ulysses"
+
+
+def with_gpus(profile: Profile, gpus: int, strategy: str | None, does_cfg: bool) -> Profile:
+    """`profile` run on `gpus` GPUs: the given strategy, else the profile's own if it fits, else the default.
+    CFG batching gives way to the cfg strategies (both handle the same two passes) and to ring (its mask)."""
+    import dataclasses
+
+    if strategy is None:
+        strategy = profile.parallel if profile.parallel != "none" and gpus > 1 else default_strategy(gpus, does_cfg)
+    changed = dataclasses.replace(profile, parallel=strategy, gpus=gpus)
+    if changed.cfg_degree == 2 or strategy == "ring":
+        changed = dataclasses.replace(changed, cfg_batching=False)
+    return changed.validate()
+
+
+def check_gpu_count(gpus: int, device: str, visible: int) -> None:
+    if gpus < 1:
+        raise UsageError(f"--gpus must be at least 1, got {gpus}")
+    if device == "cuda" and gpus > visible:
+        raise UsageError(f"--gpus {gpus}: only {visible} GPU{'s' if visible != 1 else ''} visible here "
+                         "(CUDA_VISIBLE_DEVICES, nvidia-smi)")
+
+
+def init_process_group(device: str) -> None:
+    """Join the ranks torchrun started: NCCL for the GPUs, plus gloo for small CPU tensors (diffusers'
+    Ulysses-anything exchanges the per-rank sequence lengths on the CPU, which saves a device sync per
+    attention call); gloo alone on the CPU."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        # No device_id: with a bound default group DeviceMesh makes its groups by ncclCommSplit instead of
+        # new_group, which keeps the "cpu:gloo,cuda:nccl" pair that the size exchange's gloo half needs.
+        dist.init_process_group("cpu:gloo,cuda:nccl", timeout=timeout)
+    else:
+        dist.init_process_group("gloo", timeout=timeout)
+
+
+def destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    _meshes.clear()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def device_mesh(profile: Profile):
+    """The ranks as a (cfg, ring, ulysses) mesh; built once per shape (building one is a collective)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not dist.is_initialized():
+        raise QwendoctorError(f"parallel {profile.parallel!r} runs under torchrun: use `qwendoctor generate --gpus "
+                              f"{profile.gpus}`, or start the process group first (qwendoctor.parallel)")
+    if dist.get_world_size() != profile.gpus:
+        raise QwendoctorError(f"profile.gpus is {profile.gpus}, but {dist.get_world_size()} ranks are running")
+    ring = profile.context_degree if profile.parallel.endswith("ring") else 1
+    shape = (profile.cfg_degree, ring, profile.context_degree // ring)
+    if shape not in _meshes:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        _meshes[shape] = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+    return _meshes[shape]
+
+
+class CFGParallelTransformer(CFGBatchedTransformer):
+    """CFG batching's interception, with the batch split over two ranks: on the cond call this rank runs its
+    own branch (cfg-rank 0 the prompt, 1 the negative prompt), one all_gather brings both predictions to
+    both ranks, and the uncond call is answered from what was kept, as CFG batching does."""
+
+    def __init__(self, transformer, group):
+        import torch.distributed as dist
+
+        super().__init__(transformer)
+        self.__dict__["group"] = group
+        self.__dict__["branch"] = dist.get_rank(group)
+
+    def _batched(self, kwargs, negative_embeds, negative_mask):
+        import torch
+        import torch.distributed as dist
+
+        mine = dict(kwargs)
+        if self.branch == 1:
+            mine["encoder_hidden_states"] = negative_embeds
+            mine["encoder_hidden_states_mask"] = negative_mask
+        output = self.inner(**mine)
+        sample = (output[0] if isinstance(output, tuple) else output.sample).contiguous()
+        both = [torch.empty_like(sample) for _ in range(2)]
+        dist.all_gather(both, sample, group=self.group)
+        if isinstance(output, tuple):
+            return (both[0], *output[1:]), (both[1], *output[1:])
+        return type(output)(sample=both[0]), type(output)(sample=both[1])
+
+
+def apply_context_parallel(pipe, profile: Profile):
+    """diffusers' context parallelism over the mesh's (ring, ulysses) dims, with Qwen-Image's own plan.
+
+    Always the "anything" variants: Qwen-Image's sequence rarely splits evenly (6889 image tokens at 1328x1328,
+    a prompt-dependent text length), and padding would need a mask, which forces slower attention kernels."""
+    if profile.context_degree == 1:
+        return pipe
+    from diffusers import ContextParallelConfig
+
+    ring = profile.parallel.endswith("ring")
+    mesh = device_mesh(profile)
+    config = ContextParallelConfig(ring_degree=profile.context_degree if ring else 1,
+                                   ulysses_degree=1 if ring else profile.context_degree,
+                                   ring_anything=ring, ulysses_anything=not ring, mesh=mesh)
+    with _cpu_device_count():
+        pipe.transformer.enable_parallelism(config=config)
+    _attention_outside_compiled_graphs()
+    return pipe
+
+
+def _attention_outside_compiled_graphs() -> None:
+    """Dynamo cannot trace the "anything" attention (it runs the size exchange on a fake process group and
+    fails), so compiled blocks break around it and it runs eagerly; the projections, RoPE, norms and MLP around
+    it still compile. Attention is one cuDNN/flash kernel either way."""
+    import torch
+    from diffusers.models import attention_dispatch
+
+    function = attention_dispatch._templated_context_parallel_attention
+    if not getattr(function, "_qwendoctor_eager", False):
+        eager = torch.compiler.disable(function)
+        eager._qwendoctor_eager = True
+        attention_dispatch._templated_context_parallel_attention = eager
+
+
+def apply_cfg_parallel(pipe, profile: Profile):
+    """Last lever, like CFG batching: it wraps the call the pipeline makes, around everything else."""
+    if profile.cfg_degree == 1:
+        return pipe
+    from qwendoctor import cfg_batching
+
+    group = device_mesh(profile)["cfg"].get_group()
+    cfg_batching.enable(pipe, lambda transformer: CFGParallelTransformer(transformer, group))
+    return pipe
+
+
+class _cpu_device_count:
+    """diffusers 0.42 picks the rank's device as `rank % torch.accelerator.device_count()`, which divides by
+    zero without an accelerator. On the CPU (gloo, the tests) count the CPU as one device while it does."""
+
+    def __enter__(self):
+        import torch
+
+        self.original = torch.accelerator.device_count
+        if not torch.cuda.is_available() and self.original() == 0:
+            torch.accelerator.device_count = lambda: 1
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.accelerator.device_count = self.original
+
+
+# ---- the launcher ---------------------------------------------------------------------------------------------
+
+
+def report_failure(message: str, exit_code: int) -> None:
+    """Called by a failing rank: leave its one-line error where the launcher looks for it."""
+    directory = os.environ.get(ERROR_DIR_ENV)
+    if not directory or not in_rank():
+        return
+    record = {"rank": rank(), "message": message, "exit_code": exit_code, "time": time.time()}
+    path = os.path.join(directory, f"rank-{rank()}.json")
+    try:
+        with open(path + ".tmp", "w", encoding="utf-8") as handle:
+            json.dump(record, handle)
+        os.replace(path + ".tmp", path)
+    except OSError:
+        pass  # the launcher falls back to torchrun's own report
+
+
+def launch(gpus: int, module_argv: list[str], echo=None) -> int:
+    """Run `python -m <module_argv>` as `gpus` ranks under torchrun on this host; return 0 or raise.
+
+    torchrun stops every rank as soon as one exits non-zero (max-restarts 0), so a failing rank ends the run
+    within about a second instead of leaving the others waiting in a collective. The ranks' stderr is kept
+    back; lines that start with "qwendoctor:" (rank 0's notes) are passed on through `echo`, and on failure
+    the first failing rank's error line is raised."""
+    errors = tempfile.mkdtemp(prefix="qwendoctor-ranks-")
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+            "--nproc-per-node", str(gpus), "--max-restarts", "0", "--monitor-interval", "0.1",
+            "-m", *module_argv]
+    env = {**os.environ, ERROR_DIR_ENV: errors}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // gpus)))
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
+    kept: list[str] = []
+
+    def read_stderr():
+        for line in proc.stderr:
+            kept.append(line)
+            if echo and line.startswith("qwendoctor:") and not line.startswith("qwendoctor: error:"):
+                echo(line.rstrip("\n"))
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        proc.wait()  # torchrun passes the interrupt on to the ranks and stops them
+        raise
+    reader.join(timeout=5)
+    try:
+        if code == 0:
+            return 0
+        if os.environ.get("QWENDOCTOR_DEBUG") == "1":
+            sys.stderr.write("".join(kept))
+        first = _first_failure(errors)
+        if first is not None:
+            raise QwendoctorError(f"rank {first['rank']}: {first['message']}", exit_code=first["exit_code"])
+        raise QwendoctorError(f"torchrun exited with code {code}: {_torchrun_reason(kept)}")
+    finally:
+        for name in os.listdir(errors):
+            os.unlink(os.path.join(errors, name))
+        os.rmdir(errors)
+
+
+def _first_failure(directory: str) -> dict | None:
+    records = []
+    for name in os.listdir(directory):
+        if name.endswith(".json"):
+            try:
+                with open(os.path.join(directory, name), encoding="utf-8") as handle:
+                    records.append(json.load(handle))
+            except (OSError, ValueError):
+                continue
+    return min(records, key=lambda r: r["time"]) if records else None
+
+
+def _torchrun_reason(lines: list[str]) -> str:
+    """A rank that died without reporting (a signal, an abort in native code): torchrun's summary names it."""
+    for line in lines:
+        if "exitcode" in line and "local_rank" in line:
+            return line.strip().split("] ", 1)[-1][:300]
+    meaningful = [line.strip() for line in lines if line.strip()]
+    return meaningful[-1][:300] if meaningful else "no output"
