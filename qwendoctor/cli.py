@@ -75,9 +75,11 @@ def _workload(model: str, width: int | None, height: int | None, steps: int, tru
 @click.option("--exhaustive", is_flag=True,
               help="Also search choices measured to lose here (full compile, max-autotune, eager FP8, TF32 in "
                    "bf16); the default space lists what it leaves out.")
+@click.option("--gpus", type=int, help="Also measure the best profile split over up to this many GPUs "
+              "(CFG-parallel, Ulysses, ring) and lock the fastest [all visible GPUs].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def tune(model, width, height, steps, true_cfg_scale, negative_prompt, trials, timeout, prompts_file,
-         num_prompts, seeds, floor, lock_path, storage, heartbeat, timed_steps, exhaustive, as_json):
+         num_prompts, seeds, floor, lock_path, storage, heartbeat, timed_steps, exhaustive, gpus, as_json):
     """Search the optimization levers for the fastest profile that meets the quality floor; write a lock."""
     from qwendoctor import quality, report
     from qwendoctor.tune import TuneOptions, read_prompts
@@ -91,13 +93,28 @@ def tune(model, width, height, steps, true_cfg_scale, negative_prompt, trials, t
     options = TuneOptions(workload=workload, prompts=read_prompts(prompts_file, num_prompts),
                           seeds=list(range(seeds)), floor=quality.parse_floor(floor), lock_path=lock_path,
                           storage=storage, trials=trials, timeout_s=timeout, heartbeat_s=heartbeat,
-                          timed_steps=timed_steps, exhaustive=exhaustive)
+                          timed_steps=timed_steps, exhaustive=exhaustive, gpus=_tune_gpus(gpus))
     options.validate()
     result = report.run_tune_with_progress(options, as_json=as_json)
     if as_json:
         click.echo(report.tune_json(result))
     else:
         report.print_tune(result, lock_path)
+
+
+def _tune_gpus(asked: int | None) -> int:
+    """--gpus, else every visible GPU; more GPUs than visible is a usage error (on a CPU any count runs with
+    gloo, as the tests do)."""
+    import torch
+
+    from qwendoctor import parallel
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    visible = torch.cuda.device_count() if device == "cuda" else 1
+    if asked is None:
+        return visible
+    parallel.check_gpu_count(asked, device, visible)
+    return asked
 
 
 @cli.command()

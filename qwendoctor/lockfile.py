@@ -12,7 +12,8 @@ Layout (every table required unless marked optional):
                     psnr_db, psnr_db_min, ssim, ssim_min, speedup
     [baseline]      (optional) the same measurements for the default profile
     [study]         (optional) the study it came from: name, storage, trials, completed, failed, infeasible,
-                    slower (timed, not rendered: they could not win), best_trial, floor, floor_psnr_db, floor_ssim
+                    slower (timed, not rendered: they could not win), best_trial, floor, floor_psnr_db, floor_ssim;
+                    with several GPUs strategies_tried and one_gpu_latency_s (the best one-GPU profile's)
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ MEASURED_FIELDS = {
 REQUIRED_MEASURED = ("latency_median_s", "step_ms")
 STUDY_FIELDS = {
     "name": str, "storage": str, "trials": int, "completed": int, "failed": int, "infeasible": int, "slower": int,
+    "strategies_tried": int, "one_gpu_latency_s": float,
     "best_trial": int, "floor": str, "floor_psnr_db": float, "floor_ssim": float,
 }
 REQUIRED_FINGERPRINT = ("device", "torch", "model_id")

@@ -85,6 +85,16 @@ class ModelPool:
         if self.model is not None:
             self.baked_into = UNKNOWN
 
+    def close(self) -> None:
+        """Free the pipeline (and its GPU memory), for the multi-GPU stage whose ranks build their own."""
+        import torch
+
+        self.model, self.baked_into, self._pristine = None, None, None
+        torch._dynamo.reset()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def _replace_transformer(self) -> None:
         import torch
 

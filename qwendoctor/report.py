@@ -79,6 +79,14 @@ def print_tune(result: TuneResult, lock_path: str, console: Console | None = Non
         top.add_row(str(row["number"]), row["profile"], seconds,
                     _fmt(row.get("psnr_db")), _fmt(row.get("ssim")), row["failure"] or row["state"])
     console.print(top)
+    if result.strategy_rows:
+        split = Table(title="multi-GPU: the best profile split over GPUs")
+        for column in ("strategy", "GPUs", "ms / step", "s / image", "PSNR dB", "note"):
+            split.add_column(column)
+        for row in result.strategy_rows:
+            split.add_row(row["strategy"], str(row["gpus"]), _fmt(row.get("step_ms"), digits=4),
+                          _fmt(row.get("latency_median_s")), _fmt(row.get("psnr_db")), row["failure"] or "")
+        console.print(split)
     counts = result.counts
     console.print(f"{counts['trials']} trials: {counts['completed']} feasible, {counts['infeasible']} below the "
                   f"floor, {counts.get('slower', 0)} slower than the best (timed, not rendered), "
@@ -126,6 +134,7 @@ def tune_json(result: TuneResult) -> str:
         "counts": result.counts,
         "time_spent_s": result.time_spent_s,
         "trial_time_s": result.trial_time_s,
+        "strategies": [{k: clean(v) for k, v in row.items()} for row in result.strategy_rows],
         "plot": result.plot_path,
         "trials": [{k: clean(v) for k, v in row.items()} for row in result.trials],
     }, indent=2)

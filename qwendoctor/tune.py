@@ -189,6 +189,7 @@ class TuneOptions:
     heartbeat_s: int = DEFAULT_HEARTBEAT_S  # a trial silent for twice this long is retried by another worker
     timed_steps: int = 5  # denoising steps timed per trial, after a 2-step warm-up
     exhaustive: bool = False  # search the choices measured to lose too (DOMINATED)
+    gpus: int = 1  # more than 1: measure the best profile under each multi-GPU strategy (qwendoctor.strategies)
 
     def validate(self) -> "TuneOptions":
         self.workload.validate()
@@ -198,6 +199,8 @@ class TuneOptions:
             raise UsageError(f"--timed-steps must be a whole number, at least 2, got {self.timed_steps}")
         if isinstance(self.heartbeat_s, bool) or not isinstance(self.heartbeat_s, int) or self.heartbeat_s < 1:
             raise UsageError(f"--heartbeat must be a whole number of seconds, at least 1, got {self.heartbeat_s}")
+        if isinstance(self.gpus, bool) or not isinstance(self.gpus, int) or self.gpus < 1:
+            raise UsageError(f"--gpus must be at least 1, got {self.gpus}")
         if self.timeout_s is not None and self.timeout_s <= 0:
             raise UsageError(f"--timeout must be positive, got {self.timeout_s}")
         if not self.prompts:
@@ -213,6 +216,7 @@ class TuneResult:
     time_spent_s: dict[str, float]  # this run's wall clock: probing, the reference renders, the trials
     plot_path: str | None = None  # latency vs PSNR of every trial, beside the lock
     trial_time_s: dict[str, float] = dataclasses.field(default_factory=dict)  # the study's trials, by TIME_PARTS
+    strategy_rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the multi-GPU stage
 
 
 def read_prompts(path: str | None, count: int) -> list[str]:
@@ -541,6 +545,10 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
     # First, so that a bad URL or an unreachable database fails before minutes of probing and rendering.
     storage = storages.open_storage(options.storage, options.heartbeat_s)
     shown = storages.describe(options.storage)
+    if options.gpus > 1 and storages.is_shared(options.storage):
+        # Every worker that finishes writes the lock; each would launch ranks on this host's GPUs at once.
+        raise UsageError("--gpus > 1 measures the multi-GPU strategies in one process: run it with a sqlite "
+                         "storage (after the workers finish, the same command resumes the finished study)")
     spent = {"probe": 0.0, "reference": 0.0, "trials": 0.0}
     if capabilities is None:
         started = time.perf_counter()
@@ -723,6 +731,11 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
                "best_trial": best.number, "floor": options.floor.name, "floor_psnr_db": options.floor.psnr_db,
                "floor_ssim": options.floor.ssim},
     )
+    strategy_rows = []
+    if options.gpus > 1:
+        started = time.perf_counter()
+        strategy_rows = _multi_gpu_stage(options, lock, pool, reference_images[0], log)
+        spent["multi-GPU"] = time.perf_counter() - started
     # Every worker writes the lock of the finished study (the same content); the write is atomic.
     lockfile.write_lock(options.lock_path, lock)
     plot = None
@@ -736,7 +749,32 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
     except ImportError as error:  # matplotlib is a dependency, but a lock must not depend on a plot
         log(f"plot not written: {error}")
     return TuneResult(lock=lock, trials=rows, counts=counts, time_spent_s=spent, plot_path=plot,
-                      trial_time_s=study_time)
+                      trial_time_s=study_time, strategy_rows=strategy_rows)
+
+
+def _multi_gpu_stage(options: TuneOptions, lock: lockfile.Lock, pool: ModelPool, reference_image,
+                     log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Measure the chosen profile under each strategy for --gpus; put the fastest that wins into `lock`."""
+    from qwendoctor import strategies
+
+    pool.close()  # its ranks build their own pipelines, one of them on this process's GPU
+    one_gpu_s = lock.measured["latency_median_s"]
+    rows = strategies.measure_strategies(lock.profile, options.workload, options.gpus, options.prompts[0],
+                                         options.seeds[0], reference_image, options.timed_steps, log)
+    lock.study["strategies_tried"] = len(rows)
+    winner = strategies.fastest(rows, options.floor, one_gpu_s)
+    if winner is None:
+        log(f"multi-GPU: no strategy on {options.gpus} GPUs beat one GPU within the floor; the lock keeps one GPU")
+    else:
+        lock.study["one_gpu_latency_s"] = one_gpu_s
+        lock.profile = winner.profile
+        measured = {k: v for k, v in winner.results.items() if k in lockfile.MEASURED_FIELDS}
+        # One image (the first prompt and seed) rendered in full: its figures stand for the median and worst.
+        measured.update(latency_p90_s=measured["latency_median_s"], psnr_db_min=measured["psnr_db"],
+                        ssim_min=measured["ssim"])
+        measured["speedup"] = lock.baseline["latency_median_s"] / measured["latency_median_s"]
+        lock.measured = measured
+    return [row.to_dict() for row in rows]
 
 
 def _skip(trial, results: dict[str, Any]):

@@ -248,11 +248,13 @@ def test_topology_skips_one_gpu_and_no_gpu():
 
 def test_benchmark_rows_and_table():
     from benchmarks.multigpu import bench
+    from qwendoctor.strategies import gpu_counts, strategies_for
 
-    assert bench.strategies_for(1, True) == []
-    assert bench.strategies_for(2, True) == ["cfg", "ulysses", "ring"]
-    assert bench.strategies_for(4, True) == ["cfg+ulysses", "cfg+ring", "ulysses", "ring"]
-    assert bench.strategies_for(2, False) == ["ulysses", "ring"]
+    assert strategies_for(1, True) == []
+    assert strategies_for(2, True) == ["cfg", "ulysses", "ring"]
+    assert strategies_for(4, True) == ["cfg+ulysses", "cfg+ring", "ulysses", "ring"]
+    assert strategies_for(2, False) == ["ulysses", "ring"]
+    assert gpu_counts(1) == [] and gpu_counts(2) == [2] and gpu_counts(4) == [2, 4] and gpu_counts(6) == [2, 4, 6]
     profile = parallel.with_gpus(Profile.from_text(bench.DEFAULT_PROFILE), 2, "cfg", True)
     assert Profile.from_text(bench.profile_text(profile)) == profile
     document = {"workload": CFG.to_dict() | {"model": "synthetic"}, "gpus": 2, "timed_steps": 6,
@@ -266,3 +268,53 @@ def test_benchmark_rows_and_table():
     assert "| cfg | 2 | parallel=cfg/2 | 260.0 | 1.92x | 13.0 | 45.2 dB | 13.0 |  | yes |" in table
     assert "| ring | 2 | | failed: rank 1: OutOfMemoryError" in table
     assert table.endswith("target at 2 GPUs: >= 1.85x; best measured: 1.92x (met)")
+
+
+# ---- tune's multi-GPU stage -----------------------------------------------------------------------------------
+
+def test_tune_measures_the_best_profile_on_two_ranks_and_locks_the_winner(tmp_path, tiny_workload, monkeypatch):
+    """`tune --gpus 2` on CPU ranks (gloo): each two-rank strategy is launched with the study's best profile,
+    timed and rendered in full; ring, which no CPU attention backend can run, is refused before any launch; the
+    winner (here whichever `fastest` names: its rule is tested below) goes into the lock."""
+    from qwendoctor import quality, strategies, tune
+
+    # An exact floor makes the default profile the study's best, which every strategy here can take.
+    options = tune.TuneOptions(workload=tiny_workload, prompts=["a red fox in the snow"], seeds=[0],
+                               floor=quality.Floor("exact", 1000.0, 1.0), lock_path=str(tmp_path / "q.lock"),
+                               storage=f"sqlite:///{tmp_path / 'study.db'}", trials=2, gpus=2)
+    chosen = []
+    monkeypatch.setattr(strategies, "fastest",
+                        lambda rows, floor, one_gpu_s: chosen.append(one_gpu_s) or next(r for r in rows
+                                                                                      if r.strategy == "cfg"))
+    cpu = Capabilities(device="cpu", working_attention_backends=("native",))
+    result = tune.run_tune(options, capabilities=cpu)
+    rows = {row["strategy"]: row for row in result.strategy_rows}
+    assert set(rows) == {"cfg", "ulysses", "ring"} and all(row["gpus"] == 2 for row in rows.values())
+    assert "ring" in rows["ring"]["failure"] and "wall_s" not in rows["ring"]  # refused, never launched
+    for name in ("cfg", "ulysses"):
+        assert rows[name]["failure"] is None, rows[name]
+        assert rows[name]["step_ms"] > 0 and rows[name]["latency_median_s"] > 0
+        assert rows[name]["psnr_db"] > 40  # the same image as one process, to float noise
+    lock = lockfile.read_lock(options.lock_path)
+    assert lock.profile.parallel == "cfg" and lock.profile.gpus == 2 and not lock.profile.cfg_batching
+    assert lock.measured["latency_median_s"] == rows["cfg"]["latency_median_s"]
+    assert lock.measured["speedup"] == pytest.approx(lock.baseline["latency_median_s"]
+                                                     / rows["cfg"]["latency_median_s"])
+    assert lock.study["strategies_tried"] == 3 and lock.study["one_gpu_latency_s"] == chosen[0]
+    assert result.time_spent_s["multi-GPU"] > 0
+
+
+def test_the_fastest_strategy_must_meet_the_floor_and_beat_one_gpu():
+    from qwendoctor import quality
+    from qwendoctor.strategies import StrategyRow, fastest
+
+    floor = quality.parse_floor("balanced")
+
+    def row(name, seconds, psnr, failure=None):
+        return StrategyRow(name, 2, Profile(), failure=failure,
+                           results={"latency_median_s": seconds, "psnr_db": psnr, "ssim": 0.99})
+
+    rows = [row("ring", 5.0, 50.0, failure="rank 0: no LSE"), row("ulysses", 6.0, 20.0), row("cfg", 7.0, 47.0),
+            row("cfg+ulysses", 8.0, 47.0)]
+    assert fastest(rows, floor, one_gpu_s=10.0).strategy == "cfg"  # ring failed, ulysses is below the floor
+    assert fastest(rows, floor, one_gpu_s=6.5) is None  # nothing that meets the floor beats one GPU

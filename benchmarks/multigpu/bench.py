@@ -30,18 +30,6 @@ DEFAULT_PROFILE = "attention_backend=_native_cudnn,compile=regional,cfg_batching
 TARGETS = {2: 1.85, 4: 3.2}  # issue 7: speedup over the tuned one-GPU profile on the same host
 
 
-def strategies_for(gpus: int, does_cfg: bool) -> list[str]:
-    """The strategies that use all `gpus`."""
-    if gpus < 2:
-        return []
-    found = []
-    if does_cfg and gpus == 2:
-        found.append("cfg")
-    if does_cfg and gpus >= 4 and gpus % 2 == 0:
-        found += ["cfg+ulysses", "cfg+ring"]
-    return found + ["ulysses", "ring"]
-
-
 def profile_text(profile) -> str:
     return ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in profile.to_dict().items())
 
@@ -113,6 +101,7 @@ def coordinate(args) -> dict:
 
     from qwendoctor import parallel, quality
     from qwendoctor.errors import QwendoctorError
+    from qwendoctor.strategies import strategies_for
     from qwendoctor.profile import Capabilities, Profile, check_runnable
 
     gpus = args.gpus or _visible_gpus()
