@@ -253,6 +253,7 @@ class Capabilities:
     compile_works: bool | None = None  # the compile probe's verdict; None: not probed
     # ms of one attention call at the workload's shapes per dispatcher backend (attention_truth); None: not timed
     attention_ms: tuple[tuple[str, float], ...] | None = None
+    native_attention: str | None = None  # the dispatcher backend whose kernel `native` runs here (attention_truth)
     gpu_count: int | None = None  # visible CUDA devices; None on the CPU, where gloo runs any number of ranks
 
     @property

@@ -87,6 +87,9 @@ DOMINATED = {
 # left out: attention is about a third of a W1 step, so 15% slower attention costs about 5% of a step.
 ATTENTION_SLACK = 0.15
 # attention_truth's names for the kernels it times -> the dispatcher backends that run them.
+# attention_truth's name for the kernel SDPA picked in `native` -> the backend that forces that kernel.
+NATIVE_PICKS = {"cudnn": "_native_cudnn", "flash": "_native_flash", "efficient": "_native_efficient",
+                "math": "_native_math"}
 TRUTH_TO_BACKEND = {"native": "native", "cudnn": "_native_cudnn", "flash": "_native_flash",
                     "efficient": "_native_efficient", "flex": "flex", "fa2": "flash", "fa3": "_flash_3",
                     "fa4": "fa4"}
@@ -99,7 +102,10 @@ def build_search_space(capabilities: Capabilities, workload: Workload, exhaustiv
     working = capabilities.working_attention_backends or ("native",)
     attention = tuple(b for b in working if not (capabilities.device == "cuda" and b in SLOW_REFERENCE_BACKENDS))
     slow_attention = () if exhaustive else _dominated_attention(attention, dict(capabilities.attention_ms or ()))
-    attention = tuple(b for b in attention if b not in slow_attention)
+    # `native` already runs this backend's kernel (SDPA's own choice): forcing it is the same kernel again.
+    same_as_native = capabilities.native_attention if (
+        not exhaustive and capabilities.native_attention in attention and "native" in attention) else None
+    attention = tuple(b for b in attention if b not in slow_attention and b != same_as_native)
     on_gpu = capabilities.device == "cuda"
     can_compile = on_gpu and capabilities.compile_works is not False
     reference = workload.reference_steps
@@ -111,6 +117,9 @@ def build_search_space(capabilities: Capabilities, workload: Workload, exhaustiv
                                                 ("max-autotune", can_compile and not exhaustive),
                                                 ("eager-fp8", capabilities.has_fp8 and can_compile and not exhaustive),
                                                 ("tf32", on_gpu and not tf32)) if out]
+    if same_as_native:
+        left_out.append(f"attention {same_as_native} (the kernel `native` already runs here, measured by "
+                        "attention_truth)")
     if slow_attention:
         timed = dict(capabilities.attention_ms or ())
         fastest = min(timed, key=timed.get)
@@ -839,10 +848,12 @@ def capabilities_from_findings(device: Capabilities, findings, log: Callable[[st
         compile_works = compile_probe.status in ("ok", "warn")
         if not compile_works:
             log(f"search space: compile left out: compile probe {compile_probe.status}: {compile_probe.summary}")
-    attention_ms = device.attention_ms
+    attention_ms, native_attention = device.attention_ms, device.native_attention
     truth = by_id.get("attention_truth")
     if truth is not None and truth.status in ("ok", "warn") and truth.measured.get("ms"):
         attention_ms = tuple(sorted((TRUTH_TO_BACKEND[k], float(v)) for k, v in truth.measured["ms"].items()
                                     if k in TRUTH_TO_BACKEND))
+        native_attention = NATIVE_PICKS.get(truth.measured.get("native_picks"))
     return dataclasses.replace(device, has_torchao=has_fp8, working_attention_backends=working,
-                               compile_works=compile_works, attention_ms=attention_ms)
+                               compile_works=compile_works, attention_ms=attention_ms,
+                               native_attention=native_attention)

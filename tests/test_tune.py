@@ -299,16 +299,22 @@ def test_attention_measured_slow_at_the_workload_is_left_out(tiny_workload):
     h100 = Capabilities(device="cuda", compute_capability=(9, 0), has_torchao=True)
     findings = [Finding("attention_backends", "ok", "s", measured={
                     "working": ["native", "_native_efficient", "_native_flash", "_native_cudnn", "flex", "fa4"]}),
-                Finding("attention_truth", "ok", "s", measured={"ms": {
+                Finding("attention_truth", "ok", "s", measured={"native_picks": "cudnn", "ms": {
                     "native": 0.955, "cudnn": 1.0223, "flash": 1.8128, "efficient": 3.7432, "flex": 1.4591}})]
     capabilities = tune.capabilities_from_findings(h100, findings)
     assert dict(capabilities.attention_ms)["_native_flash"] == 1.8128
+    assert capabilities.native_attention == "_native_cudnn"
     space = tune.build_search_space(capabilities, tiny_workload)
-    # cuDNN is 7% behind (kept), FA4 was not timed (kept); FA2, efficient and flex are 1.5-3.9x behind.
-    assert space.attention_backends == ("native", "_native_cudnn", "fa4")
-    line = next(line for line in space.left_out if line.startswith("attention "))
+    # FA4 was not timed (kept); FA2, efficient and flex are 1.5-3.9x behind; cuDNN is what native runs already.
+    assert space.attention_backends == ("native", "fa4")
+    line = next(line for line in space.left_out if "1.90x" in line)
     assert "_native_flash (1.90x)" in line and "flex (1.53x)" in line and "_native_efficient (3.92x)" in line
-    assert "_native_flash" in tune.build_search_space(capabilities, tiny_workload, exhaustive=True).attention_backends
+    assert any(line.startswith("attention _native_cudnn (the kernel `native` already runs") for line in space.left_out)
+    everything = tune.build_search_space(capabilities, tiny_workload, exhaustive=True).attention_backends
+    assert "_native_flash" in everything and "_native_cudnn" in everything
+    # Where native picks a kernel that was measured slow, forcing that kernel goes for being slow, not twice.
+    flash_native = dataclasses.replace(capabilities, native_attention="_native_flash")
+    assert tune.build_search_space(flash_native, tiny_workload).attention_backends == ("native", "_native_cudnn", "fa4")
     # A failed timing probe prunes nothing.
     failed = [findings[0], Finding("attention_truth", "crash", "killed")]
     assert tune.capabilities_from_findings(h100, failed).attention_ms is None
