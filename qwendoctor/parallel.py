@@ -176,7 +176,55 @@ def apply_context_parallel(pipe, profile: Profile):
     with _cpu_device_count():
         pipe.transformer.enable_parallelism(config=config)
     _attention_outside_compiled_graphs()
+    if not ring:
+        _sizes_once_per_forward(pipe.transformer)
     return pipe
+
+
+class SizesOncePerForward:
+    """diffusers' Ulysses-anything exchanges each rank's sequence length before every all-to-all: q, k, v and
+    the output of every attention call, 240 host collectives per transformer pass for 60 blocks, each one a
+    point where all ranks' host threads wait for each other. The lengths cannot change within a pass (every
+    block attends over the same joint sequence), so the first exchange of a pass is kept and the rest of the
+    pass reuses it; a hook on the transformer forgets it when the next pass starts.
+
+    All ranks start each pass with nothing kept, so all of them exchange on its first call and none on later
+    ones: they never disagree about whether to enter the collective (diffusers warns that a cache keyed on a
+    rank's own length could). A rank whose length changed within a pass, which this model never does, raises
+    instead of skipping a collective the others enter."""
+
+    def __init__(self, exchange):
+        self.exchange = exchange  # diffusers' gather_size_by_comm
+        self.kept: dict[int, tuple[int, list[int]]] = {}
+        self.exchanges = 0  # for tests: host collectives actually made
+
+    def forget(self, *_) -> None:
+        self.kept.clear()
+
+    def __call__(self, size: int, group) -> list[int]:
+        kept = self.kept.get(id(group))
+        if kept is None:
+            sizes = self.exchange(size, group)
+            self.exchanges += 1
+            self.kept[id(group)] = (size, list(sizes))
+            return sizes
+        if kept[0] != size:
+            raise RuntimeError(f"Ulysses: this rank's sequence length changed within a pass ({kept[0]} -> {size}); "
+                               "the lengths are exchanged once per pass")
+        return list(kept[1])
+
+
+def _sizes_once_per_forward(transformer) -> SizesOncePerForward:
+    from diffusers.models import attention_dispatch
+
+    current = attention_dispatch.gather_size_by_comm
+    if not isinstance(current, SizesOncePerForward):
+        current = SizesOncePerForward(current)
+        attention_dispatch.gather_size_by_comm = current  # the name the Ulysses-anything functions call
+    if not getattr(transformer, "_qwendoctor_forgets_sizes", False):
+        transformer.register_forward_pre_hook(current.forget)
+        transformer._qwendoctor_forgets_sizes = True
+    return current
 
 
 def _attention_outside_compiled_graphs() -> None:

@@ -25,7 +25,19 @@ def render(out_dir: str, profiles: list[str]) -> None:
         image = runner.render(model, WORKLOAD, profile, "a lighthouse at dusk", seed=3)
         if parallel.is_main():
             np.save(f"{out_dir}/{index}.npy", image)
+            exchanges = _size_exchanges()
+            if exchanges is not None:
+                with open(f"{out_dir}/{index}.exchanges", "w") as handle:
+                    handle.write(str(exchanges))
     parallel.destroy_process_group()
+
+
+def _size_exchanges() -> int | None:
+    """How many sequence-length exchanges Ulysses made (qwendoctor.parallel.SizesOncePerForward), if it ran."""
+    from diffusers.models import attention_dispatch
+
+    sizes = attention_dispatch.gather_size_by_comm
+    return sizes.exchanges if isinstance(sizes, parallel.SizesOncePerForward) else None
 
 
 def fail() -> None:

@@ -187,6 +187,27 @@ def test_context_parallel_on_cpu_ranks_matches_one_process(ranks_import_tests, t
     alone = runner.render(model, workload, profile, "a lighthouse at dusk", seed=3)
     # 112x128 pixels: 56 image tokens and the prompt's text tokens, split unevenly ("anything" mode)
     assert np.abs(np.load(tmp_path / "0.npy") - alone).max() < 1e-4
+    if "ulysses" in strategy:
+        # One length exchange per transformer pass, not four per attention call: 3 steps of two passes (true
+        # CFG), of which a cfg+ulysses rank runs one.
+        passes = 3 * (1 if strategy.startswith("cfg") else 2)
+        assert int((tmp_path / "0.exchanges").read_text()) == passes
+
+
+def test_sizes_are_exchanged_once_per_pass_and_a_changed_length_raises():
+    calls = []
+
+    def exchange(size, group):
+        calls.append(size)
+        return [size, size - 1]
+
+    sizes = parallel.SizesOncePerForward(exchange)
+    group = object()
+    assert sizes(5, group) == [5, 4] and sizes(5, group) == [5, 4] and calls == [5]
+    with pytest.raises(RuntimeError, match="changed within a pass"):
+        sizes(6, group)
+    sizes.forget()
+    assert sizes(6, group) == [6, 5] and calls == [5, 6] and sizes.exchanges == 2
 
 
 # ---- the topology probe ------------------------------------------------------------------------------------
