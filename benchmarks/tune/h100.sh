@@ -10,23 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 QWENDOCTOR_CACHE=/tmp/qwendoctor-cache
 out="${OUT:-/tmp/out}"
-mkdir -p "$out" /tmp/tune /tmp/fa4w
-qd() { python3 -c "from qwendoctor.cli import main; main()" "$@"; }
-if [ -d .whl ] && [ ! -d /tmp/site/diffusers ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-fi
-if [ -d .mpl ] && [ ! -d /tmp/site/matplotlib ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .mpl/*.whl
-fi
-[ -d .fa4a ] && cp .fa4a/cu13.part.aa /tmp/fa4w/
-if [ -d .fa4b ] && ! python3 -c "import flash_attn.cute" 2>/dev/null; then
-  cat /tmp/fa4w/cu13.part.aa .fa4b/cu13.part.ab \
-    > /tmp/fa4w/nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl
-  rm /tmp/fa4w/cu13.part.aa
-  cp .fa4/*.whl /tmp/fa4w/
-  ./install_flash_attention.sh --which fa4 --wheelhouse /tmp/fa4w > "$out/fa4-install.log" 2>&1 || tail -5 "$out/fa4-install.log"
-fi
-nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.sm,clocks.max.sm --format=csv | tee "$out/nvidia-smi.txt"
+mkdir -p "$out" /tmp/tune
+# shellcheck source=benchmarks/device_setup.sh
+. benchmarks/device_setup.sh
 case "${1:-tests}" in
   tests)
     python3 -m pytest tests/gpu/test_tune_gpu.py -v -s -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" ;;
