@@ -1,8 +1,10 @@
 """qwendoctor tune: an Optuna study over the levers, a quality floor as constraint, the best profile to a lock.
 
-Flow: search space from the probes -> reference renders (default profile, cached on disk) -> trials (build,
-warm up, time, compare) -> the fastest feasible profile -> qwendoctor.lock. The study lives in an Optuna
-storage, so an interrupted run resumes where it stopped, and several workers (processes, GPUs, hosts) can share
+Flow: search space from the probes -> reference renders (default profile, cached on disk) -> trials (the one
+pipeline of qwendoctor.pool prepared for the profile, a warm-up, a few timed steps; full renders and the
+comparison only for a trial whose estimate could beat the best) -> the fastest feasible profile -> with several
+GPUs, that profile under each multi-GPU strategy (qwendoctor.strategies) -> qwendoctor.lock. The study lives in
+an Optuna storage, so an interrupted run resumes where it stopped, and several workers (processes, GPUs, hosts) can share
 it: see qwendoctor.storage for the URLs and heartbeats, `_claim` for how two workers never measure the same
 profile at once, and `_drain` for how the study finishes.
 """
