@@ -4,9 +4,9 @@ Flow: search space from the probes -> reference renders (default profile, cached
 pipeline of qwendoctor.pool prepared for the profile, a warm-up, a few timed steps; full renders and the
 comparison only for a trial whose estimate could beat the best) -> the fastest feasible profile -> with several
 GPUs, that profile under each multi-GPU strategy (qwendoctor.strategies) -> qwendoctor.lock. The study lives in
-an Optuna storage, so an interrupted run resumes where it stopped, and several workers (processes, GPUs, hosts) can share
-it: see qwendoctor.storage for the URLs and heartbeats, `_claim` for how two workers never measure the same
-profile at once, and `_drain` for how the study finishes.
+an Optuna storage, so an interrupted run resumes where it stopped, and several workers (processes, GPUs, hosts)
+can share it: see qwendoctor.storage for the URLs and heartbeats, `_claim` for how two workers never measure the
+same profile at once, and `_drain` for how the study finishes.
 """
 
 from __future__ import annotations
