@@ -3,9 +3,11 @@
 # machine has no package index, so the wheels travel with the call. .whl/ (diffusers, optuna, torchao, ...) and
 # .mpl/ (matplotlib) install into /tmp/site; flash-attn-4 comes as .fa4/ plus its 92 MB cu13 libs wheel split in
 # .fa4a/ and .fa4b/ (one call carries at most 64 MiB): the first part waits in /tmp/fa4w for the call that brings
-# the second. Expects $out; writes $out/fa4-install.log and $out/nvidia-smi.txt.
-: "${out:?set out to the output folder before sourcing}"
-mkdir -p /tmp/fa4w
+# the second. Sets PYTHONPATH and $out ($OUT, else /tmp/out); writes $out/fa4-install.log and
+# $out/nvidia-smi.txt.
+export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 QWENDOCTOR_CACHE=/tmp/qwendoctor-cache
+out="${OUT:-/tmp/out}"
+mkdir -p "$out" /tmp/fa4w
 if [ -d .whl ] && [ ! -d /tmp/site/diffusers ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
 fi

@@ -9,11 +9,9 @@
 #   bash benchmarks/bench/h100.sh rope    # the W1 tiers' profiles with and without real RoPE (repeat to resume)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 QWENDOCTOR_CACHE=/tmp/qwendoctor-cache
-out="${OUT:-/tmp/out}"
-mkdir -p "$out" /tmp/bench
 # shellcheck source=benchmarks/device_setup.sh
-. benchmarks/device_setup.sh
+. benchmarks/device_setup.sh  # sets PYTHONPATH and $out, installs the carried wheels
+mkdir -p /tmp/bench
 case "${1:-tests}" in
   tests)
     python3 -m pytest tests/gpu/test_bench_gpu.py -v -s -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" ;;

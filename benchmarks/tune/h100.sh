@@ -8,11 +8,9 @@
 #   bash benchmarks/tune/h100.sh study   # carry .fa4 .fa4b (first) or .mpl (later): the study, resumed
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 QWENDOCTOR_CACHE=/tmp/qwendoctor-cache
-out="${OUT:-/tmp/out}"
-mkdir -p "$out" /tmp/tune
 # shellcheck source=benchmarks/device_setup.sh
-. benchmarks/device_setup.sh
+. benchmarks/device_setup.sh  # sets PYTHONPATH and $out, installs the carried wheels
+mkdir -p /tmp/tune
 case "${1:-tests}" in
   tests)
     python3 -m pytest tests/gpu/test_tune_gpu.py -v -s -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" ;;
