@@ -88,11 +88,16 @@ def run_group(group: list[tuple[str, str]], gate: str | None) -> NoReturn:
         waited += time.perf_counter() - asked
         held = True
 
+    from probes.context import mark
+
+    mark("worker_up", probes=[probe_id for probe_id, _ in group])
     if gate == "exclusive":
         _warm_cuda()
+        mark("cuda_ready")
     for probe_id, module in group:
         if gate == "exclusive":
             acquire()
+        mark("probe_start", probe=probe_id)
         started, waited = time.perf_counter(), 0.0
         result = run_one(probe_id, module, gpu_gate=acquire)
         result["elapsed_s"] = round(time.perf_counter() - started - waited, 3)  # the probe's work, not its wait

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 import warnings
 
-from probes.context import ProbeContext, exc_line
+from probes.context import ProbeContext, exc_line, mark
 from qwendoctor.findings import Finding
 
 CANDIDATES = ["native", "_native_math", "_native_efficient", "_native_flash", "_native_cudnn", "flash", "_flash_3",
@@ -26,7 +26,9 @@ def _rel_err(torch, out, ref) -> float:
 
 def probe(ctx: ProbeContext) -> Finding:
     torch = ctx.import_module("torch")
+    mark("attention_backends.torch_imported")
     dispatch = ctx.import_module("diffusers.models.attention_dispatch")
+    mark("attention_backends.diffusers_imported")
     names = getattr(dispatch, "AttentionBackendName", None)
     fa4_note = None
     if torch.cuda.is_available():
@@ -35,6 +37,7 @@ def probe(ctx: ProbeContext) -> Finding:
                 fa4_note = "not installed or does not import (flash_attn.cute): see the flash_attn probe"
         except Exception as exc:
             fa4_note = f"could not be registered: {exc_line(exc)}"
+    mark("attention_backends.fa4_registered")
     registered = {b.value for b in names} if names is not None else set(CANDIDATES)
     check_requirements = getattr(dispatch, "_check_attention_backend_requirements", None)
 
@@ -44,6 +47,7 @@ def probe(ctx: ProbeContext) -> Finding:
             ctx.import_module("torch._inductor.compile_fx")
         except Exception:
             pass
+        mark("attention_backends.inductor_imported")
         ctx.use_gpu()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     dtype_name = str(dtype).removeprefix("torch.")

@@ -13,7 +13,7 @@ import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 from probes import qwen_shapes as qs
-from probes.context import ProbeContext, cuda_torch, exc_line
+from probes.context import ProbeContext, cuda_torch, exc_line, mark
 from probes.roofline import event_samples, keep_busy, l2_flush_buffer
 from qwendoctor.findings import Finding
 
@@ -229,6 +229,7 @@ def measure(ctx: ProbeContext, torch) -> dict[str, Any]:
     dev, bf16 = "cuda", torch.bfloat16
     q, k, v = (torch.randn(1, s, qs.HEADS, qs.HEAD_DIM, device=dev, dtype=bf16) for _ in range(3))
     calls, failed = _candidates(ctx, torch, q, k, v, s)
+    mark("attention_truth.candidates", backends=sorted(calls))
     ms, errors = {}, {}
     ref = None
     with warnings.catch_warnings():
@@ -252,6 +253,7 @@ def measure(ctx: ProbeContext, torch) -> dict[str, Any]:
                     torch.cuda.synchronize()
                 except Exception:
                     pass
+        mark("attention_truth.first_calls")
         gemm = None
         try:
             x = torch.randn(s, qs.HIDDEN, device=dev, dtype=bf16)
@@ -266,10 +268,12 @@ def measure(ctx: ProbeContext, torch) -> dict[str, Any]:
         samples = {name: [] for name in timed}
         if timed:
             keep_busy(torch, next(iter(timed.values())), SETTLE_S)
+            mark("attention_truth.settled")
             flush = l2_flush_buffer(torch)
             for _ in range(ROUNDS):
                 for name, call in timed.items():
                     samples[name] += event_samples(torch, call, REPS // ROUNDS, flush)
+            mark("attention_truth.timed")
         ms = {name: statistics.median(values) for name, values in samples.items() if name != "gemm"}
         gemm_ms = statistics.median(samples["gemm"]) if "gemm" in samples else None
         kernels, ops, picks, kernel = [], [], "unknown", ""
@@ -277,6 +281,7 @@ def measure(ctx: ProbeContext, torch) -> dict[str, Any]:
             try:
                 kernels, ops = _profile_native(torch, calls["native"])
                 picks, kernel = classify_kernels(kernels, ops)
+                mark("attention_truth.profiled")
             except Exception as exc:
                 kernel = f"profiler failed: {exc_line(exc)}"
     return {"shape": shape, "ms": ms, "failed": failed, "picks": picks, "kernel": kernel, "gemm_ms": gemm_ms,

@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from probes.context import ProbeContext, exc_line
+from probes.context import ProbeContext, exc_line, mark
 from qwendoctor.findings import Finding
 
 DISABLE_VARS = ("TORCH_COMPILE_DISABLE", "TORCHDYNAMO_DISABLE")  # torch reads both as == "1"
@@ -77,6 +77,7 @@ def probe(ctx: ProbeContext) -> Finding:
         ctx.import_module("torch._inductor.compile_fx")
     except Exception:
         pass
+    mark("compile.inductor_imported")
     cuda = bool(torch.cuda.is_available())
     device = "cuda" if cuda else "cpu"
     cache_dir = Path(ctx.disk_paths.get("inductor_cache") or ctx.env.get("TORCHINDUCTOR_CACHE_DIR")

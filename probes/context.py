@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import getpass
 import importlib
+import json
 import os
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -116,6 +118,25 @@ class ProbeContext:
 
 # The doctor passes the context's settings to a probe subprocess through this variable.
 SETTINGS_ENV = "QWENDOCTOR_PROBE_SETTINGS"
+# `qwendoctor check` with QWENDOCTOR_CHECK_TRACE=file appends a timeline of the run there (JSON lines). The
+# runner's start on time.perf_counter's clock comes in TRACE_T0_ENV: that clock (CLOCK_MONOTONIC on Linux) is
+# the same in every process, so a worker's marks line up with the runner's events.
+TRACE_ENV = "QWENDOCTOR_CHECK_TRACE"
+TRACE_T0_ENV = "QWENDOCTOR_CHECK_T0"
+
+
+def mark(event: str, **fields) -> None:
+    """Append one timeline line (a probe's phase: imports done, first kernel, timing done) when tracing."""
+    path = os.environ.get(TRACE_ENV)
+    if not path:
+        return
+    t0 = float(os.environ.get(TRACE_T0_ENV) or 0.0)
+    try:
+        with open(path, "a") as fh:  # O_APPEND: lines of concurrent workers do not interleave
+            fh.write(json.dumps({"t": round(time.perf_counter() - t0, 3), "event": event, "pid": os.getpid(),
+                                 **fields}) + "\n")
+    except OSError:  # a trace that cannot be written must not cost the probe its finding
+        pass
 
 
 def cuda_torch(ctx: "ProbeContext", probe_id: str, without_cuda: str):

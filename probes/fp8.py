@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from probes.context import ProbeContext, exc_line
+from probes.context import ProbeContext, exc_line, mark
 from qwendoctor.findings import Finding
 
 MIN_CC = (8, 9)  # Ada (sm_89) and Hopper (sm_90) have FP8 tensor cores
@@ -86,6 +86,7 @@ def probe(ctx: ProbeContext) -> Finding:
     torch_version = str(torch.__version__)
     cuda = bool(torch.cuda.is_available())
     state, ao_version, ao_error, ao_log = _torchao(ctx) if cuda else _torchao_installed(ctx)
+    mark("fp8.torchao_imported")
     measured: dict = {"torch": torch_version, "cuda_available": cuda, "torchao": ao_version, "torchao_state": state,
                       "torchao_error": ao_error, "cc": None, "scaled_mm_rel_err": None}
     ao_line = {"ok": f"torchao {ao_version} imports, with Float8DynamicActivationFloat8WeightConfig",

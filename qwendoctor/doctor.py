@@ -23,7 +23,14 @@ import click
 import probes
 from probes import PROBES, ProbeSpec
 from probes._worker import GATE_REQUEST
-from probes.context import SETTINGS_ENV, ProbeContext, Workload, exc_line
+from probes.context import (
+    SETTINGS_ENV,
+    TRACE_ENV,
+    TRACE_T0_ENV,
+    ProbeContext,
+    Workload,
+    exc_line,
+)
 from qwendoctor.errors import EXIT_FAILURE, EXIT_OK, UsageError
 from qwendoctor.findings import FAILING_STATUSES, Finding
 
@@ -100,8 +107,9 @@ def _signal_reason(returncode: int, err: str) -> str:
     return f"exited with code {returncode}: {_last_line(err)}"
 
 
-TRACE_ENV = "QWENDOCTOR_CHECK_TRACE"  # a file: the runner appends when each worker starts, asks for the GPU,
-_T0 = time.perf_counter()           # gets it, and when each finding arrives (JSON lines, seconds)
+# With TRACE_ENV set to a file, the runner appends when each worker starts, asks for the GPU, gets it, and when
+# each finding arrives (JSON lines, seconds since _T0); workers add their probes' phases (probes.context.mark).
+_T0 = time.perf_counter()
 
 
 def _trace(event: str, **fields) -> None:
@@ -282,6 +290,8 @@ def run_probes(ids: Sequence[str] | None = None, ctx: ProbeContext | None = None
     """
     global _T0
     _T0 = time.perf_counter()
+    if os.environ.get(TRACE_ENV):
+        os.environ[TRACE_T0_ENV] = repr(_T0)  # the workers' clock origin (they inherit the environment)
     registry = list(PROBES if registry is None else registry)
     known = [spec.id for spec in registry]
     for probe_id in ids or []:

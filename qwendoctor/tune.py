@@ -25,7 +25,7 @@ import time
 import warnings
 from typing import Any, Callable
 
-from qwendoctor import fingerprint, lockfile, quality, runner
+from qwendoctor import compile_stats, fingerprint, lockfile, quality, runner
 from qwendoctor.errors import QwendoctorError, UnavailableLever, UsageError
 from qwendoctor.pool import ModelPool
 from qwendoctor.profile import MIN_STEPS, Capabilities, Profile, Workload
@@ -84,6 +84,8 @@ DOMINATED = {
     "eager-fp8": "FP8 without compile (its activation quantization is not fused: 1794 vs 637 ms/step bf16 on "
                  "an H100)",
     "tf32": "TF32 in a bf16 pipeline (its matmuls are bf16: the flag changes nothing they run)",
+    "complex-rope": "complex RoPE under compile (real RoPE is as fast or faster at the same PSNR: 479.2 vs 483.1 "
+                    "ms/step bf16, 370.5 vs 378.9 FP8 on an H100), so compiled profiles always use real RoPE",
 }
 # An attention backend measured (attention_truth, at this workload's shapes) this much slower than the fastest is
 # left out: attention is about a third of a W1 step, so 15% slower attention costs about 5% of a step.
@@ -118,7 +120,8 @@ def build_search_space(capabilities: Capabilities, workload: Workload, exhaustiv
     left_out = [DOMINATED[key] for key, out in (("full", can_compile and not full_compile),
                                                 ("max-autotune", can_compile and not exhaustive),
                                                 ("eager-fp8", capabilities.has_fp8 and can_compile and not exhaustive),
-                                                ("tf32", on_gpu and not tf32)) if out]
+                                                ("tf32", on_gpu and not tf32),
+                                                ("complex-rope", can_compile and not exhaustive)) if out]
     if same_as_native:
         left_out.append(f"attention {same_as_native} (the kernel `native` already runs here, measured by "
                         "attention_truth)")
@@ -143,7 +146,7 @@ def build_search_space(capabilities: Capabilities, workload: Workload, exhaustiv
         tf32=(False, True) if tf32 else (False,),
         cfg_batching=(False, True) if workload.does_cfg else (False,),
         # Real RoPE only pays under compile (it lets inductor fuse the rotation); eager it is the same math.
-        real_rope=(False, True) if can_compile else (False,),
+        real_rope=((False, True) if exhaustive else (True,)) if can_compile else (False,),
         steps=(low, reference, stride),
     )
 
@@ -177,7 +180,10 @@ def sample_profile(trial, space: SearchSpace, reference_steps: int) -> Profile:
     threshold = trial.suggest_float("cache_threshold", *CACHE_THRESHOLD_RANGE) if cache != "none" else None
     tf32 = trial.suggest_categorical("tf32", space.tf32)
     cfg_batching = trial.suggest_categorical("cfg_batching", space.cfg_batching)
-    real_rope = trial.suggest_categorical("real_rope", space.real_rope) if compile_ != "none" else False
+    real_rope = False
+    if compile_ != "none":
+        real_rope = (trial.suggest_categorical("real_rope", space.real_rope) if len(space.real_rope) > 1
+                     else space.real_rope[0])
     low, high, stride = space.steps
     steps = trial.suggest_int("steps", low, high, step=stride)
     return Profile(attention_backend=attention, compile=compile_, compile_mode=compile_mode,
@@ -514,7 +520,7 @@ def _drain(study, storage, run_queued: Callable[[], None], deadline: float | Non
 
 
 RESULT_ATTRS = ("latency_median_s", "latency_p90_s", "step_ms", "warmup_s", "peak_memory_gib",
-                "psnr_db", "psnr_db_min", "ssim", "ssim_min", "estimate_s", "skipped", "time_s", "model")
+                "psnr_db", "psnr_db_min", "ssim", "ssim_min", "estimate_s", "skipped", "time_s", "model", "compile")
 # A trial renders full images only if its estimated seconds per image could beat the best feasible trial's
 # measured ones. The estimate comes from a few timed steps, which vary by about 1% run to run on an H100: a
 # profile within this margin of the best is rendered, so noise does not discard a winner.
@@ -623,6 +629,7 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
             results = {k: duplicate.user_attrs[k] for k in RESULT_ATTRS if k in duplicate.user_attrs}
             trial.set_user_attr("duplicate_of", duplicate.number)
             results.pop("time_s", None)  # nothing was spent on this one
+            results.pop("compile", None)
             if duplicate.state == optuna.trial.TrialState.PRUNED:
                 return _skip(trial, results)
         elif profile == Profile():
@@ -640,6 +647,7 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
     def evaluate(trial, profile: Profile) -> dict[str, Any]:
         """Time a few steps; if the estimate could win, render the full images and compare them."""
         times = {}
+        compiled_before = compile_stats.snapshot()
         try:
             prepared = pool.prepare(profile)
             times["build"] = prepared.seconds
@@ -652,6 +660,11 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
             estimate_s = step_s * (profile.steps or reference_steps) + overhead_s
             results = {"step_ms": 1000 * step_s, "warmup_s": speed.warmup_s, "estimate_s": estimate_s,
                        "model": prepared.how, "time_s": times}
+            compiled = compile_stats.since(compiled_before)
+            if compiled:
+                # Why a warm-up took minutes: one graph per block would mean every block recompiled.
+                results["compile"] = compiled
+                log(f"trial {trial.number}: {compile_stats.describe(compiled)}")
             if speed.peak_memory_gib is not None:
                 results["peak_memory_gib"] = speed.peak_memory_gib
             best_s = _best_feasible_s(study)

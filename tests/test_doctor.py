@@ -305,3 +305,33 @@ def test_the_gpu_gate_lets_a_waiting_timing_probe_go_before_later_askers():
     timing.join(5)
     later.join(5)
     assert order == ["timing", "later"]
+
+
+def test_the_trace_lines_up_runner_events_and_the_workers_phases(tmp_path, monkeypatch):
+    import json
+
+    trace = tmp_path / "trace.jsonl"
+    monkeypatch.setenv("QWENDOCTOR_CHECK_TRACE", str(trace))
+    monkeypatch.setenv("QWENDOCTOR_CHECK_T0", "0")  # the runner sets its own; undone after the test
+    [finding] = run_probes(registry=[grouped("marks", "marks", "g")])
+    assert finding.status == "ok"
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    events = [line["event"] for line in lines]
+    assert events[0] == "worker" and events[-1] == "finding"
+    by_event = {line["event"]: line for line in lines}
+    pid = finding.measured["pid"]
+    for event in ("worker_up", "probe_start", "fake.phase"):
+        assert by_event[event]["pid"] == pid
+    assert by_event["fake.phase"]["detail"] == "inside"
+    # One clock: the worker's marks fall between the runner starting it and reading its finding.
+    times = [by_event[e]["t"] for e in ("worker", "worker_up", "probe_start", "fake.phase", "finding")]
+    assert times == sorted(times) and times[0] >= 0
+
+
+def test_without_a_trace_file_a_mark_writes_nothing(tmp_path, monkeypatch):
+    from probes.context import mark
+
+    monkeypatch.delenv("QWENDOCTOR_CHECK_TRACE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    mark("nothing")
+    assert list(tmp_path.iterdir()) == []

@@ -50,16 +50,35 @@ def test_search_space_is_pruned_by_findings(tiny_workload):
     # Choices measured to lose are left out, and the space says which and why; --exhaustive keeps them.
     assert gpu.compile == ("none", "regional") and gpu.compile_modes == ("default",)
     assert gpu.tf32 == (False,) and not gpu.quantize_eager
-    assert len(gpu.left_out) == 4 and sum(line.startswith("left out: ") for line in gpu.describe()) == 4
+    assert gpu.real_rope == (True,)  # complex RoPE under compile: measured to lose, so never searched
+    assert len(gpu.left_out) == 5 and sum(line.startswith("left out: ") for line in gpu.describe()) == 5
     everything = tune.build_search_space(h100, w1, exhaustive=True)
     assert everything.compile == ("none", "regional", "full")
     assert everything.compile_modes == ("default", "max-autotune-no-cudagraphs")
     assert everything.tf32 == (False, True) and everything.quantize_eager and not everything.left_out
+    assert everything.real_rope == (False, True)
     # A float32 pipeline's matmuls do use TF32: there it is searched.
     assert tune.build_search_space(h100, dataclasses.replace(w1, dtype="float32")).tf32 == (False, True)
 
     ampere = dataclasses.replace(h100, compute_capability=(8, 0))
     assert tune.build_search_space(ampere, tiny_workload).quantizations == ("none",)
+
+
+def test_a_compiled_profile_gets_real_rope_without_it_being_a_search_dimension(tiny_workload):
+    import optuna
+
+    h100 = Capabilities(device="cuda", compute_capability=(9, 0), has_torchao=True,
+                        working_attention_backends=("native",))
+    w1 = dataclasses.replace(tiny_workload, reference_steps=50, dtype="bfloat16")
+    space = tune.build_search_space(h100, w1)
+    base = {"attention_backend": "native", "quantization": "none", "cache": "none", "tf32": False,
+            "cfg_batching": True, "steps": 50}
+    compiled = tune.sample_profile(optuna.trial.FixedTrial({**base, "compile": "regional"}), space, 50)
+    eager = tune.sample_profile(optuna.trial.FixedTrial({**base, "compile": "none"}), space, 50)
+    assert compiled.real_rope and not eager.real_rope
+    exhaustive = tune.build_search_space(h100, w1, exhaustive=True)
+    fixed = optuna.trial.FixedTrial({**base, "compile": "regional", "compile_mode": "default", "real_rope": False})
+    assert not tune.sample_profile(fixed, exhaustive, 50).real_rope
 
 
 def test_tune_writes_a_valid_lock_that_meets_the_floor(options, measured_profiles):

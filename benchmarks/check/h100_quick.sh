@@ -9,7 +9,8 @@
 # .venv; on a CPU box the GPU probes report skip). Writes under $OUT: quick_cold.json, quick_warm_{1,2,3}.json, bench.json (each `check --json`
 # as printed), trace_*.jsonl (when each worker started, asked for the GPU, got it, and each finding came
 # back), timing.json (wall seconds and each probe's elapsed_s per run) and timing.txt (the table, printed
-# last). Each run is capped at 300 s; the whole script takes about 2-4 minutes on an H100.
+# last). Each run is capped at 300 s; the whole script takes about 2-4 minutes on an H100. CHECK_RUNS=a,b
+# runs only those (names as above).
 set -euo pipefail
 
 : "${OUT:?set OUT to an output directory}"
@@ -40,6 +41,9 @@ out = sys.argv[1]
 CHECK = [sys.executable, "-c", "from qwendoctor.cli import main; main()", "check", "--json"]
 RUNS = [("quick_cold", []), ("quick_warm_1", []), ("quick_warm_2", []), ("quick_warm_3", []),
         ("bench", ["--bench"])]
+if os.environ.get("CHECK_RUNS"):  # a subset, e.g. CHECK_RUNS=quick_cold,quick_warm_1
+    wanted = os.environ["CHECK_RUNS"].split(",")
+    RUNS = [run for run in RUNS if run[0] in wanted]
 
 
 def machine() -> str:

@@ -6,6 +6,8 @@
 # machine is warm between calls.
 #   bash benchmarks/tune/h100.sh tests   # carry .whl .fa4a: wheels, then the GPU tests of this issue
 #   bash benchmarks/tune/h100.sh study   # carry .fa4 .fa4b (first) or .mpl (later): the study, resumed
+#   bash benchmarks/tune/h100.sh compile-cost [PROFILES]   # what a regional compile's warm-up spends, by profile
+#                                        # (benchmarks/tune/fp8_compile.py; fa4_bf16 needs FA4 installed)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=benchmarks/device_setup.sh
@@ -14,6 +16,9 @@ mkdir -p /tmp/tune
 case "${1:-tests}" in
   tests)
     python3 -m pytest tests/gpu/test_tune_gpu.py -v -s -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" ;;
+  compile-cost)
+    TORCH_LOGS=recompiles python3 benchmarks/tune/fp8_compile.py --out "$out/compile-cost.json" \
+      --profiles "${2:-bf16,fp8_rowwise}" --blocks "${BLOCKS:-4,8}" 2>&1 | tee "$out/compile-cost.log" ;;
   study)
     # SIGINT ends the call like Ctrl-C: the running trial is queued again, and the next call resumes the study.
     started=$(date +%s)
