@@ -22,6 +22,13 @@ from __future__ import annotations
 
 from qwendoctor.profile import Profile
 
+# Compile modes that are inductor settings rather than torch.compile modes.
+COMPILE_OPTION_CONFIG = {
+    # Tunes each generated Triton kernel's block sizes by benchmarking neighbours at its first run (what
+    # torchao's quantization configs switch on for the process unless told not to).
+    "coordinate-descent": {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True},
+}
+
 
 def apply_tf32(pipe, profile: Profile):
     import torch
@@ -59,10 +66,16 @@ def apply_quantization(pipe, profile: Profile):
         quantize_,
     )
 
+    # set_inductor_config=False: by default torchao turns on inductor's coordinate-descent kernel tuning for the
+    # whole process, and never off. On an H100 that tuning added 75-175 s to the warm-up of every compiled
+    # FP8 graph and of every graph compiled after it, bf16 too (benchmarks/tune/compile-cost). It is the
+    # `coordinate-descent` compile mode here, a choice of its own.
     config = {
-        "fp8_rowwise": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
-        "fp8_tensorwise": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor()),
-        "fp8_weight_only": lambda: Float8WeightOnlyConfig(),
+        "fp8_rowwise": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(),
+                                                                         set_inductor_config=False),
+        "fp8_tensorwise": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor(),
+                                                                            set_inductor_config=False),
+        "fp8_weight_only": lambda: Float8WeightOnlyConfig(set_inductor_config=False),
     }[profile.quantization]()
 
     def is_block_linear(module, _fqn):
@@ -88,8 +101,11 @@ def apply_compile(pipe, profile: Profile):
     if profile.compile == "none":
         return pipe
     # Under context parallelism attention runs eagerly between compiled pieces (qwendoctor.parallel): a break.
-    options = {"fullgraph": profile.context_degree == 1}
-    if profile.compile_mode != "default":
+    options: dict = {"fullgraph": profile.context_degree == 1}
+    if profile.compile_mode in COMPILE_OPTION_CONFIG:
+        # Inductor settings for this compile only (baked into the code it generates), not process-wide.
+        options["options"] = dict(COMPILE_OPTION_CONFIG[profile.compile_mode])
+    elif profile.compile_mode != "default":
         options["mode"] = profile.compile_mode
     if profile.compile == "regional":
         # The 60 blocks share one code path: compile it once instead of the whole model (seconds, not minutes).

@@ -29,7 +29,7 @@ COMPILE_MODES = ("none", "regional", "full")
 # "accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run"
 # (benchmarks/gpu_tests_h100.log); the cause (the 60 blocks sharing one captured graph, or the cond output
 # outliving the uncond pass) is not established yet.
-COMPILE_OPTIONS = ("default", "max-autotune-no-cudagraphs")
+COMPILE_OPTIONS = ("default", "max-autotune-no-cudagraphs", "coordinate-descent")
 QUANTIZATIONS = ("none", "fp8_rowwise", "fp8_tensorwise", "fp8_weight_only")
 CACHES = ("none", "first_block")
 DTYPES = ("bfloat16", "float32")

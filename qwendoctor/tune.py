@@ -81,6 +81,8 @@ DOMINATED = {
             "the same kernels in each)",
     "max-autotune": "max-autotune-no-cudagraphs (473 vs 470.5 ms/step with the default mode on an H100, for "
                     "minutes more compile per profile)",
+    "coordinate-descent": "coordinate-descent kernel tuning (75-175 s more warm-up per compiled graph on an H100; "
+                          "its step-time gain was not measured apart)",
     "eager-fp8": "FP8 without compile (its activation quantization is not fused: 1794 vs 637 ms/step bf16 on "
                  "an H100)",
     "tf32": "TF32 in a bf16 pipeline (its matmuls are bf16: the flag changes nothing they run)",
@@ -119,6 +121,7 @@ def build_search_space(capabilities: Capabilities, workload: Workload, exhaustiv
     tf32 = on_gpu and (exhaustive or workload.dtype == "float32")
     left_out = [DOMINATED[key] for key, out in (("full", can_compile and not full_compile),
                                                 ("max-autotune", can_compile and not exhaustive),
+                                                ("coordinate-descent", can_compile and not exhaustive),
                                                 ("eager-fp8", capabilities.has_fp8 and can_compile and not exhaustive),
                                                 ("tf32", on_gpu and not tf32),
                                                 ("complex-rope", can_compile and not exhaustive)) if out]
@@ -137,7 +140,8 @@ def build_search_space(capabilities: Capabilities, workload: Workload, exhaustiv
         # not what this tool tunes for: compile is searched where it pays, on CUDA.
         compile=(("none", "regional", "full") if full_compile else ("none", "regional")) if can_compile
         else ("none",),
-        compile_modes=("default", "max-autotune-no-cudagraphs") if can_compile and exhaustive else ("default",),
+        compile_modes=("default", "max-autotune-no-cudagraphs", "coordinate-descent") if can_compile and exhaustive
+        else ("default",),
         quantizations=("none", "fp8_rowwise", "fp8_tensorwise", "fp8_weight_only") if capabilities.has_fp8
         else ("none",),
         quantize_eager=exhaustive or not (capabilities.has_fp8 and can_compile),

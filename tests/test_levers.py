@@ -46,6 +46,19 @@ def test_apply_quantization_none_leaves_weights_alone(fresh_tiny):
     assert {n: type(p) for n, p in fresh_tiny.pipe.transformer.named_parameters()} == before
 
 
+@pytest.mark.parametrize("quantization", ["fp8_rowwise", "fp8_tensorwise", "fp8_weight_only"])
+def test_fp8_leaves_inductor_settings_alone(fresh_tiny, monkeypatch, quantization):
+    """torchao's configs switch on coordinate-descent tuning for the whole process by default, which made
+    every later compile minutes longer on an H100: ours must ask it not to. (FP8 itself needs a GPU: the
+    quantize call is recorded here, and runs in tests/gpu.)"""
+    torchao_quantization = pytest.importorskip("torchao.quantization")
+    configs = []
+    monkeypatch.setattr(torchao_quantization, "quantize_", lambda module, config, **kw: configs.append(config))
+    optimize.apply_quantization(fresh_tiny.pipe, Profile(quantization=quantization))
+    [config] = configs
+    assert config.set_inductor_config is False
+
+
 def test_fp8_is_refused_on_this_cpu_before_the_model_loads(tiny_workload, monkeypatch):
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the profile was checked")
@@ -88,6 +101,15 @@ def test_apply_compile_regional_compiles_each_block(fresh_tiny, tiny_workload, r
     assert all(block._compiled_call_impl is not None for block in blocks)
     assert fresh_tiny.pipe.transformer._compiled_call_impl is None  # regional: the blocks, not the model
     assert np.array_equal(runner.render(fresh_tiny, tiny_workload, Profile(steps=2), "a fox", 0), reference)
+
+
+def test_coordinate_descent_is_an_inductor_option_of_this_compile_only(fresh_tiny, recorded_compiles):
+    optimize.apply_compile(fresh_tiny.pipe, Profile(compile="full", compile_mode="coordinate-descent"))
+    assert recorded_compiles == [{"fullgraph": True, "options": {"coordinate_descent_tuning": True,
+                                                                  "coordinate_descent_check_all_directions": True}}]
+    import torch._inductor.config as inductor_config
+
+    assert not inductor_config.coordinate_descent_tuning  # nothing process-wide
 
 
 def test_apply_compile_full_compiles_the_transformer(fresh_tiny, recorded_compiles):

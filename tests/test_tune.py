@@ -51,10 +51,10 @@ def test_search_space_is_pruned_by_findings(tiny_workload):
     assert gpu.compile == ("none", "regional") and gpu.compile_modes == ("default",)
     assert gpu.tf32 == (False,) and not gpu.quantize_eager
     assert gpu.real_rope == (True,)  # complex RoPE under compile: measured to lose, so never searched
-    assert len(gpu.left_out) == 5 and sum(line.startswith("left out: ") for line in gpu.describe()) == 5
+    assert len(gpu.left_out) == 6 and sum(line.startswith("left out: ") for line in gpu.describe()) == 6
     everything = tune.build_search_space(h100, w1, exhaustive=True)
     assert everything.compile == ("none", "regional", "full")
-    assert everything.compile_modes == ("default", "max-autotune-no-cudagraphs")
+    assert everything.compile_modes == ("default", "max-autotune-no-cudagraphs", "coordinate-descent")
     assert everything.tf32 == (False, True) and everything.quantize_eager and not everything.left_out
     assert everything.real_rope == (False, True)
     # A float32 pipeline's matmuls do use TF32: there it is searched.

@@ -99,6 +99,11 @@ def test_fp8_and_compile_levers_combine(capabilities):
     image = runner.render(model, Workload(model="tiny", width=128, height=128, reference_steps=3, dtype="bfloat16"),
                           profile, "a red fox", 0)
     assert np.isfinite(image).all()
+    # FP8 quantization must not switch on torchao's process-wide inductor settings (minutes of kernel tuning
+    # for every later compile); coordinate descent is only the `coordinate-descent` compile mode.
+    import torch._inductor.config as inductor_config
+
+    assert not inductor_config.coordinate_descent_tuning
 
 
 def test_tune_on_tiny_searches_gpu_levers(tmp_path, capabilities):
