@@ -230,7 +230,7 @@ def bench(model, width, height, steps, true_cfg_scale, timed_steps, full_image, 
     def log(message: str) -> None:
         click.echo(f"qwendoctor: {message}", err=True)
 
-    capabilities = tune.probe_capabilities(log)
+    capabilities = tune.probe_capabilities(log, workload)
     known = ([r.id for r in bench_module.alone_rungs(capabilities, workload)]
              + [rung_id for rung_id, _, _, applies in bench_module.STACK if applies(capabilities, workload)])
     if list_rows:

@@ -23,27 +23,41 @@ COUNTERS = {("stats", "unique_graphs"): "graphs", ("frames", "total"): "frames",
             ("inductor", "fxgraph_cache_bypass"): "fx_cache_bypasses"}
 
 
-def snapshot() -> dict[str, float]:
+def snapshot() -> dict[str, Any]:
     utils = sys.modules.get("torch._dynamo.utils")
     if utils is None:
         return {}
-    values: dict[str, float] = {}
+    values: dict[str, Any] = {}
     counters = getattr(utils, "counters", {})
     for (group, key), name in COUNTERS.items():
-        values[name] = float(counters.get(group, {}).get(key, 0))
+        values[name] = int(counters.get(group, {}).get(key, 0))
     metrics = getattr(utils, "compilation_time_metrics", {})
     for key, name in PHASES.items():
-        values[name] = float(sum(metrics.get(key, ())))
+        # The list itself and its length: torch._dynamo.reset() (the tuner's pool calls it) empties the dict
+        # of seconds and starts new lists, but leaves the counters growing.
+        durations = metrics.get(key)
+        values[name] = (durations, len(durations) if durations is not None else 0)
     return values
 
 
-def since(before: dict[str, float]) -> dict[str, Any]:
+def since(before: dict[str, Any]) -> dict[str, Any]:
     """The difference from `before`: counts as ints, seconds rounded; empty where nothing was compiled."""
-    after = snapshot()
-    delta = {name: after[name] - before.get(name, 0.0) for name in after}
-    if not any(delta.values()):
+    utils = sys.modules.get("torch._dynamo.utils")
+    if utils is None:
         return {}
-    return {name: (int(value) if not name.endswith("_s") else round(value, 1)) for name, value in delta.items()}
+    delta: dict[str, Any] = {}
+    counters = getattr(utils, "counters", {})
+    for (group, key), name in COUNTERS.items():
+        now = int(counters.get(group, {}).get(key, 0))
+        earlier = before.get(name, 0)
+        delta[name] = now - earlier if now >= earlier else now
+    metrics = getattr(utils, "compilation_time_metrics", {})
+    for key, name in PHASES.items():
+        durations = metrics.get(key) or []
+        earlier, count = before.get(name, (None, 0))
+        new = durations[count:] if durations is earlier else durations
+        delta[name] = round(float(sum(new)), 1)
+    return delta if any(delta.values()) else {}
 
 
 def describe(stats: dict[str, Any]) -> str:
@@ -51,7 +65,7 @@ def describe(stats: dict[str, Any]) -> str:
     if not stats:
         return "nothing compiled"
     graphs = stats.get("graphs", 0)
-    text = f"{graphs} graph{'s' if graphs != 1 else ''} in {stats.get('frames', 0)} frame(s), " \
+    text = f"{graphs} graph{'s' if graphs != 1 else ''} captured, " \
            f"compile {stats.get('compile_s', 0.0):.1f} s (tracing {stats.get('trace_s', 0.0):.1f} s, " \
            f"inductor {stats.get('inductor_s', 0.0):.1f} s)"
     hits, misses = stats.get("fx_cache_hits", 0), stats.get("fx_cache_misses", 0)

@@ -234,7 +234,7 @@ def test_bench_on_tiny_measures_rows_and_breaks_a_step_down(tmp_path, tiny_workl
 ])
 def test_bench_bad_input_is_one_line_and_exit_2(args, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("qwendoctor.tune.probe_capabilities", lambda log=None: CPU)
+    monkeypatch.setattr("qwendoctor.tune.probe_capabilities", lambda log=None, workload=None: CPU)
     code, _, err = run_cli(["bench", *args], capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "benchmarks").exists()
@@ -242,7 +242,7 @@ def test_bench_bad_input_is_one_line_and_exit_2(args, message, capsys, tmp_path,
 
 def test_bench_cli_writes_json_and_table(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("qwendoctor.tune.probe_capabilities", lambda log=None: CPU)
+    monkeypatch.setattr("qwendoctor.tune.probe_capabilities", lambda log=None, workload=None: CPU)
     code, out, _ = run_cli(["bench", "--steps", "4", "--timed-steps", "3", "--no-ladder", "--no-breakdown",
                             "--profile", "cfg_batching=true", "--json"], capsys)
     assert code == 0

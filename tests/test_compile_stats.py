@@ -14,7 +14,7 @@ def test_nothing_is_counted_before_torch_compiled_anything(monkeypatch):
 def test_describe_names_graphs_seconds_and_the_cache():
     line = compile_stats.describe({"graphs": 60, "frames": 60, "compile_s": 118.4, "trace_s": 40.0,
                                    "inductor_s": 61.2, "fx_cache_hits": 59, "fx_cache_misses": 1})
-    assert line == ("60 graphs in 60 frame(s), compile 118.4 s (tracing 40.0 s, inductor 61.2 s), "
+    assert line == ("60 graphs captured, compile 118.4 s (tracing 40.0 s, inductor 61.2 s), "
                     "FX graph cache 59 hit(s) / 1 miss(es)")
     assert compile_stats.describe({}) == "nothing compiled"
 
@@ -51,3 +51,17 @@ def test_identical_blocks_compiled_one_by_one_are_one_graph():
         for block in blocks:
             block(torch.randn(2, 8))
     assert compile_stats.since(again) == {}  # nothing new to compile
+
+
+def test_a_dynamo_reset_in_between_counts_from_zero():
+    torch = pytest.importorskip("torch")
+    import torch._inductor.config as inductor_config
+
+    inductor_config.compile_threads = 1
+    torch.compile(lambda x: x * 3 + 1)(torch.randn(4))
+    before = compile_stats.snapshot()
+    assert before["graphs"] >= 1
+    torch._dynamo.reset()  # what the tuner's pool does when it replaces a compiled transformer
+    torch.compile(lambda x: x * 5 - 1)(torch.randn(4))
+    stats = compile_stats.since(before)
+    assert stats["graphs"] == 1 and all(value >= 0 for value in stats.values())

@@ -346,3 +346,19 @@ def test_a_cache_profile_is_rendered_unless_even_its_best_case_loses():
     assert not tune._is_candidate(cached, estimate_s=157.0, best_s=11.0)  # eager flex + cache, H100 trial #9
     assert not tune._is_candidate(Profile(), estimate_s=10.5, best_s=10.0)
     assert tune._is_candidate(Profile(), estimate_s=10.2, best_s=10.0)  # within the noise margin
+
+
+def test_the_probes_for_the_space_time_flex_at_the_workloads_size(monkeypatch, tiny_workload):
+    """attention_truth times flex only as in `check --bench`; untimed, flex cannot be left out and a study on an
+    H100 spent trials on it at 6.3 s a step."""
+    seen = {}
+
+    def fake_run_probes(ids, ctx):
+        seen.update(ids=ids, ctx=ctx)
+        return []
+
+    monkeypatch.setattr(tune.runner, "detect_capabilities", lambda: Capabilities(device="cuda"))
+    w = dataclasses.replace(tiny_workload, width=1024, height=768)
+    tune.probe_capabilities(workload=w, run_probes=fake_run_probes)
+    assert "attention_truth" in seen["ids"] and seen["ctx"].bench
+    assert (seen["ctx"].workload.width, seen["ctx"].workload.height) == (1024, 768)

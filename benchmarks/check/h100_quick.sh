@@ -7,7 +7,7 @@
 # Assumes diffusers/optuna/torchao wheels are installed under /tmp/site (PYTHONPATH=/tmp/site:$PWD) and
 # python3 has torch; PYTHON=<interpreter> picks another one (without torch in python3 it tries the checkout's
 # .venv; on a CPU box the GPU probes report skip). Writes under $OUT: quick_cold.json, quick_warm_{1,2,3}.json, bench.json (each `check --json`
-# as printed), trace_*.jsonl (when each worker started, asked for the GPU, got it, and each finding came
+# as printed; in check-runs.tgz with the traces), trace_*.jsonl (when each worker started, asked for the GPU, got it, and each finding came
 # back), timing.json (wall seconds and each probe's elapsed_s per run) and timing.txt (the table, printed
 # last). Each run is capped at 300 s; the whole script takes about 2-4 minutes on an H100. CHECK_RUNS=a,b
 # runs only those (names as above).
@@ -113,3 +113,13 @@ with open(os.path.join(out, "timing.txt"), "w") as fh:
     fh.write(table + "\n")
 print(table)
 EOF
+# The device returns at most 8 files from a call: the per-run JSON and the traces travel as one archive.
+(
+  cd "$OUT"
+  shopt -s nullglob
+  runs=(trace_*.jsonl quick_*.json bench.json)
+  runs=("${runs[@]/#/./}")
+  existing=()
+  for f in "${runs[@]}"; do [ -e "$f" ] && existing+=("$f"); done
+  if [ "${#existing[@]}" -gt 0 ]; then tar czf check-runs.tgz "${existing[@]}" && rm -f "${existing[@]}"; fi
+)
