@@ -23,21 +23,24 @@ COUNTERS = {("stats", "unique_graphs"): "graphs", ("frames", "total"): "frames",
             ("inductor", "fxgraph_cache_bypass"): "fx_cache_bypasses"}
 
 
+def _counts(utils) -> dict[str, int]:
+    counters = getattr(utils, "counters", {})
+    return {name: int(counters.get(group, {}).get(key, 0)) for (group, key), name in COUNTERS.items()}
+
+
+def _durations(utils) -> dict[str, list]:
+    metrics = getattr(utils, "compilation_time_metrics", {})
+    return {name: metrics.get(key) for key, name in PHASES.items()}
+
+
 def snapshot() -> dict[str, Any]:
     utils = sys.modules.get("torch._dynamo.utils")
     if utils is None:
         return {}
-    values: dict[str, Any] = {}
-    counters = getattr(utils, "counters", {})
-    for (group, key), name in COUNTERS.items():
-        values[name] = int(counters.get(group, {}).get(key, 0))
-    metrics = getattr(utils, "compilation_time_metrics", {})
-    for key, name in PHASES.items():
-        # The list itself and its length: torch._dynamo.reset() (the tuner's pool calls it) empties the dict
-        # of seconds and starts new lists, but leaves the counters growing.
-        durations = metrics.get(key)
-        values[name] = (durations, len(durations) if durations is not None else 0)
-    return values
+    # Each list of seconds itself and its length: torch._dynamo.reset() (the tuner's pool calls it) empties
+    # the dict of seconds and starts new lists, but leaves the counters growing.
+    return {**_counts(utils),
+            **{name: (durations, len(durations or ())) for name, durations in _durations(utils).items()}}
 
 
 def since(before: dict[str, Any]) -> dict[str, Any]:
@@ -46,16 +49,12 @@ def since(before: dict[str, Any]) -> dict[str, Any]:
     if utils is None:
         return {}
     delta: dict[str, Any] = {}
-    counters = getattr(utils, "counters", {})
-    for (group, key), name in COUNTERS.items():
-        now = int(counters.get(group, {}).get(key, 0))
+    for name, now in _counts(utils).items():
         earlier = before.get(name, 0)
         delta[name] = now - earlier if now >= earlier else now
-    metrics = getattr(utils, "compilation_time_metrics", {})
-    for key, name in PHASES.items():
-        durations = metrics.get(key) or []
+    for name, durations in _durations(utils).items():
         earlier, count = before.get(name, (None, 0))
-        new = durations[count:] if durations is earlier else durations
+        new = (durations or [])[count:] if durations is earlier and durations is not None else (durations or [])
         delta[name] = round(float(sum(new)), 1)
     return delta if any(delta.values()) else {}
 
