@@ -14,7 +14,7 @@ M = 256
 FP8_MAX = 448.0  # largest float8_e4m3fn
 HONEST = ("on an H100 FP8 without torch.compile is slower than bf16 (811 vs 640 ms/step: the dynamic activation "
           "quantization is not fused); compiled it is ~1.6x faster (393-405 ms/step), and a regional compile takes "
-          "seconds (8-21 s at W1)")
+          "seconds (5-21 s at W1)")
 
 
 def scaled_mm_rel_err(torch, device: str) -> float:
