@@ -57,6 +57,10 @@ PROBES: list[ProbeSpec] = [
     ProbeSpec("memory_plan", "probes.memory_plan", True, 60.0,
               "will transformer + text encoder + VAE + activations fit at the workload", group="cuda"),
     ProbeSpec("env", "probes.env", False, 10.0, "environment variables that slow or break things"),
+    # Last of its worker, so it sees what the group's probes imported (torch, torchao and dynamo with fp8).
+    ProbeSpec("bytecode", "probes.bytecode", True, 60.0,
+              "cached bytecode (.pyc) for torch and its dependencies: seconds at every process start",
+              group="cuda"),
     ProbeSpec("roofline", "probes.roofline", True, 180.0,
               "measured bf16/FP8 GEMM TFLOP/s and memory GB/s against the datasheet", tier="bench",
               exclusive=True),

@@ -48,7 +48,7 @@ def fake_torch(version="2.8.0+cpu", cuda=None, available=False, arch_list=(), cc
 def test_registry_order_and_contract():
     assert [p.id for p in PROBES] == ["system", "gpu", "topology", "torch_build", "flash_attn", "attention_backends",
                                       "attention_truth", "tf32", "fp8", "compile", "diffusers", "model",
-                                      "memory_plan", "env", "roofline"]
+                                      "memory_plan", "env", "bytecode", "roofline"]
     assert [p.id for p in PROBES if not p.native] == ["system", "diffusers", "env"]
     assert [p.id for p in PROBES if p.tier == "bench"] == ["roofline"]
     assert all(p.timeout_s > 0 and p.title for p in PROBES)

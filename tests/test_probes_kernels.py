@@ -409,7 +409,7 @@ def test_env_several_flags_one_fix():
 
 # --- the real runs on this machine, through the worker ----------------------------------------------------
 
-@pytest.mark.parametrize("probe_id", ["flash_attn", "tf32", "env"])
+@pytest.mark.parametrize("probe_id", ["flash_attn", "tf32", "env", "bytecode"])
 def test_worker_runs_probe_honestly(probe_id):
     res = subprocess.run([sys.executable, "-m", "probes._worker", probe_id], capture_output=True, text=True,
                          timeout=120, check=False)
