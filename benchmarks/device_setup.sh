@@ -23,4 +23,12 @@ if [ -d .fa4b ] && ! python3 -c "import flash_attn.cute" 2>/dev/null; then
   ./install_flash_attention.sh --which fa4 --wheelhouse /tmp/fa4w > "$out/fa4-install.log" 2>&1 \
     || tail -5 "$out/fa4-install.log"
 fi
+# The machine's image sets PYTHONDONTWRITEBYTECODE=1 and ships no .pyc files: without this every process (each
+# torchrun rank, each check worker) compiles torch's source again, 2-7 s (benchmarks/check/README.md, the
+# `bytecode` probe). Once per machine, ~9 s.
+if [ ! -e /tmp/.qwendoctor-bytecode ]; then
+  python3 -m compileall -q -j 0 "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+    /tmp/site > /dev/null 2>&1 || true
+  touch /tmp/.qwendoctor-bytecode
+fi
 nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.sm,clocks.max.sm --format=csv | tee "$out/nvidia-smi.txt"

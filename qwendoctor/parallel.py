@@ -178,7 +178,103 @@ def apply_context_parallel(pipe, profile: Profile):
     _attention_outside_compiled_graphs()
     if not ring:
         _sizes_once_per_forward(pipe.transformer)
+        _ulysses_in_compiled_graphs(pipe.transformer, mesh)
     return pipe
+
+
+def split_sizes(length: int, parts: int) -> list[int]:
+    """The lengths torch.tensor_split gives, which is how diffusers' "anything" sharding splits a sequence."""
+    return [length // parts + (1 if index < length % parts else 0) for index in range(parts)]
+
+
+class UlyssesSplit:
+    """Each Ulysses rank's share of the joint (text + image) sequence, computed from the unsplit shapes at the
+    start of every transformer pass. diffusers splits the image tokens and the text tokens separately and each
+    rank concatenates its two shares, so a rank's length is the sum of its two tensor_split shares: every rank
+    knows every rank's length without asking, and the all-to-alls need no host collective. That is what lets
+    dynamo trace the attention into the compiled blocks (diffusers' version exchanges the lengths on the CPU,
+    which dynamo cannot trace, so each compiled block broke in two around its attention)."""
+
+    def __init__(self, degree: int, rank: int):
+        self.degree, self.rank = degree, rank
+        self.sizes: list[int] | None = None
+
+    def before_pass(self, module, args, kwargs) -> None:
+        image = kwargs.get("hidden_states", args[0] if args else None)
+        text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        if image is None or text is None or image.dim() != 3 or text.dim() != 3:
+            self.sizes = None  # an unexpected call: the attention falls back to diffusers' own exchange
+            return
+        self.sizes = [a + b for a, b in zip(split_sizes(image.shape[1], self.degree),
+                                            split_sizes(text.shape[1], self.degree))]
+
+
+_ulysses: UlyssesSplit | None = None
+_eager_context_parallel_attention = None  # diffusers' function, under torch.compiler.disable
+
+
+def _seq_to_heads(x, sizes: list[int], group):
+    """(B, S_rank, H, D) -> (B, S_all, H / degree, D): this rank's tokens of every head group go to the rank that
+    owns that head group; it receives all tokens of its own heads."""
+    from diffusers.models.attention_dispatch import _wait_tensor
+    from torch.distributed import _functional_collectives as funcol
+
+    batch, length, heads, dim = x.shape
+    degree = len(sizes)
+    x = x.reshape(batch, length, degree, heads // degree, dim).permute(2, 1, 0, 3, 4).contiguous().flatten(0, 1)
+    x = _wait_tensor(funcol.all_to_all_single(x, sizes, [length] * degree, group))
+    return x.permute(1, 0, 2, 3).contiguous()
+
+
+def _heads_to_seq(x, sizes: list[int], rank: int, group):
+    """The inverse: (B, S_all, H / degree, D) -> (B, S_rank, H, D)."""
+    from diffusers.models.attention_dispatch import _wait_tensor
+    from torch.distributed import _functional_collectives as funcol
+
+    batch, _, local_heads, dim = x.shape
+    degree, length = len(sizes), sizes[rank]
+    x = x.permute(1, 0, 2, 3).contiguous()
+    x = _wait_tensor(funcol.all_to_all_single(x, [length] * degree, sizes, group))
+    x = x.reshape(degree, length, batch, local_heads, dim).permute(2, 1, 0, 3, 4)
+    return x.reshape(batch, length, degree * local_heads, dim)
+
+
+def context_parallel_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse,
+                               forward_op, backward_op, _parallel_config=None, **kwargs):
+    """diffusers' `_templated_context_parallel_attention`, with Ulysses done here when it can be: no mask, no LSE
+    asked for, heads divisible by the degree, lengths as UlyssesSplit computed them. Anything else goes to
+    diffusers' own function, outside the compiled graph."""
+    split = _ulysses
+    config = _parallel_config.context_parallel_config if _parallel_config is not None else None
+    if (split is None or split.sizes is None or config is None or config.ring_degree > 1
+            or config.ulysses_degree != split.degree or attn_mask is not None or return_lse or enable_gqa
+            or query.shape[2] % split.degree or query.shape[1] != split.sizes[split.rank]
+            or key.shape[1] != query.shape[1]):
+        return _eager_context_parallel_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                                 enable_gqa, return_lse, forward_op, backward_op,
+                                                 _parallel_config=_parallel_config, **kwargs)
+    group = config._ulysses_mesh.get_group()
+    query, key, value = (_seq_to_heads(x, split.sizes, group) for x in (query, key, value))
+    # Inference only (ctx None, nothing saved), and no parallel config: the op then skips the log-sum-exp that
+    # diffusers' ring and backward passes need and this path does not.
+    out = forward_op(None, query, key, value, None, dropout_p, is_causal, scale, enable_gqa, False,
+                     _save_ctx=False, _parallel_config=None)
+    return _heads_to_seq(out, split.sizes, split.rank, group)
+
+
+def _ulysses_in_compiled_graphs(transformer, mesh) -> UlyssesSplit:
+    global _ulysses
+    import torch.distributed as dist
+    from diffusers.models import attention_dispatch
+
+    group = mesh["ulysses"].get_group()
+    _ulysses = UlyssesSplit(dist.get_world_size(group), dist.get_rank(group))
+    if not getattr(transformer, "_qwendoctor_ulysses_split", False):
+        # Looks the split up when called, so a later pipeline (a new UlyssesSplit) reuses the hook.
+        transformer.register_forward_pre_hook(lambda *call: _ulysses.before_pass(*call), with_kwargs=True)
+        transformer._qwendoctor_ulysses_split = True
+    attention_dispatch._templated_context_parallel_attention = context_parallel_attention
+    return _ulysses
 
 
 class SizesOncePerForward:
@@ -234,11 +330,17 @@ def _attention_outside_compiled_graphs() -> None:
     import torch
     from diffusers.models import attention_dispatch
 
+    global _eager_context_parallel_attention
     function = attention_dispatch._templated_context_parallel_attention
+    if function is context_parallel_attention:
+        return
     if not getattr(function, "_qwendoctor_eager", False):
         eager = torch.compiler.disable(function)
         eager._qwendoctor_eager = True
         attention_dispatch._templated_context_parallel_attention = eager
+        _eager_context_parallel_attention = eager
+    elif _eager_context_parallel_attention is None:
+        _eager_context_parallel_attention = function
 
 
 def apply_cfg_parallel(pipe, profile: Profile):

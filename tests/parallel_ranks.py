@@ -2,6 +2,9 @@
 
     render OUT_DIR PROFILE...   render the tiny model once per profile (k=v,... text); rank 0 saves OUT_DIR/<i>.npy
     fail                        rank 0 waits in a collective, rank 1 raises: the launcher must stop both
+    ulysses_graph OUT_DIR       qwendoctor's Ulysses attention compiled with fullgraph=True (no graph break
+                                allowed) on uneven shares; each rank writes OUT_DIR/<rank>.err, its largest
+                                difference from attention over the whole sequence in one process
 """
 
 import sys
@@ -40,6 +43,39 @@ def _size_exchanges() -> int | None:
     return sizes.exchanges if isinstance(sizes, parallel.SizesOncePerForward) else None
 
 
+def ulysses_graph(out_dir: str) -> None:
+    from types import SimpleNamespace
+
+    import torch
+    from diffusers.models.attention_dispatch import _native_attention_forward_op
+
+    parallel.init_process_group("cpu")
+    mesh = parallel.device_mesh(Profile.from_text("parallel=ulysses,gpus=2"))
+    text_tokens, image_tokens, heads, dim = 5, 8, 4, 8  # 5 = 3 + 2 and 8 = 4 + 4: shares of 7 and 6 tokens
+    split = parallel._ulysses_in_compiled_graphs(torch.nn.Linear(1, 1), mesh)
+    split.before_pass(None, (), {"hidden_states": torch.zeros(1, image_tokens, 1),
+                                 "encoder_hidden_states": torch.zeros(1, text_tokens, 1)})
+    generator = torch.Generator().manual_seed(0)
+    text, image = (torch.randn(3, 1, tokens, heads, dim, generator=generator) for tokens in (text_tokens, image_tokens))
+    joint = torch.cat([text, image], dim=2)  # q, k, v over the whole sequence, as one process sees it
+    whole = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in joint)).transpose(1, 2)
+    rank = parallel.rank()
+    mine = [torch.tensor_split(torch.arange(n), 2)[rank] for n in (text_tokens, image_tokens)]
+    local = torch.cat([text[:, :, mine[0]], image[:, :, mine[1]]], dim=2)  # this rank's [text, image] share
+    expected = torch.cat([whole[:, mine[0]], whole[:, text_tokens + mine[1]]], dim=1)
+    config = SimpleNamespace(context_parallel_config=SimpleNamespace(
+        ring_degree=1, ulysses_degree=2, _ulysses_mesh=mesh["ulysses"]))
+
+    def attention(q, k, v):
+        return parallel.context_parallel_attention(q, k, v, None, 0.0, False, None, False, False,
+                                                   _native_attention_forward_op, None, _parallel_config=config)
+
+    out = torch.compile(attention, fullgraph=True, backend="aot_eager")(*local)
+    with open(f"{out_dir}/{rank}.err", "w") as handle:
+        handle.write(str(float((out - expected).abs().max())))
+    parallel.destroy_process_group()
+
+
 def fail() -> None:
     import torch
     import torch.distributed as dist
@@ -52,7 +88,8 @@ def fail() -> None:
 
 if __name__ == "__main__":
     try:
-        {"render": lambda: render(sys.argv[2], sys.argv[3:]), "fail": fail}[sys.argv[1]]()
+        {"render": lambda: render(sys.argv[2], sys.argv[3:]), "fail": fail,
+         "ulysses_graph": lambda: ulysses_graph(sys.argv[2])}[sys.argv[1]]()
     except QwendoctorError as error:
         sys.exit(cli._fail(str(error), error.exit_code))
     except Exception as error:

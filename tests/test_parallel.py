@@ -188,10 +188,28 @@ def test_context_parallel_on_cpu_ranks_matches_one_process(ranks_import_tests, t
     # 112x128 pixels: 56 image tokens and the prompt's text tokens, split unevenly ("anything" mode)
     assert np.abs(np.load(tmp_path / "0.npy") - alone).max() < 1e-4
     if "ulysses" in strategy:
-        # One length exchange per transformer pass, not four per attention call: 3 steps of two passes (true
-        # CFG), of which a cfg+ulysses rank runs one.
-        passes = 3 * (1 if strategy.startswith("cfg") else 2)
-        assert int((tmp_path / "0.exchanges").read_text()) == passes
+        # Every attention call took qwendoctor's Ulysses path, whose lengths come from the shapes: diffusers'
+        # path (the fallback) would have exchanged them at least once per pass.
+        assert int((tmp_path / "0.exchanges").read_text()) == 0
+
+
+def test_ulysses_attention_compiles_into_one_graph_and_matches_whole_sequence_attention(ranks_import_tests,
+                                                                                        tmp_path):
+    """fullgraph=True: any graph break (a host collective, an untraceable call) fails the rank."""
+    parallel.launch(2, ["tests.parallel_ranks", "ulysses_graph", str(tmp_path)])
+    assert [float((tmp_path / f"{rank}.err").read_text()) < 1e-5 for rank in (0, 1)] == [True, True]
+
+
+def test_split_sizes_follow_tensor_split_and_ulysses_adds_text_and_image_shares():
+    import torch
+
+    for length, parts in ((6889, 2), (6889, 4), (128, 4), (7, 2), (3, 4)):
+        assert parallel.split_sizes(length, parts) == [len(c) for c in torch.arange(length).tensor_split(parts)]
+    split = parallel.UlyssesSplit(degree=4, rank=1)
+    split.before_pass(None, (), {"hidden_states": torch.zeros(1, 6889, 1), "encoder_hidden_states": torch.zeros(1, 13, 1)})
+    assert split.sizes == [1723 + 4, 1722 + 3, 1722 + 3, 1722 + 3] and sum(split.sizes) == 6889 + 13
+    split.before_pass(None, (torch.zeros(2, 10, 1),), {})  # no text: diffusers' own path takes the pass
+    assert split.sizes is None
 
 
 def test_sizes_are_exchanged_once_per_pass_and_a_changed_length_raises():
