@@ -2,6 +2,7 @@
 
     cfg          true CFG's cond and uncond passes on two GPUs, one all_gather of the two predictions per step
     ulysses      diffusers' context parallelism: the sequence split over the GPUs, an all-to-all around attention
+                 (qwendoctor's own, compiled into each block: context_parallel_attention)
     ring         the same split, keys and values passed around a ring (needs a backend that returns the LSE)
     cfg+ulysses  two groups, one per CFG pass, each splitting its pass's sequence; cfg+ring likewise
 
@@ -328,9 +329,9 @@ def _sizes_once_per_forward(transformer) -> SizesOncePerForward:
 
 
 def _attention_outside_compiled_graphs() -> None:
-    """Dynamo cannot trace the "anything" attention (it runs the size exchange on a fake process group and
-    fails), so compiled blocks break around it and it runs eagerly; the projections, RoPE, norms and MLP around
-    it still compile. Attention is one cuDNN/flash kernel either way."""
+    """Dynamo cannot trace diffusers' "anything" attention (it runs the size exchange on a fake process group and
+    fails). Where qwendoctor's own Ulysses attention does not apply (ring, a mask), compiled blocks break around
+    diffusers' function and it runs eagerly; the projections, RoPE, norms and MLP around it still compile."""
     import torch
     from diffusers.models import attention_dispatch
 

@@ -5,6 +5,9 @@
     ulysses_graph OUT_DIR       qwendoctor's Ulysses attention compiled with fullgraph=True (no graph break
                                 allowed) on uneven shares; each rank writes OUT_DIR/<rank>.err, its largest
                                 difference from attention over the whole sequence in one process
+
+On GPUs (tests/gpu) the ranks use CUDA and NCCL, and ulysses_graph compiles with inductor; elsewhere the CPU and
+gloo, and ulysses_graph traces with aot_eager (no C++ compile).
 """
 
 import sys
@@ -16,12 +19,18 @@ from qwendoctor.profile import Profile, Workload
 WORKLOAD = Workload(model="tiny", width=128, height=112, reference_steps=3, dtype="float32")
 
 
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def render(out_dir: str, profiles: list[str]) -> None:
     import numpy as np
 
     from qwendoctor import runner  # diffusers: only where a model is built
 
-    parallel.init_process_group("cpu")
+    parallel.init_process_group(_device())
     for index, text in enumerate(profiles):
         profile = Profile.from_text(text)
         model = runner.build(WORKLOAD, profile, runner.detect_capabilities())
@@ -49,7 +58,8 @@ def ulysses_graph(out_dir: str) -> None:
     import torch
     from diffusers.models.attention_dispatch import _native_attention_forward_op
 
-    parallel.init_process_group("cpu")
+    device = _device()
+    parallel.init_process_group(device)
     mesh = parallel.device_mesh(Profile.from_text("parallel=ulysses,gpus=2"))
     text_tokens, image_tokens, heads, dim = 5, 8, 4, 8  # 5 = 3 + 2 and 8 = 4 + 4: shares of 7 and 6 tokens
     split = parallel._ulysses_in_compiled_graphs(torch.nn.Linear(1, 1), mesh)
@@ -70,7 +80,8 @@ def ulysses_graph(out_dir: str) -> None:
         return parallel.context_parallel_attention(q, k, v, None, 0.0, False, None, False, False,
                                                    _native_attention_forward_op, None, _parallel_config=config)
 
-    out = torch.compile(attention, fullgraph=True, backend="aot_eager")(*local)
+    backend = "inductor" if device == "cuda" else "aot_eager"
+    out = torch.compile(attention, fullgraph=True, backend=backend)(*(t.to(device) for t in local)).cpu()
     with open(f"{out_dir}/{rank}.err", "w") as handle:
         handle.write(str(float((out - expected).abs().max())))
     parallel.destroy_process_group()
