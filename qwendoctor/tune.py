@@ -668,7 +668,7 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
             if compiled:
                 # Why a warm-up took minutes: one graph per block would mean every block recompiled.
                 results["compile"] = compiled
-                log(f"trial {trial.number}: {compile_stats.describe(compiled)}")
+                log(f"trial #{trial.number}: {compile_stats.describe(compiled)}")
             if speed.peak_memory_gib is not None:
                 results["peak_memory_gib"] = speed.peak_memory_gib
             best_s = _best_feasible_s(study)

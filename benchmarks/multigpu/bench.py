@@ -99,10 +99,10 @@ def run_row(args) -> None:
 def coordinate(args) -> dict:
     import numpy as np
 
-    from qwendoctor import parallel, quality
+    from qwendoctor import parallel, quality, runner
     from qwendoctor.errors import QwendoctorError
     from qwendoctor.strategies import strategies_for
-    from qwendoctor.profile import Capabilities, Profile, check_runnable
+    from qwendoctor.profile import Profile, check_runnable
 
     gpus = args.gpus or _visible_gpus()
     work = workload(args)
@@ -114,15 +114,17 @@ def coordinate(args) -> dict:
     document = {"workload": work.to_dict(), "gpus": gpus, "timed_steps": args.timed_steps, "tuned": tuned.to_dict(),
                 "command": " ".join(sys.argv), "host": _host(), "rows": []}
     reference = None
+    capabilities = runner.detect_capabilities()
     try:
         for index, (label, profile) in enumerate(rows):
             print(f"multigpu: row {index} {label}: {profile.describe()}", file=sys.stderr, flush=True)
             row = {"label": label, "gpus": profile.gpus, "profile": profile.to_dict()}
             started = time.perf_counter()
             try:
-                # refused here in a second (a backend ring cannot split), not after a launch
-                check_runnable(profile, work, Capabilities(device="cuda" if _cuda() else "cpu",
-                                                           gpu_count=_visible_gpus() if _cuda() else None))
+                # Refused here in a second (a backend ring cannot split), not after a launch. The full capabilities:
+                # FP8 profiles need the compute capability (it creates a CUDA context here, which costs memory
+                # on GPU 0 only).
+                check_runnable(profile, work, capabilities)
                 parallel.launch(profile.gpus, [
                     "benchmarks.multigpu.bench", "--row", str(index), "--row-profile", profile_text(profile),
                     "--work", args.work, "--model", args.model, "--width", str(args.width), "--height",
