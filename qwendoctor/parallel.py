@@ -247,17 +247,22 @@ def _heads_to_seq(x, sizes: list[int], rank: int, group):
 def context_parallel_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse,
                                forward_op, backward_op, _parallel_config=None, **kwargs):
     """diffusers' `_templated_context_parallel_attention`, with Ulysses done here when it can be: no mask, no LSE
-    asked for, heads divisible by the degree, lengths as UlyssesSplit computed them. Anything else goes to
-    diffusers' own function, outside the compiled graph."""
+    asked for, heads divisible by the degree, the shares known (UlyssesSplit). Anything else goes to diffusers'
+    own function, outside the compiled graph. A rank whose length is not its computed share raises."""
     split = _ulysses
     config = _parallel_config.context_parallel_config if _parallel_config is not None else None
+    # Only conditions every rank shares decide the path: a rank that took the other one would wait forever in
+    # a collective its peers never enter.
     if (split is None or split.sizes is None or config is None or config.ring_degree > 1
             or config.ulysses_degree != split.degree or attn_mask is not None or return_lse or enable_gqa
-            or query.shape[2] % split.degree or query.shape[1] != split.sizes[split.rank]
-            or key.shape[1] != query.shape[1]):
+            or query.shape[2] % split.degree or key.shape[1] != query.shape[1]):
         return _eager_context_parallel_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                                  enable_gqa, return_lse, forward_op, backward_op,
                                                  _parallel_config=_parallel_config, **kwargs)
+    if query.shape[1] != split.sizes[split.rank]:
+        raise RuntimeError(f"Ulysses: this rank holds {query.shape[1]} tokens, but the transformer's input shapes "
+                           f"give it {split.sizes[split.rank]} (shares {split.sizes}): the model changed the "
+                           "sequence length after its input")
     group = config._ulysses_mesh.get_group()
     query, key, value = _seq_to_heads(query, key, value, split.sizes, group)
     # Inference only (ctx None, nothing saved), and no parallel config: the op then skips the log-sum-exp that

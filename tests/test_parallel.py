@@ -212,6 +212,19 @@ def test_split_sizes_follow_tensor_split_and_ulysses_adds_text_and_image_shares(
     assert split.sizes is None
 
 
+def test_ulysses_length_that_differs_from_the_shapes_raises_rather_than_leaving_its_peers_waiting(monkeypatch):
+    import torch
+
+    split = parallel.UlyssesSplit(degree=2, rank=1)
+    split.sizes = [7, 6]
+    monkeypatch.setattr(parallel, "_ulysses", split)
+    config = SimpleNamespace(context_parallel_config=SimpleNamespace(ring_degree=1, ulysses_degree=2))
+    q = torch.zeros(1, 7, 4, 8)  # rank 1 should hold 6
+    with pytest.raises(RuntimeError, match="holds 7 tokens, but the transformer's input shapes give it 6"):
+        parallel.context_parallel_attention(q, q, q, None, 0.0, False, None, False, False, None, None,
+                                            _parallel_config=config)
+
+
 def test_sizes_are_exchanged_once_per_pass_and_a_changed_length_raises():
     calls = []
 
