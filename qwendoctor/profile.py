@@ -40,6 +40,9 @@ PARALLEL_STRATEGIES = ("none", "cfg", "ulysses", "ring", "cfg+ulysses", "cfg+rin
 # needs the kernel's log-sum-exp to merge partial results, which "native" (plain SDPA) does not return.
 ULYSSES_BACKENDS = ("native", "_native_cudnn", "_native_flash", "flash")
 RING_BACKENDS = ("_native_cudnn", "_native_flash", "flash")
+# Kernels that exist only on CUDA: on the CPU SDPA has no cuDNN or memory-efficient kernel, and the flash-attn
+# packages are GPU code.
+CUDA_ONLY_BACKENDS = ("_native_cudnn", "_native_efficient", "flash", "_flash_3", "fa4")
 FP8_MIN_COMPUTE_CAPABILITY = (8, 9)
 PIXELS_MULTIPLE = 16  # VAE downsamples by 8, then the transformer packs 2x2 patches
 # Qwen-Image's scheduler stretches sigmas to shift_terminal with (1 - sigma) / (1 - last sigma): 0/0 at one step.
@@ -280,6 +283,9 @@ def check_runnable(profile: Profile, workload: Workload, capabilities: Capabilit
     if profile.cfg_batching and not workload.does_cfg:
         raise UsageError("profile.cfg_batching batches true CFG's two passes; this workload has no CFG "
                          f"(true_cfg_scale {workload.true_cfg_scale:g})")
+    if profile.attention_backend in CUDA_ONLY_BACKENDS and capabilities.device != "cuda":
+        raise UnavailableLever(f"attention backend {profile.attention_backend!r} needs a CUDA GPU; this machine runs "
+                               "on the CPU")
     if profile.tf32 and capabilities.device != "cuda":
         raise UnavailableLever("tf32 is a CUDA matmul mode; it does nothing on the CPU")
     if profile.cfg_degree == 2 and not workload.does_cfg:

@@ -63,13 +63,19 @@ def test_fp8_is_refused_on_cpu_and_old_gpus_before_loading():
 def test_gpu_only_levers_are_refused_on_cpu():
     with pytest.raises(UnavailableLever, match="tf32"):
         check_runnable(Profile(tf32=True), Workload(), CPU)
+    for backend in ("_native_cudnn", "_native_efficient", "flash", "_flash_3", "fa4"):
+        with pytest.raises(UnavailableLever, match=f"attention backend '{backend}' needs a CUDA GPU"):
+            check_runnable(Profile(attention_backend=backend), Workload(), CPU)
+        check_runnable(Profile(attention_backend=backend), Workload(), H100)
+    for backend in ("native", "_native_math", "_native_flash", "flex"):  # SDPA and flex have CPU kernels
+        check_runnable(Profile(attention_backend=backend), Workload(), CPU)
 
 
 def test_attention_backend_must_have_passed_the_probe():
     probed = Capabilities(device="cpu", working_attention_backends=("native", "_native_math"))
     check_runnable(Profile(attention_backend="_native_math"), Workload(), probed)
     with pytest.raises(UnavailableLever, match="did not pass the check"):
-        check_runnable(Profile(attention_backend="_native_cudnn"), Workload(), probed)
+        check_runnable(Profile(attention_backend="flex"), Workload(), probed)
 
 
 def test_profile_round_trips_through_dict():
