@@ -24,14 +24,13 @@ import sys
 import traceback
 from typing import NoReturn
 
-
 GATE_REQUEST = "#gpu"  # a worker's line asking the runner for the GPU (findings are JSON objects, never this)
 
 
 def run_one(probe_id: str, module: str | None = None, gpu_gate=None) -> dict:
     from probes import PROBES, load_probe
     from probes.context import SETTINGS_ENV, ProbeContext, exc_line
-    from qwendoctor.findings import Finding
+    from probes.finding import Finding
 
     try:
         if module is None:

@@ -1,7 +1,8 @@
 """attention_backends: which diffusers attention backends actually run here and give the right answer.
 
-Each candidate runs `dispatch_attention_fn` on small random q/k/v ([B, S, H, D], diffusers' layout) and is
-compared with a float64 math reference. `measured["working"]` is the tuner's attention search space.
+Each candidate (probes.backends' table) runs `dispatch_attention_fn` on small random q/k/v ([B, S, H, D],
+diffusers' layout) and is compared with a float64 math reference. `measured["working"]` is the tuner's attention
+search space. Backends diffusers does not ship (fa4) are registered first through `ctx.attention_registrars`.
 """
 
 from __future__ import annotations
@@ -9,14 +10,32 @@ from __future__ import annotations
 import time
 import warnings
 
+from probes.backends import ATTENTION_BACKENDS, BY_NAME
 from probes.context import ProbeContext, exc_line, mark
-from qwendoctor.findings import Finding
+from probes.finding import Finding
 
-CANDIDATES = ["native", "_native_math", "_native_efficient", "_native_flash", "_native_cudnn", "flash", "_flash_3",
-              "fa4", "flex"]
+CANDIDATES = list(ATTENTION_BACKENDS)
+# On the CPU only the default and its exact reference are checked: the CPU runs the tiny model, where no other
+# kernel is worth a trial (flex would pay for a compile).
 CPU_CANDIDATES = ["native", "_native_math"]
 B, S, H, D = 1, 256, 4, 64
 REL_ERR_LIMIT = {"bfloat16": 2e-2, "float32": 1e-4}
+
+
+def register_backends(ctx: ProbeContext) -> dict[str, str]:
+    """Call each of `ctx.attention_registrars` ("module:function"); backend -> why it is not registered, for those
+    whose registration did not happen. A registrar returns False when its package does not import here."""
+    why_not: dict[str, str] = {}
+    for backend, target in ctx.attention_registrars.items():
+        module, _, function = target.partition(":")
+        try:
+            if not getattr(ctx.import_module(module), function)():
+                package = BY_NAME[backend].package if backend in BY_NAME else None
+                why_not[backend] = (f"not installed or does not import{f' ({package})' if package else ''}: "
+                                    "see the flash_attn probe")
+        except Exception as exc:
+            why_not[backend] = f"could not be registered: {exc_line(exc)}"
+    return why_not
 
 
 def _rel_err(torch, out, ref) -> float:
@@ -30,14 +49,8 @@ def probe(ctx: ProbeContext) -> Finding:
     dispatch = ctx.import_module("diffusers.models.attention_dispatch")
     mark("attention_backends.diffusers_imported")
     names = getattr(dispatch, "AttentionBackendName", None)
-    fa4_note = None
-    if torch.cuda.is_available():
-        try:  # FA4 is ours to register (qwendoctor.attention); False when flash_attn.cute does not import
-            if not ctx.import_module("qwendoctor.attention").register_fa4_backend():
-                fa4_note = "not installed or does not import (flash_attn.cute): see the flash_attn probe"
-        except Exception as exc:
-            fa4_note = f"could not be registered: {exc_line(exc)}"
-    mark("attention_backends.fa4_registered")
+    unregistered = register_backends(ctx) if torch.cuda.is_available() else {}
+    mark("attention_backends.registered")
     registered = {b.value for b in names} if names is not None else set(CANDIDATES)
     check_requirements = getattr(dispatch, "_check_attention_backend_requirements", None)
 
@@ -64,8 +77,8 @@ def probe(ctx: ProbeContext) -> Finding:
         if device == "cpu" and name not in CPU_CANDIDATES:
             broken[name] = "needs CUDA"
             continue
-        if name == "fa4" and fa4_note:
-            broken[name] = fa4_note
+        if name in unregistered:
+            broken[name] = unregistered[name]
             continue
         if name not in registered:
             broken[name] = "not registered in this diffusers"

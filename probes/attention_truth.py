@@ -3,7 +3,7 @@ really runs, and what attention is worth in a step.
 
 Two layers: `measure(ctx)` times kernels on the GPU (CUDA events, warm-up 3, median of 15 calls) and profiles
 one default SDPA call; `summarize(...)` is pure arithmetic on those numbers and builds the Finding (tests feed
-it REFERENCE.md's H100 figures).
+it H100 figures like those in benchmarks/check/check_h100.json).
 """
 
 from __future__ import annotations
@@ -13,32 +13,23 @@ import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 from probes import qwen_shapes as qs
+from probes.backends import BACKENDS, BY_KERNEL
 from probes.context import ProbeContext, cuda_torch, exc_line, mark
-from probes.roofline import event_samples, keep_busy, l2_flush_buffer
-from qwendoctor.findings import Finding
+from probes.finding import Finding
+from probes.timing import event_samples, keep_busy, l2_flush_buffer
 
 WARMUP, REPS, ROUNDS = 3, 50, 5
-# Seconds of back-to-back calls before timing: an H100 at its 700 W limit boosts for a moment, then runs
-# ~10% slower for the rest of a generation; the probe reports that steady rate.
+# Seconds of back-to-back calls before timing: a card at its power limit boosts for a moment, then runs slower for
+# the rest of a generation (an H100 at 700 W: 790 bf16 GEMM TFLOP/s in bursts, 718 sustained, in
+# benchmarks/check/check_h100.json); the probe reports that steady rate.
 SETTLE_S = 1.0
 MATH_MAX_S = 4096  # the math backend materialises S x S scores per head: slow, and big beyond this
 GAIN_THRESHOLD = 0.05  # warn when another backend saves more than 5% of attention time
 REL_ERR_LIMIT = 2e-2  # bf16 output vs the default SDPA's
 CALLS_PER_STEP = qs.PASSES_PER_STEP * qs.BLOCKS  # 120 attention calls per denoising step
 
-# backend -> (what selects it in diffusers' dispatcher, how to get it)
-LEVERS = {
-    "native": ('"native"', "the default"),
-    "cudnn": ('"_native_cudnn"', "torch SDPA's cuDNN backend, no install"),
-    "flash": ('"_native_flash"', "torch SDPA's built-in FlashAttention-2, no install"),
-    "efficient": ('"_native_efficient"', "torch SDPA's memory-efficient backend, no install"),
-    "math": ('"_native_math"', "torch SDPA's math backend"),
-    "flex": ('"flex"', "torch flex_attention, needs torch.compile"),
-    "fa2": ('"flash"', "the flash-attn package (FA2)"),
-    "fa3": ('"_flash_3"', "FA3 from flash-attention's hopper/ build (flash_attn_interface)"),
-    "fa4": ('"fa4"', "flash-attn-4 (./install_flash_attention.sh --which fa4); call "
-                     "qwendoctor.attention.register_fa4_backend() first"),
-}
+# SDPA's kernels in the order classify_kernels prefers them (cuDNN's kernel names contain "flash" too).
+SDPA_KERNELS = tuple(b.kernel for b in BACKENDS if b.sdpa_backend)
 
 
 # --- kernel names --------------------------------------------------------------------------------------
@@ -70,7 +61,7 @@ def classify_kernels(kernel_names: Sequence[str], op_names: Sequence[str] = ()) 
             kind = classify_kernel(name)
             if kind is not None:
                 found.setdefault(kind, name)
-        for kind in ("cudnn", "flash", "efficient", "math"):
+        for kind in SDPA_KERNELS:
             if kind in found:
                 return kind, found[kind]
     return "unknown", (kernel_names[0] if kernel_names else "")
@@ -143,12 +134,12 @@ def summarize(shape: Mapping[str, int], ms: Mapping[str, float], failed: Mapping
         return Finding(id="attention_truth", status="ok", summary=f"{head}: already within 5% of the fastest{tail}",
                        details=details, measured=measured)
     pct_step = f", {gain / est_step:.0%} of the estimated step" if est_step else ""
-    lever, how = LEVERS.get(best, (None, best))
-    if lever:
+    backend = BY_KERNEL.get(best)
+    if backend is not None:
         fix = (f"`qwendoctor tune` searches it, or set it yourself: "
-               f"pipe.transformer.set_attention_backend({lever})  # {how}")
+               f'pipe.transformer.set_attention_backend("{backend.name}")  # {backend.description}')
     else:
-        fix = f"use {how}"
+        fix = f"use {best}"
     return Finding(id="attention_truth", status="warn",
                    summary=f"{head}; {best} runs {tflops[best]:.0f} TFLOP/s: saves {gain:.0f} ms/step{pct_step}",
                    details=details, fix=fix, measured=measured)
@@ -177,8 +168,7 @@ def _candidates(ctx: ProbeContext, torch, q, k, v, s: int) -> tuple[dict[str, Ca
                     return F.scaled_dot_product_attention(qt, kt, vt)
             return call
 
-        for name, attr in (("cudnn", "CUDNN_ATTENTION"), ("flash", "FLASH_ATTENTION"),
-                           ("efficient", "EFFICIENT_ATTENTION"), ("math", "MATH")):
+        for name, attr in ((b.kernel, b.sdpa_backend) for b in BACKENDS if b.sdpa_backend):
             if name == "math" and s > MATH_MAX_S:
                 skipped[name] = f"not timed: S={s} > {MATH_MAX_S} (it materialises the scores)"
             elif hasattr(SDPBackend, attr):
@@ -187,7 +177,8 @@ def _candidates(ctx: ProbeContext, torch, q, k, v, s: int) -> tuple[dict[str, Ca
                 skipped[name] = f"SDPBackend.{attr} missing in torch {torch.__version__}"
     if not ctx.bench:
         # flex_attention only runs compiled, and compiling it costs more than the quick tier's whole budget.
-        skipped["flex"] = "not timed in the quick tier (it needs a ~10 s compile): run `qwendoctor check --bench`"
+        skipped["flex"] = ("not timed in the quick tier (flex_attention runs only compiled, a compile the quick tier "
+                           "does not pay for): run `qwendoctor check --bench`")
     else:
         try:
             flex = ctx.import_module("torch.nn.attention.flex_attention").flex_attention
@@ -195,11 +186,9 @@ def _candidates(ctx: ProbeContext, torch, q, k, v, s: int) -> tuple[dict[str, Ca
             calls["flex"] = lambda: compiled(qt, kt, vt)
         except Exception as exc:
             skipped["flex"] = f"not available: {exc_line(exc)}"
-    for name, module, attr in (("fa2", "flash_attn", "flash_attn_func"),
-                               ("fa3", "flash_attn_interface", "flash_attn_func"),
-                               ("fa4", "flash_attn.cute", "flash_attn_func")):
+    for name, module in ((b.kernel, b.module) for b in BACKENDS if b.module):
         try:
-            fn = getattr(ctx.import_module(module), attr)
+            fn = ctx.import_module(module).flash_attn_func
         except Exception as exc:  # ImportError, or an ABI error (OSError, undefined symbol)
             skipped[name] = f"not importable ({module}): {exc_line(exc)}"
             continue
@@ -222,8 +211,7 @@ def _profile_native(torch, call) -> tuple[list[str], list[str]]:
 
 
 def measure(ctx: ProbeContext, torch) -> dict[str, Any]:
-    wl = ctx.workload
-    s = wl.image_tokens + wl.text_tokens
+    s = qs.seq_len(ctx.workload.width, ctx.workload.height, ctx.text_tokens)
     shape = {"B": 1, "H": qs.HEADS, "S": s, "D": qs.HEAD_DIM}
     torch.manual_seed(0)
     dev, bf16 = "cuda", torch.bfloat16

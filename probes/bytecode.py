@@ -2,8 +2,9 @@
 
 Without it every Python process compiles those sources again before it runs a line of ours: each check worker,
 each `generate`, each torchrun rank, each tune worker. Container images often cause it: PYTHONDONTWRITEBYTECODE=1
-(a Dockerfile habit) together with `pip install --no-compile`, or a read-only site-packages. On an H100 host in
-that state importing torch took 4.1 s instead of 2.2 s, and torch's compiler stack 11.7 s instead of 4.6 s.
+(a Dockerfile habit) together with `pip install --no-compile`, or a read-only site-packages. On the H100 host of
+benchmarks/check/README.md in that state importing torch took 4.07 s instead of 2.15-2.29 s, and torch's compiler
+stack 11.66 s instead of 4.59 s (probes/measured.toml, "import_seconds").
 
 The probe imports torch (in `check` its worker already has, along with what the other probes of its group
 imported), then looks at every loaded module that came from a .py file: is its .pyc where this Python looks,
@@ -21,8 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+from probes import measured
 from probes.context import ProbeContext, exc_line
-from qwendoctor.findings import Finding
+from probes.finding import Finding
 
 COMPILE_BUDGET_S = 1.5
 WARN_S = 0.5  # below this a process hardly notices (a few of the user's own modules, say)
@@ -65,6 +67,18 @@ def python_sources(modules) -> list[tuple[str, Path, str | None]]:
         seen.add(origin)
         result.append((spec.name, Path(origin), getattr(spec, "cached", None)))
     return result
+
+
+def import_cost_note() -> str:
+    """What missing bytecode cost the imports on the one host where it was measured, with its source."""
+    fig = measured.nearest(None, "import_seconds")
+    if fig is None:
+        return f"what it costs the imports was not measured on any machine in {measured.DATA_LABEL}"
+    s = fig.values
+    low, high = s["torch_with_bytecode"]
+    return (f"on an {fig.gpu} host the imports themselves took {s['torch_without_bytecode']:g} s for torch without "
+            f"bytecode against {low:g}-{high:g} s with it, and {s['inductor_without_bytecode']:g} against "
+            f"{s['inductor_with_bytecode']:g} s for torch's compiler stack ({fig.cite})")
 
 
 def compile_cost(paths: list[Path], budget_s: float) -> tuple[float, int, int]:
@@ -168,8 +182,7 @@ def probe(ctx: ProbeContext) -> Finding:
     how = (f"compiling all of it took {spent:.2f} s here" if done_bytes >= missing_bytes else
            f"compiling {done_files} of the files ({done_bytes / 1e6:.1f} MB) took {spent:.2f} s here, "
            f"so all of it ~{estimated:.1f} s")
-    how += (" (compile() alone, a lower bound: on an H100 host the imports themselves took 1.5-2.5x longer "
-            "without bytecode, torch 4.1 s against 2.2 s, torch's compiler stack 11.7 s against 4.6 s)")
+    how += f" (compile() alone, a lower bound: {import_cost_note()})"
     top = ", ".join(f"{pkg} {count}" for pkg, count in list(measured["packages"].items())[:5])
     details += [f"no current bytecode for {len(missing)} of them ({missing_bytes / 1e6:.1f} MB of source): {top}",
                 f"{how}; each Python process that imports them pays it again"]

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from probes.context import ProbeContext, exc_line, mark
-from qwendoctor.findings import Finding
+from probes.finding import Finding
 
 DISABLE_VARS = ("TORCH_COMPILE_DISABLE", "TORCHDYNAMO_DISABLE")  # torch reads both as == "1"
 COMPILER_HINT = re.compile(r"CppCompileError|InvalidCxxCompiler|C\+\+ compiler|C compiler|\bg\+\+|\bgcc\b|"

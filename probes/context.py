@@ -13,6 +13,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from probes.finding import Finding
+from probes.workload import Workload
+
 
 def run_command(argv: Sequence[str], timeout: float = 30.0) -> subprocess.CompletedProcess:
     """Run a command and capture its output; never raises. A missing program is returncode 127,
@@ -36,27 +39,22 @@ def load_nvml() -> Any:
     return pynvml
 
 
+def _message_line(error: BaseException, limit: int) -> str:
+    lines = str(error).strip().splitlines()
+    first = lines[0].strip() if lines else ""
+    return first if len(first) <= limit else first[:max(limit - 3, 0)] + "..."
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of the error's message, cut at `limit` characters; its type's name when the message is
+    empty (`KeyError()`), so a one-line report never ends in a bare colon."""
+    return _message_line(error, limit) or type(error).__name__
+
+
 def exc_line(exc: BaseException) -> str:
     """'<ExceptionType>: <first line of the message>', the one-line form every report uses."""
-    text = str(exc).strip().splitlines()
-    first = text[0] if text else ""
-    if len(first) > 300:
-        first = first[:297] + "..."
+    first = _message_line(exc, 300)
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
-@dataclasses.dataclass(frozen=True)
-class Workload:
-    """The shapes the attention microbenchmarks use: Qwen-Image's default 1328x1328 render."""
-
-    width: int = 1328
-    height: int = 1328
-    text_tokens: int = 128
-
-    @property
-    def image_tokens(self) -> int:
-        # VAE downsamples 8x, the transformer patchifies 2x2: 1328x1328 -> 83x83 = 6889 tokens.
-        return (self.height // 16) * (self.width // 16)
 
 
 def default_disk_paths(env: Mapping[str, str]) -> dict[str, Path]:
@@ -85,11 +83,19 @@ class ProbeContext:
     run: Callable[[Sequence[str], float], Any] = run_command  # (argv, timeout) -> returncode/stdout/stderr
     import_module: Callable[[str], Any] = importlib.import_module
     nvml: Callable[[], Any] = load_nvml
-    workload: Workload = dataclasses.field(default_factory=Workload)
+    # Sizes the probes measure at; its `model` follows `model` below when built from settings.
+    workload: Workload = dataclasses.field(default_factory=lambda: Workload(model="Qwen/Qwen-Image"))
+    # Text tokens the attention shapes add to the image tokens: the prompt's length after the text encoder,
+    # which the workload does not fix (128 covers a typical prompt).
+    text_tokens: int = 128
     # label -> path; None derives them from `env` (HF_HUB_CACHE / HF_HOME, TORCHINDUCTOR_CACHE_DIR).
     disk_paths: Mapping[str, Path] | None = None
     model: str = "Qwen/Qwen-Image"  # what the model and memory_plan probes look for
     bench: bool = False  # the --bench tier: probes may spend tens of seconds measuring
+    # Attention backends diffusers does not register itself (probes.backends' "fa4"): backend -> "module:function"
+    # of a function that registers it with diffusers' dispatcher and returns False when its package does not
+    # import here. The application that owns the registration supplies it, so the probes need nothing above them.
+    attention_registrars: Mapping[str, str] = dataclasses.field(default_factory=dict)
     # Called by `use_gpu()`. A grouped worker sets it to wait until no timing probe is measuring; None: no-op.
     gpu_gate: Callable[[], None] | None = None
 
@@ -106,14 +112,17 @@ class ProbeContext:
     def settings(self) -> dict[str, Any]:
         """What a probe in a subprocess needs to rebuild this context (SETTINGS_ENV, as JSON)."""
         return {"width": self.workload.width, "height": self.workload.height,
-                "text_tokens": self.workload.text_tokens, "model": self.model, "bench": self.bench}
+                "text_tokens": self.text_tokens, "model": self.model, "bench": self.bench,
+                "attention_registrars": dict(self.attention_registrars)}
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> "ProbeContext":
-        workload = Workload(width=int(settings.get("width", 1328)), height=int(settings.get("height", 1328)),
-                            text_tokens=int(settings.get("text_tokens", 128)))
-        return cls(workload=workload, model=str(settings.get("model", "Qwen/Qwen-Image")),
-                   bench=bool(settings.get("bench", False)))
+        model = str(settings.get("model", "Qwen/Qwen-Image"))
+        workload = Workload(model=model, width=int(settings.get("width", 1328)),
+                            height=int(settings.get("height", 1328)))
+        return cls(workload=workload, text_tokens=int(settings.get("text_tokens", 128)), model=model,
+                   bench=bool(settings.get("bench", False)),
+                   attention_registrars=dict(settings.get("attention_registrars") or {}))
 
 
 # The doctor passes the context's settings to a probe subprocess through this variable.
@@ -139,10 +148,16 @@ def mark(event: str, **fields) -> None:
         pass
 
 
+def cuda_device_name(torch) -> str | None:
+    """torch's name for cuda:0 ("NVIDIA H100 80GB HBM3"), the key of probes/measured.toml; None when unknown."""
+    try:
+        return str(torch.cuda.get_device_name(0))
+    except Exception:  # no CUDA, a broken driver, or a stand-in torch without the call
+        return None
+
+
 def cuda_torch(ctx: "ProbeContext", probe_id: str, without_cuda: str):
     """(torch, None) where CUDA works, else (None, a skip Finding saying why): the prelude of GPU-only probes."""
-    from qwendoctor.findings import Finding
-
     try:
         torch = ctx.import_module("torch")
     except ImportError as exc:

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from probes.context import ProbeContext, exc_line
-from qwendoctor.findings import Finding
+from probes.finding import Finding
 
 UPGRADE = 'pip install -U "diffusers>=0.35"'
 MIN_TRANSFORMERS = (4, 51)  # Qwen2.5-VL text encoder

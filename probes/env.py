@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from probes.context import ProbeContext
-from qwendoctor.findings import Finding
+from probes.finding import Finding
 
 # name -> why it matters when it is active (None: reported, never flagged)
 WATCHED = {

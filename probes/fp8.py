@@ -1,20 +1,42 @@
 """fp8: can this machine run the FP8 lever (torchao Float8DynamicActivationFloat8WeightConfig)?
-Compute capability >= 8.9, torchao importable with the config, and a torch._scaled_mm smoke test."""
+Compute capability >= 8.9, torchao importable with the config, and a torch._scaled_mm smoke test. What FP8 gains
+is quoted from probes/measured.toml, labelled with the card it was measured on."""
 
 from __future__ import annotations
 
 import logging
 
-from probes.context import ProbeContext, exc_line, mark
-from qwendoctor.findings import Finding
+from probes import measured
+from probes.context import ProbeContext, cuda_device_name, exc_line, mark
+from probes.finding import Finding
 
 MIN_CC = (8, 9)  # Ada (sm_89) and Hopper (sm_90) have FP8 tensor cores
 REL_ERR_LIMIT = 0.1  # e4m3 keeps 3 mantissa bits: ~4% relative error on a random 256^3 product
 M = 256
 FP8_MAX = 448.0  # largest float8_e4m3fn
-HONEST = ("on an H100 FP8 without torch.compile is slower than bf16 (811 vs 640 ms/step: the dynamic activation "
-          "quantization is not fused); compiled it is ~1.6x faster (393-405 ms/step), and a regional compile takes "
-          "seconds (5-21 s at W1)")
+
+
+def speed_note(gpu_name: str | None) -> str:
+    """What FP8 did to a step where it was measured: on this GPU model, or on another card, labelled."""
+    eager = measured.nearest(gpu_name, "fp8_eager_vs_bf16")
+    compiled = measured.nearest(gpu_name, "fp8_compiled_vs_bf16")
+    if eager is None or compiled is None:
+        return (f"FP8 speed not measured on {gpu_name or 'this machine'} nor on any GPU in "
+                f"{measured.DATA_LABEL}")
+    head = (f"FP8 speed measured on {eager.gpu}" if eager.here else
+            f"FP8 speed not measured on {gpu_name or 'this machine (no GPU)'}; on {eager.gpu}")
+    fp8_ms, bf16_ms = eager.values
+    compiled_fp8_ms, compiled_bf16_ms = compiled.values
+    on = "" if compiled.gpu == eager.gpu else f" on {compiled.gpu}"
+    note = (f"{head}: eager FP8 {fp8_ms:g} vs {bf16_ms:g} ms/step bf16, its dynamic activation quantization "
+            f"not fused ({eager.cite}); compiled{on} {compiled_bf16_ms / compiled_fp8_ms:.2f}x faster than bf16, "
+            f"{compiled_fp8_ms:g} vs {compiled_bf16_ms:g} ms/step ({compiled.cite})")
+    warmup = measured.nearest(gpu_name, "compile_warmup_s")
+    if warmup is not None:
+        low, high = warmup.values
+        on = "" if warmup.gpu == eager.gpu else f" on {warmup.gpu}"
+        note += f"; a regional compile's warm-up took {low:g}-{high:g} s{on} ({warmup.cite})"
+    return note
 
 
 def scaled_mm_rel_err(torch, device: str) -> float:
@@ -96,7 +118,7 @@ def probe(ctx: ProbeContext) -> Finding:
                "broken": f"torchao {ao_version or ''} does not import with torch {torch_version}: {ao_error}"
                .replace("  ", " ")}[state]
     details = [ao_line] + [f"torchao log: {line}" for line in ao_log[:3]]
-    details.append("honest note: " + HONEST)
+    details.append(speed_note(cuda_device_name(torch) if cuda else None))
 
     def finding(status, summary, fix=None):
         return Finding(id="fp8", status=status, summary=summary, details=details, fix=fix, measured=measured)
@@ -134,4 +156,4 @@ def probe(ctx: ProbeContext) -> Finding:
                        f"pip install --force-reinstall torch=={torch_version.split('+')[0]} (then rerun "
                        "`python -m probes._worker fp8`)")
     return finding("ok", f"FP8 ready: compute capability {cc[0]}.{cc[1]}, torchao {ao_version}, _scaled_mm OK; "
-                         "worth it only compiled (~1.6x), eager FP8 is slower than bf16")
+                         "use it compiled: eager FP8 leaves its activation quantization unfused")

@@ -5,7 +5,7 @@ Qwen-Image slower than its name promises, silently."""
 from __future__ import annotations
 
 from probes.context import ProbeContext, exc_line
-from qwendoctor.findings import Finding
+from probes.finding import Finding
 
 GIB = 1024**3
 # Qwen-Image's transformer has 20.4B parameters: bf16 weights alone are 20.4e9 * 2 B = 38 GiB.

@@ -1,8 +1,8 @@
 """memory_plan: will transformer + text encoder + VAE + activations fit on the GPU at the workload?
 
 Weights from qwen_shapes (bf16: 2 B/param; FP8: 1 B/param for the blocks' linear weights); activations from
-qwen_shapes.activation_gib, calibrated on REFERENCE.md's measured peaks. Plans are tried in order, the first
-that fits with >= 5% headroom of the GPU's total memory wins:
+qwen_shapes.activation_gib, calibrated on two peaks in probes/measured.toml (quoted with their card and where
+they come from). Plans are tried in order, the first that fits with >= 5% headroom of the GPU's total memory wins:
   a. everything resident in bf16
   b. text encoder off the GPU while the transformer runs (pipe.enable_model_cpu_offload(), or
      pipe.text_encoder.to("cpu") after encode_prompt)
@@ -14,8 +14,9 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from probes import qwen_shapes as qs
-from probes.context import ProbeContext, Workload, exc_line
-from qwendoctor.findings import Finding
+from probes.context import ProbeContext, exc_line
+from probes.finding import Finding
+from probes.workload import Workload
 
 GIB = qs.GIB
 HEADROOM = 0.05
@@ -49,6 +50,14 @@ def plans(workload: Workload) -> list[dict[str, Any]]:
     ]
 
 
+def calibration_note() -> str:
+    """Where the activation estimate's two calibration peaks come from, with their card."""
+    fig = qs.memory_calibration()
+    (low_size, high_size), (low_gib, high_gib) = fig.data["sizes"], fig.values
+    return (f"calibrated on default-pipeline peaks without the text encoder, quoted for {fig.gpu}: {low_gib:g} GiB "
+            f"at {low_size}, {high_gib:g} GiB at {high_size} ({fig.cite})")
+
+
 def visible_nvml_index(env: Mapping[str, str]) -> int:
     """NVML index of torch's cuda:0: the first entry of CUDA_VISIBLE_DEVICES when it is a number, else 0
     (NVML ignores CUDA_VISIBLE_DEVICES)."""
@@ -72,8 +81,7 @@ def summarize(gpu_name: str, total_gib: float, used_gib: float | None, workload:
         f"weights: transformer {qs.transformer_bytes() / GIB:.1f} GiB bf16 / {qs.transformer_bytes(True) / GIB:.1f} "
         f"GiB FP8, text encoder {qs.weight_bytes(qs.TEXT_ENCODER_PARAMS) / GIB:.1f} GiB, VAE "
         f"{qs.weight_bytes(qs.VAE_PARAMS) / GIB:.2f} GiB; activations + overhead at {size}: "
-        f"{qs.activation_gib(workload.width, workload.height):.1f} GiB (calibrated on the measured default-pipeline "
-        f"peaks: 58 GiB at 1024x1024, 71 GiB at 1328x1328 without the text encoder)")
+        f"{qs.activation_gib(workload.width, workload.height):.1f} GiB ({calibration_note()})")
     if used_gib is not None and used_gib > 1.0:
         details.append(f"{used_gib:.1f} GiB are in use right now by other processes (not subtracted)")
     if chosen == "bf16_resident":
@@ -89,7 +97,8 @@ def summarize(gpu_name: str, total_gib: float, used_gib: float | None, workload:
     return Finding(id="memory_plan", status="fail", details=details, measured=measured,
                    summary=f"{size} does not fit in {total_gib:.0f} GiB: even FP8 + text encoder offload needs "
                            f"{rows[-1]['need_gib']:.0f} GiB",
-                   fix="use a GPU with more memory (80 GB H100 fits bf16 with the text encoder offloaded), split the "
+                   fix="use a GPU with more memory (by this estimate 80 GB fits bf16 at 1328x1328 with the text "
+                       "encoder offloaded), split the "
                        "transformer over several GPUs, or a smaller --width/--height; "
                        "pipe.enable_sequential_cpu_offload() fits but is many times slower")
 

@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from probes.context import ProbeContext, exc_line
-from qwendoctor.findings import Finding
+from probes.finding import Finding
 
 GIB = 1024**3
 BUILTIN = ("tiny", "synthetic")

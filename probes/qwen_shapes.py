@@ -1,19 +1,28 @@
 """Qwen-Image's cost model: tokens, FLOPs, weight bytes and activation memory for one workload.
 
-Pure Python (no torch): the attention_truth, memory_plan and roofline probes share it, so the model of a step
-lives in one place. Numbers are for the 20B MMDiT transformer (dual stream: separate image and text weights,
-joint attention over image + text tokens) with true CFG (two transformer passes per denoising step).
+Pure Python (no torch): the attention_truth and memory_plan probes and `qwendoctor bench` share it, so the model
+of a step lives in one place. The constants are the 20B MMDiT transformer's (dual stream: separate image and text
+weights, joint attention over image + text tokens) with true CFG (two transformer passes per denoising step);
+`flops_per_step_from_config` prices any transformer config of that shape, which the 20B functions call too.
 """
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
+from probes import measured
+
 GIB = 1024**3
 
-BLOCKS = 60
-HEADS = 24
-HEAD_DIM = 128
+# The 20B transformer's config.json (diffusers' QwenImageTransformer2DModel).
+QWEN_IMAGE_TRANSFORMER = {"num_layers": 60, "num_attention_heads": 24, "attention_head_dim": 128}
+MLP_RATIO = 4  # diffusers' FeedForward default, which Qwen-Image's blocks use
+
+BLOCKS = QWEN_IMAGE_TRANSFORMER["num_layers"]
+HEADS = QWEN_IMAGE_TRANSFORMER["num_attention_heads"]
+HEAD_DIM = QWEN_IMAGE_TRANSFORMER["attention_head_dim"]
 HIDDEN = HEADS * HEAD_DIM  # 3072
-MLP = 12288
+MLP = MLP_RATIO * HIDDEN  # 12288
 PASSES_PER_STEP = 2  # true CFG: a conditional and an unconditional pass
 
 TRANSFORMER_PARAMS = 20.43e9
@@ -24,13 +33,14 @@ VAE_PARAMS = 0.127e9
 # (H -> 6H). torchao's FP8 configs quantize these; embeddings, norms and the output head stay bf16.
 BLOCK_LINEAR_PARAMS = BLOCKS * 2 * (4 * HIDDEN**2 + 2 * HIDDEN * MLP + 6 * HIDDEN**2)  # 20.38e9
 
-# Activation + allocator overhead, calibrated on REFERENCE.md's end-to-end peaks of the default bf16 pipeline
-# (transformer + VAE on the GPU, no text encoder): 58 GiB at 1024x1024 (4096 image tokens) and 71 GiB at
-# 1328x1328 (6889). Minus the bf16 weights (20.557e9 params * 2 B = 38.29 GiB) that leaves 19.71 and 32.71 GiB:
-# ~4.65 MiB per image token (the VAE decode at full resolution dominates the peak) plus ~0.65 GiB fixed.
-# Interpolated linearly in image tokens, extrapolated outside [4096, 6889], never below the fixed part.
-_CAL_TOKENS = (64 * 64, 83 * 83)
-_CAL_PEAK_GIB = (58.0, 71.0)
+# Activation + allocator overhead, calibrated on two end-to-end peaks of the default bf16 pipeline (transformer +
+# VAE on the GPU, no text encoder), quoted for one card in probes/measured.toml (58 GiB at 1024x1024, 71 GiB at
+# 1328x1328, where the file says why no benchmark holds them). Minus the bf16 weights (20.557e9 params * 2 B =
+# 38.29 GiB) that leaves 19.71 and 32.71 GiB: ~4.65 MiB per image token (the VAE decode at full resolution
+# dominates the peak) plus ~0.65 GiB fixed. Interpolated linearly in image tokens, extrapolated outside the two
+# points, never below the fixed part. Memory does not depend on the card, so every GPU uses this calibration.
+CALIBRATION_GPU = "NVIDIA H100 80GB HBM3"
+CALIBRATION_KEY = "memory_peaks_default_bf16"
 
 
 def image_tokens(width: int, height: int) -> int:
@@ -43,9 +53,14 @@ def seq_len(width: int, height: int, text_tokens: int) -> int:
     return image_tokens(width, height) + text_tokens
 
 
+def linear_flops(tokens: int, blocks: int, hidden: int, mlp: int) -> float:
+    """Matmul FLOPs of `blocks` blocks' q/k/v/out (4 H^2) and MLP (2 H M) for `tokens` tokens, batch 1."""
+    return 2.0 * blocks * (4 * hidden**2 + 2 * hidden * mlp) * tokens
+
+
 def linear_flops_per_pass(tokens: int) -> float:
     """Matmul FLOPs of the 60 blocks' q/k/v/out and MLP for `tokens` (image + text) tokens, batch 1."""
-    return 2.0 * BLOCKS * (4 * HIDDEN**2 + 2 * HIDDEN * MLP) * tokens
+    return linear_flops(tokens, BLOCKS, HIDDEN, MLP)
 
 
 def attention_flops_one_call(s: int, heads: int = HEADS, head_dim: int = HEAD_DIM) -> float:
@@ -57,14 +72,26 @@ def attention_flops_per_pass(s: int) -> float:
     return BLOCKS * attention_flops_one_call(s)
 
 
-def flops_per_pass(width: int, height: int, text_tokens: int) -> dict[str, float]:
+def flops_per_step_from_config(config: Mapping[str, Any], width: int, height: int, text_tokens: int,
+                               passes: int) -> dict[str, float]:
+    """Matmul and attention FLOPs of one denoising step of any MMDiT transformer of this shape, from its
+    config (num_layers, num_attention_heads, attention_head_dim; the MLP is MLP_RATIO x hidden, as diffusers'
+    FeedForward): {"linear", "attention", "total"}. `passes`: transformer calls a step (2 with true CFG)."""
+    blocks, heads, head_dim = (int(config[name]) for name in ("num_layers", "num_attention_heads",
+                                                               "attention_head_dim"))
+    hidden = heads * head_dim
     s = seq_len(width, height, text_tokens)
-    linear, attention = linear_flops_per_pass(s), attention_flops_per_pass(s)
-    return {"linear": linear, "attention": attention, "total": linear + attention}
+    linear = linear_flops(s, blocks, hidden, MLP_RATIO * hidden)
+    attention = blocks * attention_flops_one_call(s, heads, head_dim)
+    return {"linear": passes * linear, "attention": passes * attention, "total": passes * (linear + attention)}
+
+
+def flops_per_pass(width: int, height: int, text_tokens: int) -> dict[str, float]:
+    return flops_per_step_from_config(QWEN_IMAGE_TRANSFORMER, width, height, text_tokens, passes=1)
 
 
 def flops_per_step(width: int, height: int, text_tokens: int) -> dict[str, float]:
-    return {k: PASSES_PER_STEP * v for k, v in flops_per_pass(width, height, text_tokens).items()}
+    return flops_per_step_from_config(QWEN_IMAGE_TRANSFORMER, width, height, text_tokens, passes=PASSES_PER_STEP)
 
 
 def weight_bytes(params: float, bytes_per_param: float = 2.0) -> float:
@@ -79,10 +106,19 @@ def transformer_bytes(fp8: bool = False) -> float:
     return weight_bytes(quantized, 1.0) + weight_bytes(TRANSFORMER_PARAMS - quantized)
 
 
+def memory_calibration() -> measured.Figure:
+    """The two peaks activation_gib is calibrated on, with the card and the file they come from."""
+    figure = measured.nearest(CALIBRATION_GPU, CALIBRATION_KEY)
+    if figure is None:
+        raise LookupError(f"{measured.DATA_LABEL} has no {CALIBRATION_KEY} for {CALIBRATION_GPU}")
+    return figure
+
+
 def activation_gib(width: int, height: int) -> float:
     """Activation + overhead peak (GiB) of a bf16 pipeline at this size, from the calibration above."""
+    calibration = memory_calibration()
     base = (weight_bytes(TRANSFORMER_PARAMS) + weight_bytes(VAE_PARAMS)) / GIB
-    (t0, t1), (p0, p1) = _CAL_TOKENS, _CAL_PEAK_GIB
+    (t0, t1), (p0, p1) = calibration.data["image_tokens"], calibration.values
     a0, a1 = p0 - base, p1 - base
     slope = (a1 - a0) / (t1 - t0)
     fixed = a0 - slope * t0

@@ -1,20 +1,22 @@
 """roofline (bench tier): what this GPU really delivers. bf16 and FP8 GEMM TFLOP/s (8192^3), device-memory
 GB/s (a 4 GiB copy, read + write), against the datasheet; power cap, throttling and PCIe form factor from NVML.
 
-Measured GEMM ceilings sit well below datasheet peaks: an H100 SXM reaches ~790-800 of its 989 bf16 TFLOP/s
-(REFERENCE.md), ~80%, so only a result below 65% of the datasheet is flagged. Throttle reasons are sampled while
-the bf16 GEMM loop is running, not at idle.
+Measured GEMM ceilings sit well below datasheet peaks: this probe measured 790 of an H100 SXM's 989 bf16 TFLOP/s,
+80% (probes/measured.toml, from benchmarks/check/check_h100.json), so only a result below 65% of the datasheet is
+flagged. What a card "typically measures" is quoted only from the data file, for that card. Throttle reasons are
+sampled while the bf16 GEMM loop is running, not at idle.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Any, Callable, Mapping
 
+from probes import measured
 from probes.context import ProbeContext, cuda_torch, exc_line
+from probes.finding import Finding
 from probes.memory_plan import visible_nvml_index
-from qwendoctor.findings import Finding
+from probes.timing import time_ms
 
 N = 8192
 COPY_BYTES = 4 * 1024**3
@@ -56,6 +58,19 @@ def throttle_names(mask: int) -> list[str]:
         ([f"unknown_0x{mask & ~sum(THROTTLE_BITS):x}"] if mask & ~sum(THROTTLE_BITS) else [])
 
 
+def typical_rates(name: str, sheet: Mapping[str, Any] | None) -> str:
+    """What this GPU model measured before (probes/measured.toml), against its datasheet; never another card's."""
+    fig = measured.nearest(name, "roofline")
+    flagged = f"only < {LOW_FRACTION:.0%} of the datasheet is flagged"
+    if fig is None or not fig.here:
+        return f"typical rates not measured on {name} ({measured.DATA_LABEL}); {flagged}"
+    rates = fig.values
+    share = f" ({rates['bf16_tflops'] / sheet['bf16_tflops']:.0%} of {sheet['bf16_tflops']})" if sheet else ""
+    return (f"{fig.where()}: bf16 {rates['bf16_tflops']:.0f} TFLOP/s{share} in bursts, "
+            f"{rates['bf16_sustained_tflops']:.0f} sustained, FP8 {rates['fp8_tflops']:.0f} TFLOP/s, copy "
+            f"{rates['copy_gbps'] / 1e3:.2f} TB/s; {flagged}")
+
+
 def summarize(name: str, bf16_tflops: float | None, fp8_tflops: float | None, copy_gbps: float | None,
               nvml_facts: Mapping[str, Any] | None, notes: list[str] | None = None,
               bf16_sustained_tflops: float | None = None) -> Finding:
@@ -88,8 +103,7 @@ def summarize(name: str, bf16_tflops: float | None, fp8_tflops: float | None, co
                f"FP8 GEMM {N}^3 (torch._scaled_mm, e4m3, per-tensor scales, bf16 out): "
                f"{vs(fp8_tflops, 'fp8_tflops', 'TFLOP/s')}",
                f"device copy (read + write bytes): {vs(copy_gbps, 'memory_tbps', 'GB/s', 1e3)}",
-               f"an H100 SXM typically measures ~790-800 bf16 TFLOP/s (~80% of 989) and ~3.0 TB/s copy, so only "
-               f"< {LOW_FRACTION:.0%} of the datasheet is flagged"]
+               typical_rates(name, sheet)]
     details += list(notes or [])
     if facts.get("power_limit_w") is not None:
         details.append(f"power limit {facts['power_limit_w']:.0f} W (default {facts.get('default_power_limit_w')} W, "
@@ -103,7 +117,8 @@ def summarize(name: str, bf16_tflops: float | None, fp8_tflops: float | None, co
     idx = facts.get("index", 0)
     if "pcie" in name.lower():
         flags.append("a PCIe card (lower power limit and clocks than SXM)")
-        fixes.append("nothing to fix in software: expect slower steps than REFERENCE.md's H100 SXM figures")
+        fixes.append("nothing to fix in software: expect slower steps than the SXM card's figures in "
+                     "probes/measured.toml")
     limit, default = facts.get("power_limit_w"), facts.get("default_power_limit_w")
     if limit and default and limit < POWER_CAP_TOLERANCE * default:
         flags.append(f"power-capped at {limit:.0f} W (default {default:.0f} W)")
@@ -129,54 +144,6 @@ def summarize(name: str, bf16_tflops: float | None, fp8_tflops: float | None, co
 
 
 # --- the measuring part --------------------------------------------------------------------------------
-
-L2_FLUSH_BYTES = 256 * 2**20  # larger than any current GPU's L2 (H100: 50 MB, B200: 126 MB)
-
-
-def event_samples(torch, fn: Callable[[], Any], reps: int, flush: Any = None,
-                  during: Callable[[], None] | None = None) -> list[float]:
-    """ms of each of `reps` calls between CUDA events. `flush`, a buffer larger than the L2 cache, is
-    overwritten before each call (outside the timed region) so inputs come from device memory, as inside a
-    model; `during` runs on the CPU while the calls execute."""
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for start, end in events:
-        if flush is not None:
-            flush.zero_()
-        start.record()
-        fn()
-        end.record()
-    if during is not None:
-        during()
-    torch.cuda.synchronize()
-    return [start.elapsed_time(end) for start, end in events]
-
-
-def l2_flush_buffer(torch):
-    return torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
-
-
-def keep_busy(torch, fn: Callable[[], Any], seconds: float) -> None:
-    """Back-to-back calls for `seconds`: a power-limited card boosts for a moment under heavy work, then
-    settles at the clock a long run actually gets."""
-    torch.cuda.synchronize()
-    until = time.perf_counter() + seconds
-    while time.perf_counter() < until:
-        for _ in range(8):
-            fn()
-        torch.cuda.synchronize()
-
-
-def time_ms(torch, fn: Callable[[], Any], warmup: int, reps: int, during: Callable[[], None] | None = None,
-            flush_l2: bool = False, settle_s: float = 0.0) -> float:
-    """Median ms of `reps` calls between CUDA events, after `warmup` calls and `settle_s` seconds of load."""
-    for _ in range(warmup):
-        fn()
-    if settle_s > 0:
-        keep_busy(torch, fn, settle_s)
-    flush = l2_flush_buffer(torch) if flush_l2 else None
-    torch.cuda.synchronize()
-    return statistics.median(event_samples(torch, fn, reps, flush, during))
-
 
 def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out

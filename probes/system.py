@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from probes.context import ProbeContext
-from qwendoctor.findings import Finding
+from probes.finding import Finding
 
 MIN_PYTHON = (3, 11)
 # Qwen-Image's weights (transformer + text encoder + VAE) are about 57 GB on disk.

@@ -7,11 +7,11 @@ Honest scope: Qwen-Image runs in bf16, so TF32 only touches the few fp32 ops lef
 from __future__ import annotations
 
 import contextlib
-import statistics
 import warnings
 
 from probes.context import ProbeContext, exc_line
-from qwendoctor.findings import Finding
+from probes.finding import Finding
+from probes.timing import time_ms
 
 N = 4096  # fp32 matmul N x N x N
 WARMUP, REPS = 2, 5
@@ -72,18 +72,8 @@ def matmul_tflops(torch, tf32: bool, n: int = N) -> float:
     a = torch.randn(n, n, device="cuda")
     b = torch.randn(n, n, device="cuda")
     with tf32_matmul(torch, tf32):
-        for _ in range(WARMUP):
-            a @ b
-        torch.cuda.synchronize()
-        times_ms = []
-        for _ in range(REPS):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            a @ b
-            end.record()
-            end.synchronize()
-            times_ms.append(start.elapsed_time(end))
-    return 2 * n**3 / (statistics.median(times_ms) * 1e-3) / 1e12
+        ms = time_ms(torch, lambda: a @ b, WARMUP, REPS)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
 def probe(ctx: ProbeContext) -> Finding:

@@ -9,7 +9,7 @@ every attention call (~60 a pass), which wants NVLink. Skipped with fewer than t
 from __future__ import annotations
 
 from probes.context import ProbeContext, exc_line
-from qwendoctor.findings import Finding
+from probes.finding import Finding
 
 MAX_LINKS = 18  # NVML_NVLINK_MAX_LINKS on Hopper; queries past a GPU's last link raise, which ends the count
 # nvmlDeviceGetTopologyCommonAncestor levels (nvmlGpuTopologyLevel_t), for pairs without NVLink.

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 from probes.context import ProbeContext
-from qwendoctor.findings import Finding
+from probes.finding import Finding
 
 MIN_TORCH = (2, 5)  # SDPA backends and regional compile
 INDEX = "https://download.pytorch.org/whl/"

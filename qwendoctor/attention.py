@@ -4,7 +4,7 @@ diffusers 0.42 reaches FA4 only as `flash_4_hub`, which downloads a kernel from 
 tool is offline. `register_fa4_backend` adds the locally installed `flash_attn.cute` (PyPI `flash-attn-4`)
 as the backend "fa4", so `transformer.set_attention_backend("fa4")`, `tune` and the probes treat it like
 any other. torch 2.11's own route (`activate_flash_attention_impl("FA4")`) fails with flash-attn-4
-4.0.0b36 ("too many values to unpack", REFERENCE.md), so the function is called directly.
+4.0.0b36 ("too many values to unpack"), so the function is called directly.
 """
 
 from __future__ import annotations

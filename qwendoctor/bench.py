@@ -18,15 +18,15 @@ import platform
 import time
 from typing import Any, Callable
 
-from qwendoctor import fingerprint, models, quality, runner, timing
+from probes import qwen_shapes, timing
+from qwendoctor import files, fingerprint, levers, models, quality, runner
+from qwendoctor.capabilities import Capabilities
 from qwendoctor.errors import QwendoctorError, UnavailableLever, UsageError
-from qwendoctor.profile import Capabilities, Profile, Workload, check_runnable
+from qwendoctor.profile import Profile, Workload, check_runnable
 
-# Fidelity floors of the issue's two tiers, against the default's image on the same seed.
+# Fidelity floors of the two tiers, against the default's image on the same seed.
 LOSSLESS_PSNR_DB = 40.0
 FP8_PSNR_DB = 30.0
-# The attention kernels worth a row: SDPA's own choices plus the flash-attn packages where they import.
-FAST_ATTENTION = ("_native_cudnn", "_native_flash", "fa4", "_flash_3", "flash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,50 +69,13 @@ class BenchOptions:
 
 
 def alone_rungs(capabilities: Capabilities, workload: Workload) -> list[Rung]:
-    """Each lever by itself, where this machine can run it."""
-    rungs = []
-    working = capabilities.working_attention_backends or ("native",)
-    for backend in FAST_ATTENTION:
-        if backend in working:
-            rungs.append(Rung(f"attn:{backend}", "alone", f"attention {backend}",
-                              Profile(attention_backend=backend)))
-    if workload.does_cfg:
-        rungs.append(Rung("cfg_batching", "alone", "CFG batching (batch-2 pass)", Profile(cfg_batching=True)))
-    if capabilities.device == "cuda" and capabilities.compile_works is not False:
-        rungs.append(Rung("compile:regional", "alone", "regional compile", Profile(compile="regional")))
-    if capabilities.has_fp8:
-        rungs.append(Rung("fp8_rowwise", "alone", "FP8 row-wise, eager", Profile(quantization="fp8_rowwise")))
-    return rungs
+    """Each lever by itself, where this machine can run it (the lever table's `bench_alone` rows)."""
+    return [Rung(row.id, "alone", row.label, row.profile)
+            for lever in levers.LEVERS for row in lever.bench_alone(capabilities, workload)]
 
 
-# The cumulative stack, in order: (id, label, how the lever changes the profile so far, applies here?).
-STACK: tuple[tuple[str, str, Callable[[Profile], Profile], Callable[[Capabilities, Workload], bool]], ...] = (
-    ("stack:+cfg_batching", "+ CFG batching", lambda p: dataclasses.replace(p, cfg_batching=True),
-     lambda c, w: w.does_cfg),
-    ("stack:+compile", "+ regional compile", lambda p: dataclasses.replace(p, compile="regional"),
-     lambda c, w: c.device == "cuda" and c.compile_works is not False),
-    ("stack:+real_rope", "+ real RoPE (fusable rotary embedding)",
-     lambda p: dataclasses.replace(p, real_rope=True) if p.compile != "none" else p,
-     lambda c, w: c.device == "cuda" and c.compile_works is not False),
-    ("stack:+max_autotune", "+ max-autotune (no CUDA graphs)",
-     lambda p: dataclasses.replace(p, compile_mode="max-autotune-no-cudagraphs") if p.compile != "none" else p,
-     lambda c, w: c.device == "cuda" and c.compile_works is not False),
-    ("stack:+fp8_rowwise", "+ FP8 row-wise", lambda p: dataclasses.replace(p, quantization="fp8_rowwise"),
-     lambda c, w: c.has_fp8),
-)
-
-
-def flops_per_step(transformer_config: dict[str, Any], width: int, height: int, text_tokens: int,
-                   passes: int) -> dict[str, float]:
-    """Matmul and attention FLOPs of one denoising step, from the transformer's own config (the same formula as
-    probes/qwen_shapes.py for the 20B model, which it reproduces for Qwen-Image's config)."""
-    hidden = transformer_config["num_attention_heads"] * transformer_config["attention_head_dim"]
-    blocks = transformer_config["num_layers"]
-    mlp = 4 * hidden  # diffusers' FeedForward default multiplier, as in Qwen-Image
-    tokens = (height // 16) * (width // 16) + text_tokens
-    linear = 2.0 * blocks * (4 * hidden**2 + 2 * hidden * mlp) * tokens
-    attention = 4.0 * blocks * tokens * tokens * hidden
-    return {"linear": passes * linear, "attention": passes * attention, "total": passes * (linear + attention)}
+# The cumulative stack, in the ladder's order (levers.LadderStep.order).
+STACK = tuple(sorted((step for lever in levers.LEVERS for step in lever.ladder), key=lambda step: step.order))
 
 
 def text_tokens(model: models.LoadedModel, prompt: str) -> int:
@@ -131,7 +94,7 @@ def gemm_ceiling(device: str) -> dict[str, float | None]:
         return {"bf16_tflops": None, "fp8_tflops": None}
     import torch
 
-    from probes.roofline import time_ms
+    from probes.timing import time_ms
 
     n = 8192
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
@@ -267,7 +230,7 @@ def run_bench(options: BenchOptions, capabilities: Capabilities,
     rows: list[dict[str, Any]] = []
     reference_images: list[Any] | None = None
     flops: dict[str, float] | None = None
-    reference_path = os.path.join(_cache_dir(), options.stem + "-reference.npz")
+    reference_path = os.path.join(files.cache_dir(), options.stem + "-reference.npz")
     earlier_rows: list[dict[str, Any]] = []
     if options.resume:
         earlier = _resumable(path_json, document, reference_path)
@@ -284,8 +247,8 @@ def run_bench(options: BenchOptions, capabilities: Capabilities,
 
     def save() -> None:
         document["rows"] = rows
-        _write_atomic(path_json, json.dumps(_finite(document), indent=2, default=str))
-        _write_atomic(path_md, markdown(document))
+        files.write_text_atomic(path_json, json.dumps(_finite(document), indent=2, default=str))
+        files.write_text_atomic(path_md, markdown(document))
 
     def run(rung: Rung) -> dict[str, Any]:
         nonlocal reference_images, flops
@@ -313,7 +276,8 @@ def run_bench(options: BenchOptions, capabilities: Capabilities,
             row["build_s"] = time.perf_counter() - started
             if flops is None:
                 passes = 2 if workload.does_cfg else 1
-                flops = flops_per_step(dict(model.pipe.transformer.config), workload.width, workload.height,
+                flops = qwen_shapes.flops_per_step_from_config(model.pipe.transformer.config, workload.width,
+                                                               workload.height,
                                        text_tokens(model, options.prompt), passes)
                 document["flops_per_step"] = flops
             rendered = dataclasses.replace(rung.profile, steps=options.render_steps if not options.full_image
@@ -362,11 +326,11 @@ def run_bench(options: BenchOptions, capabilities: Capabilities,
             if row["step_ms"] < current_ms:
                 current, current_ms = Profile.from_dict(row["profile"]), row["step_ms"]
         document["stack_start"] = current.to_dict()
-        for rung_id, label, change, applies in STACK:
-            candidate = change(current)
-            if not selected(rung_id) or not applies(capabilities, workload) or candidate == current:
+        for step in STACK:
+            candidate = step.change(current)
+            if not selected(step.id) or not step.applies(capabilities, workload) or candidate == current:
                 continue
-            row = run(Rung(rung_id, "stack", label, candidate))
+            row = run(Rung(step.id, "stack", step.label, candidate))
             lossless = candidate.quantization == "none"
             floor = LOSSLESS_PSNR_DB if lossless else FP8_PSNR_DB
             kept = "step_ms" in row and row["step_ms"] < current_ms and row["psnr_db"] >= floor
@@ -382,18 +346,12 @@ def run_bench(options: BenchOptions, capabilities: Capabilities,
     return BenchResult(path_json=path_json, path_md=path_md, document=document)
 
 
-def _cache_dir() -> str:
-    return os.environ.get("QWENDOCTOR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qwendoctor")
-
-
 def _save_reference(path: str, images: list[Any]) -> None:
     """The default's images, kept outside benchmarks/ (tens of MB at 1328) for a resumed run's fidelity."""
     import numpy as np
 
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    temporary = f"{path}.{os.getpid()}.tmp.npz"
-    np.savez_compressed(temporary, **{f"image{i}": image for i, image in enumerate(images)})
-    os.replace(temporary, path)
+    with files.atomic_write(path, "wb") as handle:
+        np.savez_compressed(handle, **{f"image{i}": image for i, image in enumerate(images)})
 
 
 RESUME_KEYS = ("workload", "render_steps", "prompt", "seed")
@@ -562,13 +520,6 @@ def _finite(value):
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
-
-
-def _write_atomic(path: str, text: str) -> None:
-    temporary = f"{path}.{os.getpid()}.tmp"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(temporary, path)
 
 
 def _release(device: str) -> None:

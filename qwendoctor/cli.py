@@ -12,8 +12,11 @@ import sys
 
 import click
 
+from probes.context import exc_line
+from probes.workload import WorkloadError
+from qwendoctor.capabilities import detect_capabilities, probe_capabilities
 from qwendoctor.errors import EXIT_FAILURE, EXIT_USAGE, QwendoctorError, UsageError
-from qwendoctor.profile import PARALLEL_STRATEGIES
+from qwendoctor.levers import PARALLEL_STRATEGIES
 from qwendoctor.tune import DEFAULT_HEARTBEAT_S  # light: tune imports torch and optuna only when it runs
 
 DEFAULT_LOCK = "qwendoctor.lock"
@@ -133,7 +136,7 @@ def generate(prompt, lock_path, seed, num_images, out_dir, ignore_fingerprint, g
     import json
 
     from qwendoctor import lockfile, parallel
-    from qwendoctor.generate import check_fingerprint, generate_images, load_tuned, warm_up
+    from qwendoctor.generate import build_tuned, check_fingerprint, generate_images, warm_up
 
     if num_images < 1:
         raise UsageError(f"--num-images must be at least 1, got {num_images}")
@@ -156,7 +159,7 @@ def generate(prompt, lock_path, seed, num_images, out_dir, ignore_fingerprint, g
         from qwendoctor import models
 
         parallel.init_process_group(models.default_device())
-    tuned = load_tuned(lock_path, ignore_fingerprint=ignore_fingerprint, profile=profile)
+    tuned = build_tuned(lock, lock_path, ignore_fingerprint=ignore_fingerprint, profile=profile)
     warm_up_s = warm_up(tuned)
     if warm_up_s is not None and not as_json and main_rank:
         click.echo(f"warm-up (compile, autotune): {warm_up_s:.1f} s")
@@ -184,7 +187,7 @@ def _launch_generate(profile, lock, arguments: list[str]) -> None:
 
     device = models.default_device()
     parallel.check_gpu_count(profile.gpus, device, torch.cuda.device_count())
-    runner.check_runnable(profile, lock.workload, runner.detect_capabilities())
+    runner.check_runnable(profile, lock.workload, detect_capabilities())
     parallel.launch(profile.gpus, ["qwendoctor", "generate", *arguments, "--gpus", str(profile.gpus),
                                    "--parallel", profile.parallel],
                     echo=lambda line: click.echo(line, err=True))
@@ -216,7 +219,7 @@ def bench(model, width, height, steps, true_cfg_scale, timed_steps, full_image, 
     import json
 
     from qwendoctor import bench as bench_module
-    from qwendoctor import lockfile, models, tune
+    from qwendoctor import lockfile, models
     from qwendoctor.profile import Profile
 
     model = model or ("synthetic" if models.default_device() == "cuda" else "tiny")
@@ -230,9 +233,9 @@ def bench(model, width, height, steps, true_cfg_scale, timed_steps, full_image, 
     def log(message: str) -> None:
         click.echo(f"qwendoctor: {message}", err=True)
 
-    capabilities = tune.probe_capabilities(log, workload)
+    capabilities = probe_capabilities(log, workload)
     known = ([r.id for r in bench_module.alone_rungs(capabilities, workload)]
-             + [rung_id for rung_id, _, _, applies in bench_module.STACK if applies(capabilities, workload)])
+             + [step.id for step in bench_module.STACK if step.applies(capabilities, workload)])
     if list_rows:
         click.echo("\n".join(["default", *known]))
         return
@@ -296,11 +299,14 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         code = _fail(str(error), error.exit_code)
+    except WorkloadError as error:  # a size, step count or CFG scale out of range
+        if debug:
+            raise
+        code = _fail(str(error), EXIT_USAGE)
     except Exception as error:  # a bug or an environment failure we did not classify
         if debug:
             raise
-        message = (str(error).strip().splitlines() or [""])[0]
-        code = _fail(f"{type(error).__name__}: {message} (QWENDOCTOR_DEBUG=1 for the traceback)", EXIT_FAILURE)
+        code = _fail(f"{exc_line(error)} (QWENDOCTOR_DEBUG=1 for the traceback)", EXIT_FAILURE)
     sys.exit(code if isinstance(code, int) else 0)
 
 

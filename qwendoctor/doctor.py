@@ -6,6 +6,7 @@ Exit code: 0 when no finding is fail or crash, 1 otherwise (warn and skip do not
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import queue
@@ -28,13 +29,15 @@ from probes.context import (
     TRACE_ENV,
     TRACE_T0_ENV,
     ProbeContext,
-    Workload,
     exc_line,
 )
+from probes.finding import FAILING_STATUSES, Finding
+from probes.workload import Workload
 from qwendoctor.errors import EXIT_FAILURE, EXIT_OK, UsageError
-from qwendoctor.findings import FAILING_STATUSES, Finding
 
 SCHEMA_VERSION = 1
+# Attention backends qwendoctor adds to diffusers' dispatcher: the probes check and time them like diffusers' own.
+ATTENTION_REGISTRARS = {"fa4": "qwendoctor.attention:register_fa4_backend"}
 # The directory holding the `probes` package: put on the worker's PYTHONPATH so it imports from any cwd.
 _PROBES_ROOT = str(Path(probes.__file__).resolve().parent.parent)
 
@@ -298,6 +301,7 @@ def run_probes(ids: Sequence[str] | None = None, ctx: ProbeContext | None = None
         if probe_id not in known:
             raise UsageError(f"unknown probe {probe_id!r}; known: {', '.join(known)}")
     ctx = ctx or ProbeContext()
+    ctx = dataclasses.replace(ctx, attention_registrars={**ATTENTION_REGISTRARS, **ctx.attention_registrars})
     # Bench-tier probes spend tens of seconds measuring: they run with --bench, or when named with --only.
     selected = [spec for spec in registry
                 if (spec.id in ids if ids else spec.tier == "quick" or ctx.bench)]
@@ -456,7 +460,7 @@ def check(as_json: bool, only: tuple[str, ...], list_probes: bool, verbose: bool
     for name, value in (("width", width), ("height", height)):
         if value <= 0 or value % 16:
             raise UsageError(f"--{name} must be a positive multiple of 16, got {value}")
-    ctx = ProbeContext(workload=Workload(width=width, height=height), model=model, bench=bench)
+    ctx = ProbeContext(workload=Workload(model=model, width=width, height=height), model=model, bench=bench)
     findings = run_probes(ids=list(only) or None, ctx=ctx)  # UsageError for an unknown id, before anything runs
     click.echo(to_json(findings) if as_json else render(findings, verbose=verbose,
                                                          ascii_only=not _can_print_unicode()))

@@ -9,7 +9,9 @@ import re
 import time
 from typing import Any, Iterator
 
-from qwendoctor import __version__, fingerprint, lockfile, models, runner, timing
+from probes import timing
+from qwendoctor import __version__, fingerprint, lockfile, models, runner
+from qwendoctor.capabilities import detect_capabilities
 from qwendoctor.errors import QwendoctorError, UsageError
 from qwendoctor.profile import Profile, Workload
 
@@ -47,13 +49,18 @@ def check_fingerprint(lock: lockfile.Lock, lock_path: str) -> None:
 
 
 def load_tuned(lock_path: str, ignore_fingerprint: bool = False, profile: Profile | None = None) -> TunedPipeline:
-    """The lock's pipeline, with `profile` instead of the lock's where given (the lock's on more GPUs)."""
-    lock = lockfile.read_lock(lock_path)
+    """The pipeline of the lock at `lock_path` (`build_tuned`)."""
+    return build_tuned(lockfile.read_lock(lock_path), lock_path, ignore_fingerprint, profile)
+
+
+def build_tuned(lock: lockfile.Lock, lock_path: str, ignore_fingerprint: bool = False,
+                profile: Profile | None = None) -> TunedPipeline:
+    """The lock's pipeline, with `profile` instead of the lock's where given (the lock's on more GPUs). The
+    fingerprint is checked before anything loads, the model revision once the model is built."""
     profile = profile or lock.profile
-    capabilities = runner.detect_capabilities()
     if not ignore_fingerprint:
         check_fingerprint(lock, lock_path)
-    model = runner.build(lock.workload, profile, capabilities)
+    model = runner.build(lock.workload, profile, detect_capabilities())
     if not ignore_fingerprint and lock.fingerprint.get("model_revision") != model.revision:
         raise QwendoctorError(f"{lock_path} was tuned on model revision {lock.fingerprint.get('model_revision')}, "
                               f"here it is {model.revision}; re-run `qwendoctor tune`, or pass --ignore-fingerprint")
@@ -90,15 +97,11 @@ def png_metadata(tuned: TunedPipeline, prompt: str, seed: int) -> dict[str, str]
 
 
 def warm_up(tuned: TunedPipeline) -> float | None:
-    """Compile and autotune with a 2-step render before the timed images, so the first image's time is not
-    mostly compilation (50 s of 50.4 s for a compiled profile on an H100). None when nothing needs it."""
+    """Compile and autotune before the timed images, so the first image's time is not mostly compilation (50 s
+    of 50.4 s for a compiled profile on an H100). None when nothing needs it."""
     if tuned.profile.compile == "none" and tuned.profile.quantization == "none":
         return None
-    timing.synchronize(tuned.model.device)
-    started = time.perf_counter()
-    runner.render(tuned.model, tuned.workload, dataclasses.replace(tuned.profile, steps=2), "warm-up", 0)
-    timing.synchronize(tuned.model.device)
-    return time.perf_counter() - started
+    return runner.warm_up(tuned.model, tuned.workload, tuned.profile, "warm-up", 0)
 
 
 def generate_images(tuned: TunedPipeline, prompt: str, seed: int, num_images: int,

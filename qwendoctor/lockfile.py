@@ -12,7 +12,8 @@ Layout (every table required unless marked optional):
                     psnr_db, psnr_db_min, ssim, ssim_min, speedup
     [baseline]      (optional) the same measurements for the default profile
     [study]         (optional) the study it came from: name, storage, trials, completed, failed, infeasible,
-                    slower (timed, not rendered: they could not win), best_trial, floor, floor_psnr_db, floor_ssim;
+                    slower (timed, not rendered: they could not win), duplicates (proposals of a profile already
+                    measured: reused, not counted in trials), best_trial, floor, floor_psnr_db, floor_ssim;
                     with several GPUs strategies_tried and one_gpu_latency_s (the best one-GPU profile's)
 """
 
@@ -22,13 +23,13 @@ import dataclasses
 import datetime
 import math
 import os
-import tempfile
 import tomllib
 from typing import Any
 
 import tomli_w
 
-from qwendoctor import __version__
+from probes.workload import WorkloadError
+from qwendoctor import __version__, files
 from qwendoctor.errors import LockfileError, UsageError
 from qwendoctor.profile import Profile, Workload
 
@@ -40,6 +41,7 @@ MEASURED_FIELDS = {
 REQUIRED_MEASURED = ("latency_median_s", "step_ms")
 STUDY_FIELDS = {
     "name": str, "storage": str, "trials": int, "completed": int, "failed": int, "infeasible": int, "slower": int,
+    "duplicates": int,
     "strategies_tried": int, "one_gpu_latency_s": float,
     "best_trial": int, "floor": str, "floor_psnr_db": float, "floor_ssim": float,
 }
@@ -80,19 +82,7 @@ def write_lock(path: str | os.PathLike, lock: Lock) -> None:
     """Write atomically: a crash leaves the old lock or the new one, never half of one."""
     text = lock.to_toml()
     parse_lock(text, str(path))  # never write what we would refuse to read
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=".qwendoctor-lock-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    files.write_text_atomic(path, text, durable=True)
 
 
 def read_lock(path: str | os.PathLike) -> Lock:
@@ -143,7 +133,7 @@ def parse_lock(text: str, path: str = "<lock>") -> Lock:
     try:
         workload = Workload.from_dict(data["workload"])
         profile = Profile.from_dict(data["profile"])
-    except UsageError as error:
+    except (UsageError, WorkloadError) as error:
         message = str(error)
         section = "workload" if "workload" in message or not message.startswith("profile") else "profile"
         raise LockfileError(f"{path}: {message if message.startswith(section) else section + '.' + message}") \

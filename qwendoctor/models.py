@@ -13,6 +13,7 @@ import os
 from importlib import resources
 from typing import Any
 
+from probes.context import first_line
 from qwendoctor.errors import UsageError
 
 BUILTIN_MODELS = ("tiny", "synthetic")
@@ -78,8 +79,12 @@ def _package_json(package: str, name: str) -> dict[str, Any]:
 
 def _load_tiny(device: str, dtype: str) -> LoadedModel:
     import torch
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
-    from diffusers import QwenImageTransformer2DModel
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
     config = _package_json("qwendoctor.tiny", "config.json")
@@ -211,7 +216,7 @@ def _load_pretrained(model: str, device: str, dtype: str) -> LoadedModel:
     try:
         pipe = QwenImagePipeline.from_pretrained(path, torch_dtype=_torch_dtype(dtype), local_files_only=True)
     except (OSError, ValueError) as error:
-        raise UsageError(f"model {model!r} is not available offline ({str(error).splitlines()[0][:160]}); "
+        raise UsageError(f"model {model!r} is not available offline ({first_line(error, 160)}); "
                          f"download it first: huggingface-cli download {model}") from None
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -11,7 +11,7 @@ exchange runs over the "cfg" dim, diffusers' context parallelism over the other 
 `mesh` argument), so the two compose. Every rank runs the whole pipeline (scheduler, VAE) on identical inputs
 and gets identical latents back from the collectives; rank 0 alone writes images and prints.
 
-Each strategy is one lever, `apply_<strategy>(pipe, profile)`, applied by qwendoctor.optimize in its place.
+Each strategy is one lever, `apply_<strategy>(pipe, profile)`, applied by qwendoctor.levers in its place.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 
+from qwendoctor import files
 from qwendoctor.cfg_batching import CFGBatchedTransformer
 from qwendoctor.errors import QwendoctorError, UsageError
 from qwendoctor.profile import Profile
@@ -392,9 +393,7 @@ def report_failure(message: str, exit_code: int) -> None:
     record = {"rank": rank(), "message": message, "exit_code": exit_code, "time": time.time()}
     path = os.path.join(directory, f"rank-{rank()}.json")
     try:
-        with open(path + ".tmp", "w", encoding="utf-8") as handle:
-            json.dump(record, handle)
-        os.replace(path + ".tmp", path)
+        files.write_text_atomic(path, json.dumps(record))
     except OSError:
         pass  # the launcher falls back to torchrun's own report
 

@@ -7,7 +7,7 @@ import math
 import os
 from typing import Any
 
-from qwendoctor import quality
+from qwendoctor import files, quality
 
 
 def plot_path(lock_path: str) -> str:
@@ -65,8 +65,9 @@ def write_tune_plot(rows: list[dict[str, Any]], baseline_s: float, best_number: 
     axes.set_title(title, fontsize=10)
     axes.legend(fontsize=7, loc="best")  # the slower-trials row runs along the bottom
     figure.tight_layout()
-    temporary = f"{path}.{os.getpid()}.tmp.png"
-    figure.savefig(temporary)
-    plt.close(figure)
-    os.replace(temporary, path)
+    try:
+        with files.atomic_write(path, "wb") as handle:
+            figure.savefig(handle, format="png")
+    finally:
+        plt.close(figure)
     return path

@@ -1,16 +1,18 @@
 """One pipeline kept loaded across a study's trials: weights load once, and compile is paid only when its knobs
 change.
 
-Levers split in two (qwendoctor.optimize): tf32, attention, real RoPE, caches and CFG batching are set both
-ways, so any trial can re-apply them to a used pipeline; quantization and compile cannot be undone. The pool
-remembers what of the second kind its transformer carries (`baked_into`), and per trial:
+Levers split in two (qwendoctor.levers, `undoable`): tf32, attention, real RoPE, caches and CFG batching are
+set both ways, so any trial can re-apply them to a used pipeline; quantization, compile and the multi-GPU hooks
+cannot be undone. The pool remembers what of the second kind its transformer carries (`baked_into`,
+`levers.baked_part`), and per trial:
 
 - the same baked-in part (say, the same compiled FP8 graph, another step count): re-apply the rest, reuse;
 - the transformer is still bf16 and eager: apply the whole profile to it;
 - otherwise: a new transformer with the original weights (`models.pristine_transformer_source`), then apply.
 
 A compiled transformer's graph also depends on every other lever it traced (attention kernel, RoPE, batch
-size through CFG batching), so a compiled profile's baked-in part is the whole profile but its steps.
+size through CFG batching), so a compiled profile's baked-in part is the whole profile but its steps
+(`captures_profile`).
 """
 
 from __future__ import annotations
@@ -20,20 +22,11 @@ import gc
 import time
 from typing import Any, Callable
 
-from qwendoctor import cfg_batching, models, optimize
+from qwendoctor import levers, models
 from qwendoctor.profile import Capabilities, Profile, Workload, check_runnable
 
 # `baked_into` after a failure half-way: nothing is known about the transformer, so the next trial replaces it.
 UNKNOWN = {"unknown": True}
-
-
-def baked_part(profile: Profile) -> dict[str, Any] | None:
-    """What of `profile` cannot be taken off a transformer once applied; None when all of it can."""
-    if profile.compile != "none" or profile.parallel != "none":  # parallel hooks and groups are not undone
-        return dataclasses.replace(profile, steps=None).to_dict()
-    if profile.quantization != "none":
-        return {"quantization": profile.quantization}
-    return None
 
 
 @dataclasses.dataclass
@@ -58,14 +51,14 @@ class ModelPool:
         """The pipeline with `profile` applied. If this raises, the pool forgets what its transformer holds."""
         check_runnable(profile, self.workload, self.capabilities)
         started = time.perf_counter()
-        wanted = baked_part(profile)
+        wanted = levers.baked_part(profile)
         try:
             if self.model is None:
                 self.model = self._load(self.workload.model, self.capabilities.device, self.workload.dtype)
                 self._pristine = models.pristine_transformer_source(self.model)
                 how = "loaded"
             elif self.baked_into is not None and self.baked_into == wanted:
-                optimize.optimize(self.model.pipe, profile, only=optimize.REAPPLICABLE)
+                levers.optimize(self.model.pipe, profile, undoable_only=True)
                 return Prepared(self.model, "reused", time.perf_counter() - started)
             elif self.baked_into is not None:
                 self._replace_transformer()
@@ -73,7 +66,7 @@ class ModelPool:
             else:
                 how = "re-applied"
             self.baked_into = UNKNOWN
-            optimize.optimize(self.model.pipe, profile)
+            levers.optimize(self.model.pipe, profile)
             self.baked_into = wanted
         except BaseException:
             self.baked_into = UNKNOWN
@@ -99,9 +92,8 @@ class ModelPool:
         import torch
 
         pipe = self.model.pipe
-        cfg_batching.disable(pipe)  # the wrapper holds the old transformer
-        if getattr(pipe.transformer, "is_cache_enabled", False):
-            pipe.transformer.disable_cache()
+        # Off with what can be undone: the CFG wrapper and the cache hooks hold the old transformer.
+        levers.optimize(pipe, Profile(), undoable_only=True)
         # The old one goes first: two full transformers do not fit on an 80 GB card.
         pipe.transformer = None
         torch._dynamo.reset()  # drops the compiled graphs, which hold the old weights too

@@ -88,9 +88,11 @@ def print_tune(result: TuneResult, lock_path: str, console: Console | None = Non
                           _fmt(row.get("latency_median_s")), _fmt(row.get("psnr_db")), row["failure"] or "")
         console.print(split)
     counts = result.counts
-    console.print(f"{counts['trials']} trials: {counts['completed']} feasible, {counts['infeasible']} below the "
-                  f"floor, {counts.get('slower', 0)} slower than the best (timed, not rendered), "
-                  f"{counts['failed']} failed.")
+    console.print(f"{counts['trials']} trials, each a distinct profile: {counts['completed']} feasible, "
+                  f"{counts['infeasible']} below the floor, {counts.get('slower', 0)} slower than the best (timed, "
+                  f"not rendered), {counts['failed']} failed"
+                  + (f"; {counts['duplicates']} repeated proposals reused their measurement, not counted"
+                     if counts.get("duplicates") else "") + ".")
     console.print(time_line(result))
     console.print(f"speedup {lock.measured['speedup']:.2f}x over the default; lock written to {lock_path}"
                   + (f", plot to {result.plot_path}" if result.plot_path else ""))

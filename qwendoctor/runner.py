@@ -6,22 +6,11 @@ import dataclasses
 import time
 from typing import Any
 
-from qwendoctor import models, timing
-from qwendoctor.optimize import optimize
-from qwendoctor.profile import Capabilities, Profile, Workload, check_runnable
-
-
-def detect_capabilities(working_attention_backends: tuple[str, ...] | None = None) -> Capabilities:
-    import importlib.util
-
-    import torch
-
-    if torch.cuda.is_available():
-        return Capabilities(device="cuda", compute_capability=tuple(torch.cuda.get_device_capability()),
-                            has_torchao=importlib.util.find_spec("torchao") is not None,
-                            working_attention_backends=working_attention_backends,
-                            gpu_count=torch.cuda.device_count())
-    return Capabilities(device="cpu", working_attention_backends=working_attention_backends)
+from probes import timing
+from qwendoctor import models
+from qwendoctor.capabilities import Capabilities
+from qwendoctor.levers import optimize
+from qwendoctor.profile import Profile, Workload, check_runnable
 
 
 def build(workload: Workload, profile: Profile, capabilities: Capabilities) -> models.LoadedModel:
@@ -60,6 +49,21 @@ def render(model: models.LoadedModel, workload: Workload, profile: Profile, prom
     return output.images[0]
 
 
+# Compilation and autotuning depend on shapes, not on the step count: two steps warm up as well as fifty.
+WARMUP_STEPS = 2
+
+
+def warm_up(model: models.LoadedModel, workload: Workload, profile: Profile, prompt: str, seed: int) -> float:
+    """Render WARMUP_STEPS steps so compile, autotuning and lazy initialisation land here, not in the timed
+    renders; the seconds it took."""
+    timing.synchronize(model.device)
+    started = time.perf_counter()
+    steps = min(WARMUP_STEPS, profile.steps or workload.reference_steps)
+    render(model, workload, dataclasses.replace(profile, steps=steps), prompt, seed)
+    timing.synchronize(model.device)
+    return time.perf_counter() - started
+
+
 @dataclasses.dataclass
 class Measurement:
     images: list[Any]
@@ -83,14 +87,7 @@ class Measurement:
 def measure(model: models.LoadedModel, workload: Workload, profile: Profile, prompts: list[str],
             seeds: list[int], warmup: int = 1) -> Measurement:
     """Warm up, then render every (prompt, seed) once, timing each image and each step."""
-    timing.synchronize(model.device)
-    started = time.perf_counter()
-    # Compilation and autotuning depend on shapes, not on the step count: two steps warm up as well as fifty.
-    warmup_profile = dataclasses.replace(profile, steps=min(2, profile.steps or workload.reference_steps))
-    for _ in range(warmup):
-        render(model, workload, warmup_profile, prompts[0], seeds[0])
-    timing.synchronize(model.device)
-    warmup_s = time.perf_counter() - started
+    warmup_s = sum(warm_up(model, workload, profile, prompts[0], seeds[0]) for _ in range(warmup))
 
     timing.reset_peak_memory(model.device)
     images, latencies, steps = [], [], []
@@ -119,14 +116,10 @@ class StepTiming:
 
 def time_steps(model: models.LoadedModel, workload: Workload, profile: Profile, prompt: str, seed: int,
                timed_steps: int) -> StepTiming:
-    """The step time of `profile` from a short render: a 2-step warm-up (compile and autotuning land there),
+    """The step time of `profile` from a short render: a warm-up (compile and autotuning land there),
     then `timed_steps` steps, each timed. A denoising step costs the same whatever the step count, so this
     predicts a full render's steps at a fraction of its cost; tune renders full images only for candidates."""
-    timing.synchronize(model.device)
-    started = time.perf_counter()
-    render(model, workload, dataclasses.replace(profile, steps=2), prompt, seed)
-    timing.synchronize(model.device)
-    warmup_s = time.perf_counter() - started
+    warmup_s = warm_up(model, workload, profile, prompt, seed)
     timing.reset_peak_memory(model.device)
     clock = timing.StepClock(model.device)
     clock.start()

@@ -29,6 +29,7 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
+from probes.context import first_line
 from qwendoctor.errors import UsageError
 
 JOURNAL_SCHEME = "journal://"
@@ -173,7 +174,7 @@ def open_storage(url: str, heartbeat_s: int):
             if integrity and attempt + 1 < CONNECT_ATTEMPTS:
                 time.sleep(0.5 * (attempt + 1))
                 continue
-            message = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            message = first_line(error)
             raise UsageError(f"--storage {shown}: {message}") from None
 
 
@@ -191,5 +192,5 @@ def _open_journal(url: str, path: str, heartbeat_s: int) -> HeartbeatJournalStor
         return HeartbeatJournalStorage(backend, heartbeat_interval=heartbeat_s,
                                        heartbeat_stale_trial_callback=RetryDeadWorkerTrial())
     except Exception as error:  # unreadable, or a file that is not a journal
-        message = getattr(error, "strerror", None) or (str(error).strip().splitlines() or [type(error).__name__])[0]
+        message = getattr(error, "strerror", None) or first_line(error)
         raise UsageError(f"--storage {url}: {message}") from None

@@ -21,7 +21,9 @@ import tempfile
 import time
 from typing import Any, Callable
 
-from qwendoctor import parallel, quality
+from probes.context import exc_line
+from qwendoctor import files, parallel, quality
+from qwendoctor.capabilities import detect_capabilities
 from qwendoctor.errors import QwendoctorError
 from qwendoctor.profile import Profile, Workload, check_runnable
 
@@ -76,12 +78,11 @@ def _measure_one(best: Profile, workload: Workload, gpus: int, strategy: str, pr
                  reference_image, timed_steps: int, work: str, log: Callable[[str], None]) -> StrategyRow:
     import numpy as np
 
-    from qwendoctor import runner
 
     try:
         profile = parallel.with_gpus(best, gpus, strategy, workload.does_cfg)
         # Refused here in a second (a backend the strategy cannot split), not after a launch.
-        check_runnable(profile, workload, runner.detect_capabilities())
+        check_runnable(profile, workload, detect_capabilities())
     except QwendoctorError as error:  # a lever of `best` this strategy cannot take
         log(f"multi-GPU: {strategy} on {gpus}: not possible with this profile ({error})")
         return StrategyRow(strategy, gpus, best, failure=str(error))
@@ -118,7 +119,8 @@ def run_rank(job_path: str) -> None:
     """One rank of one strategy's launch."""
     import numpy as np
 
-    from qwendoctor import models, runner, timing
+    from probes import timing
+    from qwendoctor import models, runner
 
     with open(job_path, encoding="utf-8") as handle:
         job = json.load(handle)
@@ -127,7 +129,7 @@ def run_rank(job_path: str) -> None:
     device = models.default_device()
     parallel.init_process_group(device)
     try:
-        model = runner.build(workload, profile, runner.detect_capabilities())
+        model = runner.build(workload, profile, detect_capabilities())
         speed = runner.time_steps(model, workload, profile, job["prompt"], job["seed"], job["timed_steps"])
         clock = timing.StepClock(model.device)
         clock.start()
@@ -140,9 +142,7 @@ def run_rank(job_path: str) -> None:
                        "latency_median_s": latency_s}
             if speed.peak_memory_gib is not None:
                 results["peak_memory_gib"] = speed.peak_memory_gib
-            with open(job["out"] + ".tmp", "w", encoding="utf-8") as handle:
-                json.dump(results, handle)
-            os.replace(job["out"] + ".tmp", job["out"])
+            files.write_text_atomic(job["out"], json.dumps(results))
     finally:
         parallel.destroy_process_group()
 
@@ -154,8 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_rank(args.rank)
     except Exception as error:  # the launcher raises it as this strategy's failure
-        message = (str(error).strip().splitlines() or [""])[0][:300]
-        parallel.report_failure(f"{type(error).__name__}: {message}", 1)
+        parallel.report_failure(exc_line(error), 1)
         raise
     return 0
 

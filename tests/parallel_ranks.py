@@ -13,6 +13,7 @@ gloo, and ulysses_graph traces with aot_eager (no C++ compile).
 import sys
 
 from qwendoctor import cli, parallel
+from qwendoctor.capabilities import detect_capabilities
 from qwendoctor.errors import QwendoctorError
 from qwendoctor.profile import Profile, Workload
 
@@ -33,7 +34,7 @@ def render(out_dir: str, profiles: list[str]) -> None:
     parallel.init_process_group(_device())
     for index, text in enumerate(profiles):
         profile = Profile.from_text(text)
-        model = runner.build(WORKLOAD, profile, runner.detect_capabilities())
+        model = runner.build(WORKLOAD, profile, detect_capabilities())
         image = runner.render(model, WORKLOAD, profile, "a lighthouse at dusk", seed=3)
         if parallel.is_main():
             np.save(f"{out_dir}/{index}.npy", image)

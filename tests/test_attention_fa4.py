@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from qwendoctor import attention, models, optimize, runner
+from qwendoctor import attention, levers, models, runner
 from qwendoctor.profile import Profile
 
 
@@ -31,8 +31,9 @@ def fake_fa4(monkeypatch):
     package.cute = cute
     # Libraries probe for flash_attn with importlib.util.find_spec, which needs a spec. Import diffusers'
     # dispatcher first, so it decides what is installed before the stand-in exists (as without flash-attn 2).
-    import diffusers.models.attention_dispatch  # noqa: F401
     import importlib.machinery
+
+    import diffusers.models.attention_dispatch  # noqa: F401
 
     package.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None, is_package=True)
     cute.__spec__ = importlib.machinery.ModuleSpec("flash_attn.cute", None)
@@ -51,7 +52,7 @@ def test_fa4_is_refused_with_the_install_command_when_missing(monkeypatch):
 def test_fa4_backend_runs_the_tiny_pipeline_like_native(fake_fa4, tiny_workload):
     model = models.load_model("tiny", "cpu", "float32")
     reference = runner.render(model, tiny_workload, Profile(), "a fox", 0)
-    optimize.apply_attention_backend(model.pipe, Profile(attention_backend="fa4"))
+    levers.apply_attention_backend(model.pipe, Profile(attention_backend="fa4"))
     image = runner.render(model, tiny_workload, Profile(), "a fox", 0)
     assert fake_fa4, "the registered FA4 function was never called"
     assert fake_fa4[0][2:] == (2, 32)  # [B, S, H=2, D=32]: FA4's layout, as the dispatcher hands it over

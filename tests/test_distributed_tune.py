@@ -19,7 +19,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from qwendoctor import cli, lockfile, storage, tune
+from qwendoctor import cli, lockfile, storage
+from qwendoctor import study as coordination
 from qwendoctor.errors import UsageError
 from qwendoctor.profile import Profile
 
@@ -88,7 +89,7 @@ def test_journal_heartbeat_fails_a_silent_trial_and_queues_it_once(tmp_path):
     journal = storage.open_storage(f"journal://{tmp_path}/study.log", HEARTBEAT_S)
     study = optuna.create_study(storage=journal, study_name="s")
     trial = study.ask({"x": optuna.distributions.IntDistribution(0, 9)})
-    trial.set_user_attr("claim", tune.MEASURE)
+    trial.set_user_attr("claim", coordination.MEASURE)
     study_id = journal.get_study_id_from_name("s")
     # The first beat comes with the trial itself, not when the worker gets round to it.
     assert journal.trials_without_heartbeat(study_id) == []
@@ -97,7 +98,7 @@ def test_journal_heartbeat_fails_a_silent_trial_and_queues_it_once(tmp_path):
     journal.set_trial_system_attr(trial._trial_id, storage.HEARTBEAT_KEY, time.time() - 3 * HEARTBEAT_S)
     assert journal._get_stale_trial_ids(study_id) == [trial._trial_id]
     for _ in range(2):  # two workers noticing: one failure, one retry
-        tune._fail_stale(study)
+        coordination.fail_stale(study)
     states = [t.state for t in study.trials]
     assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
     retry = study.trials[1]
@@ -124,9 +125,9 @@ def test_concurrent_trials_with_one_profile_measure_it_once(tmp_path):
 
     def run(trial, start):
         start.wait()
-        trial.set_user_attr("claim", tune.DECIDING)
+        trial.set_user_attr("claim", coordination.DECIDING)
         trial.set_user_attr("profile", profile.to_dict())
-        reused = tune._claim(study, trial, profile)
+        reused = coordination.claim(study, trial, profile.to_dict())
         if reused is None:
             with lock:
                 measuring.append(trial.number)
@@ -220,7 +221,7 @@ def _check_study(study: optuna.Study, lock: lockfile.Lock, tmp_path: Path, worke
     states = optuna.trial.TrialState
     trials = study.trials
     assert not [t for t in trials if t.state in (states.RUNNING, states.WAITING)], "a trial was left behind"
-    finished = tune._finished(study)
+    finished = coordination.finished(study)
     # Each worker stops once the study has its trials; those that were mid-trial then finish theirs.
     assert TRIALS <= len(finished) <= TRIALS + (workers - 1) + retried
     assert lock.study["trials"] == len(finished) and lock.study["name"] == study.study_name
@@ -256,10 +257,10 @@ def _wait_for(condition, what: str, log: Path) -> None:
 
 
 def _kill_one_mid_trial(tmp_path: Path, url: str) -> None:
-    """The victim starts alone and hangs in the first trial it measures (tune.STALL_ENV); the survivor joins and
+    """The victim starts alone and hangs in the first trial it measures (coordination.STALL_ENV); the survivor joins and
     starts trials while the victim's trial is running; then the victim is killed."""
     stalled = tmp_path / "stalled-trial"
-    victim = _start_worker(tmp_path, "a", url, **{tune.STALL_ENV: str(stalled)})
+    victim = _start_worker(tmp_path, "a", url, **{coordination.STALL_ENV: str(stalled)})
     survivor = None
     try:
         _wait_for(lambda: stalled.exists() or victim.poll() is not None, "the victim never measured",

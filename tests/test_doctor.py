@@ -10,10 +10,10 @@ import pytest
 from click.testing import CliRunner
 
 from probes import PROBES, ProbeSpec
+from probes.finding import Finding
 from qwendoctor import doctor
 from qwendoctor.doctor import check, exit_code, render, run_probes, to_json
 from qwendoctor.errors import EXIT_USAGE, UsageError
-from qwendoctor.findings import Finding
 
 
 def spec(probe_id, module, native=False, timeout_s=30.0):

@@ -5,8 +5,9 @@ import dataclasses
 from click.testing import CliRunner
 
 from probes import ProbeSpec
-from probes.context import ProbeContext, Workload
-from qwendoctor.doctor import check, run_probes
+from probes.context import ProbeContext
+from probes.workload import Workload
+from qwendoctor.doctor import ATTENTION_REGISTRARS, check, run_probes
 from qwendoctor.errors import UsageError
 
 QUICK = ProbeSpec("quick", "tests.fake_probes.good", False, 30.0, "fake quick")
@@ -26,14 +27,15 @@ def test_workload_settings_reach_a_probe_subprocess():
     [finding] = run_probes(registry=[echo], ctx=ctx)
     assert finding.status == "ok" and finding.summary == "1024x768"
     assert finding.measured["settings"] == {"width": 1024, "height": 768, "text_tokens": 128,
-                                            "model": "/models/qwen", "bench": True}
+                                            "model": "/models/qwen", "bench": True,
+                                            "attention_registrars": ATTENTION_REGISTRARS}
 
 
 def test_settings_round_trip():
-    ctx = ProbeContext(workload=Workload(width=512, height=1328, text_tokens=77), model="x", bench=True)
+    ctx = ProbeContext(workload=Workload(model="x", width=512, height=1328), text_tokens=77, model="x", bench=True)
     back = ProbeContext.from_settings(ctx.settings())
     assert dataclasses.asdict(back.workload) == dataclasses.asdict(ctx.workload)
-    assert (back.model, back.bench) == ("x", True)
+    assert (back.text_tokens, back.model, back.bench) == (77, "x", True)
 
 
 def test_check_refuses_a_width_not_divisible_by_16():

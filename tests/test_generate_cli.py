@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import qwendoctor
-from qwendoctor import cli, lockfile
+from qwendoctor import cli, generate, lockfile
 from qwendoctor.generate import claim_path
 from qwendoctor.profile import Profile, Workload
 
@@ -46,8 +46,12 @@ def test_load_pipeline_returns_the_tuned_pipeline(tiny_lock):
     assert image.size == (128, 128)
 
 
-def test_generate_writes_pngs_with_metadata_and_never_overwrites(tiny_lock, tmp_path, capsys):
+def test_generate_writes_pngs_with_metadata_and_never_overwrites(tiny_lock, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
+    reads, checks = [], []
+    read_lock, check_fingerprint = lockfile.read_lock, generate.check_fingerprint
+    monkeypatch.setattr(lockfile, "read_lock", lambda path: reads.append(path) or read_lock(path))
+    monkeypatch.setattr(generate, "check_fingerprint", lambda *a: checks.append(a) or check_fingerprint(*a))
     for _ in range(2):
         with pytest.raises(SystemExit) as done:
             cli.main(["generate", "a lighthouse at dusk", "--lock", str(tiny_lock), "--seed", "7",
@@ -63,6 +67,7 @@ def test_generate_writes_pngs_with_metadata_and_never_overwrites(tiny_lock, tmp_
                                            "tf32": False, "cfg_batching": False, "real_rope": False,
                                            "steps": 2}
     assert " s" in capsys.readouterr().out  # time per image printed
+    assert len(reads) == len(checks) == 2  # the lock is read and checked once per run
 
 
 def test_generate_refuses_a_lock_from_another_setup(tiny_lock, tmp_path, capsys):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from qwendoctor import models, optimize, runner
+from qwendoctor import levers, models, runner
 from qwendoctor.errors import UnavailableLever
 from qwendoctor.profile import Capabilities, Profile
 
@@ -21,9 +21,9 @@ def _attention_backends(pipe):
 
 def test_apply_tf32_sets_and_resets_matmul_precision(fresh_tiny):
     try:
-        optimize.apply_tf32(fresh_tiny.pipe, Profile(tf32=True))
+        levers.apply_tf32(fresh_tiny.pipe, Profile(tf32=True))
         assert torch.get_float32_matmul_precision() == "high"
-        optimize.apply_tf32(fresh_tiny.pipe, Profile(tf32=False))
+        levers.apply_tf32(fresh_tiny.pipe, Profile(tf32=False))
         assert torch.get_float32_matmul_precision() == "highest"
     finally:
         torch.set_float32_matmul_precision("highest")
@@ -31,18 +31,18 @@ def test_apply_tf32_sets_and_resets_matmul_precision(fresh_tiny):
 
 def test_apply_attention_backend_routes_every_attention_module(fresh_tiny, tiny_workload):
     reference = runner.render(fresh_tiny, tiny_workload, Profile(), "a fox", 0)
-    optimize.apply_attention_backend(fresh_tiny.pipe, Profile(attention_backend="_native_math"))
+    levers.apply_attention_backend(fresh_tiny.pipe, Profile(attention_backend="_native_math"))
     assert {str(getattr(b, "value", b)) for b in _attention_backends(fresh_tiny.pipe)} == {"_native_math"}
     math_image = runner.render(fresh_tiny, tiny_workload, Profile(), "a fox", 0)
     # Same function, another kernel: float32 agreement to rounding.
     assert np.abs(math_image - reference).max() < 1e-4
-    optimize.apply_attention_backend(fresh_tiny.pipe, Profile())
+    levers.apply_attention_backend(fresh_tiny.pipe, Profile())
     assert {str(getattr(b, "value", b)) for b in _attention_backends(fresh_tiny.pipe)} == {"native"}
 
 
 def test_apply_quantization_none_leaves_weights_alone(fresh_tiny):
     before = {n: type(p) for n, p in fresh_tiny.pipe.transformer.named_parameters()}
-    optimize.apply_quantization(fresh_tiny.pipe, Profile())
+    levers.apply_quantization(fresh_tiny.pipe, Profile())
     assert {n: type(p) for n, p in fresh_tiny.pipe.transformer.named_parameters()} == before
 
 
@@ -54,7 +54,7 @@ def test_fp8_leaves_inductor_settings_alone(fresh_tiny, monkeypatch, quantizatio
     torchao_quantization = pytest.importorskip("torchao.quantization")
     configs = []
     monkeypatch.setattr(torchao_quantization, "quantize_", lambda module, config, **kw: configs.append(config))
-    optimize.apply_quantization(fresh_tiny.pipe, Profile(quantization=quantization))
+    levers.apply_quantization(fresh_tiny.pipe, Profile(quantization=quantization))
     [config] = configs
     assert config.set_inductor_config is False
 
@@ -70,11 +70,11 @@ def test_fp8_is_refused_on_this_cpu_before_the_model_loads(tiny_workload, monkey
 
 def test_apply_cache_enables_first_block_cache_and_resets_it(fresh_tiny, tiny_workload):
     profile = Profile(cache="first_block", cache_threshold=0.2)
-    optimize.apply_cache(fresh_tiny.pipe, profile)
+    levers.apply_cache(fresh_tiny.pipe, profile)
     assert fresh_tiny.pipe.transformer.is_cache_enabled
     image = runner.render(fresh_tiny, tiny_workload, profile, "a fox", 0)
     assert image.shape == (128, 128, 3) and np.isfinite(image).all()
-    optimize.apply_cache(fresh_tiny.pipe, Profile())
+    levers.apply_cache(fresh_tiny.pipe, Profile())
     assert not fresh_tiny.pipe.transformer.is_cache_enabled
 
 
@@ -94,7 +94,7 @@ def recorded_compiles(monkeypatch):
 
 def test_apply_compile_regional_compiles_each_block(fresh_tiny, tiny_workload, recorded_compiles):
     reference = runner.render(fresh_tiny, tiny_workload, Profile(steps=2), "a fox", 0)
-    optimize.apply_compile(fresh_tiny.pipe, Profile(compile="regional", compile_mode="max-autotune-no-cudagraphs"))
+    levers.apply_compile(fresh_tiny.pipe, Profile(compile="regional", compile_mode="max-autotune-no-cudagraphs"))
     blocks = fresh_tiny.pipe.transformer.transformer_blocks
     assert len(recorded_compiles) == len(blocks)
     assert all(options == {"fullgraph": True, "mode": "max-autotune-no-cudagraphs"} for options in recorded_compiles)
@@ -104,7 +104,7 @@ def test_apply_compile_regional_compiles_each_block(fresh_tiny, tiny_workload, r
 
 
 def test_coordinate_descent_is_an_inductor_option_of_this_compile_only(fresh_tiny, recorded_compiles):
-    optimize.apply_compile(fresh_tiny.pipe, Profile(compile="full", compile_mode="coordinate-descent"))
+    levers.apply_compile(fresh_tiny.pipe, Profile(compile="full", compile_mode="coordinate-descent"))
     assert recorded_compiles == [{"fullgraph": True, "options": {"coordinate_descent_tuning": True,
                                                                   "coordinate_descent_check_all_directions": True}}]
     import torch._inductor.config as inductor_config
@@ -113,13 +113,13 @@ def test_coordinate_descent_is_an_inductor_option_of_this_compile_only(fresh_tin
 
 
 def test_apply_compile_full_compiles_the_transformer(fresh_tiny, recorded_compiles):
-    optimize.apply_compile(fresh_tiny.pipe, Profile(compile="full"))
+    levers.apply_compile(fresh_tiny.pipe, Profile(compile="full"))
     assert recorded_compiles == [{"fullgraph": True}]
     assert fresh_tiny.pipe.transformer._compiled_call_impl is not None
 
 
 def test_apply_compile_none_compiles_nothing(fresh_tiny, recorded_compiles):
-    optimize.apply_compile(fresh_tiny.pipe, Profile())
+    levers.apply_compile(fresh_tiny.pipe, Profile())
     assert recorded_compiles == []
 
 
@@ -129,7 +129,7 @@ def test_steps_are_a_call_argument(tiny_workload):
 
 
 def test_optimize_applies_levers_in_the_documented_order():
-    names = [lever.__name__ for lever in optimize.LEVERS]
+    names = [lever.apply.__name__ for lever in levers.LEVERS if lever.apply is not None]
     assert names == ["apply_tf32", "apply_attention_backend", "apply_real_rope", "apply_quantization", "apply_cache",
                      "apply_context_parallel", "apply_compile", "apply_cfg_batching", "apply_cfg_parallel"]
 
@@ -145,7 +145,7 @@ def test_apply_real_rope_rotates_like_the_complex_path_and_is_undone(fresh_tiny,
     expected = original(x, freqs, use_real=False)
     reference = runner.render(fresh_tiny, tiny_workload, Profile(), "a fox", 0)
     try:
-        optimize.apply_real_rope(fresh_tiny.pipe, Profile(real_rope=True))
+        levers.apply_real_rope(fresh_tiny.pipe, Profile(real_rope=True))
         assert rope.enabled()
         assert torch.allclose(transformer_qwenimage.apply_rotary_emb_qwen(x, freqs, use_real=False).float(),
                               expected.float(), atol=1e-2)
@@ -153,7 +153,7 @@ def test_apply_real_rope_rotates_like_the_complex_path_and_is_undone(fresh_tiny,
         image = runner.render(fresh_tiny, tiny_workload, Profile(), "a fox", 0)
         assert np.abs(image - reference).max() < 1e-4  # the same rotation, in float32 either way
     finally:
-        optimize.apply_real_rope(fresh_tiny.pipe, Profile())
+        levers.apply_real_rope(fresh_tiny.pipe, Profile())
     assert transformer_qwenimage.apply_rotary_emb_qwen is original and not rope.enabled()
 
 
@@ -178,14 +178,14 @@ def test_apply_cfg_batching_runs_one_batch_2_pass_a_step_with_the_same_image(fre
     reference = runner.render(fresh_tiny, tiny_workload, Profile(), "a red fox in the snow", 0)
     assert transformer_batches == [1] * 2 * tiny_workload.reference_steps
     transformer_batches.clear()
-    optimize.apply_cfg_batching(fresh_tiny.pipe, Profile(cfg_batching=True))
+    levers.apply_cfg_batching(fresh_tiny.pipe, Profile(cfg_batching=True))
     batched = runner.render(fresh_tiny, tiny_workload, Profile(), "a red fox in the snow", 0)
     assert transformer_batches == [2] * tiny_workload.reference_steps
     # The tiny model encodes prompt and negative prompt to different lengths: the padded, masked batch must
     # give the image the two separate passes gave, to float32 rounding.
     assert np.abs(batched - reference).max() < 1e-4
     transformer_batches.clear()
-    optimize.apply_cfg_batching(fresh_tiny.pipe, Profile())
+    levers.apply_cfg_batching(fresh_tiny.pipe, Profile())
     assert type(fresh_tiny.pipe.transformer).__name__ == "QwenImageTransformer2DModel"
     assert "encode_prompt" not in vars(fresh_tiny.pipe)
     assert np.array_equal(runner.render(fresh_tiny, tiny_workload, Profile(), "a red fox in the snow", 0), reference)
@@ -197,7 +197,7 @@ def test_cfg_batching_leaves_a_call_without_cfg_as_it_was(fresh_tiny, tiny_workl
 
     no_cfg = dataclasses.replace(tiny_workload, true_cfg_scale=1.0)
     reference = runner.render(fresh_tiny, no_cfg, Profile(), "a fox", 0)
-    optimize.apply_cfg_batching(fresh_tiny.pipe, Profile(cfg_batching=True))
+    levers.apply_cfg_batching(fresh_tiny.pipe, Profile(cfg_batching=True))
     transformer_batches.clear()
     # The same pipeline serves a CFG call and then a call without CFG: the second must not reuse the first's
     # negative prompt.
@@ -208,9 +208,9 @@ def test_cfg_batching_leaves_a_call_without_cfg_as_it_was(fresh_tiny, tiny_workl
 
 
 def test_cfg_batching_reaches_the_real_transformer_for_the_other_levers(fresh_tiny, recorded_compiles):
-    optimize.apply_cfg_batching(fresh_tiny.pipe, Profile(cfg_batching=True))
-    optimize.apply_compile(fresh_tiny.pipe, Profile(compile="full"))
-    optimize.apply_attention_backend(fresh_tiny.pipe, Profile(attention_backend="_native_math"))
+    levers.apply_cfg_batching(fresh_tiny.pipe, Profile(cfg_batching=True))
+    levers.apply_compile(fresh_tiny.pipe, Profile(compile="full"))
+    levers.apply_attention_backend(fresh_tiny.pipe, Profile(attention_backend="_native_math"))
     real = fresh_tiny.pipe.transformer.inner
     assert real._compiled_call_impl is not None and recorded_compiles == [{"fullgraph": True}]
     assert {str(getattr(b, "value", b)) for b in _attention_backends(fresh_tiny.pipe)} == {"_native_math"}
@@ -275,3 +275,61 @@ def test_synthetic_transformer_builds_without_a_full_precision_copy():
     weight = transformer.transformer_blocks[0].attn.to_q.weight
     assert abs(weight.float().std().item() - weight.shape[1] ** -0.5) < 0.3 * weight.shape[1] ** -0.5
     assert transformer.pos_embed.pos_freqs.device.type == "cpu" and transformer.pos_embed.pos_freqs.is_complex()
+
+
+# ---- the table itself --------------------------------------------------------------------------------------
+
+def test_every_profile_field_is_declared_by_exactly_one_lever():
+    import dataclasses
+
+    names = [field.name for field in levers.FIELDS]
+    assert len(names) == len(set(names))
+    assert [f.name for f in dataclasses.fields(Profile)] == names
+    assert {f.name: f.default for f in dataclasses.fields(Profile)} == {f.name: f.default for f in levers.FIELDS}
+
+
+def test_the_search_draws_every_field_of_the_levers_it_searches(tiny_workload):
+    """The default parameters, drawn through each searched lever's `sample`, give back the default profile."""
+    import optuna
+
+    from qwendoctor import space
+
+    h100 = Capabilities(device="cuda", compute_capability=(9, 0), has_torchao=True, compile_works=True,
+                        working_attention_backends=("native", "_native_cudnn"))
+    search = space.build_search_space(h100, tiny_workload, exhaustive=True, evidence=lambda rule: None)
+    assert set(search.offers) == {lever.name for lever in levers.SEARCH_ORDER}
+    assert all(lever.offer is not None and lever.sample is not None for lever in levers.SEARCH_ORDER)
+    assert space.sample_profile(optuna.trial.FixedTrial(space.default_params(search)), search) == Profile()
+
+
+def test_what_a_transformer_carries_follows_the_levers_that_cannot_be_undone():
+    assert levers.baked_part(Profile(tf32=False, cfg_batching=True, steps=3)) is None
+    assert levers.baked_part(Profile(quantization="fp8_weight_only")) == {"quantization": "fp8_weight_only"}
+    # A compiled graph froze every lever it traced in; steps are an argument of each call.
+    compiled = levers.baked_part(Profile(compile="regional", real_rope=True, steps=3))
+    assert compiled == Profile(compile="regional", real_rope=True).to_dict()
+    assert not any(lever.undoable for lever in levers.LEVERS if lever.captures_profile)
+
+
+def test_optimize_with_undoable_only_leaves_the_other_levers_alone(monkeypatch):
+    calls = []
+
+    def recorder(name):
+        def apply(pipe, profile):
+            calls.append(name)
+            return pipe
+        return apply
+
+    monkeypatch.setattr(levers, "LEVERS", (levers.Lever("a", recorder("a"), undoable=True),
+                                           levers.Lever("b", recorder("b"), undoable=False),
+                                           levers.Lever("steps", None, undoable=True)))
+    levers.optimize(object(), Profile(), undoable_only=True)
+    levers.optimize(object(), Profile())
+    assert calls == ["a", "a", "b"]
+
+
+def test_profile_text_is_parsed_by_each_fields_kind():
+    profile = Profile.from_text("compile=regional, cfg_batching=true, steps=30, cache=first_block,"
+                                "cache_threshold=0.1,compile=none")
+    assert (profile.compile, profile.cfg_batching, profile.steps, profile.cache_threshold) == ("none", True, 30, 0.1)
+    assert Profile.from_dict(profile.to_dict()) == profile

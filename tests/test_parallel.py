@@ -11,10 +11,11 @@ import pytest
 from PIL import Image
 
 from probes import topology
+from probes.backends import RING_BACKENDS, ULYSSES_BACKENDS
 from probes.context import ProbeContext
 from qwendoctor import cli, lockfile, parallel
 from qwendoctor.errors import QwendoctorError, UnavailableLever, UsageError
-from qwendoctor.profile import RING_BACKENDS, ULYSSES_BACKENDS, Capabilities, Profile, Workload, check_runnable
+from qwendoctor.profile import Capabilities, Profile, Workload, check_runnable
 from tests.fakes import fake_import
 
 REPO = Path(__file__).resolve().parent.parent
@@ -299,7 +300,7 @@ def test_topology_skips_one_gpu_and_no_gpu():
 # ---- the benchmark's table -----------------------------------------------------------------------------------
 
 def test_benchmark_rows_and_table():
-    from benchmarks.multigpu import bench
+    from benchmarks.tools import multigpu_bench as bench
     from qwendoctor.strategies import gpu_counts, strategies_for
 
     assert strategies_for(1, True) == []

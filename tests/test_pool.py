@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from qwendoctor import models, pool, runner
+from qwendoctor import levers, models, pool, runner
 from qwendoctor.profile import Capabilities, Profile
 
 CPU = Capabilities(device="cpu", working_attention_backends=("native", "_native_math"))
@@ -32,13 +32,13 @@ def tiny_pool(tiny_workload):
 
 
 def test_baked_part_is_what_cannot_be_undone():
-    assert pool.baked_part(Profile()) is None
-    assert pool.baked_part(Profile(cfg_batching=True, attention_backend="_native_math", steps=3)) is None
-    assert pool.baked_part(Profile(quantization="fp8_rowwise", cfg_batching=True)) == {"quantization": "fp8_rowwise"}
+    assert levers.baked_part(Profile()) is None
+    assert levers.baked_part(Profile(cfg_batching=True, attention_backend="_native_math", steps=3)) is None
+    assert levers.baked_part(Profile(quantization="fp8_rowwise", cfg_batching=True)) == {"quantization": "fp8_rowwise"}
     # A compiled graph traced every lever: only the step count may change under it.
     compiled = Profile(compile="regional", cfg_batching=True)
-    assert pool.baked_part(compiled) == pool.baked_part(Profile(compile="regional", cfg_batching=True, steps=3))
-    assert pool.baked_part(compiled) != pool.baked_part(Profile(compile="regional"))
+    assert levers.baked_part(compiled) == levers.baked_part(Profile(compile="regional", cfg_batching=True, steps=3))
+    assert levers.baked_part(compiled) != levers.baked_part(Profile(compile="regional"))
 
 
 def test_pool_loads_once_reuses_compile_and_restores_the_original_weights(tiny_pool, tiny_workload):
@@ -88,7 +88,7 @@ def test_a_lever_that_raises_leaves_the_pool_distrustful(tiny_pool, monkeypatch)
     def broken(pipe, profile):
         raise RuntimeError("cache hooks exploded")
 
-    monkeypatch.setattr(pool.optimize, "LEVERS", (broken,))
+    monkeypatch.setattr(levers, "LEVERS", (levers.Lever("broken", broken, undoable=True),))
     with pytest.raises(RuntimeError, match="exploded"):
         the_pool.prepare(Profile(cfg_batching=True))
     monkeypatch.undo()

@@ -6,13 +6,15 @@ import importlib
 import importlib.metadata
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+import probes
 from probes import PROBES
-from probes.context import ProbeContext, Workload, default_disk_paths, exc_line
-from qwendoctor.findings import Finding
+from probes.context import ProbeContext, default_disk_paths, exc_line, first_line
+from probes.finding import Finding
 
 GIB = 1024**3
 
@@ -63,14 +65,44 @@ def test_probe_modules_do_not_import_native_code():
     assert res.returncode == 0, res.stderr
 
 
+def test_probes_stand_without_qwendoctor():
+    """Every probes module imports, and a pure probe runs through the worker, with `qwendoctor` unimportable."""
+    code = ("import importlib, importlib.abc, pkgutil, sys\n"
+            "class Refuse(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'qwendoctor':\n"
+            "            raise ImportError(f'probes imported {name}')\n"
+            "sys.meta_path.insert(0, Refuse())\n"
+            "import probes\n"
+            "for module in pkgutil.iter_modules(probes.__path__):\n"
+            "    importlib.import_module('probes.' + module.name)\n"
+            "from probes._worker import run_one\n"
+            "for probe_id in ('env', 'memory_plan'):\n"
+            "    finding = run_one(probe_id)\n"
+            "    assert finding['status'] != 'crash', finding\n"
+            "assert not [m for m in sys.modules if m.split('.')[0] == 'qwendoctor']")
+    root = Path(probes.__file__).resolve().parent.parent
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
+    assert res.returncode == 0, res.stderr
+
+
 def test_context_defaults_follow_env(tmp_path):
     ctx = ProbeContext(env={"HF_HOME": str(tmp_path / "hf"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind")})
     assert ctx.disk_paths == {"hf_cache": tmp_path / "hf" / "hub", "inductor_cache": tmp_path / "ind"}
     assert default_disk_paths({"HF_HUB_CACHE": "/x/hub", "HOME": "/h"})["hf_cache"].as_posix() == "/x/hub"
     assert default_disk_paths({"HOME": "/h"})["hf_cache"].as_posix() == "/h/.cache/huggingface/hub"
-    assert Workload().image_tokens == 83 * 83
+    assert ProbeContext().workload.image_tokens == 83 * 83  # Qwen-Image's default 1328x1328
+    assert ProbeContext().text_tokens == 128
     assert ProbeContext().run(["definitely-not-a-program-xyz"], 5).returncode == 127
     assert exc_line(ValueError("first\nsecond")) == "ValueError: first"
+
+
+def test_first_line_is_the_message_or_the_type():
+    assert first_line(ValueError("  first\nsecond")) == "first"
+    assert first_line(KeyError()) == "KeyError"  # an empty message still says something
+    assert first_line(RuntimeError("\n\n")) == "RuntimeError"
+    assert first_line(OSError("x" * 500)) == "x" * 297 + "..."
+    assert first_line(OSError("abcdefghij"), limit=8) == "abcde..."
 
 
 # --- system -------------------------------------------------------------------------------------------

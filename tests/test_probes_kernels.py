@@ -49,10 +49,20 @@ def fake_run(by_module):
     return run
 
 
-def fake_cuda_torch(version="2.11.0+cu128", cuda="12.8", available=True, cc=(9, 0), abi=True):
+H100 = "NVIDIA H100 80GB HBM3"  # a card probes/measured.toml has figures for
+H200 = "NVIDIA H200"  # one it has none for
+
+
+def fake_cuda_torch(version="2.11.0+cu128", cuda="12.8", available=True, cc=(9, 0), abi=True, name=H100):
+    def get_device_name(i=0):
+        if not available:
+            raise RuntimeError("Found no NVIDIA driver on your system")
+        return name
+
     return SimpleNamespace(__version__=version, version=SimpleNamespace(cuda=cuda),
                            _C=SimpleNamespace(_GLIBCXX_USE_CXX11_ABI=abi), bfloat16="bf16",
-                           cuda=SimpleNamespace(is_available=lambda: available, get_device_capability=lambda i=0: cc))
+                           cuda=SimpleNamespace(is_available=lambda: available, get_device_capability=lambda i=0: cc,
+                                                get_device_name=get_device_name))
 
 
 def py_tag():
@@ -70,11 +80,24 @@ def test_flash_attn_none_installed_is_ok_and_honest():
     assert f.status == "ok" and "no flash-attention package installed" in f.summary
     assert "cuDNN" in f.summary and "install_flash_attention.sh --which fa4" in f.summary and f.fix is None
     assert any("`fa4`" in d and "qwendoctor tune" in d for d in f.details)
-    assert any("651-660" in d and "benchmarks/fa4" in d for d in f.details)  # the measured H100 figures
+    # The figures measured on this card, with the file that holds them.
+    assert any(d.startswith(f"honest default: measured on {H100} (benchmarks/fa4/fa4_h100.json)") and "651-660" in d
+               and "benchmarks/check/check_h100.json" in d for d in f.details)
+    assert "took 2.6% off an eager step on this GPU model (benchmarks/fa4/fa4_h100.json)" in f.summary
     assert run.calls == []  # nothing to import
     assert set(f.measured) == {"fa2", "fa3", "fa4"}
     assert set(f.measured["fa2"]) >= {"installed", "version", "imports", "error", "rel_err"}
     assert not any(m["installed"] for m in f.measured.values())
+
+
+def test_flash_attn_on_a_gpu_not_measured_says_so():
+    from probes import flash_attn
+
+    ctx = ProbeContext(import_module=fake_import(torch=fake_cuda_torch(name=H200), **fake_packages()), run=fake_run({}))
+    f = flash_attn.probe(ctx)
+    assert f.status == "ok" and f"FA4's gain was not measured on {H200}" in f.summary
+    [note] = [d for d in f.details if d.startswith("honest default:")]
+    assert note.startswith(f"honest default: not measured on {H200}; on {H100} (benchmarks/fa4/fa4_h100.json)")
 
 
 def test_flash_attn_abi_mismatch_fails_and_names_the_wheel():
@@ -255,7 +278,23 @@ def test_fp8_no_cuda_skips():
     from probes import fp8
 
     f = fp8.probe(_fp8_ctx(fake_cuda_torch(version="2.13.0+cpu", cuda=None, available=False)))
-    assert f.status == "skip" and any("811 vs 640" in d for d in f.details)
+    assert f.status == "skip"
+    assert any(d.startswith(f"FP8 speed not measured on this machine (no GPU); on {H100}: eager FP8 1793.7 vs 637.3")
+               for d in f.details)
+
+
+@pytest.mark.parametrize("name", [H100, H200])
+def test_fp8_speed_is_quoted_with_its_card_and_source(monkeypatch, name):
+    from probes import fp8
+
+    monkeypatch.setattr(fp8, "scaled_mm_rel_err", lambda t, d: 0.04)
+    f = fp8.probe(_fp8_ctx(fake_cuda_torch(name=name)))
+    [note] = [d for d in f.details if d.startswith("FP8 speed")]
+    head = f"FP8 speed measured on {H100}:" if name == H100 else f"FP8 speed not measured on {H200}; on {H100}:"
+    assert f.status == "ok" and note.startswith(head)
+    assert "1793.7 vs 637.3 ms/step bf16" in note and "(benchmarks/bench/bench-synthetic-1328x1328.md)" in note
+    assert "404.6 vs 650.6 ms/step (benchmarks/tune/w1/bench-coordinate-descent.md)" in note
+    assert "1.6" not in f.summary and "ms/step" not in f.summary  # the summary quotes no card's figures
 
 
 def test_fp8_old_gpu_warns():

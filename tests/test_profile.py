@@ -1,5 +1,6 @@
 import pytest
 
+from probes.workload import WorkloadError
 from qwendoctor.errors import UnavailableLever, UsageError
 from qwendoctor.profile import Capabilities, Profile, Workload, check_runnable
 
@@ -43,7 +44,7 @@ def test_invalid_profiles_raise_naming_the_field(fields, message):
     ({"loras": ("style.safetensors",)}, "LoRAs are not supported yet"),
 ])
 def test_invalid_workloads_raise(fields, message):
-    with pytest.raises(UsageError) as error:
+    with pytest.raises(WorkloadError) as error:
         Workload(**fields).validate()
     assert message in str(error.value)
 

@@ -6,7 +6,10 @@ import math
 import optuna
 import pytest
 
-from qwendoctor import lockfile, quality, runner, tune
+from qwendoctor import capabilities as machine
+from qwendoctor import lockfile, quality, runner, space, tune
+from qwendoctor import study as coordination
+from qwendoctor.capabilities import capabilities_from_findings
 from qwendoctor.errors import QwendoctorError
 from qwendoctor.profile import Capabilities, Profile
 
@@ -34,51 +37,73 @@ def measured_profiles(monkeypatch):
     return seen
 
 
+H100_NAME = "NVIDIA H100 80GB HBM3"
+
+
+def measured_on_h100(rule):
+    """Stands in for probes/measured.toml on a GPU model with every rule measured."""
+    return f"measured {rule} loses"
+
+
 def test_search_space_is_pruned_by_findings(tiny_workload):
-    cpu = tune.build_search_space(CPU, tiny_workload)
-    assert cpu.attention_backends == ("native", "_native_math")
-    assert cpu.compile == ("none",) and cpu.quantizations == ("none",) and cpu.tf32 == (False,)
-    assert cpu.steps == (2, 4, 1)
+    cpu = space.build_search_space(CPU, tiny_workload)
+    assert cpu.values("attention_backend") == ("native", "_native_math")
+    assert cpu.values("compile") == ("none",) and cpu.values("quantization") == ("none",)
+    assert cpu.values("tf32") == (False,)
+    assert str(cpu.values("steps")) == "2..4 by 1"
 
     h100 = Capabilities(device="cuda", compute_capability=(9, 0), has_torchao=True,
                         working_attention_backends=("native", "_native_cudnn", "_native_math"))
     w1 = dataclasses.replace(tiny_workload, reference_steps=50, dtype="bfloat16")
-    gpu = tune.build_search_space(h100, w1)
-    assert gpu.attention_backends == ("native", "_native_cudnn")  # math is a reference, never searched on GPU
-    assert gpu.quantizations == ("none", "fp8_rowwise", "fp8_tensorwise", "fp8_weight_only")
-    assert gpu.steps == (25, 50, 5)
+    gpu = space.build_search_space(h100, w1, evidence=measured_on_h100)
+    assert gpu.values("attention_backend") == ("native", "_native_cudnn")  # math is a reference, never on a GPU
+    assert gpu.values("quantization") == ("none", "fp8_rowwise", "fp8_tensorwise", "fp8_weight_only")
+    assert str(gpu.values("steps")) == "25..50 by 5"
     # Choices measured to lose are left out, and the space says which and why; --exhaustive keeps them.
-    assert gpu.compile == ("none", "regional") and gpu.compile_modes == ("default",)
-    assert gpu.tf32 == (False,) and not gpu.quantize_eager
-    assert gpu.real_rope == (True,)  # complex RoPE under compile: measured to lose, so never searched
+    assert gpu.values("compile") == ("none", "regional") and gpu.values("compile_mode") == ("default",)
+    assert gpu.values("tf32") == (False,) and not gpu.offers["quantization"].options["eager"]
+    assert gpu.values("real_rope") == (True,)  # complex RoPE under compile: measured to lose, so never searched
     assert len(gpu.left_out) == 6 and sum(line.startswith("left out: ") for line in gpu.describe()) == 6
-    everything = tune.build_search_space(h100, w1, exhaustive=True)
-    assert everything.compile == ("none", "regional", "full")
-    assert everything.compile_modes == ("default", "max-autotune-no-cudagraphs", "coordinate-descent")
-    assert everything.tf32 == (False, True) and everything.quantize_eager and not everything.left_out
-    assert everything.real_rope == (False, True)
+    everything = space.build_search_space(h100, w1, exhaustive=True, evidence=measured_on_h100)
+    assert everything.values("compile") == ("none", "regional", "full")
+    assert everything.values("compile_mode") == ("default", "max-autotune-no-cudagraphs", "coordinate-descent")
+    assert everything.values("tf32") == (False, True) and everything.offers["quantization"].options["eager"]
+    assert not everything.left_out and everything.values("real_rope") == (False, True)
     # A float32 pipeline's matmuls do use TF32: there it is searched.
-    assert tune.build_search_space(h100, dataclasses.replace(w1, dtype="float32")).tf32 == (False, True)
+    assert space.build_search_space(h100, dataclasses.replace(w1, dtype="float32")).values("tf32") == (False, True)
 
     ampere = dataclasses.replace(h100, compute_capability=(8, 0))
-    assert tune.build_search_space(ampere, tiny_workload).quantizations == ("none",)
+    assert space.build_search_space(ampere, tiny_workload).values("quantization") == ("none",)
+
+
+def test_a_choice_measured_to_lose_on_another_gpu_model_stays_in_the_space(tiny_workload):
+    """Only a measurement on this GPU model (or this machine's probes) may leave a choice out."""
+    w1 = dataclasses.replace(tiny_workload, reference_steps=50, dtype="bfloat16")
+    h200 = Capabilities(device="cuda", compute_capability=(9, 0), has_torchao=True, gpu_name="NVIDIA H200",
+                        working_attention_backends=("native",))
+    unmeasured = space.build_search_space(h200, w1)
+    assert unmeasured.values("compile_mode") == ("default", "max-autotune-no-cudagraphs", "coordinate-descent")
+    assert unmeasured.values("real_rope") == (False, True) and unmeasured.offers["quantization"].options["eager"]
+    # The structural rules (full compile, TF32 in bf16) hold on any GPU.
+    assert len(unmeasured.left_out) == 2
+    measured = space.build_search_space(dataclasses.replace(h200, gpu_name=H100_NAME), w1)
+    assert measured.values("compile_mode") == ("default",) and measured.values("real_rope") == (True,)
+    assert sum(H100_NAME in line for line in measured.left_out) == 4 and len(measured.left_out) == 6
 
 
 def test_a_compiled_profile_gets_real_rope_without_it_being_a_search_dimension(tiny_workload):
-    import optuna
-
     h100 = Capabilities(device="cuda", compute_capability=(9, 0), has_torchao=True,
                         working_attention_backends=("native",))
     w1 = dataclasses.replace(tiny_workload, reference_steps=50, dtype="bfloat16")
-    space = tune.build_search_space(h100, w1)
+    measured = space.build_search_space(h100, w1, evidence=measured_on_h100)
     base = {"attention_backend": "native", "quantization": "none", "cache": "none", "tf32": False,
             "cfg_batching": True, "steps": 50}
-    compiled = tune.sample_profile(optuna.trial.FixedTrial({**base, "compile": "regional"}), space, 50)
-    eager = tune.sample_profile(optuna.trial.FixedTrial({**base, "compile": "none"}), space, 50)
+    compiled = space.sample_profile(optuna.trial.FixedTrial({**base, "compile": "regional"}), measured)
+    eager = space.sample_profile(optuna.trial.FixedTrial({**base, "compile": "none"}), measured)
     assert compiled.real_rope and not eager.real_rope
-    exhaustive = tune.build_search_space(h100, w1, exhaustive=True)
+    exhaustive = space.build_search_space(h100, w1, exhaustive=True, evidence=measured_on_h100)
     fixed = optuna.trial.FixedTrial({**base, "compile": "regional", "compile_mode": "default", "real_rope": False})
-    assert not tune.sample_profile(fixed, exhaustive, 50).real_rope
+    assert not space.sample_profile(fixed, exhaustive).real_rope
 
 
 def test_tune_writes_a_valid_lock_that_meets_the_floor(options, measured_profiles):
@@ -154,7 +179,7 @@ def test_a_trial_that_raises_is_recorded_and_the_study_goes_on(options, monkeypa
 
 def test_no_feasible_trial_is_an_error_and_no_lock(options, monkeypatch):
     options.floor = quality.Floor("impossible", psnr_db=1000.0, ssim=1.0)
-    monkeypatch.setattr(tune, "default_params", lambda space: {"attention_backend": "_native_math",
+    monkeypatch.setattr(space, "default_params", lambda search: {"attention_backend": "_native_math",
                                                                  "compile": "none", "quantization": "none",
                                                                  "cache": "none", "tf32": False, "steps": 2})
     options.trials = 1
@@ -175,32 +200,32 @@ def test_resume_after_kill_and_ctrl_c_repeats_no_finished_trial(options, measure
                         "steps": optuna.distributions.IntDistribution(2, 4)})
     assert killed.number == 3
 
-    # Then a Ctrl-C during the next trial.
-    real_measure = runner.measure
-    interrupted = []
+    # Then a Ctrl-C during the next trial's timed steps (every measured trial times steps; whether it then
+    # renders depends on timings, which a busy machine makes noisy).
+    real_time_steps = runner.time_steps
+    interrupted, timed = [], []
 
     def ctrl_c_once(model, workload, profile, *args, **kwargs):
         if not interrupted:
             interrupted.append(profile)
             raise KeyboardInterrupt
-        return real_measure(model, workload, profile, *args, **kwargs)
+        return real_time_steps(model, workload, profile, *args, **kwargs)
 
-    monkeypatch.setattr(runner, "measure", ctrl_c_once)
+    monkeypatch.setattr(runner, "time_steps", ctrl_c_once)
     options.trials = 6
     with pytest.raises(KeyboardInterrupt):
         tune.run_tune(options, capabilities=CPU)
 
-    monkeypatch.setattr(runner, "measure", real_measure)
     measured_profiles.clear()
-    monkeypatch.setattr(runner, "measure", lambda *a, **k: (measured_profiles.append(a[2]), real_measure(*a, **k))[1])
+    monkeypatch.setattr(runner, "time_steps", lambda *a, **k: (timed.append(a[2]), real_time_steps(*a, **k))[1])
     result = tune.run_tune(options, capabilities=CPU)
 
     assert result.counts["trials"] == 6
-    assert not set(first_run) & set(measured_profiles), "a finished trial was measured again"
+    assert not set(first_run) & set(measured_profiles), "a finished trial was rendered again"
     states = [t.user_attrs.get("failure") for t in optuna.load_study(
         study_name=tune.study_name(options, _here(options)), storage=options.storage).trials]
-    assert states.count(tune.INTERRUPTED) == 2  # the killed trial and the Ctrl-C'd one, both queued again
-    assert interrupted[0] in measured_profiles  # the Ctrl-C'd profile was retried
+    assert states.count(coordination.INTERRUPTED) == 2  # the killed trial and the Ctrl-C'd one, both queued again
+    assert interrupted[0] in timed  # the Ctrl-C'd profile was retried
 
 
 def _here(options):
@@ -289,54 +314,56 @@ def test_a_candidate_is_rendered_and_its_measured_latency_replaces_the_estimate(
 
 
 def test_space_follows_the_probes_findings(tiny_workload):
-    from qwendoctor.findings import Finding
+    from probes.finding import Finding
 
     h100 = Capabilities(device="cuda", compute_capability=(9, 0), has_torchao=True)
     healthy = [Finding("attention_backends", "ok", "s", measured={"working": ["native", "_native_cudnn", "fa4"]}),
                Finding("fp8", "ok", "FP8 ready"), Finding("compile", "ok", "works")]
-    capabilities = tune.capabilities_from_findings(h100, healthy)
-    space = tune.build_search_space(capabilities, tiny_workload)
-    assert space.attention_backends == ("native", "_native_cudnn", "fa4")
-    assert "fp8_rowwise" in space.quantizations and "regional" in space.compile
+    capabilities = capabilities_from_findings(h100, healthy)
+    search = space.build_search_space(capabilities, tiny_workload)
+    assert search.values("attention_backend") == ("native", "_native_cudnn", "fa4")
+    assert "fp8_rowwise" in search.values("quantization") and "regional" in search.values("compile")
 
     logged = []
     broken = [Finding("attention_backends", "crash", "killed by SIGSEGV"),
               Finding("fp8", "fail", "torchao does not import against torch 2.11"),
               Finding("compile", "fail", "no C++ compiler")]
-    capabilities = tune.capabilities_from_findings(h100, broken, logged.append)
-    space = tune.build_search_space(capabilities, tiny_workload)
-    assert space.attention_backends == ("native",)
-    assert space.quantizations == ("none",) and space.compile == ("none",) and space.compile_modes == ("default",)
+    capabilities = capabilities_from_findings(h100, broken, logged.append)
+    search = space.build_search_space(capabilities, tiny_workload)
+    assert search.values("attention_backend") == ("native",)
+    assert search.values("quantization") == ("none",) and search.values("compile") == ("none",)
+    assert search.values("compile_mode") == ("default",)
     assert any("FP8 left out" in line and "torchao" in line for line in logged)
     assert any("compile left out" in line for line in logged)
 
 
 def test_attention_measured_slow_at_the_workload_is_left_out(tiny_workload):
     """attention_truth's timings (the H100 figures of benchmarks/check) prune backends that cannot win."""
-    from qwendoctor.findings import Finding
+    from probes.finding import Finding
 
     h100 = Capabilities(device="cuda", compute_capability=(9, 0), has_torchao=True)
     findings = [Finding("attention_backends", "ok", "s", measured={
                     "working": ["native", "_native_efficient", "_native_flash", "_native_cudnn", "flex", "fa4"]}),
                 Finding("attention_truth", "ok", "s", measured={"native_picks": "cudnn", "ms": {
                     "native": 0.955, "cudnn": 1.0223, "flash": 1.8128, "efficient": 3.7432, "flex": 1.4591}})]
-    capabilities = tune.capabilities_from_findings(h100, findings)
+    capabilities = capabilities_from_findings(h100, findings)
     assert dict(capabilities.attention_ms)["_native_flash"] == 1.8128
     assert capabilities.native_attention == "_native_cudnn"
-    space = tune.build_search_space(capabilities, tiny_workload)
+    search = space.build_search_space(capabilities, tiny_workload)
     # FA4 was not timed (kept); FA2, efficient and flex are 1.5-3.9x behind; cuDNN is what native runs already.
-    assert space.attention_backends == ("native", "fa4")
-    line = next(line for line in space.left_out if "1.90x" in line)
+    assert search.values("attention_backend") == ("native", "fa4")
+    line = next(line for line in search.left_out if "1.90x" in line)
     assert "_native_flash (1.90x)" in line and "flex (1.53x)" in line and "_native_efficient (3.92x)" in line
-    assert any(line.startswith("attention _native_cudnn (the kernel `native` already runs") for line in space.left_out)
-    everything = tune.build_search_space(capabilities, tiny_workload, exhaustive=True).attention_backends
+    assert any(line.startswith("attention _native_cudnn (the kernel `native` already runs") for line in search.left_out)
+    everything = space.build_search_space(capabilities, tiny_workload, exhaustive=True).values("attention_backend")
     assert "_native_flash" in everything and "_native_cudnn" in everything
     # Where native picks a kernel that was measured slow, forcing that kernel goes for being slow, not twice.
     flash_native = dataclasses.replace(capabilities, native_attention="_native_flash")
-    assert tune.build_search_space(flash_native, tiny_workload).attention_backends == ("native", "_native_cudnn", "fa4")
+    assert space.build_search_space(flash_native, tiny_workload).values("attention_backend") == (
+        "native", "_native_cudnn", "fa4")
     # A failed timing probe prunes nothing.
     failed = [findings[0], Finding("attention_truth", "crash", "killed")]
-    assert tune.capabilities_from_findings(h100, failed).attention_ms is None
+    assert capabilities_from_findings(h100, failed).attention_ms is None
 
 
 def test_a_cache_profile_is_rendered_unless_even_its_best_case_loses():
@@ -357,8 +384,25 @@ def test_the_probes_for_the_space_time_flex_at_the_workloads_size(monkeypatch, t
         seen.update(ids=ids, ctx=ctx)
         return []
 
-    monkeypatch.setattr(tune.runner, "detect_capabilities", lambda: Capabilities(device="cuda"))
+    monkeypatch.setattr(machine, "detect_capabilities", lambda: Capabilities(device="cuda"))
     w = dataclasses.replace(tiny_workload, width=1024, height=768)
-    tune.probe_capabilities(workload=w, run_probes=fake_run_probes)
+    machine.probe_capabilities(workload=w, run_probes=fake_run_probes)
     assert "attention_truth" in seen["ids"] and seen["ctx"].bench
     assert (seen["ctx"].workload.width, seen["ctx"].workload.height) == (1024, 768)
+
+
+def test_a_profile_proposed_again_costs_nothing_and_does_not_count(options, measured_profiles, monkeypatch):
+    """A space of three profiles (steps 2, 3, 4) cannot fill five trials: repeated proposals reuse their
+    measurement, are not counted, and the study ends once the sampler has nothing new to offer."""
+    from qwendoctor import levers
+
+    monkeypatch.setattr(levers, "CACHES", ("none",))
+    only_native = Capabilities(device="cpu", working_attention_backends=("native",))
+    options.workload = dataclasses.replace(options.workload, true_cfg_scale=1.0)
+    options.trials = 5
+    result = tune.run_tune(options, capabilities=only_native)
+    assert result.counts["trials"] == 3 and result.counts["duplicates"] >= tune.DUPLICATE_STREAK_LIMIT
+    rendered = [p.steps for p in measured_profiles]  # None: the reference steps
+    assert None in rendered and len(rendered) == len(set(rendered))  # none rendered twice
+    lock = lockfile.read_lock(options.lock_path)
+    assert lock.study["trials"] == 3 and lock.study["duplicates"] == result.counts["duplicates"]

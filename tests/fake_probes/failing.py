@@ -1,4 +1,4 @@
-from qwendoctor.findings import Finding
+from probes.finding import Finding
 
 
 def probe(ctx):

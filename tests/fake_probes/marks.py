@@ -1,7 +1,7 @@
 import os
 
 from probes.context import mark
-from qwendoctor.findings import Finding
+from probes.finding import Finding
 
 
 def probe(ctx):

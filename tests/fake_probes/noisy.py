@@ -1,6 +1,6 @@
 import os
 
-from qwendoctor.findings import Finding
+from probes.finding import Finding
 
 
 def probe(ctx):

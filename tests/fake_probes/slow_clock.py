@@ -1,7 +1,7 @@
 import os
 import time
 
-from qwendoctor.findings import Finding
+from probes.finding import Finding
 
 
 def probe(ctx):

@@ -2,7 +2,7 @@ import os
 import time
 from pathlib import Path
 
-from qwendoctor.findings import Finding
+from probes.finding import Finding
 
 
 def probe(ctx):

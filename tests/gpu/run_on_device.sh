@@ -1,20 +1,32 @@
 #!/usr/bin/env bash
 # Run the GPU tests (and optionally the smoke benchmark) on the lent device machine.
 # Wheels for what its image lacks are carried in .whl/ (see README, "GPU tests").
-#   bash tests/gpu/run_on_device.sh tests        # pytest tests/gpu
-#   bash tests/gpu/run_on_device.sh smoke        # benchmarks/gpu_smoke.py
+#   bash tests/gpu/run_on_device.sh tests tests/gpu      # pytest tests/gpu (or some of its files)
+#   bash tests/gpu/run_on_device.sh smoke        # benchmarks/tools/gpu_smoke.py
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# What the machine lacks, and the version diffusers 0.42.1 requires of safetensors (>= 0.8); not huggingface_hub,
+# whose 1.x there is what its transformers needs; not the rest: a carried copy of a package it already has (numpy,
+# requests) would shadow the version its torch and transformers were installed with.
 if [ ! -d /tmp/site/diffusers ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  missing=()
+  for wheel in .whl/*.whl; do
+    dist=$(basename "$wheel"); dist=${dist%%-*}
+    case "$dist" in
+      diffusers|optuna|torchao|safetensors) missing+=("$wheel"); continue ;;
+    esac
+    python3 -m pip show -q "$dist" >/dev/null 2>&1 || missing+=("$wheel")
+  done
+  echo "installing ${#missing[@]} carried wheel(s): ${missing[*]##*/}"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "${missing[@]}"
 fi
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 QWENDOCTOR_CACHE=/tmp/qwendoctor-cache
 out="${OUT:-/tmp/out}"
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.sm,clocks.max.sm --format=csv | tee "$out/nvidia-smi.txt"
 case "${1:-tests}" in
-  tests) python3 -m pytest tests/gpu -v -s -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" ;;
-  smoke) python3 benchmarks/gpu_smoke.py --out "$out/gpu_smoke_h100.json" "${@:2}" 2>&1 | tee "$out/gpu-smoke.log" ;;
+  tests) python3 -m pytest -v -s -p no:cacheprovider "${@:2}" 2>&1 | tee "$out/gpu-tests.log" ;;
+  smoke) python3 benchmarks/tools/gpu_smoke.py --out "$out/gpu_smoke_h100.json" "${@:2}" 2>&1 | tee "$out/gpu-smoke.log" ;;
   check) python3 -c "from qwendoctor.cli import main; main()" check -v 2>&1 | tee "$out/check.txt" ;;
-  doctor) python3 benchmarks/check_h100.py --out "$out" 2>&1 | tee "$out/check-bench.log" ;;
+  doctor) python3 benchmarks/tools/check_h100.py --out "$out" 2>&1 | tee "$out/check-bench.log" ;;
 esac

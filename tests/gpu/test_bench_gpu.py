@@ -7,10 +7,11 @@ import numpy as np
 import torch
 
 from qwendoctor import bench, quality, runner
+from qwendoctor.capabilities import detect_capabilities
 from qwendoctor.profile import Profile, Workload
 
 SMALL = Workload(model="synthetic", width=512, height=512, reference_steps=3, dtype="bfloat16")
-CAPABILITIES = runner.detect_capabilities(("native", "_native_cudnn"))
+CAPABILITIES = detect_capabilities(("native", "_native_cudnn"))
 
 
 def _free():
@@ -25,7 +26,7 @@ def test_cfg_batching_on_synthetic_runs_batch_2_and_keeps_the_image():
     batches = []
     handle = model.pipe.transformer.transformer_blocks[0].register_forward_pre_hook(
         lambda module, args, kwargs: batches.append(kwargs["hidden_states"].shape[0]), with_kwargs=True)
-    from qwendoctor.optimize import apply_cfg_batching, apply_compile
+    from qwendoctor.levers import apply_cfg_batching, apply_compile
 
     apply_cfg_batching(model.pipe, Profile(cfg_batching=True))
     batched = runner.render(model, SMALL, Profile(), "a red fox", 0)

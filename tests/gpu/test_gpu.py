@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from qwendoctor import models, quality, runner
+from qwendoctor.capabilities import detect_capabilities
 from qwendoctor.profile import Profile, Workload
 
 SMALL = Workload(model="synthetic", width=512, height=512, reference_steps=3, dtype="bfloat16")
@@ -23,7 +24,7 @@ def _free():
 
 @pytest.fixture(scope="module")
 def capabilities():
-    return runner.detect_capabilities(("native", "_native_cudnn", "_native_flash", "_native_efficient"))
+    return detect_capabilities(("native", "_native_cudnn", "_native_flash", "_native_efficient"))
 
 
 def test_check_probes_see_the_gpu():
@@ -107,14 +108,14 @@ def test_fp8_and_compile_levers_combine(capabilities):
 
 
 def test_tune_on_tiny_searches_gpu_levers(tmp_path, capabilities):
-    from qwendoctor import lockfile, tune
+    from qwendoctor import lockfile, space, tune
 
     workload = Workload(model="tiny", width=128, height=128, reference_steps=4, dtype="bfloat16")
     options = tune.TuneOptions(workload=workload, prompts=["a red fox"], seeds=[0],
                                floor=quality.parse_floor("fast"), lock_path=str(tmp_path / "q.lock"),
                                storage=f"sqlite:///{tmp_path / 's.db'}", trials=4)
-    space = tune.build_search_space(capabilities, workload)
-    assert "regional" in space.compile and "fp8_rowwise" in space.quantizations
+    search = space.build_search_space(capabilities, workload)
+    assert "regional" in search.values("compile") and "fp8_rowwise" in search.values("quantization")
     result = tune.run_tune(options, capabilities=capabilities)
     lock = lockfile.read_lock(options.lock_path)
     assert lock.fingerprint["device"] == "cuda" and lock.fingerprint["gpu_name"]

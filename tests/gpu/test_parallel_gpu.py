@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from qwendoctor import parallel, runner
+from qwendoctor.capabilities import detect_capabilities
 from qwendoctor.profile import Profile
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,7 +33,7 @@ def test_two_gpu_render_matches_one_gpu(ranks_import_tests, tmp_path, profile):
 
     parallel.launch(2, ["tests.parallel_ranks", "render", str(tmp_path), profile])
     workload = parallel_ranks.WORKLOAD
-    model = runner.build(workload, Profile(), runner.detect_capabilities())
+    model = runner.build(workload, Profile(), detect_capabilities())
     alone = runner.render(model, workload, Profile(), "a lighthouse at dusk", seed=3)
     assert np.abs(np.load(tmp_path / "0.npy") - alone).max() < 2e-3
     if "ulysses" in profile:  # every attention call took qwendoctor's path: no length exchange at all

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from qwendoctor import quality, runner
+from qwendoctor.capabilities import detect_capabilities
 from qwendoctor.pool import ModelPool
 from qwendoctor.profile import Profile, Workload
 
@@ -17,7 +18,7 @@ def _gib() -> float:
 
 def test_pool_restores_synthetic_after_fp8_and_compile():
     workload = Workload(model="synthetic", width=512, height=512, reference_steps=4, dtype="bfloat16").validate()
-    pool = ModelPool(workload, runner.detect_capabilities(("native", "_native_cudnn")))
+    pool = ModelPool(workload, detect_capabilities(("native", "_native_cudnn")))
     prompt = "a red fox in the snow"
 
     model = pool.prepare(Profile()).model

@@ -1,0 +1,46 @@
+"""Files qwendoctor writes: atomically, so a crash, a full disk or Ctrl-C leaves the old file or the new one,
+never half of one and never a temporary file behind; and the cache directory where reference renders live."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from typing import IO, Iterator
+
+CACHE_ENV = "QWENDOCTOR_CACHE"
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", durable: bool = False) -> Iterator[IO]:
+    """Open a temporary file beside `path` and, if the block ends without an error, rename it over `path`.
+
+    The temporary name is unique (another process, or another host over NFS, may be writing the same path), and
+    hidden. `durable`: fsync before the rename, for files that must survive a power cut (the lock)."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    stem, suffix = os.path.splitext(os.path.basename(path))
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{stem}-", suffix=f"{suffix}.tmp", dir=directory)
+    try:
+        with os.fdopen(descriptor, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
+            yield handle
+            handle.flush()
+            if durable:
+                os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, durable: bool = False) -> None:
+    with atomic_write(path, "w", durable=durable) as handle:
+        handle.write(text)
+
+
+def cache_dir(override: str | None = None) -> str:
+    """Where reference renders are kept between runs: `override`, else $QWENDOCTOR_CACHE, else
+    ~/.cache/qwendoctor."""
+    return override or os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "qwendoctor")

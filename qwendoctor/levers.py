@@ -1,0 +1,710 @@
+"""The lever table: every optimization qwendoctor knows, declared once, and `optimize()`, which applies them.
+
+A lever is one function, `apply_<lever>(pipe, profile) -> pipe`, plus everything the rest of qwendoctor needs to
+know about it, declared beside it in one `Lever`:
+
+  fields     the Profile fields it owns (type, choices, default): `qwendoctor.profile.Profile` is built from them
+  check      combinations it refuses, from the profile alone (before anything loads)
+  runnable   what it needs from this machine and workload (`profile.check_runnable`)
+  undoable   whether applying it again with other values leaves a used pipeline as a fresh one would be
+             (the tuner's pool re-applies these; the others need a new transformer)
+  offer      which values the tuner's search space offers here, and on what evidence it leaves one out
+  sample     how a trial draws its values from what was offered
+  bench      its rows in `qwendoctor bench`: alone against the default, and its step in the cumulative ladder
+
+Order of application (LEVERS), and why:
+  1. tf32               process-wide matmul precision; first so everything after sees it
+  2. attention backend  diffusers' dispatcher; before compile so the compiled graph traces the chosen kernel
+  3. real RoPE          rotary embedding in real arithmetic; before compile, which cannot fuse complex ops
+  4. quantization       torchao swaps Linear weights; before compile so inductor fuses the activation quantization
+  5. cache              diffusers' hooks around the blocks (never together with compile: see its check)
+  6. context parallel   diffusers' Ulysses / ring hooks (qwendoctor.parallel); before compile, which traces them
+  7. compile            it traces whatever the steps above left
+  8. cfg batching       it wraps the call the pipeline makes, around the compiled model
+  9. cfg parallel       the same interception with the two passes on two GPUs (never together with 8)
+ 10. steps              not a change to the pipeline: an argument of each call (`qwendoctor.runner.call_arguments`)
+
+A value at its field's default leaves the pipeline as diffusers built it. How to add a lever: README, "Adding a
+lever".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING, Any, Callable
+
+from probes.backends import (
+    ATTENTION_BACKENDS,
+    CUDA_ONLY_BACKENDS,
+    REFERENCE_ONLY_BACKENDS,
+    RING_BACKENDS,
+    ULYSSES_BACKENDS,
+)
+from probes.workload import MIN_STEPS
+from qwendoctor.errors import UnavailableLever, UsageError
+
+if TYPE_CHECKING:
+    from qwendoctor.capabilities import Capabilities
+    from qwendoctor.profile import Profile, Workload
+
+FP8_MIN_COMPUTE_CAPABILITY = (8, 9)
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One Profile field. `choices` for names; `low` for numbers (inclusive); `optional`: None is allowed."""
+
+    name: str
+    kind: type
+    default: Any
+    choices: tuple | None = None
+    low: float | None = None
+    optional: bool = False
+    # Left out of a lock when at its default, so older locks and their readers are unchanged by the field.
+    omit_default: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class IntRange:
+    """An integer search dimension: low..high by step."""
+
+    low: int
+    high: int
+    step: int
+
+    def __str__(self) -> str:
+        return f"{self.low}..{self.high} by {self.step}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Offer:
+    """What the search space offers of one lever on this machine: values per field, and what it left out."""
+
+    values: dict[str, tuple | IntRange]
+    left_out: tuple[str, ...] = ()
+    # Lever-specific facts its `sample` reads (whether FP8 is searched without compile, say).
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpaceContext:
+    """What a lever's offer may look at: the probed machine, the workload, `--exhaustive`, and the measured
+    reasons to leave a choice out (`evidence(rule)`: a sentence naming this GPU model's measurement, or None
+    when this GPU model was not measured, and then the choice stays in the space)."""
+
+    capabilities: "Capabilities"
+    workload: "Workload"
+    exhaustive: bool
+    evidence: Callable[[str], str | None]
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.capabilities.device == "cuda"
+
+    @property
+    def can_compile(self) -> bool:
+        return self.on_gpu and self.capabilities.compile_works is not False
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchRow:
+    """One row of the bench's "alone" group: the lever by itself against the default."""
+
+    id: str
+    label: str
+    profile: "Profile"
+
+
+@dataclasses.dataclass(frozen=True)
+class LadderStep:
+    """One step of the bench's cumulative stack. `order` is the ladder's, not the table's: cheap lossless levers
+    first, so each later one is judged against the best stack without it, and FP8 last."""
+
+    order: int
+    id: str
+    label: str
+    change: Callable[["Profile"], "Profile"]
+    applies: Callable[["Capabilities", "Workload"], bool]
+
+
+def _nothing(*_args) -> None:
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Lever:
+    name: str
+    apply: Callable[[Any, "Profile"], Any] | None  # None: not a change to the pipeline (steps)
+    undoable: bool
+    fields: tuple[Field, ...] = ()
+    check: Callable[["Profile"], None] = _nothing
+    runnable: Callable[["Profile", "Workload", "Capabilities"], None] = _nothing
+    offer: Callable[[SpaceContext], Offer] | None = None  # None: not searched by tune
+    sample: Callable[[Any, Offer, dict[str, Any], SpaceContext], dict[str, Any]] | None = None
+    # A compiled graph (or a parallel hook) depends on every other lever it traced: once this is applied, the
+    # whole profile but its steps is what the transformer carries (qwendoctor.pool).
+    captures_profile: bool = False
+    describe: Callable[["Profile"], str | None] = _nothing
+    bench_alone: Callable[["Capabilities", "Workload"], list[BenchRow]] = lambda c, w: []
+    ladder: tuple[LadderStep, ...] = ()
+
+    def is_on(self, profile: "Profile") -> bool:
+        return any(getattr(profile, f.name) != f.default for f in self.fields)
+
+
+# ---- 1. tf32 --------------------------------------------------------------------------------------------
+
+def apply_tf32(pipe, profile: "Profile"):
+    import torch
+
+    # "high" lets fp32 matmuls use TF32; bf16 matmuls are unaffected, so this matters only for fp32 parts.
+    torch.set_float32_matmul_precision("high" if profile.tf32 else "highest")
+    return pipe
+
+
+def _tf32_runnable(profile, workload, capabilities) -> None:
+    if profile.tf32 and capabilities.device != "cuda":
+        raise UnavailableLever("tf32 is a CUDA matmul mode; it does nothing on the CPU")
+
+
+def _tf32_offer(ctx: SpaceContext) -> Offer:
+    searched = ctx.on_gpu and (ctx.exhaustive or ctx.workload.dtype == "float32")
+    left_out = ("TF32 in a bf16 pipeline (its matmuls are bf16: the flag changes nothing they run)",) if (
+        ctx.on_gpu and not searched) else ()
+    return Offer({"tf32": (False, True) if searched else (False,)}, left_out)
+
+
+TF32 = Lever(
+    name="tf32", apply=apply_tf32, undoable=True,
+    fields=(Field("tf32", bool, False),),
+    runnable=_tf32_runnable, offer=_tf32_offer,
+    sample=lambda trial, offer, chosen, ctx: {"tf32": trial.suggest_categorical("tf32", offer.values["tf32"])},
+    describe=lambda p: "tf32" if p.tf32 else None,
+)
+
+
+# ---- 2. attention backend -------------------------------------------------------------------------------
+
+# A backend measured (attention_truth, at this workload's shapes) this much slower than the fastest is left
+# out: attention is about a third of a W1 step, so 15% slower attention costs about 5% of a step.
+ATTENTION_SLACK = 0.15
+# The kernels worth a bench row: SDPA's own choices plus the flash-attn packages where they import.
+FAST_ATTENTION = ("_native_cudnn", "_native_flash", "fa4", "_flash_3", "flash")
+
+
+def apply_attention_backend(pipe, profile: "Profile"):
+    from qwendoctor.attention import ensure_backend
+
+    if pipe.transformer is None:
+        return pipe
+    ensure_backend(profile.attention_backend)  # FA4 is registered with diffusers' dispatcher on first use
+    pipe.transformer.set_attention_backend(profile.attention_backend)
+    return pipe
+
+
+def _attention_runnable(profile, workload, capabilities) -> None:
+    if profile.attention_backend in CUDA_ONLY_BACKENDS and capabilities.device != "cuda":
+        raise UnavailableLever(f"attention backend {profile.attention_backend!r} needs a CUDA GPU; this machine runs "
+                               "on the CPU")
+    working = capabilities.working_attention_backends
+    if working is not None and profile.attention_backend not in working:
+        raise UnavailableLever(f"attention backend {profile.attention_backend!r} did not pass the check here "
+                               f"(working: {', '.join(working)})")
+
+
+def _attention_offer(ctx: SpaceContext) -> Offer:
+    """Only backends this machine's probes saw work, less those its own timings show cannot win."""
+    capabilities = ctx.capabilities
+    working = capabilities.working_attention_backends or ("native",)
+    # On a GPU, math attention only serves as a numerical reference: it is never the fast choice.
+    attention = tuple(b for b in working if not (ctx.on_gpu and b in REFERENCE_ONLY_BACKENDS))
+    timed = dict(capabilities.attention_ms or ())
+    slow = () if ctx.exhaustive else _slower_than_slack(attention, timed)
+    # `native` already runs this backend's kernel (SDPA's own choice): forcing it is the same kernel again.
+    same_as_native = capabilities.native_attention if (
+        not ctx.exhaustive and capabilities.native_attention in attention and "native" in attention) else None
+    left_out = []
+    if same_as_native:
+        left_out.append(f"attention {same_as_native} (the kernel `native` already runs here, measured by "
+                        "attention_truth)")
+    if slow:
+        fastest = min(timed, key=timed.get)
+        left_out.append(f"attention {', '.join(f'{b} ({timed[b] / timed[fastest]:.2f}x)' for b in slow)}"
+                        f" (more than {ATTENTION_SLACK:.0%} slower than {fastest} at this workload's shapes, "
+                        "measured by attention_truth)")
+    kept = tuple(b for b in attention if b not in slow and b != same_as_native)
+    return Offer({"attention_backend": kept or ("native",)}, tuple(left_out))
+
+
+def _slower_than_slack(backends: tuple[str, ...], timed_ms: dict[str, float]) -> tuple[str, ...]:
+    """The backends measured more than ATTENTION_SLACK slower than the fastest; untimed ones stay."""
+    if not timed_ms:
+        return ()
+    fastest = min(timed_ms.values())
+    return tuple(b for b in backends if b != "native" and b in timed_ms
+                 and timed_ms[b] > (1 + ATTENTION_SLACK) * fastest)
+
+
+def _attention_bench(capabilities, workload) -> list[BenchRow]:
+    from qwendoctor.profile import Profile
+
+    working = capabilities.working_attention_backends or ("native",)
+    return [BenchRow(f"attn:{backend}", f"attention {backend}", Profile(attention_backend=backend))
+            for backend in FAST_ATTENTION if backend in working]
+
+
+ATTENTION = Lever(
+    name="attention_backend", apply=apply_attention_backend, undoable=True,
+    fields=(Field("attention_backend", str, "native", choices=ATTENTION_BACKENDS),),
+    runnable=_attention_runnable, offer=_attention_offer,
+    sample=lambda trial, offer, chosen, ctx: {
+        "attention_backend": trial.suggest_categorical("attention_backend", offer.values["attention_backend"])},
+    describe=lambda p: f"attn={p.attention_backend}",
+    bench_alone=_attention_bench,
+)
+
+
+# ---- 3. real RoPE ---------------------------------------------------------------------------------------
+
+def apply_real_rope(pipe, profile: "Profile"):
+    from qwendoctor import rope
+
+    # Process-wide, like tf32: diffusers' attention processor looks the function up in its module.
+    (rope.enable if profile.real_rope else rope.disable)()
+    return pipe
+
+
+def _real_rope_offer(ctx: SpaceContext) -> Offer:
+    # Real RoPE only pays under compile (it lets inductor fuse the rotation); eager it is the same math.
+    if not ctx.can_compile:
+        return Offer({"real_rope": (False,)})
+    measured = None if ctx.exhaustive else ctx.evidence("complex-rope")
+    if measured:
+        return Offer({"real_rope": (True,)}, (f"complex RoPE under compile: {measured}; compiled profiles always "
+                                              "use real RoPE",))
+    return Offer({"real_rope": (False, True)})
+
+
+def _real_rope_sample(trial, offer: Offer, chosen: dict[str, Any], ctx: SpaceContext) -> dict[str, Any]:
+    values = offer.values["real_rope"]
+    if chosen["compile"] == "none":
+        return {"real_rope": False}
+    return {"real_rope": trial.suggest_categorical("real_rope", values) if len(values) > 1 else values[0]}
+
+
+REAL_ROPE = Lever(
+    name="real_rope", apply=apply_real_rope, undoable=True,
+    fields=(Field("real_rope", bool, False),),
+    offer=_real_rope_offer, sample=_real_rope_sample,
+    describe=lambda p: "real-rope" if p.real_rope else None,
+    ladder=(LadderStep(3, "stack:+real_rope", "+ real RoPE (fusable rotary embedding)",
+                       lambda p: dataclasses.replace(p, real_rope=True) if p.compile != "none" else p,
+                       lambda c, w: c.device == "cuda" and c.compile_works is not False),),
+)
+
+
+# ---- 4. quantization ------------------------------------------------------------------------------------
+
+QUANTIZATIONS = ("none", "fp8_rowwise", "fp8_tensorwise", "fp8_weight_only")
+
+
+def apply_quantization(pipe, profile: "Profile"):
+    if profile.quantization == "none":
+        return pipe
+    import torch
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Float8WeightOnlyConfig,
+        PerRow,
+        PerTensor,
+        quantize_,
+    )
+
+    # set_inductor_config=False: by default torchao turns on inductor's coordinate-descent kernel tuning for the
+    # whole process, and never off. On an H100 that tuning added 75-175 s to the warm-up of every compiled
+    # FP8 graph and of every graph compiled after it, bf16 too (benchmarks/README.md, "compile cost"). It is
+    # the `coordinate-descent` compile mode here, a choice of its own.
+    config = {
+        "fp8_rowwise": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(),
+                                                                         set_inductor_config=False),
+        "fp8_tensorwise": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor(),
+                                                                            set_inductor_config=False),
+        "fp8_weight_only": lambda: Float8WeightOnlyConfig(set_inductor_config=False),
+    }[profile.quantization]()
+
+    def is_block_linear(module, _fqn):
+        # FP8 GEMMs need both dimensions divisible by 16; the embedders and the final projection stay bf16.
+        return (isinstance(module, torch.nn.Linear)
+                and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+    quantize_(pipe.transformer.transformer_blocks, config, filter_fn=is_block_linear)
+    return pipe
+
+
+def _quantization_runnable(profile, workload, capabilities) -> None:
+    if profile.quantization == "none":
+        return
+    if capabilities.device != "cuda":
+        raise UnavailableLever(f"{profile.quantization} needs a CUDA GPU; this machine runs on the CPU")
+    cc = capabilities.compute_capability
+    if cc is None or tuple(cc) < FP8_MIN_COMPUTE_CAPABILITY:
+        raise UnavailableLever(f"{profile.quantization} needs compute capability >= 8.9, this GPU has "
+                               f"{'.'.join(map(str, cc)) if cc else 'unknown'}")
+    if not capabilities.has_torchao:
+        raise UnavailableLever(f"{profile.quantization} needs torchao: pip install 'qwendoctor[fp8]'")
+    if workload.dtype != "bfloat16":
+        raise UsageError(f"{profile.quantization} quantizes a bfloat16 model, workload dtype is {workload.dtype}")
+
+
+def _quantization_offer(ctx: SpaceContext) -> Offer:
+    if not ctx.capabilities.has_fp8:
+        return Offer({"quantization": ("none",)}, options={"eager": True})
+    measured = None if ctx.exhaustive or not ctx.can_compile else ctx.evidence("eager-fp8")
+    left_out = (f"FP8 without compile: {measured}",) if measured else ()
+    return Offer({"quantization": QUANTIZATIONS}, left_out, options={"eager": not measured})
+
+
+def _quantization_sample(trial, offer: Offer, chosen: dict[str, Any], ctx: SpaceContext) -> dict[str, Any]:
+    if chosen["compile"] == "none" and not offer.options["eager"]:
+        return {"quantization": "none"}
+    return {"quantization": trial.suggest_categorical("quantization", offer.values["quantization"])}
+
+
+def _quantization_bench(capabilities, workload) -> list[BenchRow]:
+    from qwendoctor.profile import Profile
+
+    if not capabilities.has_fp8:
+        return []
+    return [BenchRow("fp8_rowwise", "FP8 row-wise, eager", Profile(quantization="fp8_rowwise"))]
+
+
+QUANTIZATION = Lever(
+    name="quantization", apply=apply_quantization, undoable=False,
+    fields=(Field("quantization", str, "none", choices=QUANTIZATIONS),),
+    runnable=_quantization_runnable, offer=_quantization_offer, sample=_quantization_sample,
+    describe=lambda p: p.quantization if p.quantization != "none" else None,
+    bench_alone=_quantization_bench,
+    ladder=(LadderStep(5, "stack:+fp8_rowwise", "+ FP8 row-wise",
+                       lambda p: dataclasses.replace(p, quantization="fp8_rowwise"), lambda c, w: c.has_fp8),),
+)
+
+
+# ---- 5. cache -------------------------------------------------------------------------------------------
+
+CACHES = ("none", "first_block")
+CACHE_THRESHOLD_RANGE = (0.05, 0.3)  # what the search draws from; a lock may hold any value in (0, 1]
+
+
+def apply_cache(pipe, profile: "Profile"):
+    if pipe.transformer is None:
+        return pipe
+    if getattr(pipe.transformer, "is_cache_enabled", False):
+        pipe.transformer.disable_cache()
+    if profile.cache == "first_block":
+        from diffusers.hooks import FirstBlockCacheConfig
+
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=profile.cache_threshold))
+    return pipe
+
+
+def _cache_check(profile) -> None:
+    if profile.cache == "none":
+        if profile.cache_threshold is not None:
+            raise UsageError("profile.cache_threshold: set without a cache")
+        return
+    threshold = profile.cache_threshold
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 < threshold <= 1:
+        raise UsageError(f"profile.cache_threshold: must be in (0, 1] for cache {profile.cache!r}, got {threshold!r}")
+    if profile.compile != "none":
+        # diffusers' cache hooks decide per step in Python whether to skip blocks: a compiled graph around them
+        # either breaks on the decision or bakes one branch in.
+        raise UsageError(f"profile: cache {profile.cache!r} cannot be combined with compile {profile.compile!r}")
+    if profile.context_degree > 1:
+        # Each rank would decide to skip blocks from its own shard of the sequence: ranks that decide
+        # differently issue different collectives and the run deadlocks.
+        raise UsageError(f"profile: cache {profile.cache!r} cannot be combined with parallel {profile.parallel!r}")
+
+
+def _cache_sample(trial, offer: Offer, chosen: dict[str, Any], ctx: SpaceContext) -> dict[str, Any]:
+    # Cache hooks and compile do not mix (_cache_check): the cache is only sampled for eager profiles.
+    if chosen["compile"] != "none":
+        return {"cache": "none", "cache_threshold": None}
+    cache = trial.suggest_categorical("cache", offer.values["cache"])
+    threshold = trial.suggest_float("cache_threshold", *CACHE_THRESHOLD_RANGE) if cache != "none" else None
+    return {"cache": cache, "cache_threshold": threshold}
+
+
+CACHE = Lever(
+    name="cache", apply=apply_cache, undoable=True,
+    fields=(Field("cache", str, "none", choices=CACHES), Field("cache_threshold", float, None, optional=True)),
+    check=_cache_check, offer=lambda ctx: Offer({"cache": CACHES}), sample=_cache_sample,
+    describe=lambda p: f"{p.cache}({p.cache_threshold:g})" if p.cache != "none" else None,
+)
+
+
+# ---- 6. context parallel (and the fields of both multi-GPU levers) --------------------------------------
+
+# cfg: true CFG's two passes on two GPUs; ulysses / ring: diffusers' context parallelism, the sequence split over
+# the GPUs; cfg+X: two groups of GPUs, one per CFG pass, X inside each. `tune --gpus` measures them after the
+# study (qwendoctor.strategies), so they are not dimensions of the search.
+PARALLEL_STRATEGIES = ("none", "cfg", "ulysses", "ring", "cfg+ulysses", "cfg+ring")
+
+
+def apply_context_parallel(pipe, profile: "Profile"):
+    from qwendoctor import parallel
+
+    return parallel.apply_context_parallel(pipe, profile)
+
+
+def _parallel_check(profile) -> None:
+    if profile.parallel == "none":
+        if profile.gpus != 1:
+            raise UsageError(f"profile.gpus: {profile.gpus} GPUs need a parallel strategy "
+                             f"({', '.join(PARALLEL_STRATEGIES[1:])})")
+        return
+    if profile.parallel == "cfg" and profile.gpus != 2:
+        raise UsageError(f"profile.gpus: parallel 'cfg' runs the two CFG passes on exactly 2 GPUs, got "
+                         f"{profile.gpus}; use cfg+ulysses or cfg+ring for more")
+    if "+" in profile.parallel and (profile.gpus < 4 or profile.gpus % 2):
+        raise UsageError(f"profile.gpus: parallel {profile.parallel!r} needs an even count >= 4 (2 CFG groups of "
+                         f">= 2 GPUs), got {profile.gpus}")
+    if profile.gpus < 2:
+        raise UsageError(f"profile.gpus: parallel {profile.parallel!r} needs at least 2 GPUs, got {profile.gpus}")
+    if profile.cfg_degree == 2 and profile.cfg_batching:
+        raise UsageError(f"profile.cfg_batching: parallel {profile.parallel!r} already runs the two CFG passes on "
+                         "separate GPUs; set cfg_batching = false")
+    if profile.parallel == "ring" and profile.cfg_batching:
+        # CFG batching masks the shorter of the two prompts; diffusers' ring attention for sequences that do not
+        # split evenly (ring_anything) refuses any attention mask.
+        raise UsageError("profile.cfg_batching: parallel 'ring' takes no text mask, which CFG batching needs for "
+                         "prompts of different lengths; set cfg_batching = false")
+    if profile.context_degree > 1 and profile.compile == "full":
+        # The whole model would trace diffusers' output gather, which Dynamo cannot (see qwendoctor.parallel);
+        # regional compile leaves it outside the compiled blocks.
+        raise UsageError(f"profile.compile: parallel {profile.parallel!r} takes compile = regional, not full")
+
+
+def _parallel_runnable(profile, workload, capabilities) -> None:
+    if profile.cfg_degree == 2 and not workload.does_cfg:
+        raise UsageError(f"profile.parallel {profile.parallel!r} splits true CFG's two passes; this workload has no "
+                         f"CFG (true_cfg_scale {workload.true_cfg_scale:g})")
+    if profile.context_degree > 1:
+        backends = RING_BACKENDS if profile.parallel.endswith("ring") else ULYSSES_BACKENDS
+        if profile.attention_backend not in backends:
+            raise UnavailableLever(f"parallel {profile.parallel!r} needs an attention backend diffusers can split "
+                                   f"({', '.join(backends)}), not {profile.attention_backend!r}")
+    if capabilities.gpu_count is not None and profile.gpus > capabilities.gpu_count:
+        raise UsageError(f"profile.gpus: {profile.gpus} GPUs asked for, {capabilities.gpu_count} visible")
+
+
+CONTEXT_PARALLEL = Lever(
+    name="context_parallel", apply=apply_context_parallel, undoable=False, captures_profile=True,
+    fields=(Field("parallel", str, "none", choices=PARALLEL_STRATEGIES, omit_default=True),
+            Field("gpus", int, 1, low=1, omit_default=True)),
+    check=_parallel_check, runnable=_parallel_runnable,
+    describe=lambda p: f"parallel={p.parallel}/{p.gpus}" if p.parallel != "none" else None,
+)
+
+
+# ---- 7. compile -----------------------------------------------------------------------------------------
+
+COMPILE_MODES = ("none", "regional", "full")
+# torch.compile's CUDA-graph mode ("reduce-overhead") is left out until it works here: on an H100 it failed with
+# "accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run" (benchmarks/README.md,
+# "GPU tests"); the cause (the 60 blocks sharing one captured graph, or the cond output outliving the uncond
+# pass) is not established yet.
+COMPILE_OPTIONS = ("default", "max-autotune-no-cudagraphs", "coordinate-descent")
+# Compile modes that are inductor settings rather than torch.compile modes.
+COMPILE_OPTION_CONFIG = {
+    # Tunes each generated Triton kernel's block sizes by benchmarking neighbours at its first run (what
+    # torchao's quantization configs switch on for the process unless told not to).
+    "coordinate-descent": {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True},
+}
+# compile_mode -> the rule under which a measurement may leave it out of the default space (probes/measured.toml)
+MODE_RULES = {"max-autotune-no-cudagraphs": "max-autotune", "coordinate-descent": "coordinate-descent"}
+
+
+def apply_compile(pipe, profile: "Profile"):
+    if profile.compile == "none":
+        return pipe
+    # Under context parallelism attention runs eagerly between compiled pieces (qwendoctor.parallel): a break.
+    options: dict = {"fullgraph": profile.context_degree == 1}
+    if profile.compile_mode in COMPILE_OPTION_CONFIG:
+        # Inductor settings for this compile only (baked into the code it generates), not process-wide.
+        options["options"] = dict(COMPILE_OPTION_CONFIG[profile.compile_mode])
+    elif profile.compile_mode != "default":
+        options["mode"] = profile.compile_mode
+    if profile.compile == "regional":
+        # The 60 blocks share one code path: compile it once instead of the whole model (seconds, not minutes).
+        pipe.transformer.compile_repeated_blocks(**options)
+    else:
+        pipe.transformer.compile(**options)
+    return pipe
+
+
+def _compile_check(profile) -> None:
+    if profile.compile == "none" and profile.compile_mode != "default":
+        raise UsageError(f"profile.compile_mode: {profile.compile_mode!r} needs compile = regional or full")
+
+
+def _compile_offer(ctx: SpaceContext) -> Offer:
+    # Inductor on the CPU compiles the tiny model for longer than a whole CPU tune takes, and CPU speed is not
+    # what this tool tunes for: compile is searched where it pays, on CUDA.
+    if not ctx.can_compile:
+        return Offer({"compile": ("none",), "compile_mode": ("default",)})
+    left_out, modes = [], ["default"]
+    for mode, rule in MODE_RULES.items():
+        measured = None if ctx.exhaustive else ctx.evidence(rule)
+        if measured:
+            left_out.append(f"{mode}: {measured}")
+        else:
+            modes.append(mode)
+    if ctx.exhaustive:
+        compile_ = COMPILE_MODES
+    else:
+        # Not a measurement but the model's structure: every model here is a QwenImageTransformer2DModel, whose
+        # identical blocks regional compile compiles once, for the same kernels a full compile makes in each.
+        compile_ = ("none", "regional")
+        left_out.insert(0, "full-model compile (regional compile compiles one of the identical blocks instead of "
+                           "all, for the same kernels in each)")
+    return Offer({"compile": compile_, "compile_mode": tuple(modes)}, tuple(left_out))
+
+
+def _compile_sample(trial, offer: Offer, chosen: dict[str, Any], ctx: SpaceContext) -> dict[str, Any]:
+    compile_ = trial.suggest_categorical("compile", offer.values["compile"])
+    modes = offer.values["compile_mode"]
+    mode = trial.suggest_categorical("compile_mode", modes) if compile_ != "none" and len(modes) > 1 else "default"
+    return {"compile": compile_, "compile_mode": mode}
+
+
+def _describe_compile(p) -> str | None:
+    if p.compile == "none":
+        return None
+    return f"compile={p.compile}" + ("" if p.compile_mode == "default" else f"/{p.compile_mode}")
+
+
+def _can_compile(capabilities, workload) -> bool:
+    return capabilities.device == "cuda" and capabilities.compile_works is not False
+
+
+def _compile_bench(capabilities, workload) -> list[BenchRow]:
+    from qwendoctor.profile import Profile
+
+    return [BenchRow("compile:regional", "regional compile", Profile(compile="regional"))] if _can_compile(
+        capabilities, workload) else []
+
+
+COMPILE = Lever(
+    name="compile", apply=apply_compile, undoable=False, captures_profile=True,
+    fields=(Field("compile", str, "none", choices=COMPILE_MODES),
+            Field("compile_mode", str, "default", choices=COMPILE_OPTIONS)),
+    check=_compile_check, offer=_compile_offer, sample=_compile_sample, describe=_describe_compile,
+    bench_alone=_compile_bench,
+    ladder=(LadderStep(2, "stack:+compile", "+ regional compile",
+                       lambda p: dataclasses.replace(p, compile="regional"), _can_compile),
+            LadderStep(4, "stack:+max_autotune", "+ max-autotune (no CUDA graphs)",
+                       lambda p: dataclasses.replace(p, compile_mode="max-autotune-no-cudagraphs")
+                       if p.compile != "none" else p, _can_compile)),
+)
+
+
+# ---- 8. CFG batching ------------------------------------------------------------------------------------
+
+def apply_cfg_batching(pipe, profile: "Profile"):
+    from qwendoctor import cfg_batching
+
+    if profile.cfg_batching:
+        cfg_batching.enable(pipe)
+    else:
+        cfg_batching.disable(pipe)
+    return pipe
+
+
+def _cfg_batching_runnable(profile, workload, capabilities) -> None:
+    if profile.cfg_batching and not workload.does_cfg:
+        raise UsageError("profile.cfg_batching batches true CFG's two passes; this workload has no CFG "
+                         f"(true_cfg_scale {workload.true_cfg_scale:g})")
+
+
+def _cfg_batching_bench(capabilities, workload) -> list[BenchRow]:
+    from qwendoctor.profile import Profile
+
+    return [BenchRow("cfg_batching", "CFG batching (batch-2 pass)", Profile(cfg_batching=True))] if (
+        workload.does_cfg) else []
+
+
+CFG_BATCHING = Lever(
+    name="cfg_batching", apply=apply_cfg_batching, undoable=True,
+    fields=(Field("cfg_batching", bool, False),),
+    runnable=_cfg_batching_runnable,
+    offer=lambda ctx: Offer({"cfg_batching": (False, True) if ctx.workload.does_cfg else (False,)}),
+    sample=lambda trial, offer, chosen, ctx: {
+        "cfg_batching": trial.suggest_categorical("cfg_batching", offer.values["cfg_batching"])},
+    describe=lambda p: "cfg-batch" if p.cfg_batching else None,
+    bench_alone=_cfg_batching_bench,
+    ladder=(LadderStep(1, "stack:+cfg_batching", "+ CFG batching",
+                       lambda p: dataclasses.replace(p, cfg_batching=True), lambda c, w: w.does_cfg),),
+)
+
+
+# ---- 9. CFG parallel ------------------------------------------------------------------------------------
+
+def apply_cfg_parallel(pipe, profile: "Profile"):
+    from qwendoctor import parallel
+
+    return parallel.apply_cfg_parallel(pipe, profile)
+
+
+# Its fields (parallel, gpus) are the context-parallel lever's: one strategy names both.
+CFG_PARALLEL = Lever(name="cfg_parallel", apply=apply_cfg_parallel, undoable=False, captures_profile=True)
+
+
+# ---- 10. steps ------------------------------------------------------------------------------------------
+
+def _steps_offer(ctx: SpaceContext) -> Offer:
+    """From the reference down to about half of it, in about ten strides."""
+    reference = ctx.workload.reference_steps
+    stride = max(1, reference // 10)
+    low = reference - stride * ((reference - max(MIN_STEPS, math.ceil(reference / 2))) // stride)
+    return Offer({"steps": IntRange(low, reference, stride)})
+
+
+def _steps_sample(trial, offer: Offer, chosen: dict[str, Any], ctx: SpaceContext) -> dict[str, Any]:
+    values = offer.values["steps"]
+    steps = trial.suggest_int("steps", values.low, values.high, step=values.step)
+    return {"steps": None if steps == ctx.workload.reference_steps else steps}
+
+
+STEPS = Lever(
+    name="steps", apply=None, undoable=True,
+    fields=(Field("steps", int, None, low=MIN_STEPS, optional=True),),  # None: the workload's reference steps
+    offer=_steps_offer, sample=_steps_sample,
+    describe=lambda p: f"steps={p.steps}" if p.steps is not None else None,
+)
+
+
+LEVERS = (TF32, ATTENTION, REAL_ROPE, QUANTIZATION, CACHE, CONTEXT_PARALLEL, COMPILE, CFG_BATCHING, CFG_PARALLEL,
+          STEPS)
+# The order tune asks Optuna for values: compile first, since whether quantization, cache and real RoPE are
+# offered depends on it. (Changing it changes which profiles a seeded study proposes.)
+SEARCH_ORDER = (ATTENTION, COMPILE, QUANTIZATION, CACHE, TF32, CFG_BATCHING, REAL_ROPE, STEPS)
+FIELDS = tuple(field for lever in LEVERS for field in lever.fields)
+
+
+def optimize(pipe, profile: "Profile", undoable_only: bool = False):
+    """Apply the levers of `profile` to `pipe` in the documented order. `undoable_only`: just the levers that
+    set their state both ways, to re-apply a profile to a pipeline a trial already used (qwendoctor.pool)."""
+    profile.validate()
+    for lever in LEVERS:
+        if lever.apply is not None and (lever.undoable or not undoable_only):
+            pipe = lever.apply(pipe, profile)
+    return pipe
+
+
+def baked_part(profile: "Profile") -> dict[str, Any] | None:
+    """What of `profile` cannot be taken off a transformer once applied; None when all of it can."""
+    baked = [lever for lever in LEVERS if not lever.undoable and lever.is_on(profile)]
+    if any(lever.captures_profile for lever in baked):
+        return dataclasses.replace(profile, steps=None).to_dict()
+    return {f.name: getattr(profile, f.name) for lever in baked for f in lever.fields} or None

@@ -1,0 +1,78 @@
+"""The tuner's search space: what each lever offers on this machine (qwendoctor.levers, `offer`), and a trial's
+profile drawn from it (`sample`).
+
+A choice is left out of the default space only on evidence: this machine's probes (an attention kernel its own
+timing shows cannot win), the model's structure (regional vs full compile), or a measurement on this GPU model
+(probes/measured.toml). A choice measured to lose on another GPU model stays in the space here. `--exhaustive`
+keeps everything this machine can run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from qwendoctor import levers
+from qwendoctor.capabilities import Capabilities
+from qwendoctor.profile import Profile, Workload
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+    offers: dict[str, levers.Offer]  # lever name -> what it offers here
+    context: levers.SpaceContext
+
+    def values(self, field: str) -> tuple | levers.IntRange:
+        """The values offered for one Profile field."""
+        for offer in self.offers.values():
+            if field in offer.values:
+                return offer.values[field]
+        raise KeyError(field)
+
+    @property
+    def left_out(self) -> tuple[str, ...]:
+        """What the space leaves out and why (`--exhaustive` keeps it)."""
+        return tuple(reason for offer in self.offers.values() for reason in offer.left_out)
+
+    def describe(self) -> list[str]:
+        lines = []
+        for offer in self.offers.values():
+            for field, values in offer.values.items():
+                shown = str(values) if isinstance(values, levers.IntRange) else ", ".join(map(str, values))
+                lines.append(f"{field}: {shown}")
+        return lines + [f"left out: {reason}" for reason in self.left_out]
+
+
+def measured_evidence(gpu_name: str | None) -> Callable[[str], str | None]:
+    """The reasons measured on this GPU model to leave a choice out, by rule name."""
+    from probes import measured
+
+    def evidence(rule: str) -> str | None:
+        found = measured.evidence(gpu_name, rule)
+        return None if found is None else f"{found.why} (measured on {found.gpu}: {found.source})"
+
+    return evidence
+
+
+def build_search_space(capabilities: Capabilities, workload: Workload, exhaustive: bool = False,
+                       evidence: Callable[[str], str | None] | None = None) -> SearchSpace:
+    """Only what this machine passed; unless `exhaustive`, less what was measured to lose here."""
+    context = levers.SpaceContext(capabilities=capabilities, workload=workload, exhaustive=exhaustive,
+                                  evidence=evidence or measured_evidence(capabilities.gpu_name))
+    return SearchSpace(offers={lever.name: lever.offer(context) for lever in levers.SEARCH_ORDER}, context=context)
+
+
+def default_params(space: SearchSpace) -> dict[str, Any]:
+    """The default profile as trial parameters: the study's first trial, queued."""
+    params = {field.name: field.default for lever in levers.SEARCH_ORDER for field in lever.fields
+              if field.default is not None}
+    params["steps"] = space.context.workload.reference_steps
+    return params
+
+
+def sample_profile(trial, space: SearchSpace) -> Profile:
+    """A trial's profile: each searched lever draws its fields, in SEARCH_ORDER, from what it offered."""
+    chosen: dict[str, Any] = {}
+    for lever in levers.SEARCH_ORDER:
+        chosen.update(lever.sample(trial, space.offers[lever.name], chosen, space.context))
+    return Profile(**chosen).validate()
