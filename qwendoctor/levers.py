@@ -8,6 +8,8 @@ know about it, declared beside it in one `Lever`:
   runnable   what it needs from this machine and workload (`profile.check_runnable`)
   undoable   whether applying it again with other values leaves a used pipeline as a fresh one would be
              (the tuner's pool re-applies these; the others need a new transformer)
+  lossy      whether a setting changes the image beyond rounding (FP8, a cache, fewer steps): its quality is
+             only verified on a model that draws (qwendoctor.models.draws)
   offer      which values the tuner's search space offers here, and on what evidence it leaves one out
   sample     how a trial draws its values from what was offered
   bench      its rows in `qwendoctor bench`: alone against the default, and its step in the cumulative ladder
@@ -97,6 +99,9 @@ class SpaceContext:
     workload: "Workload"
     exhaustive: bool
     evidence: Callable[[str], str | None]
+    # The model draws what it is asked (trained weights): only then does quality against the reference judge a
+    # lossy setting. Random weights draw noise, and PSNR/SSIM on noise speak for numerical fidelity alone.
+    draws: bool = True
 
     @property
     def on_gpu(self) -> bool:
@@ -145,6 +150,7 @@ class Lever:
     # A compiled graph (or a parallel hook) depends on every other lever it traced: once this is applied, the
     # whole profile but its steps is what the transformer carries (qwendoctor.pool).
     captures_profile: bool = False
+    lossy: Callable[["Profile"], bool] = lambda profile: False
     describe: Callable[["Profile"], str | None] = _nothing
     bench_alone: Callable[["Capabilities", "Workload"], list[BenchRow]] = lambda c, w: []
     ladder: tuple[LadderStep, ...] = ()
@@ -383,6 +389,7 @@ QUANTIZATION = Lever(
     name="quantization", apply=apply_quantization, undoable=False,
     fields=(Field("quantization", str, "none", choices=QUANTIZATIONS),),
     runnable=_quantization_runnable, offer=_quantization_offer, sample=_quantization_sample,
+    lossy=lambda p: p.quantization != "none",
     describe=lambda p: p.quantization if p.quantization != "none" else None,
     bench_alone=_quantization_bench,
     ladder=(LadderStep(5, "stack:+fp8_rowwise", "+ FP8 row-wise",
@@ -426,6 +433,13 @@ def _cache_check(profile) -> None:
         raise UsageError(f"profile: cache {profile.cache!r} cannot be combined with parallel {profile.parallel!r}")
 
 
+def _cache_offer(ctx: SpaceContext) -> Offer:
+    if not ctx.draws:
+        return Offer({"cache": ("none",)}, (f"caches: {ctx.workload.model} has random weights, so whether a skipped "
+                                            "step hurts the image cannot be judged on it",))
+    return Offer({"cache": CACHES})
+
+
 def _cache_sample(trial, offer: Offer, chosen: dict[str, Any], ctx: SpaceContext) -> dict[str, Any]:
     # Cache hooks and compile do not mix (_cache_check): the cache is only sampled for eager profiles.
     if chosen["compile"] != "none":
@@ -438,7 +452,7 @@ def _cache_sample(trial, offer: Offer, chosen: dict[str, Any], ctx: SpaceContext
 CACHE = Lever(
     name="cache", apply=apply_cache, undoable=True,
     fields=(Field("cache", str, "none", choices=CACHES), Field("cache_threshold", float, None, optional=True)),
-    check=_cache_check, offer=lambda ctx: Offer({"cache": CACHES}), sample=_cache_sample,
+    check=_cache_check, offer=_cache_offer, sample=_cache_sample, lossy=lambda p: p.cache != "none",
     describe=lambda p: f"{p.cache}({p.cache_threshold:g})" if p.cache != "none" else None,
 )
 
@@ -663,8 +677,13 @@ CFG_PARALLEL = Lever(name="cfg_parallel", apply=apply_cfg_parallel, undoable=Fal
 # ---- 10. steps ------------------------------------------------------------------------------------------
 
 def _steps_offer(ctx: SpaceContext) -> Offer:
-    """From the reference down to about half of it, in about ten strides."""
+    """From the reference down to about half of it, in about ten strides; only the reference on a model that
+    does not draw."""
     reference = ctx.workload.reference_steps
+    if not ctx.draws:
+        return Offer({"steps": IntRange(reference, reference, 1)},
+                     (f"fewer steps than {reference}: {ctx.workload.model} has random weights, so quality against "
+                      "the reference says nothing about steps",))
     stride = max(1, reference // 10)
     low = reference - stride * ((reference - max(MIN_STEPS, math.ceil(reference / 2))) // stride)
     return Offer({"steps": IntRange(low, reference, stride)})
@@ -679,7 +698,7 @@ def _steps_sample(trial, offer: Offer, chosen: dict[str, Any], ctx: SpaceContext
 STEPS = Lever(
     name="steps", apply=None, undoable=True,
     fields=(Field("steps", int, None, low=MIN_STEPS, optional=True),),  # None: the workload's reference steps
-    offer=_steps_offer, sample=_steps_sample,
+    offer=_steps_offer, sample=_steps_sample, lossy=lambda p: p.steps is not None,
     describe=lambda p: f"steps={p.steps}" if p.steps is not None else None,
 )
 
@@ -700,6 +719,11 @@ def optimize(pipe, profile: "Profile", undoable_only: bool = False):
         if lever.apply is not None and (lever.undoable or not undoable_only):
             pipe = lever.apply(pipe, profile)
     return pipe
+
+
+def is_lossy(profile: "Profile") -> bool:
+    """Whether `profile` changes the image beyond rounding (levers' `lossy`)."""
+    return any(lever.lossy(profile) for lever in LEVERS)
 
 
 def baked_part(profile: "Profile") -> dict[str, Any] | None:

@@ -14,6 +14,8 @@ Layout (every table required unless marked optional):
     [study]         (optional) the study it came from: name, storage, trials, completed, failed, infeasible,
                     slower (timed, not rendered: they could not win), duplicates (proposals of a profile already
                     measured: reused, not counted in trials), best_trial, floor, floor_psnr_db, floor_ssim;
+                    quality (how far the speed-up keeps the image: QUALITY_CLASSES), lossless_speedup and
+                    lossless_trial (the fastest profile that changes nothing beyond rounding);
                     with several GPUs strategies_tried and one_gpu_latency_s (the best one-GPU profile's)
 """
 
@@ -41,11 +43,14 @@ MEASURED_FIELDS = {
 REQUIRED_MEASURED = ("latency_median_s", "step_ms")
 STUDY_FIELDS = {
     "name": str, "storage": str, "trials": int, "completed": int, "failed": int, "infeasible": int, "slower": int,
-    "duplicates": int,
+    "duplicates": int, "quality": str, "lossless_speedup": float, "lossless_trial": int,
     "strategies_tried": int, "one_gpu_latency_s": float,
     "best_trial": int, "floor": str, "floor_psnr_db": float, "floor_ssim": float,
 }
 REQUIRED_FINGERPRINT = ("device", "torch", "model_id")
+# lossless: rounding only, measured against the reference; verified: lossy (FP8, a cache, fewer steps), judged on
+# a model that draws; unverified: lossy, on random weights whose images are noise.
+QUALITY_CLASSES = ("lossless", "verified", "unverified")
 
 
 @dataclasses.dataclass
@@ -159,6 +164,8 @@ def parse_lock(text: str, path: str = "<lock>") -> Lock:
             isinstance(value, expected) and not isinstance(value, bool))
         if not ok:
             fail(f"study.{field}", f"expected {expected.__name__}, got {value!r}")
+    if "quality" in study and study["quality"] not in QUALITY_CLASSES:
+        fail("study.quality", f"{study['quality']!r} is not one of {', '.join(QUALITY_CLASSES)}")
 
     return Lock(fingerprint=fingerprint, workload=workload, profile=profile, measured=dict(data["measured"]),
                 baseline=dict(data.get("baseline", {})), study=dict(study), created=data["created"],

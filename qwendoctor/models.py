@@ -17,6 +17,9 @@ from probes.context import first_line
 from qwendoctor.errors import UsageError
 
 BUILTIN_MODELS = ("tiny", "synthetic")
+# Built-in models with random weights draw noise: PSNR/SSIM against their reference renders speak for numerical
+# fidelity only, never for what fewer steps or a cache do to an image.
+RANDOM_WEIGHTS = ("tiny", "synthetic")
 
 
 @dataclasses.dataclass
@@ -34,6 +37,11 @@ class LoadedModel:
     @property
     def has_text_encoder(self) -> bool:
         return self.synthetic_text_tokens is None
+
+
+def draws(model_id: str) -> bool:
+    """Whether the model draws what it is asked (trained weights), so that quality judges lossy settings."""
+    return model_id not in RANDOM_WEIGHTS
 
 
 def default_device() -> str:

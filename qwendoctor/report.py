@@ -94,8 +94,29 @@ def print_tune(result: TuneResult, lock_path: str, console: Console | None = Non
                   + (f"; {counts['duplicates']} repeated proposals reused their measurement, not counted"
                      if counts.get("duplicates") else "") + ".")
     console.print(time_line(result))
-    console.print(f"speedup {lock.measured['speedup']:.2f}x over the default; lock written to {lock_path}"
-                  + (f", plot to {result.plot_path}" if result.plot_path else ""))
+    console.print(speedup_line(lock))
+    console.print(f"lock written to {lock_path}" + (f", plot to {result.plot_path}" if result.plot_path else ""))
+
+
+QUALITY_NOTES = {
+    "lossless": "lossless: rounding only, measured against the default's images",
+    "verified": "lossy, judged against the default's images on a model that draws",
+    "unverified": "lossy and unverified: {model} has random weights, so its PSNR/SSIM speak for numerical fidelity "
+                  "only",
+}
+
+
+def speedup_line(lock) -> str:
+    """The headline, with how far it can be trusted; a lossy one beside the lossless figure of the same study."""
+    study = lock.study
+    quality = study.get("quality")
+    line = f"speedup {lock.measured['speedup']:.2f}x over the default"
+    if quality is None:
+        return line
+    line += f" ({QUALITY_NOTES[quality].format(model=lock.workload.model)})"
+    if quality != "lossless" and "lossless_speedup" in study:
+        line += f"; lossless {study['lossless_speedup']:.2f}x (trial #{study['lossless_trial']})"
+    return line
 
 
 TIME_LABELS = {"build": "load, restore and apply levers", "warmup": "warm-up (compile, autotune)",

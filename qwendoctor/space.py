@@ -4,7 +4,8 @@ profile drawn from it (`sample`).
 A choice is left out of the default space only on evidence: this machine's probes (an attention kernel its own
 timing shows cannot win), the model's structure (regional vs full compile), or a measurement on this GPU model
 (probes/measured.toml). A choice measured to lose on another GPU model stays in the space here. `--exhaustive`
-keeps everything this machine can run.
+keeps everything this machine can run. On a model with random weights, lossy settings that quality must judge
+(fewer steps, caches) are not searched at all: quality on noise cannot judge them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from qwendoctor import levers
+from qwendoctor import levers, models
 from qwendoctor.capabilities import Capabilities
 from qwendoctor.profile import Profile, Workload
 
@@ -58,7 +59,8 @@ def build_search_space(capabilities: Capabilities, workload: Workload, exhaustiv
                        evidence: Callable[[str], str | None] | None = None) -> SearchSpace:
     """Only what this machine passed; unless `exhaustive`, less what was measured to lose here."""
     context = levers.SpaceContext(capabilities=capabilities, workload=workload, exhaustive=exhaustive,
-                                  evidence=evidence or measured_evidence(capabilities.gpu_name))
+                                  evidence=evidence or measured_evidence(capabilities.gpu_name),
+                                  draws=models.draws(workload.model))
     return SearchSpace(offers={lever.name: lever.offer(context) for lever in levers.SEARCH_ORDER}, context=context)
 
 

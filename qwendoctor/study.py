@@ -214,11 +214,15 @@ def drain(study, storage, run_queued: Callable[[], None], deadline: float | None
 
 
 def best_feasible_s(study) -> float:
-    best = math.inf
-    for trial in study.get_trials(deepcopy=False, states=(_states().COMPLETE,)):
-        if all(v <= 0 for v in trial.constraints.values()) and trial.value is not None:
-            best = min(best, trial.value)
-    return best
+    best = best_feasible(study)
+    return math.inf if best is None else best.value
+
+
+def best_feasible(study, where: Callable[[Any], bool] = lambda trial: True):
+    """The fastest complete trial within the floor for which `where` holds; None if there is none."""
+    feasible = [t for t in study.get_trials(deepcopy=False, states=(_states().COMPLETE,))
+                if all(v <= 0 for v in t.constraints.values()) and t.value is not None and where(t)]
+    return min(feasible, key=lambda t: t.value, default=None)
 
 
 def skip(trial, results: dict[str, Any]):

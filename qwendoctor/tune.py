@@ -24,7 +24,7 @@ import warnings
 from typing import Any, Callable
 
 from probes.context import first_line
-from qwendoctor import compile_stats, files, fingerprint, lockfile, quality, runner, space, study
+from qwendoctor import compile_stats, files, fingerprint, levers, lockfile, models, quality, runner, space, study
 from qwendoctor.capabilities import Capabilities, probe_capabilities
 from qwendoctor.errors import QwendoctorError, UnavailableLever, UsageError
 from qwendoctor.pool import ModelPool
@@ -184,6 +184,15 @@ def classify_failure(error: BaseException) -> str:
     if "_dynamo" in module or "_inductor" in module:
         return f"compile failed: {type(error).__name__}: {line}"
     return f"{type(error).__name__}: {line}"
+
+
+def quality_class(profile: Profile, model_id: str) -> str:
+    """How far a profile's speed-up can be trusted to keep the image: `lossless` (rounding only, measured against
+    the reference), `verified` (lossy, judged on a model that draws), or `unverified` (lossy, and the model's
+    random weights draw noise: its PSNR/SSIM speak for numerical fidelity only)."""
+    if not levers.is_lossy(profile):
+        return "lossless"
+    return "verified" if models.draws(model_id) else "unverified"
 
 
 def _is_candidate(profile: Profile, estimate_s: float, best_s: float) -> bool:
@@ -444,13 +453,19 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
                 if k in best.user_attrs and k in lockfile.MEASURED_FIELDS}
     baseline = {k: reference_summary[k] for k in study.RESULT_ATTRS if k in reference_summary}
     measured["speedup"] = baseline["latency_median_s"] / measured["latency_median_s"]
+    profile = Profile.from_dict(best.user_attrs["profile"])
+    # The default profile is trial 0 and lossless, so a lossless figure always exists.
+    lossless = study.best_feasible(
+        optuna_study, lambda trial: not levers.is_lossy(Profile.from_dict(trial.user_attrs["profile"])))
     lock = lockfile.Lock(
         fingerprint=fingerprint.machine_fingerprint(options.workload.model, revision),
         workload=options.workload,
-        profile=Profile.from_dict(best.user_attrs["profile"]),
+        profile=profile,
         measured=measured,
         baseline=baseline,
         study={"name": name, "storage": shown, "trials": counts["trials"],
+               "quality": quality_class(profile, options.workload.model),
+               "lossless_speedup": baseline["latency_median_s"] / lossless.value, "lossless_trial": lossless.number,
                "completed": counts["completed"], "failed": counts["failed"], "infeasible": counts["infeasible"],
                "slower": counts["slower"], "duplicates": counts["duplicates"],
                "best_trial": best.number, "floor": options.floor.name, "floor_psnr_db": options.floor.psnr_db,

@@ -81,6 +81,8 @@ def _mutated(tmp_path, old, new):
     ("speedup = 2.0", "speedup = 2.0\nwarp_factor = 9", "measured.warp_factor: unknown field"),
     ('torch = "2.13.0"', "torch = 2", "fingerprint.torch: missing or not a string"),
     ("best_trial = 5", 'best_trial = "five"', "study.best_trial: expected int"),
+    ("best_trial = 5", 'best_trial = 5\nquality = "perfect"', "study.quality: 'perfect' is not one of lossless"),
+    ("best_trial = 5", 'best_trial = 5\nlossless_speedup = "1.2"', "study.lossless_speedup: expected float"),
     ("[profile]", "[profile]\nturbo = true", "profile.turbo: unknown field"),
     ("[baseline]", "[baseline]\nflavour = 1", "baseline.flavour: unknown field"),
 ])

@@ -24,6 +24,15 @@ def options(tmp_path, tiny_workload):
 
 
 @pytest.fixture
+def drawing_tiny(monkeypatch):
+    """tiny as if its weights drew what they are asked, so that fewer steps and caches are searched on it: the
+    study's own mechanics (skips, duplicates, resumes) need a space larger than its lossless levers."""
+    from qwendoctor import models
+
+    monkeypatch.setattr(models, "RANDOM_WEIGHTS", ("synthetic",))
+
+
+@pytest.fixture
 def measured_profiles(monkeypatch):
     """Every profile the tuner actually renders and times, in order."""
     seen = []
@@ -50,11 +59,13 @@ def test_search_space_is_pruned_by_findings(tiny_workload):
     assert cpu.values("attention_backend") == ("native", "_native_math")
     assert cpu.values("compile") == ("none",) and cpu.values("quantization") == ("none",)
     assert cpu.values("tf32") == (False,)
-    assert str(cpu.values("steps")) == "2..4 by 1"
+    # tiny's random weights draw noise: neither fewer steps nor a cache can be judged on it.
+    assert str(cpu.values("steps")) == "4..4 by 1" and cpu.values("cache") == ("none",)
+    assert sum("random weights" in line for line in cpu.left_out) == 2
 
     h100 = Capabilities(device="cuda", compute_capability=(9, 0), has_torchao=True,
                         working_attention_backends=("native", "_native_cudnn", "_native_math"))
-    w1 = dataclasses.replace(tiny_workload, reference_steps=50, dtype="bfloat16")
+    w1 = dataclasses.replace(tiny_workload, model="Qwen/Qwen-Image", reference_steps=50, dtype="bfloat16")
     gpu = space.build_search_space(h100, w1, evidence=measured_on_h100)
     assert gpu.values("attention_backend") == ("native", "_native_cudnn")  # math is a reference, never on a GPU
     assert gpu.values("quantization") == ("none", "fp8_rowwise", "fp8_tensorwise", "fp8_weight_only")
@@ -78,7 +89,7 @@ def test_search_space_is_pruned_by_findings(tiny_workload):
 
 def test_a_choice_measured_to_lose_on_another_gpu_model_stays_in_the_space(tiny_workload):
     """Only a measurement on this GPU model (or this machine's probes) may leave a choice out."""
-    w1 = dataclasses.replace(tiny_workload, reference_steps=50, dtype="bfloat16")
+    w1 = dataclasses.replace(tiny_workload, model="Qwen/Qwen-Image", reference_steps=50, dtype="bfloat16")
     h200 = Capabilities(device="cuda", compute_capability=(9, 0), has_torchao=True, gpu_name="NVIDIA H200",
                         working_attention_backends=("native",))
     unmeasured = space.build_search_space(h200, w1)
@@ -189,7 +200,7 @@ def test_no_feasible_trial_is_an_error_and_no_lock(options, monkeypatch):
     assert not os.path.exists(options.lock_path)
 
 
-def test_resume_after_kill_and_ctrl_c_repeats_no_finished_trial(options, measured_profiles, monkeypatch):
+def test_resume_after_kill_and_ctrl_c_repeats_no_finished_trial(options, drawing_tiny, measured_profiles, monkeypatch):
     options.trials = 3
     tune.run_tune(options, capabilities=CPU)
     first_run = list(measured_profiles)
@@ -279,7 +290,7 @@ def test_report_lists_each_profile_once_and_states_the_speedup(options):
     assert set(parsed["trial_time_s"]) == set(tune.TIME_PARTS) and parsed["trial_time_s"]["speed"] > 0
 
 
-def test_only_candidates_are_rendered(options, measured_profiles, monkeypatch):
+def test_only_candidates_are_rendered(options, drawing_tiny, measured_profiles, monkeypatch):
     """A trial whose timed steps say it cannot beat the best is recorded as slower, with its estimate, and never
     rendered in full; the lock is chosen among rendered trials only."""
     real_time_steps = runner.time_steps
@@ -391,7 +402,7 @@ def test_the_probes_for_the_space_time_flex_at_the_workloads_size(monkeypatch, t
     assert (seen["ctx"].workload.width, seen["ctx"].workload.height) == (1024, 768)
 
 
-def test_a_profile_proposed_again_costs_nothing_and_does_not_count(options, measured_profiles, monkeypatch):
+def test_a_profile_proposed_again_costs_nothing_and_does_not_count(options, drawing_tiny, measured_profiles, monkeypatch):
     """A space of three profiles (steps 2, 3, 4) cannot fill five trials: repeated proposals reuse their
     measurement, are not counted, and the study ends once the sampler has nothing new to offer."""
     from qwendoctor import levers
@@ -406,3 +417,26 @@ def test_a_profile_proposed_again_costs_nothing_and_does_not_count(options, meas
     assert None in rendered and len(rendered) == len(set(rendered))  # none rendered twice
     lock = lockfile.read_lock(options.lock_path)
     assert lock.study["trials"] == 3 and lock.study["duplicates"] == result.counts["duplicates"]
+
+
+def test_the_lock_says_how_far_its_speedup_keeps_the_image(options):
+    """On tiny's random weights only lossless levers are searched, so its lock is lossless; the same lossy
+    profile is verified on a model that draws and unverified on one that does not."""
+    result = tune.run_tune(options, capabilities=CPU)
+    assert result.lock.study["quality"] == "lossless"
+    assert result.lock.study["lossless_speedup"] == pytest.approx(result.lock.measured["speedup"])
+    fewer_steps = Profile(steps=20)
+    assert tune.quality_class(fewer_steps, "synthetic") == "unverified"
+    assert tune.quality_class(fewer_steps, "Qwen/Qwen-Image") == "verified"
+    assert tune.quality_class(Profile(cfg_batching=True, compile="regional"), "synthetic") == "lossless"
+
+
+def test_the_headline_of_a_lossy_lock_names_its_lossless_figure(options):
+    from qwendoctor import report
+
+    lock = tune.run_tune(options, capabilities=CPU).lock
+    lock.study.update(quality="unverified", lossless_speedup=1.25, lossless_trial=3)
+    lock.measured["speedup"] = 1.62
+    line = report.speedup_line(lock)
+    assert line.startswith("speedup 1.62x over the default (lossy and unverified: tiny has random weights")
+    assert line.endswith("; lossless 1.25x (trial #3)")
