@@ -9,11 +9,12 @@ Layout (every table required unless marked optional):
     [workload]      Workload: model, width, height, true_cfg_scale, negative_prompt, reference_steps, dtype, loras
     [profile]       Profile: the chosen configuration
     [measured]      the chosen profile: latency_median_s, latency_p90_s, step_ms, warmup_s, peak_memory_gib,
-                    psnr_db, psnr_db_min, ssim, ssim_min, speedup
+                    psnr_db, psnr_db_min, ssim, ssim_min, lpips and lpips_max (where LPIPS could be measured),
+                    speedup
     [baseline]      (optional) the same measurements for the default profile
     [study]         (optional) the study it came from: name, storage, trials, completed, failed, infeasible,
                     slower (timed, not rendered: they could not win), duplicates (proposals of a profile already
-                    measured: reused, not counted in trials), best_trial, floor, floor_psnr_db, floor_ssim;
+                    measured: reused, not counted in trials), best_trial, floor, floor_psnr_db, floor_ssim, floor_lpips;
                     quality (how far the speed-up keeps the image: QUALITY_CLASSES), lossless_speedup and
                     lossless_trial (the fastest profile that changes nothing beyond rounding);
                     with several GPUs strategies_tried and one_gpu_latency_s (the best one-GPU profile's)
@@ -38,14 +39,14 @@ from qwendoctor.profile import Profile, Workload
 SCHEMA_VERSION = 1
 MEASURED_FIELDS = {
     "latency_median_s", "latency_p90_s", "step_ms", "warmup_s", "peak_memory_gib",
-    "psnr_db", "psnr_db_min", "ssim", "ssim_min", "speedup",
+    "psnr_db", "psnr_db_min", "ssim", "ssim_min", "lpips", "lpips_max", "speedup",
 }
 REQUIRED_MEASURED = ("latency_median_s", "step_ms")
 STUDY_FIELDS = {
     "name": str, "storage": str, "trials": int, "completed": int, "failed": int, "infeasible": int, "slower": int,
     "duplicates": int, "quality": str, "lossless_speedup": float, "lossless_trial": int,
     "strategies_tried": int, "one_gpu_latency_s": float,
-    "best_trial": int, "floor": str, "floor_psnr_db": float, "floor_ssim": float,
+    "best_trial": int, "floor": str, "floor_psnr_db": float, "floor_ssim": float, "floor_lpips": float,
 }
 REQUIRED_FINGERPRINT = ("device", "torch", "model_id")
 # lossless: rounding only, measured against the reference; verified: lossy (FP8, a cache, fewer steps), judged on

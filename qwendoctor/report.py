@@ -55,6 +55,7 @@ def _trial_line(row) -> str:
                 f"{_fmt(row.get('estimate_s'), ' s')} per image: slower than the best, not rendered")
     return (f"#{row['number']} {row['profile']}: {_fmt(row.get('latency_median_s'), ' s')} per image, "
             f"PSNR {_fmt(row.get('psnr_db'), ' dB')}, SSIM {_fmt(row.get('ssim'))}"
+            + (f", LPIPS {_fmt(row['lpips'])}" if row.get("lpips") is not None else "")
             + (" (below floor)" if row["state"] == "infeasible" else ""))
 
 

@@ -110,7 +110,7 @@ def _measure_one(best: Profile, workload: Workload, gpus: int, strategy: str, pr
 def fastest(rows: list[StrategyRow], floor: quality.Floor, one_gpu_s: float) -> StrategyRow | None:
     """The fastest strategy that meets the floor and beats the one-GPU profile; None if none does."""
     good = [r for r in rows if r.failure is None
-            and all(v <= 0 for v in floor.violations(r.results["psnr_db"], r.results["ssim"]))
+            and all(v <= 0 for v in floor.violations(r.results).values())
             and r.results["latency_median_s"] < one_gpu_s]
     return min(good, key=lambda r: r.results["latency_median_s"], default=None)
 

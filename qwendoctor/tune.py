@@ -217,6 +217,8 @@ class _Trials:
                               - reference_steps * self.reference_summary["step_ms"] / 1000)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.duplicate_streak = 0  # proposals in a row of profiles already measured
+        # The default profile's own images: LPIPS 0 where LPIPS is measured at all.
+        self.exact_lpips = {"lpips": 0.0, "lpips_max": 0.0} if quality.lpips_unavailable() is None else {}
 
     def objective(self, trial) -> float:
         try:
@@ -249,14 +251,14 @@ class _Trials:
         elif profile == Profile():
             self.duplicate_streak = 0
             results = {**self.reference_summary, "psnr_db": math.inf, "psnr_db_min": math.inf, "ssim": 1.0,
-                       "ssim_min": 1.0}
+                       "ssim_min": 1.0, **self.exact_lpips}
         else:
             self.duplicate_streak = 0
             study.stall_for_tests(trial.number)
             results = self.evaluate(trial, profile)
         for key, value in results.items():
             trial.set_user_attr(key, value)
-        for key, value in zip(("psnr", "ssim"), self.options.floor.violations(results["psnr_db"], results["ssim"])):
+        for key, value in self.options.floor.violations(results).items():
             trial.set_constraint(key, value)
         return results["latency_median_s"]
 
@@ -400,6 +402,9 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
         started = time.perf_counter()
         capabilities = probe_capabilities(log, options.workload)
         spent["probe"] = time.perf_counter() - started
+    lpips_missing = quality.lpips_unavailable()
+    if lpips_missing:
+        log(lpips_missing)
     search = space.build_search_space(capabilities, options.workload, options.exhaustive)
     for line in search.describe():
         log(f"search space: {line}")
@@ -446,7 +451,7 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
         best = optuna_study.best_trial
     except ValueError:
         raise QwendoctorError(f"no trial met the quality floor {options.floor.name} "
-                              f"(PSNR >= {options.floor.psnr_db:g} dB, SSIM >= {options.floor.ssim:g}) "
+                              f"({options.floor.describe()}) "
                               f"in {counts['trials']} trials; lower --floor or raise --trials") from None
 
     measured = {k: best.user_attrs[k] for k in study.RESULT_ATTRS
@@ -469,7 +474,8 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
                "completed": counts["completed"], "failed": counts["failed"], "infeasible": counts["infeasible"],
                "slower": counts["slower"], "duplicates": counts["duplicates"],
                "best_trial": best.number, "floor": options.floor.name, "floor_psnr_db": options.floor.psnr_db,
-               "floor_ssim": options.floor.ssim},
+               "floor_ssim": options.floor.ssim,
+               **({"floor_lpips": options.floor.lpips} if options.floor.lpips is not None else {})},
     )
     strategy_rows = []
     if options.gpus > 1:
