@@ -32,6 +32,7 @@ class Capabilities:
     gpu_count: int | None = None  # visible CUDA devices; None on the CPU, where gloo runs any number of ranks
     # The GPU model as torch names it: what was measured on this model elsewhere (probes/measured.toml) applies.
     gpu_name: str | None = None
+    has_cache_dit: bool = False  # cache-dit is installed: the dbcache lever can run
 
     @property
     def has_fp8(self) -> bool:
@@ -45,12 +46,15 @@ def detect_capabilities(working_attention_backends: tuple[str, ...] | None = Non
 
     import torch
 
+    has_cache_dit = importlib.util.find_spec("cache_dit") is not None
     if torch.cuda.is_available():
         return Capabilities(device="cuda", compute_capability=tuple(torch.cuda.get_device_capability()),
                             has_torchao=importlib.util.find_spec("torchao") is not None,
                             working_attention_backends=working_attention_backends,
-                            gpu_count=torch.cuda.device_count(), gpu_name=torch.cuda.get_device_name(0))
-    return Capabilities(device="cpu", working_attention_backends=working_attention_backends)
+                            gpu_count=torch.cuda.device_count(), gpu_name=torch.cuda.get_device_name(0),
+                            has_cache_dit=has_cache_dit)
+    return Capabilities(device="cpu", working_attention_backends=working_attention_backends,
+                        has_cache_dit=has_cache_dit)
 
 
 def probe_capabilities(log: Callable[[str], None] = lambda message: None, workload=None,

@@ -19,7 +19,7 @@ Order of application (LEVERS), and why:
   2. attention backend  diffusers' dispatcher; before compile so the compiled graph traces the chosen kernel
   3. real RoPE          rotary embedding in real arithmetic; before compile, which cannot fuse complex ops
   4. quantization       torchao swaps Linear weights; before compile so inductor fuses the activation quantization
-  5. cache              diffusers' hooks around the blocks (never together with compile: see its check)
+  5. cache              cache-dit's block cache or diffusers' FirstBlockCache around the blocks; before compile
   6. context parallel   diffusers' Ulysses / ring hooks (qwendoctor.parallel); before compile, which traces them
   7. compile            it traces whatever the steps above left
   8. cfg batching       it wraps the call the pipeline makes, around the compiled model
@@ -397,10 +397,19 @@ QUANTIZATION = Lever(
 )
 
 
-# ---- 5. cache -------------------------------------------------------------------------------------------
+# ---- 5. cache ----------------------------------------------------------------------------------------------
 
-CACHES = ("none", "first_block")
+# first_block: diffusers' FirstBlockCache hooks, eager only. dbcache: cache-dit's block cache (compute the first Fn
+# and last Bn blocks, reuse the middle's residual while the first blocks' output changes less than the threshold),
+# optionally with TaylorSeer forecasting; its decisions run in Python around the blocks, so it composes with
+# regional compile and FP8 (measured on an H200: benchmarks/h200/cache-compose), where diffusers' hooks do not.
+CACHES = ("none", "first_block", "dbcache")
 CACHE_THRESHOLD_RANGE = (0.05, 0.3)  # what the search draws from; a lock may hold any value in (0, 1]
+# cache-dit's own defaults for what a dbcache profile leaves unset (DBCacheConfig).
+DBCACHE_DEFAULTS = {"cache_fn": 1, "cache_bn": 0, "cache_warmup": 8}
+DBCACHE_FIELDS = ("cache_fn", "cache_bn", "cache_warmup", "cache_max_run", "taylorseer_order")
+TAYLORSEER_ORDERS = (1, 2)
+CACHE_DIT_INSTALL = "pip install 'qwendoctor[cache]'"
 
 
 def apply_cache(pipe, profile: "Profile"):
@@ -408,14 +417,62 @@ def apply_cache(pipe, profile: "Profile"):
         return pipe
     if getattr(pipe.transformer, "is_cache_enabled", False):
         pipe.transformer.disable_cache()
+    if getattr(pipe, "_qwendoctor_cache_dit", False):
+        import cache_dit
+
+        cache_dit.disable_cache(pipe)
+        pipe._qwendoctor_cache_dit = False
     if profile.cache == "first_block":
         from diffusers.hooks import FirstBlockCacheConfig
 
         pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=profile.cache_threshold))
+    elif profile.cache == "dbcache":
+        _enable_dbcache(pipe, profile)
     return pipe
 
 
+def _enable_dbcache(pipe, profile: "Profile") -> None:
+    import os
+
+    from qwendoctor import cfg_batching
+
+    os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")  # read when cache_dit is first imported
+    import cache_dit
+
+    # cache-dit hooks the pipeline's own transformer; a CFG wrapper left by an earlier trial goes first (a
+    # dbcache profile has CFG batching off: _cache_check).
+    cfg_batching.disable(pipe)
+    value = {name: getattr(profile, name) for name in DBCACHE_FIELDS}
+    config = cache_dit.DBCacheConfig(
+        Fn_compute_blocks=value["cache_fn"] or DBCACHE_DEFAULTS["cache_fn"],
+        Bn_compute_blocks=DBCACHE_DEFAULTS["cache_bn"] if value["cache_bn"] is None else value["cache_bn"],
+        residual_diff_threshold=profile.cache_threshold,
+        max_warmup_steps=DBCACHE_DEFAULTS["cache_warmup"] if value["cache_warmup"] is None else value["cache_warmup"],
+        max_continuous_cached_steps=value["cache_max_run"] or -1)
+    calibrator = (cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=value["taylorseer_order"])
+                  if value["taylorseer_order"] else None)
+    cache_dit.enable_cache(pipe, cache_config=config, calibrator_config=calibrator)
+    pipe._qwendoctor_cache_dit = True
+
+
+def cached_steps(pipe) -> int | None:
+    """Denoising steps the last call reused cached blocks for in both CFG passes (cache-dit's record); None for
+    a cache that keeps no record (diffusers' FirstBlockCache) or no cache."""
+    if not getattr(pipe, "_qwendoctor_cache_dit", False):
+        return None
+    import cache_dit
+
+    stats = cache_dit.summary(pipe)[0]
+    cond = set(getattr(stats, "cached_steps", None) or [])
+    uncond = getattr(stats, "cfg_cached_steps", None)
+    return len(cond & set(uncond)) if uncond is not None else len(cond)
+
+
 def _cache_check(profile) -> None:
+    if profile.cache != "dbcache":
+        for name in DBCACHE_FIELDS:
+            if getattr(profile, name) is not None:
+                raise UsageError(f"profile.{name}: set without cache = dbcache")
     if profile.cache == "none":
         if profile.cache_threshold is not None:
             raise UsageError("profile.cache_threshold: set without a cache")
@@ -423,37 +480,83 @@ def _cache_check(profile) -> None:
     threshold = profile.cache_threshold
     if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 < threshold <= 1:
         raise UsageError(f"profile.cache_threshold: must be in (0, 1] for cache {profile.cache!r}, got {threshold!r}")
-    if profile.compile != "none":
-        # diffusers' cache hooks decide per step in Python whether to skip blocks: a compiled graph around them
-        # either breaks on the decision or bakes one branch in.
-        raise UsageError(f"profile: cache {profile.cache!r} cannot be combined with compile {profile.compile!r}")
+    if profile.cache == "first_block" and profile.compile != "none":
+        # Its hooks wrap each block's forward, so the compiled block traces into a function diffusers marks
+        # torch.compiler.disable(): dynamo refuses it (benchmarks/h200/cache-compose).
+        raise UsageError(f"profile: cache 'first_block' cannot be combined with compile {profile.compile!r}; "
+                         "cache = dbcache can")
+    if profile.cache == "dbcache":
+        if profile.compile == "full":
+            raise UsageError("profile: cache 'dbcache' runs with compile = regional (measured), not full")
+        if profile.cfg_batching:
+            # cache-dit keeps one cache per CFG pass; batched, the two passes are one call it cannot tell apart.
+            raise UsageError("profile.cfg_batching: cache 'dbcache' keeps a cache per CFG pass; set cfg_batching = "
+                             "false")
     if profile.context_degree > 1:
         # Each rank would decide to skip blocks from its own shard of the sequence: ranks that decide
         # differently issue different collectives and the run deadlocks.
         raise UsageError(f"profile: cache {profile.cache!r} cannot be combined with parallel {profile.parallel!r}")
 
 
+def _cache_runnable(profile, workload, capabilities) -> None:
+    if profile.cache == "dbcache" and not capabilities.has_cache_dit:
+        raise UnavailableLever(f"cache 'dbcache' needs cache-dit: {CACHE_DIT_INSTALL}")
+
+
 def _cache_offer(ctx: SpaceContext) -> Offer:
     if not ctx.draws:
         return Offer({"cache": ("none",)}, (f"caches: {ctx.workload.model} has random weights, so whether a skipped "
                                             "step hurts the image cannot be judged on it",))
-    return Offer({"cache": CACHES})
+    offered = tuple(c for c in CACHES if c != "dbcache" or ctx.capabilities.has_cache_dit)
+    left_out = () if ctx.capabilities.has_cache_dit else (f"cache dbcache: cache-dit is not installed "
+                                                          f"({CACHE_DIT_INSTALL})",)
+    return Offer({"cache": offered}, left_out)
 
 
 def _cache_sample(trial, offer: Offer, chosen: dict[str, Any], ctx: SpaceContext) -> dict[str, Any]:
-    # Cache hooks and compile do not mix (_cache_check): the cache is only sampled for eager profiles.
-    if chosen["compile"] != "none":
-        return {"cache": "none", "cache_threshold": None}
-    cache = trial.suggest_categorical("cache", offer.values["cache"])
-    threshold = trial.suggest_float("cache_threshold", *CACHE_THRESHOLD_RANGE) if cache != "none" else None
-    return {"cache": cache, "cache_threshold": threshold}
+    nothing = {"cache": "none", "cache_threshold": None, **dict.fromkeys(DBCACHE_FIELDS)}
+    # diffusers' hooks do not survive compile (_cache_check): under compile only cache-dit's cache is drawn.
+    offered = tuple(c for c in offer.values["cache"] if chosen["compile"] == "none" or c != "first_block")
+    if chosen["compile"] == "full" or offered == ("none",):
+        return nothing
+    cache = trial.suggest_categorical("cache" if chosen["compile"] == "none" else "cache_compiled", offered)
+    if cache == "none":
+        return nothing
+    drawn = {**nothing, "cache": cache,
+             "cache_threshold": trial.suggest_float("cache_threshold", *CACHE_THRESHOLD_RANGE)}
+    if cache == "dbcache":
+        drawn.update(cache_fn=trial.suggest_int("cache_fn", 1, 4), cache_bn=trial.suggest_int("cache_bn", 0, 2),
+                     cache_warmup=trial.suggest_int("cache_warmup", 2, 8, step=2),
+                     cache_max_run=trial.suggest_categorical("cache_max_run", (None, 2, 3, 5)),
+                     taylorseer_order=trial.suggest_categorical("taylorseer_order", (None, *TAYLORSEER_ORDERS)))
+    return drawn
+
+
+def _describe_cache(p) -> str | None:
+    if p.cache == "none":
+        return None
+    if p.cache == "first_block":
+        return f"first_block({p.cache_threshold:g})"
+    parts = [f"{p.cache_threshold:g}", f"F{p.cache_fn or DBCACHE_DEFAULTS['cache_fn']}"
+             f"B{DBCACHE_DEFAULTS['cache_bn'] if p.cache_bn is None else p.cache_bn}"]
+    if p.cache_warmup is not None:
+        parts.append(f"warmup {p.cache_warmup}")
+    if p.cache_max_run:
+        parts.append(f"runs <= {p.cache_max_run}")
+    if p.taylorseer_order:
+        parts.append(f"taylorseer {p.taylorseer_order}")
+    return f"dbcache({', '.join(parts)})"
 
 
 CACHE = Lever(
     name="cache", apply=apply_cache, undoable=True,
-    fields=(Field("cache", str, "none", choices=CACHES), Field("cache_threshold", float, None, optional=True)),
-    check=_cache_check, offer=_cache_offer, sample=_cache_sample, lossy=lambda p: p.cache != "none",
-    describe=lambda p: f"{p.cache}({p.cache_threshold:g})" if p.cache != "none" else None,
+    fields=(Field("cache", str, "none", choices=CACHES), Field("cache_threshold", float, None, optional=True),
+            Field("cache_fn", int, None, low=1, optional=True), Field("cache_bn", int, None, low=0, optional=True),
+            Field("cache_warmup", int, None, low=0, optional=True),
+            Field("cache_max_run", int, None, low=1, optional=True),
+            Field("taylorseer_order", int, None, choices=TAYLORSEER_ORDERS, optional=True)),
+    check=_cache_check, runnable=_cache_runnable, offer=_cache_offer, sample=_cache_sample,
+    lossy=lambda p: p.cache != "none", describe=_describe_cache,
 )
 
 
@@ -653,7 +756,7 @@ CFG_BATCHING = Lever(
     fields=(Field("cfg_batching", bool, False),),
     runnable=_cfg_batching_runnable,
     offer=lambda ctx: Offer({"cfg_batching": (False, True) if ctx.workload.does_cfg else (False,)}),
-    sample=lambda trial, offer, chosen, ctx: {
+    sample=lambda trial, offer, chosen, ctx: {"cfg_batching": False} if chosen.get("cache") == "dbcache" else {
         "cfg_batching": trial.suggest_categorical("cfg_batching", offer.values["cfg_batching"])},
     describe=lambda p: "cfg-batch" if p.cfg_batching else None,
     bench_alone=_cfg_batching_bench,

@@ -10,7 +10,7 @@ Layout (every table required unless marked optional):
     [profile]       Profile: the chosen configuration
     [measured]      the chosen profile: latency_median_s, latency_p90_s, step_ms, warmup_s, peak_memory_gib,
                     psnr_db, psnr_db_min, ssim, ssim_min, lpips and lpips_max (where LPIPS could be measured),
-                    speedup
+                    cached_fraction (a cache profile: the steps whose blocks were reused), speedup
     [baseline]      (optional) the same measurements for the default profile
     [study]         (optional) the study it came from: name, storage, trials, completed, failed, infeasible,
                     slower (timed, not rendered: they could not win), duplicates (proposals of a profile already
@@ -39,7 +39,7 @@ from qwendoctor.profile import Profile, Workload
 SCHEMA_VERSION = 1
 MEASURED_FIELDS = {
     "latency_median_s", "latency_p90_s", "step_ms", "warmup_s", "peak_memory_gib",
-    "psnr_db", "psnr_db_min", "ssim", "ssim_min", "lpips", "lpips_max", "speedup",
+    "psnr_db", "psnr_db_min", "ssim", "ssim_min", "lpips", "lpips_max", "cached_fraction", "speedup",
 }
 REQUIRED_MEASURED = ("latency_median_s", "step_ms")
 STUDY_FIELDS = {

@@ -87,7 +87,7 @@ def _check_field(field: levers.Field, value: Any) -> None:
         return
     if field.choices is not None:
         if value not in field.choices:
-            raise UsageError(f"{name}: {value!r} is not one of {', '.join(field.choices)}")
+            raise UsageError(f"{name}: {value!r} is not one of {', '.join(map(str, field.choices))}")
     elif field.kind is bool:
         if not isinstance(value, bool):
             raise UsageError(f"{name}: expected true or false, got {value!r}")

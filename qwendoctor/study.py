@@ -29,7 +29,7 @@ STALL_ENV = "QWENDOCTOR_TEST_STALL_FILE"
 DECIDING, MEASURE, WAIT = "deciding", "measure", "wait"
 # A trial's results, kept as user attrs.
 RESULT_ATTRS = ("latency_median_s", "latency_p90_s", "step_ms", "warmup_s", "peak_memory_gib",
-                "psnr_db", "psnr_db_min", "ssim", "ssim_min", "lpips", "lpips_max", "estimate_s", "skipped", "time_s", "model", "compile")
+                "psnr_db", "psnr_db_min", "ssim", "ssim_min", "lpips", "lpips_max", "cached_fraction", "estimate_s", "skipped", "time_s", "model", "compile")
 
 
 class TrialFailed(Exception):

@@ -116,6 +116,8 @@ def study_name(options: TuneOptions, here: dict[str, Any]) -> str:
         "floor": dataclasses.asdict(options.floor),
         "setup": {k: here.get(k) for k in fingerprint.MATCHED_FIELDS},
     }
+    if here.get("cache_dit"):  # it adds the dbcache lever to the search space: another study
+        key["cache_dit"] = here["cache_dit"]
     if options.exhaustive:  # another search space: another study
         key["exhaustive"] = True
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
@@ -314,6 +316,9 @@ class _Trials:
             measurement = runner.measure(model, options.workload, profile, options.prompts, options.seeds,
                                          warmup=0)
             times["render"] = time.perf_counter() - started
+            cached = levers.cached_steps(model.pipe)
+            if cached is not None:  # of the last render; each trial reports how often its cache hit
+                results["cached_fraction"] = cached / (profile.steps or options.workload.reference_steps)
         except optuna.TrialPruned:
             raise
         except Exception as error:

@@ -1,12 +1,15 @@
 """Each lever's apply function on the tiny model: it does what it says, and is reset where it must be."""
 
+import dataclasses
+import re
+
 import numpy as np
 import pytest
 import torch
 
 from qwendoctor import levers, models, runner
 from qwendoctor.errors import UnavailableLever
-from qwendoctor.profile import Capabilities, Profile
+from qwendoctor.profile import Capabilities, Profile, check_runnable
 
 
 @pytest.fixture
@@ -333,3 +336,74 @@ def test_profile_text_is_parsed_by_each_fields_kind():
                                 "cache_threshold=0.1,compile=none")
     assert (profile.compile, profile.cfg_batching, profile.steps, profile.cache_threshold) == ("none", True, 30, 0.1)
     assert Profile.from_dict(profile.to_dict()) == profile
+
+
+# ---- block caching (cache-dit) -----------------------------------------------------------------------------
+
+DBCACHE = {"cache": "dbcache", "cache_threshold": 1.0, "cache_warmup": 2}  # everything after 2 steps may be reused
+
+
+def test_dbcache_reuses_blocks_and_is_undone(fresh_tiny, tiny_workload):
+    pytest.importorskip("cache_dit")
+    workload = dataclasses.replace(tiny_workload, reference_steps=8)
+    reference = runner.render(fresh_tiny, workload, Profile(), "a fox", 0)
+    levers.apply_cache(fresh_tiny.pipe, Profile(**DBCACHE))
+    cached = runner.render(fresh_tiny, workload, Profile(), "a fox", 0)
+    assert np.isfinite(cached).all() and not np.array_equal(cached, reference)
+    assert 0 < levers.cached_steps(fresh_tiny.pipe) < 8
+    levers.apply_cache(fresh_tiny.pipe, Profile())
+    assert levers.cached_steps(fresh_tiny.pipe) is None
+    np.testing.assert_array_equal(runner.render(fresh_tiny, workload, Profile(), "a fox", 0), reference)
+
+
+def test_dbcache_stacks_with_regional_compile_and_gives_way_to_cfg_batching(fresh_tiny, tiny_workload,
+                                                                            recorded_compiles):
+    pytest.importorskip("cache_dit")
+    workload = dataclasses.replace(tiny_workload, reference_steps=8)
+    profile = Profile(**DBCACHE, compile="regional")
+    levers.optimize(fresh_tiny.pipe, profile)
+    assert len(recorded_compiles) == len(fresh_tiny.pipe.transformer.transformer_blocks)
+    assert np.isfinite(runner.render(fresh_tiny, workload, profile, "a fox", 0)).all()
+    assert levers.cached_steps(fresh_tiny.pipe) > 0
+    # The pool's next trial: CFG batching re-applied on the same pipeline takes the cache off first.
+    levers.optimize(fresh_tiny.pipe, Profile(cfg_batching=True, compile="regional"), undoable_only=True)
+    assert levers.cached_steps(fresh_tiny.pipe) is None
+    assert np.isfinite(runner.render(fresh_tiny, workload, Profile(cfg_batching=True), "a fox", 0)).all()
+
+
+def test_dbcache_needs_cache_dit_and_refuses_what_it_cannot_hook(tiny_workload):
+    from qwendoctor.errors import UsageError
+
+    with pytest.raises(UnavailableLever, match=r"needs cache-dit: pip install 'qwendoctor\[cache\]'"):
+        check_runnable(Profile(**DBCACHE), tiny_workload, Capabilities(device="cpu"))
+    check_runnable(Profile(**DBCACHE), tiny_workload, Capabilities(device="cpu", has_cache_dit=True))
+    for bad, message in ((dict(DBCACHE, cfg_batching=True), "profile.cfg_batching: cache 'dbcache'"),
+                         (dict(DBCACHE, compile="full"), "compile = regional (measured), not full"),
+                         (dict(DBCACHE, taylorseer_order=3), "profile.taylorseer_order: 3 is not one of 1, 2"),
+                         (dict(DBCACHE, cache_bn=-1), "profile.cache_bn: must be an integer >= 0"),
+                         ({"cache_fn": 2}, "profile.cache_fn: set without cache = dbcache")):
+        with pytest.raises(UsageError, match=re.escape(message)):
+            Profile(**bad).validate()
+
+
+def test_the_search_draws_dbcache_under_compile_without_cfg_batching(tiny_workload):
+    import optuna
+
+    from qwendoctor import space
+
+    h100 = Capabilities(device="cuda", compute_capability=(9, 0), has_torchao=True, has_cache_dit=True,
+                        working_attention_backends=("native",))
+    drawing = dataclasses.replace(tiny_workload, model="Qwen/Qwen-Image", reference_steps=50, dtype="bfloat16")
+    search = space.build_search_space(h100, drawing, evidence=lambda rule: None)
+    assert search.values("cache") == ("none", "first_block", "dbcache")
+    trial = optuna.trial.FixedTrial({"attention_backend": "native", "compile": "regional", "compile_mode": "default",
+                                     "quantization": "fp8_rowwise", "cache_compiled": "dbcache",
+                                     "cache_threshold": 0.1, "cache_fn": 2, "cache_bn": 0, "cache_warmup": 4,
+                                     "cache_max_run": 3, "taylorseer_order": 1, "tf32": False, "real_rope": True,
+                                     "steps": 40})
+    profile = space.sample_profile(trial, search)
+    assert (profile.cache, profile.cache_fn, profile.taylorseer_order, profile.cfg_batching) == ("dbcache", 2, 1, False)
+    assert levers.is_lossy(profile)
+    no_cache_dit = space.build_search_space(dataclasses.replace(h100, has_cache_dit=False), drawing)
+    assert no_cache_dit.values("cache") == ("none", "first_block")
+    assert any("cache-dit is not installed" in line for line in no_cache_dit.left_out)

@@ -63,7 +63,7 @@ def test_search_space_is_pruned_by_findings(tiny_workload):
     assert str(cpu.values("steps")) == "4..4 by 1" and cpu.values("cache") == ("none",)
     assert sum("random weights" in line for line in cpu.left_out) == 2
 
-    h100 = Capabilities(device="cuda", compute_capability=(9, 0), has_torchao=True,
+    h100 = Capabilities(device="cuda", compute_capability=(9, 0), has_torchao=True, has_cache_dit=True,
                         working_attention_backends=("native", "_native_cudnn", "_native_math"))
     w1 = dataclasses.replace(tiny_workload, model="Qwen/Qwen-Image", reference_steps=50, dtype="bfloat16")
     gpu = space.build_search_space(h100, w1, evidence=measured_on_h100)
@@ -91,7 +91,7 @@ def test_a_choice_measured_to_lose_on_another_gpu_model_stays_in_the_space(tiny_
     """Only a measurement on this GPU model (or this machine's probes) may leave a choice out."""
     w1 = dataclasses.replace(tiny_workload, model="Qwen/Qwen-Image", reference_steps=50, dtype="bfloat16")
     h200 = Capabilities(device="cuda", compute_capability=(9, 0), has_torchao=True, gpu_name="NVIDIA H200",
-                        working_attention_backends=("native",))
+                        has_cache_dit=True, working_attention_backends=("native",))
     unmeasured = space.build_search_space(h200, w1)
     assert unmeasured.values("compile_mode") == ("default", "max-autotune-no-cudagraphs", "coordinate-descent")
     assert unmeasured.values("real_rope") == (False, True) and unmeasured.offers["quantization"].options["eager"]
