@@ -1,6 +1,7 @@
 """Fakes shared by the probe tests."""
 
 import importlib
+import time
 
 
 def fake_import(**modules):
@@ -16,3 +17,16 @@ def fake_import(**modules):
         return importlib.import_module(name)
 
     return import_module
+
+
+class FakeEvent:
+    """torch.cuda.Event on the host clock: elapsed_time in ms between two records."""
+
+    def __init__(self, enable_timing=False):
+        self.t = None
+
+    def record(self):
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end):
+        return (end.t - self.t) * 1e3

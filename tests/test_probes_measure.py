@@ -11,7 +11,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -21,6 +20,7 @@ from probes import attention_truth, memory_plan, model, qwen_shapes, roofline
 from probes.context import ProbeContext
 from probes.finding import Finding
 from probes.workload import Workload
+from tests.fakes import FakeEvent
 
 GIB = 1024**3
 MIB = 1024**2
@@ -41,17 +41,6 @@ def importer(**table):
             raise value
         return value
     return import_module
-
-
-class FakeEvent:
-    def __init__(self, enable_timing=False):
-        self.t = None
-
-    def record(self):
-        self.t = time.perf_counter()
-
-    def elapsed_time(self, end):
-        return (end.t - self.t) * 1e3
 
 
 class CudaOnCpuTorch:

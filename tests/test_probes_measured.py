@@ -13,7 +13,7 @@ import pytest
 
 from probes import attention_backends, backends, measured, qwen_shapes, timing
 from probes.context import ProbeContext
-from tests.fakes import fake_import
+from tests.fakes import FakeEvent, fake_import
 
 ROOT = Path(__file__).resolve().parent.parent
 H100 = "NVIDIA H100 80GB HBM3"
@@ -174,17 +174,6 @@ def test_settings_carry_text_tokens_and_registrars():
 
 
 # --- probes/timing.py ------------------------------------------------------------------------------------
-
-class FakeEvent:
-    def __init__(self, enable_timing=False):
-        self.t = None
-
-    def record(self):
-        self.t = time.perf_counter()
-
-    def elapsed_time(self, end):
-        return (end.t - self.t) * 1e3
-
 
 def test_kernel_timing_with_a_fake_cuda():
     flushes = []
