@@ -192,7 +192,10 @@ def _start_worker(tmp_path: Path, name: str, url: str, **env) -> subprocess.Pope
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home"),
                    "QWENDOCTOR_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
                    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), **env}
-    command = [sys.executable, "-c", "from qwendoctor.cli import main; main()", "tune", "--model", "tiny",
+    # tiny as if it drew (tests/test_tune.py, drawing_tiny): the workers need more profiles than its lossless
+    # levers offer, to share a study of TRIALS distinct ones.
+    command = [sys.executable, "-c", "from qwendoctor import models; models.RANDOM_WEIGHTS = ('synthetic',); "
+               "from qwendoctor.cli import main; main()", "tune", "--model", "tiny",
                "--steps", "4", "--num-prompts", "1", "--trials", str(TRIALS), "--storage", url,
                "--heartbeat", str(HEARTBEAT_S), "--lock", str(tmp_path / "qwendoctor.lock"), "--json"]
     return subprocess.Popen(command, cwd=tmp_path, env=environment, stdout=open(tmp_path / f"{name}.out", "w"),
