@@ -56,6 +56,7 @@ def _trial_line(row) -> str:
     return (f"#{row['number']} {row['profile']}: {_fmt(row.get('latency_median_s'), ' s')} per image, "
             f"PSNR {_fmt(row.get('psnr_db'), ' dB')}, SSIM {_fmt(row.get('ssim'))}"
             + (f", LPIPS {_fmt(row['lpips'])}" if row.get("lpips") is not None else "")
+            + (f", {row['cached_fraction']:.0%} of steps cached" if row.get("cached_fraction") is not None else "")
             + (" (below floor)" if row["state"] == "infeasible" else ""))
 
 
