@@ -7,10 +7,12 @@ import platform
 import sys
 from typing import Any
 
-# Fields that change what the tuned profile does or how fast it is. A lock tuned under different values is
+# Fields that change what any tuned profile does or how fast it is. A lock tuned under different values is
 # stale: generate refuses it unless told otherwise.
-MATCHED_FIELDS = ("device", "gpu_name", "gpu_compute_capability", "torch", "cuda", "diffusers", "torchao",
-                  "attention_packages", "model_id", "model_revision")
+ALWAYS_MATCHED = ("device", "gpu_name", "gpu_compute_capability", "torch", "cuda", "diffusers", "model_id",
+                  "model_revision")
+# Those that matter only to the profiles that use them (a lever's `packages`): torchao to FP8, say.
+MATCHED_FIELDS = ALWAYS_MATCHED[:6] + ("torchao", "attention_packages") + ALWAYS_MATCHED[6:]
 
 ATTENTION_PACKAGES = ("flash-attn", "flash-attn-3", "flash-attn-4", "sageattention", "xformers")
 
@@ -65,10 +67,17 @@ def machine_fingerprint(model_id: str, model_revision: str | None) -> dict[str, 
     return {key: value for key, value in data.items() if value is not None}
 
 
-def differences(locked: dict[str, Any], here: dict[str, Any]) -> list[str]:
-    """Human-readable `field: lock X, here Y` for each matched field that differs."""
+def differences(locked: dict[str, Any], here: dict[str, Any], profile=None) -> list[str]:
+    """Human-readable `field: lock X, here Y` for each matched field that differs: every field, or with `profile`
+    the ones it depends on (ALWAYS_MATCHED plus its levers' packages)."""
+    if profile is None:
+        fields = MATCHED_FIELDS
+    else:
+        from qwendoctor import levers
+
+        fields = ALWAYS_MATCHED + levers.fingerprint_fields(profile)
     result = []
-    for field in MATCHED_FIELDS:
+    for field in fields:
         a, b = locked.get(field), here.get(field)
         if a != b:
             result.append(f"{field}: lock {_show(a)}, here {_show(b)}")

@@ -42,7 +42,8 @@ def check_fingerprint(lock: lockfile.Lock, lock_path: str) -> None:
     revision_source = lock.fingerprint.get("model_revision")
     here = fingerprint.machine_fingerprint(lock.workload.model, revision_source)
     # model_revision of a pretrained model is only known once loaded; load_tuned compares it after loading.
-    differing = [d for d in fingerprint.differences(lock.fingerprint, here) if not d.startswith("model_revision")]
+    differing = [d for d in fingerprint.differences(lock.fingerprint, here, lock.profile)
+                 if not d.startswith("model_revision")]
     if differing:
         raise QwendoctorError(f"{lock_path} was tuned on another setup ({'; '.join(differing)}); "
                               "re-run `qwendoctor tune`, or pass --ignore-fingerprint")

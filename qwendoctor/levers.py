@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from probes.backends import (
     ATTENTION_BACKENDS,
+    BY_NAME,
     CUDA_ONLY_BACKENDS,
     REFERENCE_ONLY_BACKENDS,
     RING_BACKENDS,
@@ -151,6 +152,9 @@ class Lever:
     # whole profile but its steps is what the transformer carries (qwendoctor.pool).
     captures_profile: bool = False
     lossy: Callable[["Profile"], bool] = lambda profile: False
+    # Fingerprint fields (qwendoctor.fingerprint) a setting depends on beyond torch and diffusers: a lock whose
+    # profile uses the lever is stale when they change, one that does not use it is not.
+    packages: Callable[["Profile"], tuple[str, ...]] = lambda profile: ()
     describe: Callable[["Profile"], str | None] = _nothing
     bench_alone: Callable[["Capabilities", "Workload"], list[BenchRow]] = lambda c, w: []
     ladder: tuple[LadderStep, ...] = ()
@@ -268,6 +272,8 @@ ATTENTION = Lever(
         "attention_backend": trial.suggest_categorical("attention_backend", offer.values["attention_backend"])},
     describe=lambda p: f"attn={p.attention_backend}",
     bench_alone=_attention_bench,
+    # A backend from a flash-attn package; SDPA's own kernels come with torch.
+    packages=lambda p: ("attention_packages",) if BY_NAME[p.attention_backend].package else (),
 )
 
 
@@ -389,7 +395,7 @@ QUANTIZATION = Lever(
     name="quantization", apply=apply_quantization, undoable=False,
     fields=(Field("quantization", str, "none", choices=QUANTIZATIONS),),
     runnable=_quantization_runnable, offer=_quantization_offer, sample=_quantization_sample,
-    lossy=lambda p: p.quantization != "none",
+    lossy=lambda p: p.quantization != "none", packages=lambda p: ("torchao",) if p.quantization != "none" else (),
     describe=lambda p: p.quantization if p.quantization != "none" else None,
     bench_alone=_quantization_bench,
     ladder=(LadderStep(5, "stack:+fp8_rowwise", "+ FP8 row-wise",
@@ -557,6 +563,7 @@ CACHE = Lever(
             Field("taylorseer_order", int, None, choices=TAYLORSEER_ORDERS, optional=True)),
     check=_cache_check, runnable=_cache_runnable, offer=_cache_offer, sample=_cache_sample,
     lossy=lambda p: p.cache != "none", describe=_describe_cache,
+    packages=lambda p: ("cache_dit",) if p.cache == "dbcache" else (),
 )
 
 
@@ -822,6 +829,11 @@ def optimize(pipe, profile: "Profile", undoable_only: bool = False):
         if lever.apply is not None and (lever.undoable or not undoable_only):
             pipe = lever.apply(pipe, profile)
     return pipe
+
+
+def fingerprint_fields(profile: "Profile") -> tuple[str, ...]:
+    """The fingerprint fields `profile` depends on beyond the always-matched ones (levers' `packages`)."""
+    return tuple(dict.fromkeys(field for lever in LEVERS for field in lever.packages(profile)))
 
 
 def is_lossy(profile: "Profile") -> bool:

@@ -155,3 +155,22 @@ def test_warm_up_runs_only_for_profiles_that_compile_or_quantize(tiny_lock, monk
     compiled = dataclasses.replace(tuned, profile=Profile(compile="regional", steps=3))
     assert generate.warm_up(compiled) >= 0
     assert rendered == [Profile(compile="regional", steps=2)]
+
+
+def test_a_lock_is_stale_only_for_the_packages_its_profile_uses(tiny_lock):
+    """torchao matters to an FP8 profile, not to a bf16 one: installing the test extras after the quick start must
+    not invalidate its lock (and the other way round)."""
+    from qwendoctor.errors import QwendoctorError
+    from qwendoctor.generate import check_fingerprint
+
+    lock = lockfile.read_lock(tiny_lock)
+    lock.fingerprint["torchao"] = "0.1.0"
+    lock.fingerprint["attention_packages"] = {"flash-attn-4": "4.0.0b1"}
+    lock.fingerprint["cache_dit"] = "0.1"
+    check_fingerprint(lock, str(tiny_lock))  # a math-attention bf16 profile uses none of them
+    for profile, field in ((Profile(quantization="fp8_rowwise"), "torchao: lock 0.1.0"),
+                           (Profile(attention_backend="fa4"), "attention_packages: lock flash-attn-4 4.0.0b1"),
+                           (Profile(cache="dbcache", cache_threshold=0.1), "cache_dit: lock 0.1")):
+        lock.profile = profile
+        with pytest.raises(QwendoctorError, match=field):
+            check_fingerprint(lock, str(tiny_lock))
