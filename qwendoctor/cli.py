@@ -142,6 +142,9 @@ def generate(prompt, lock_path, seed, num_images, out_dir, ignore_fingerprint, g
         raise UsageError(f"--num-images must be at least 1, got {num_images}")
     if not prompt.strip():
         raise UsageError("the prompt is empty")
+    from qwendoctor.files import writable_directory
+
+    writable_directory(out_dir, "--out")  # before minutes of loading and rendering, not after
     lock = lockfile.read_lock(lock_path)
     if gpus is not None and gpus < 1:
         raise UsageError(f"--gpus must be at least 1, got {gpus}")

@@ -8,6 +8,8 @@ import os
 import tempfile
 from typing import IO, Iterator
 
+from qwendoctor.errors import UsageError
+
 CACHE_ENV = "QWENDOCTOR_CACHE"
 
 
@@ -44,3 +46,16 @@ def cache_dir(override: str | None = None) -> str:
     """Where reference renders are kept between runs: `override`, else $QWENDOCTOR_CACHE, else
     ~/.cache/qwendoctor."""
     return override or os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "qwendoctor")
+
+
+def writable_directory(path: str, option: str) -> None:
+    """Make sure `path` is a directory this process can write into, creating it if needed, before any work that
+    would end in writing there; a one-line usage error naming `option` otherwise."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{option} {path}: is a file, not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"{option} {path}: cannot create it ({error.strerror or error})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: not writable")

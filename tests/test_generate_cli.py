@@ -98,6 +98,7 @@ def test_claim_path_is_exclusive(tmp_path):
     (["generate", "x", "--lock", "{tmp}/missing.lock"], 2, "no such lock file; run `qwendoctor tune`"),
     (["generate", "x", "--lock", "{tmp}/garbage.lock"], 2, "not valid TOML"),
     (["generate", "x", "--num-images", "0"], 2, "--num-images must be at least 1"),
+    (["generate", "x", "--out", "{tmp}/garbage.lock"], 2, "garbage.lock: is a file, not a directory"),
     (["tune", "--width", "1000"], 2, "width must be a positive multiple of 16, got 1000"),
     (["tune", "--steps", "0"], 2, "steps must be an integer >= 2"),
     (["tune", "--steps", "-5"], 2, "steps must be an integer >= 2"),
