@@ -49,13 +49,15 @@ def cache_dir(override: str | None = None) -> str:
 
 
 def writable_directory(path: str, option: str) -> None:
-    """Make sure `path` is a directory this process can write into, creating it if needed, before any work that
-    would end in writing there; a one-line usage error naming `option` otherwise."""
+    """Make sure `path` is, or can be made, a directory this process can write into, before any work that would
+    end in writing there; a one-line usage error naming `option` otherwise. Nothing is created here: bad input
+    leaves no trace."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"{option} {path}: is a file, not a directory")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as error:
-        raise UsageError(f"{option} {path}: cannot create it ({error.strerror or error})") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise UsageError(f"{option} {path}: not writable")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"{option} {path}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: {existing} is not writable")

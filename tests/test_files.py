@@ -32,3 +32,15 @@ def test_the_cache_directory_follows_the_override_then_the_environment(monkeypat
     assert files.cache_dir() == str(tmp_path / "env")
     monkeypatch.delenv(files.CACHE_ENV)
     assert files.cache_dir().endswith(os.path.join(".cache", "qwendoctor"))
+
+
+def test_an_output_directory_is_checked_without_being_created(tmp_path):
+    from qwendoctor.errors import UsageError
+
+    files.writable_directory(str(tmp_path / "new" / "out"), "--out")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UsageError, match="--out .*afile: is a file, not a directory"):
+        files.writable_directory(str(tmp_path / "afile"), "--out")
+    with pytest.raises(UsageError, match="afile is a file, not a directory"):
+        files.writable_directory(str(tmp_path / "afile" / "out"), "--out")
