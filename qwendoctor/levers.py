@@ -103,6 +103,7 @@ class SpaceContext:
     # The model draws what it is asked (trained weights): only then does quality against the reference judge a
     # lossy setting. Random weights draw noise, and PSNR/SSIM on noise speak for numerical fidelity alone.
     draws: bool = True
+    blocks: int | None = None  # the transformer's blocks (60 in Qwen-Image), where the model's config says
 
     @property
     def on_gpu(self) -> bool:
@@ -449,6 +450,11 @@ def _enable_dbcache(pipe, profile: "Profile") -> None:
     # dbcache profile has CFG batching off: _cache_check).
     cfg_batching.disable(pipe)
     value = {name: getattr(profile, name) for name in DBCACHE_FIELDS}
+    always = (value["cache_fn"] or DBCACHE_DEFAULTS["cache_fn"]) + (value["cache_bn"] or 0)
+    blocks = len(pipe.transformer.transformer_blocks)
+    if always >= blocks:
+        raise UsageError(f"profile.cache_fn + cache_bn: {always} blocks always computed leave none of this "
+                         f"transformer's {blocks} to reuse")
     config = cache_dit.DBCacheConfig(
         Fn_compute_blocks=value["cache_fn"] or DBCACHE_DEFAULTS["cache_fn"],
         Bn_compute_blocks=DBCACHE_DEFAULTS["cache_bn"] if value["cache_bn"] is None else value["cache_bn"],
@@ -531,7 +537,11 @@ def _cache_sample(trial, offer: Offer, chosen: dict[str, Any], ctx: SpaceContext
     drawn = {**nothing, "cache": cache,
              "cache_threshold": trial.suggest_float("cache_threshold", *CACHE_THRESHOLD_RANGE)}
     if cache == "dbcache":
-        drawn.update(cache_fn=trial.suggest_int("cache_fn", 1, 4), cache_bn=trial.suggest_int("cache_bn", 0, 2),
+        # The first Fn and last Bn blocks always run: they must leave blocks to reuse (tiny has 2).
+        fn_max = min(4, ctx.blocks - 1) if ctx.blocks else 4
+        bn_max = min(2, ctx.blocks - 1 - fn_max) if ctx.blocks else 2
+        drawn.update(cache_fn=trial.suggest_int("cache_fn", 1, fn_max),
+                     cache_bn=trial.suggest_int("cache_bn", 0, bn_max),
                      cache_warmup=trial.suggest_int("cache_warmup", 2, 8, step=2),
                      cache_max_run=trial.suggest_categorical("cache_max_run", (None, 2, 3, 5)),
                      taylorseer_order=trial.suggest_categorical("taylorseer_order", (None, *TAYLORSEER_ORDERS)))

@@ -44,6 +44,12 @@ def draws(model_id: str) -> bool:
     return model_id not in RANDOM_WEIGHTS
 
 
+def transformer_blocks(model_id: str) -> int | None:
+    """The built-in models' transformer block counts, from the configs they ship; None for other models."""
+    name = {"tiny": ("qwendoctor.tiny", "config.json"), "synthetic": ("qwendoctor", "synthetic.json")}.get(model_id)
+    return None if name is None else _package_json(*name)["transformer"]["num_layers"]
+
+
 def default_device() -> str:
     import torch
 

@@ -60,7 +60,8 @@ def build_search_space(capabilities: Capabilities, workload: Workload, exhaustiv
     """Only what this machine passed; unless `exhaustive`, less what was measured to lose here."""
     context = levers.SpaceContext(capabilities=capabilities, workload=workload, exhaustive=exhaustive,
                                   evidence=evidence or measured_evidence(capabilities.gpu_name),
-                                  draws=models.draws(workload.model))
+                                  draws=models.draws(workload.model),
+                                  blocks=models.transformer_blocks(workload.model))
     return SearchSpace(offers={lever.name: lever.offer(context) for lever in levers.SEARCH_ORDER}, context=context)
 
 

@@ -407,3 +407,26 @@ def test_the_search_draws_dbcache_under_compile_without_cfg_batching(tiny_worklo
     no_cache_dit = space.build_search_space(dataclasses.replace(h100, has_cache_dit=False), drawing)
     assert no_cache_dit.values("cache") == ("none", "first_block")
     assert any("cache-dit is not installed" in line for line in no_cache_dit.left_out)
+
+
+def test_dbcache_leaves_blocks_to_reuse(fresh_tiny, tiny_workload):
+    """tiny has 2 blocks: the search draws only F1B0 there, and a profile that would always compute both is one
+    line, not a cache-dit error."""
+    pytest.importorskip("cache_dit")
+    import optuna
+
+    from qwendoctor import space
+    from qwendoctor.errors import UsageError
+
+    drawing = Capabilities(device="cpu", has_cache_dit=True, working_attention_backends=("native",))
+    search = space.build_search_space(drawing, tiny_workload, evidence=lambda rule: None)
+    context = dataclasses.replace(search.context, draws=True)
+    offer = levers.CACHE.offer(context)
+    trial = optuna.create_study().ask()
+    for _ in range(20):
+        drawn = levers.CACHE.sample(trial, levers.Offer({"cache": ("dbcache",)}), {"compile": "none"}, context)
+        assert (drawn["cache_fn"] or 1) + (drawn["cache_bn"] or 0) < 2
+        trial = optuna.create_study().ask()
+    assert "dbcache" in offer.values["cache"]
+    with pytest.raises(UsageError, match="leave none of this transformer's 2 to reuse"):
+        levers.apply_cache(fresh_tiny.pipe, Profile(**DBCACHE, cache_fn=2))
