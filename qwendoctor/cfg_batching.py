@@ -115,6 +115,11 @@ def enable(pipe, wrap=CFGBatchedTransformer) -> CFGBatchedTransformer:
     return wrapper
 
 
+def unwrapped(transformer):
+    """The diffusers transformer behind CFG batching's wrapper, if there is one."""
+    return transformer.inner if isinstance(transformer, CFGBatchedTransformer) else transformer
+
+
 def disable(pipe) -> None:
     if isinstance(pipe.transformer, CFGBatchedTransformer):
         object.__setattr__(pipe, "transformer", pipe.transformer.inner)

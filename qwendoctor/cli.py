@@ -93,7 +93,7 @@ def tune(model, width, height, steps, true_cfg_scale, negative_prompt, trials, t
     if storage is None:
         directory = os.path.dirname(os.path.abspath(lock_path))
         storage = f"sqlite:///{os.path.join(directory, 'qwendoctor-study.db')}"
-    options = TuneOptions(workload=workload, prompts=read_prompts(prompts_file, num_prompts),
+    options = TuneOptions(workload=workload, prompts=read_prompts(prompts_file, num_prompts, workload.model),
                           seeds=list(range(seeds)), floor=quality.parse_floor(floor), lock_path=lock_path,
                           storage=storage, trials=trials, timeout_s=timeout, heartbeat_s=heartbeat,
                           timed_steps=timed_steps, exhaustive=exhaustive, gpus=_tune_gpus(gpus))
@@ -166,6 +166,8 @@ def generate(prompt, lock_path, seed, num_images, out_dir, ignore_fingerprint, g
     warm_up_s = warm_up(tuned)
     if warm_up_s is not None and not as_json and main_rank:
         click.echo(f"warm-up (compile, autotune): {warm_up_s:.1f} s")
+    if lock.workload.model == "tiny" and main_rank:
+        _note_tiny_grammar(prompt)
     written = []
     for path, seconds in generate_images(tuned, prompt, seed, num_images, out_dir, save=main_rank):
         written.append({"path": path, "seconds": round(seconds, 4)})
@@ -180,6 +182,19 @@ def generate(prompt, lock_path, seed, num_images, out_dir, ignore_fingerprint, g
     elif len(written) > 1:
         mean = sum(w["seconds"] for w in written) / len(written)
         click.echo(f"{len(written)} images, {mean:.2f} s per image")
+
+
+def _note_tiny_grammar(prompt: str) -> None:
+    """tiny learned one grammar of prompts; anything else it renders as some shape it knows, which would look like
+    a bug without this line."""
+    from qwendoctor.tiny import shapes
+
+    try:
+        shapes.parse(prompt)
+    except ValueError:
+        click.echo(f"qwendoctor: note: tiny draws prompts like {shapes.EXAMPLE_PROMPT!r} (sizes "
+                   f"{'/'.join(shapes.SIZES)}, colours {'/'.join(shapes.PALETTE)}, shapes {'/'.join(shapes.SHAPES)}); "
+                   "this prompt is not one, so the image will not show it", err=True)
 
 
 def _launch_generate(profile, lock, arguments: list[str]) -> None:

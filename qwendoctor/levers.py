@@ -414,14 +414,19 @@ CACHES = ("none", "first_block", "dbcache")
 CACHE_THRESHOLD_RANGE = (0.05, 0.3)  # what the search draws from; a lock may hold any value in (0, 1]
 # cache-dit's own defaults for what a dbcache profile leaves unset (DBCacheConfig).
 DBCACHE_DEFAULTS = {"cache_fn": 1, "cache_bn": 0, "cache_warmup": 8}
-DBCACHE_FIELDS = ("cache_fn", "cache_bn", "cache_warmup", "cache_max_run", "taylorseer_order")
+DBCACHE_FIELDS = ("cache_fn", "cache_bn", "cache_warmup", "cache_max_run", "taylorseer_order", "cache_schedule")
 TAYLORSEER_ORDERS = (1, 2)
 CACHE_DIT_INSTALL = "pip install 'qwendoctor[cache]'"
 
 
 def apply_cache(pipe, profile: "Profile"):
+    from qwendoctor import cfg_batching
+
     if pipe.transformer is None:
         return pipe
+    # A CFG wrapper left by an earlier profile goes first: the caches hook the transformer itself, and CFG
+    # batching (applied later in the order) wraps whatever they leave.
+    cfg_batching.disable(pipe)
     if getattr(pipe.transformer, "is_cache_enabled", False):
         pipe.transformer.disable_cache()
     if getattr(pipe, "_qwendoctor_cache_dit", False):
@@ -441,30 +446,57 @@ def apply_cache(pipe, profile: "Profile"):
 def _enable_dbcache(pipe, profile: "Profile") -> None:
     import os
 
-    from qwendoctor import cfg_batching
-
     os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")  # read when cache_dit is first imported
     import cache_dit
 
-    # cache-dit hooks the pipeline's own transformer; a CFG wrapper left by an earlier trial goes first (a
-    # dbcache profile has CFG batching off: _cache_check).
-    cfg_batching.disable(pipe)
     value = {name: getattr(profile, name) for name in DBCACHE_FIELDS}
     always = (value["cache_fn"] or DBCACHE_DEFAULTS["cache_fn"]) + (value["cache_bn"] or 0)
     blocks = len(pipe.transformer.transformer_blocks)
     if always >= blocks:
         raise UsageError(f"profile.cache_fn + cache_bn: {always} blocks always computed leave none of this "
                          f"transformer's {blocks} to reuse")
+    warmup = DBCACHE_DEFAULTS["cache_warmup"] if value["cache_warmup"] is None else value["cache_warmup"]
+    schedule = {}
+    if value["cache_schedule"] is not None:
+        workload = getattr(pipe, "_qwendoctor_workload", None)
+        if workload is None:
+            raise UsageError("profile.cache_schedule: a fixed schedule needs the workload's step count")
+        steps = profile.steps or workload.reference_steps
+        # cache-dit's static policy: the mask alone decides which steps reuse, whatever the residuals do.
+        schedule = {"steps_computation_mask": fixed_schedule(steps, value["cache_schedule"], warmup),
+                    "steps_computation_policy": "static", "num_inference_steps": steps}
     config = cache_dit.DBCacheConfig(
         Fn_compute_blocks=value["cache_fn"] or DBCACHE_DEFAULTS["cache_fn"],
         Bn_compute_blocks=DBCACHE_DEFAULTS["cache_bn"] if value["cache_bn"] is None else value["cache_bn"],
-        residual_diff_threshold=profile.cache_threshold,
-        max_warmup_steps=DBCACHE_DEFAULTS["cache_warmup"] if value["cache_warmup"] is None else value["cache_warmup"],
-        max_continuous_cached_steps=value["cache_max_run"] or -1)
+        residual_diff_threshold=profile.cache_threshold or 0.0,
+        max_warmup_steps=warmup,
+        max_continuous_cached_steps=value["cache_max_run"] or -1,
+        **schedule,
+        # One cache per CFG pass when the pipeline calls the transformer twice a step; with CFG batching (one
+        # batch-2 call) or without CFG each call is a step, and one decision covers the whole batch.
+        enable_separate_cfg=separate_cfg_passes(pipe, profile))
     calibrator = (cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=value["taylorseer_order"])
                   if value["taylorseer_order"] else None)
     cache_dit.enable_cache(pipe, cache_config=config, calibrator_config=calibrator)
     pipe._qwendoctor_cache_dit = True
+    pipe._qwendoctor_separate_cfg = config.enable_separate_cfg
+
+
+def separate_cfg_passes(pipe, profile: "Profile") -> bool:
+    """Whether each denoising step calls the transformer twice (true CFG, not batched)."""
+    workload = getattr(pipe, "_qwendoctor_workload", None)
+    return (workload is None or workload.does_cfg) and not profile.cfg_batching
+
+
+def fixed_schedule(steps: int, cached_fraction: float, warmup: int) -> list[int]:
+    """A step mask (1 computes, 0 reuses) caching `cached_fraction` of `steps`: the first `warmup` steps (fewer
+    where the fraction leaves fewer computed) and the last are computed, the others spread evenly between them."""
+    computed = min(steps, max(2, round(steps * (1 - cached_fraction))))
+    warmup = min(warmup, computed - 1)
+    spread = computed - warmup - 1
+    picks = {warmup + round(i * (steps - 1 - warmup) / max(spread, 1)) for i in range(spread)}
+    keep = set(range(min(warmup, steps))) | picks | {steps - 1}
+    return [1 if step in keep else 0 for step in range(steps)]
 
 
 def cached_steps(pipe) -> int | None:
@@ -474,10 +506,14 @@ def cached_steps(pipe) -> int | None:
         return None
     import cache_dit
 
-    stats = cache_dit.summary(pipe)[0]
+    from qwendoctor import cfg_batching
+
+    # The transformer itself: cache-dit does not know CFG batching's wrapper. logging=False: a record, not a report.
+    stats = cache_dit.summary(cfg_batching.unwrapped(pipe.transformer), logging=False)[0]
     cond = set(getattr(stats, "cached_steps", None) or [])
-    uncond = getattr(stats, "cfg_cached_steps", None)
-    return len(cond & set(uncond)) if uncond is not None else len(cond)
+    if not pipe._qwendoctor_separate_cfg:
+        return len(cond)
+    return len(cond & set(getattr(stats, "cfg_cached_steps", None) or []))
 
 
 def _cache_check(profile) -> None:
@@ -490,7 +526,15 @@ def _cache_check(profile) -> None:
             raise UsageError("profile.cache_threshold: set without a cache")
         return
     threshold = profile.cache_threshold
-    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 < threshold <= 1:
+    if profile.cache == "dbcache" and profile.cache_schedule is not None:
+        fraction = profile.cache_schedule
+        if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 < fraction < 1:
+            raise UsageError(f"profile.cache_schedule: the fraction of steps cached must be in (0, 1), got "
+                             f"{fraction!r}")
+        if threshold is not None:
+            raise UsageError("profile.cache_threshold: a fixed cache_schedule decides which steps reuse; leave the "
+                             "threshold unset")
+    elif not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 < threshold <= 1:
         raise UsageError(f"profile.cache_threshold: must be in (0, 1] for cache {profile.cache!r}, got {threshold!r}")
     if profile.cache == "first_block" and profile.compile != "none":
         # Its hooks wrap each block's forward, so the compiled block traces into a function diffusers marks
@@ -500,10 +544,6 @@ def _cache_check(profile) -> None:
     if profile.cache == "dbcache":
         if profile.compile == "full":
             raise UsageError("profile: cache 'dbcache' runs with compile = regional (measured), not full")
-        if profile.cfg_batching:
-            # cache-dit keeps one cache per CFG pass; batched, the two passes are one call it cannot tell apart.
-            raise UsageError("profile.cfg_batching: cache 'dbcache' keeps a cache per CFG pass; set cfg_batching = "
-                             "false")
     if profile.context_degree > 1:
         # Each rank would decide to skip blocks from its own shard of the sequence: ranks that decide
         # differently issue different collectives and the run deadlocks.
@@ -537,7 +577,7 @@ def _cache_sample(trial, offer: Offer, chosen: dict[str, Any], ctx: SpaceContext
     drawn = {**nothing, "cache": cache,
              "cache_threshold": trial.suggest_float("cache_threshold", *CACHE_THRESHOLD_RANGE)}
     if cache == "dbcache":
-        # The first Fn and last Bn blocks always run: they must leave blocks to reuse (tiny has 2).
+        # The first Fn and last Bn blocks always run: they must leave blocks to reuse.
         fn_max = min(4, ctx.blocks - 1) if ctx.blocks else 4
         bn_max = min(2, ctx.blocks - 1 - fn_max) if ctx.blocks else 2
         drawn.update(cache_fn=trial.suggest_int("cache_fn", 1, fn_max),
@@ -553,7 +593,8 @@ def _describe_cache(p) -> str | None:
         return None
     if p.cache == "first_block":
         return f"first_block({p.cache_threshold:g})"
-    parts = [f"{p.cache_threshold:g}", f"F{p.cache_fn or DBCACHE_DEFAULTS['cache_fn']}"
+    when = f"{p.cache_threshold:g}" if p.cache_schedule is None else f"fixed {p.cache_schedule:.0%}"
+    parts = [when, f"F{p.cache_fn or DBCACHE_DEFAULTS['cache_fn']}"
              f"B{DBCACHE_DEFAULTS['cache_bn'] if p.cache_bn is None else p.cache_bn}"]
     if p.cache_warmup is not None:
         parts.append(f"warmup {p.cache_warmup}")
@@ -570,7 +611,10 @@ CACHE = Lever(
             Field("cache_fn", int, None, low=1, optional=True), Field("cache_bn", int, None, low=0, optional=True),
             Field("cache_warmup", int, None, low=0, optional=True),
             Field("cache_max_run", int, None, low=1, optional=True),
-            Field("taylorseer_order", int, None, choices=TAYLORSEER_ORDERS, optional=True)),
+            Field("taylorseer_order", int, None, choices=TAYLORSEER_ORDERS, optional=True),
+            # this fraction of the steps reused on a fixed schedule instead of a threshold: measures a cache's
+            # speed where quality cannot judge it (random weights); never drawn by the search
+            Field("cache_schedule", float, None, optional=True, omit_default=True)),
     check=_cache_check, runnable=_cache_runnable, offer=_cache_offer, sample=_cache_sample,
     lossy=lambda p: p.cache != "none", describe=_describe_cache,
     packages=lambda p: ("cache_dit",) if p.cache == "dbcache" else (),
@@ -773,7 +817,7 @@ CFG_BATCHING = Lever(
     fields=(Field("cfg_batching", bool, False),),
     runnable=_cfg_batching_runnable,
     offer=lambda ctx: Offer({"cfg_batching": (False, True) if ctx.workload.does_cfg else (False,)}),
-    sample=lambda trial, offer, chosen, ctx: {"cfg_batching": False} if chosen.get("cache") == "dbcache" else {
+    sample=lambda trial, offer, chosen, ctx: {
         "cfg_batching": trial.suggest_categorical("cfg_batching", offer.values["cfg_batching"])},
     describe=lambda p: "cfg-batch" if p.cfg_batching else None,
     bench_alone=_cfg_batching_bench,
@@ -797,15 +841,16 @@ CFG_PARALLEL = Lever(name="cfg_parallel", apply=apply_cfg_parallel, undoable=Fal
 # ---- 10. steps ------------------------------------------------------------------------------------------
 
 def _steps_offer(ctx: SpaceContext) -> Offer:
-    """From the reference down to about half of it, in about ten strides; only the reference on a model that
-    does not draw."""
+    """From the reference down to a fifth of it, in strides of a tenth: the floor, not the range, decides how
+    few steps are enough (on the trained tiny model 4 of 50 already miss PSNR 30 dB, benchmarks/tiny). Only the
+    reference on a model that does not draw."""
     reference = ctx.workload.reference_steps
     if not ctx.draws:
         return Offer({"steps": IntRange(reference, reference, 1)},
                      (f"fewer steps than {reference}: {ctx.workload.model} has random weights, so quality against "
                       "the reference says nothing about steps",))
     stride = max(1, reference // 10)
-    low = reference - stride * ((reference - max(MIN_STEPS, math.ceil(reference / 2))) // stride)
+    low = reference - stride * ((reference - max(MIN_STEPS, math.ceil(reference / 5))) // stride)
     return Offer({"steps": IntRange(low, reference, stride)})
 
 
@@ -831,10 +876,14 @@ SEARCH_ORDER = (ATTENTION, COMPILE, QUANTIZATION, CACHE, TF32, CFG_BATCHING, REA
 FIELDS = tuple(field for lever in LEVERS for field in lever.fields)
 
 
-def optimize(pipe, profile: "Profile", undoable_only: bool = False):
+def optimize(pipe, profile: "Profile", undoable_only: bool = False, workload: "Workload | None" = None):
     """Apply the levers of `profile` to `pipe` in the documented order. `undoable_only`: just the levers that
-    set their state both ways, to re-apply a profile to a pipeline a trial already used (qwendoctor.pool)."""
+    set their state both ways, to re-apply a profile to a pipeline a trial already used (qwendoctor.pool).
+    `workload`: what the pipeline will be called with; a cache must know in advance whether each step runs true
+    CFG's two passes, and a fixed cache schedule how many steps there are."""
     profile.validate()
+    if workload is not None:
+        object.__setattr__(pipe, "_qwendoctor_workload", workload)
     for lever in LEVERS:
         if lever.apply is not None and (lever.undoable or not undoable_only):
             pipe = lever.apply(pipe, profile)

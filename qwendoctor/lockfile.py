@@ -16,7 +16,11 @@ Layout (every table required unless marked optional):
                     slower (timed, not rendered: they could not win), duplicates (proposals of a profile already
                     measured: reused, not counted in trials), best_trial, floor, floor_psnr_db, floor_ssim, floor_lpips;
                     quality (how far the speed-up keeps the image: QUALITY_CLASSES), lossless_speedup and
-                    lossless_trial (the fastest profile that changes nothing beyond rounding);
+                    lossless_trial (the fastest profile that changes nothing beyond rounding); for a lossy
+                    profile on a model that draws, the held-out check: held_out_images, held_out_psnr_db,
+                    held_out_ssim, held_out_lpips, held_out_rejected (faster trials that missed the floor there);
+                    on a model with random weights fixed_cache_50_speedup and fixed_cache_70_speedup (the locked
+                    profile with half and 70% of its steps reusing cached blocks: speed only, unverified);
                     with several GPUs strategies_tried and one_gpu_latency_s (the best one-GPU profile's)
 """
 
@@ -47,6 +51,11 @@ STUDY_FIELDS = {
     "duplicates": int, "quality": str, "lossless_speedup": float, "lossless_trial": int,
     "strategies_tried": int, "one_gpu_latency_s": float,
     "best_trial": int, "floor": str, "floor_psnr_db": float, "floor_ssim": float, "floor_lpips": float,
+    # a lossy profile re-rendered on prompts and a seed the study never used (qwendoctor.tune.check_held_out)
+    "held_out_images": int, "held_out_psnr_db": float, "held_out_ssim": float, "held_out_lpips": float,
+    "held_out_rejected": int,
+    # a model that does not draw: the locked profile with a cache on a fixed schedule, speed only (unverified)
+    "fixed_cache_50_speedup": float, "fixed_cache_70_speedup": float,
 }
 REQUIRED_FINGERPRINT = ("device", "torch", "model_id")
 # lossless: rounding only, measured against the reference; verified: lossy (FP8, a cache, fewer steps), judged on

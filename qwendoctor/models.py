@@ -18,8 +18,8 @@ from qwendoctor.errors import UsageError
 
 BUILTIN_MODELS = ("tiny", "synthetic")
 # Built-in models with random weights draw noise: PSNR/SSIM against their reference renders speak for numerical
-# fidelity only, never for what fewer steps or a cache do to an image.
-RANDOM_WEIGHTS = ("tiny", "synthetic")
+# fidelity only, never for what fewer steps or a cache do to an image. `tiny` is trained (qwendoctor.tiny) and draws.
+RANDOM_WEIGHTS = ("synthetic",)
 
 
 @dataclasses.dataclass
@@ -46,8 +46,13 @@ def draws(model_id: str) -> bool:
 
 def transformer_blocks(model_id: str) -> int | None:
     """The built-in models' transformer block counts, from the configs they ship; None for other models."""
-    name = {"tiny": ("qwendoctor.tiny", "config.json"), "synthetic": ("qwendoctor", "synthetic.json")}.get(model_id)
-    return None if name is None else _package_json(*name)["transformer"]["num_layers"]
+    if model_id == "tiny":
+        from qwendoctor.tiny import trained
+
+        return trained.read_config()["model"]["transformer"]["num_layers"]
+    if model_id == "synthetic":
+        return _package_json("qwendoctor", "synthetic.json")["transformer"]["num_layers"]
+    return None
 
 
 def default_device() -> str:
@@ -92,30 +97,10 @@ def _package_json(package: str, name: str) -> dict[str, Any]:
 
 
 def _load_tiny(device: str, dtype: str) -> LoadedModel:
-    import torch
-    from diffusers import (
-        AutoencoderKLQwenImage,
-        FlowMatchEulerDiscreteScheduler,
-        QwenImagePipeline,
-        QwenImageTransformer2DModel,
-    )
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+    from qwendoctor.tiny import trained
 
-    config = _package_json("qwendoctor.tiny", "config.json")
-    # Each component is seeded on its own so changing one config leaves the others' weights as they were.
-    torch.manual_seed(config["seed"])
-    transformer = QwenImageTransformer2DModel(**config["transformer"])
-    torch.manual_seed(config["seed"] + 1)
-    vae = AutoencoderKLQwenImage(**config["vae"])
-    torch.manual_seed(config["seed"] + 2)
-    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config["text_encoder"])).eval()
-    tokenizer = Qwen2Tokenizer.from_pretrained(str(resources.files("qwendoctor.tiny")))
-    scheduler = FlowMatchEulerDiscreteScheduler(**config["scheduler"])
-    pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                             transformer=transformer)
-    pipe.to(device=device, dtype=_torch_dtype(dtype))
-    pipe.set_progress_bar_config(disable=True)
-    return LoadedModel(pipe=pipe, model_id="tiny", revision=_config_revision(config), device=device, dtype=dtype)
+    pipe = trained.load_trained_tiny(device, dtype)
+    return LoadedModel(pipe=pipe, model_id="tiny", revision=trained.revision(), device=device, dtype=dtype)
 
 
 def _load_synthetic(device: str, dtype: str) -> LoadedModel:

@@ -58,7 +58,7 @@ class ModelPool:
                 self._pristine = models.pristine_transformer_source(self.model)
                 how = "loaded"
             elif self.baked_into is not None and self.baked_into == wanted:
-                levers.optimize(self.model.pipe, profile, undoable_only=True)
+                levers.optimize(self.model.pipe, profile, undoable_only=True, workload=self.workload)
                 return Prepared(self.model, "reused", time.perf_counter() - started)
             elif self.baked_into is not None:
                 self._replace_transformer()
@@ -66,7 +66,7 @@ class ModelPool:
             else:
                 how = "re-applied"
             self.baked_into = UNKNOWN
-            levers.optimize(self.model.pipe, profile)
+            levers.optimize(self.model.pipe, profile, workload=self.workload)
             self.baked_into = wanted
         except BaseException:
             self.baked_into = UNKNOWN

@@ -97,6 +97,9 @@ def print_tune(result: TuneResult, lock_path: str, console: Console | None = Non
                      if counts.get("duplicates") else "") + ".")
     console.print(time_line(result))
     console.print(speedup_line(lock))
+    fixed = fixed_cache_line(lock)
+    if fixed:
+        console.print(fixed)
     console.print(f"lock written to {lock_path}" + (f", plot to {result.plot_path}" if result.plot_path else ""))
 
 
@@ -109,16 +112,43 @@ QUALITY_NOTES = {
 
 
 def speedup_line(lock) -> str:
-    """The headline, with how far it can be trusted; a lossy one beside the lossless figure of the same study."""
+    """The headline, with how far it can be trusted. A lossy one stands beside the lossless figure of the same
+    study; an unverified one never leads: its quality was measured on noise."""
     study = lock.study
     quality = study.get("quality")
-    line = f"speedup {lock.measured['speedup']:.2f}x over the default"
+    figure = f"{lock.measured['speedup']:.2f}x"
     if quality is None:
-        return line
-    line += f" ({QUALITY_NOTES[quality].format(model=lock.workload.model)})"
+        return f"speedup {figure} over the default"
+    note = QUALITY_NOTES[quality].format(model=lock.workload.model)
+    if quality == "unverified" and "lossless_speedup" in study:
+        return (f"speedup {study['lossless_speedup']:.2f}x over the default, lossless (trial "
+                f"#{study['lossless_trial']}); the locked profile's {figure} is {note}")
+    line = f"speedup {figure} over the default ({note})"
     if quality != "lossless" and "lossless_speedup" in study:
         line += f"; lossless {study['lossless_speedup']:.2f}x (trial #{study['lossless_trial']})"
-    return line
+    return line + held_out_note(study)
+
+
+def fixed_cache_line(lock) -> str | None:
+    """Caches timed on a fixed schedule where quality cannot judge them: a speed, never a headline."""
+    figures = [(share, lock.study[f"fixed_cache_{share}_speedup"]) for share in (50, 70)
+               if f"fixed_cache_{share}_speedup" in lock.study]
+    if not figures:
+        return None
+    return ("caches, speed only (unverified: a fixed schedule on random weights, not in the lock): "
+            + ", ".join(f"{share}% of steps cached {speedup:.2f}x" for share, speedup in figures)
+            + " over the default")
+
+
+def held_out_note(study: dict) -> str:
+    if "held_out_images" not in study:
+        return ""
+    rejected = study.get("held_out_rejected", 0)
+    skipped = f"; {rejected} faster trial(s) missed the floor there" if rejected else ""
+    if "held_out_psnr_db" not in study:
+        return f"; held-out check on {study['held_out_images']} new image(s): no lossy trial held{skipped}"
+    return (f"; held out ({study['held_out_images']} new prompt/seed images): PSNR {study['held_out_psnr_db']:.1f} "
+            f"dB, SSIM {study['held_out_ssim']:.3f}{skipped}")
 
 
 TIME_LABELS = {"build": "load, restore and apply levers", "warmup": "warm-up (compile, autotune)",

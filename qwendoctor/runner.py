@@ -17,7 +17,7 @@ def build(workload: Workload, profile: Profile, capabilities: Capabilities) -> m
     """Refuse what this machine cannot run, then load the model and apply the profile's levers."""
     check_runnable(profile, workload, capabilities)
     model = models.load_model(workload.model, capabilities.device, workload.dtype)
-    optimize(model.pipe, profile)
+    optimize(model.pipe, profile, workload=workload)
     return model
 
 

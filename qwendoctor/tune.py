@@ -42,6 +42,10 @@ MAX_CACHE_SPEEDUP = 3.0
 # A sampler that proposes only profiles the study has measured has run out of new ones (a small space, or one
 # TPE has converged on): after this many in a row the run ends with what it has.
 DUPLICATE_STREAK_LIMIT = 10
+# On a model that does not draw, caches are timed on these fixed shares of cached steps instead of searched.
+FIXED_CACHE_FRACTIONS = (0.5, 0.7)
+# Lossy trials the held-out check tries, fastest first, before it settles for the fastest lossless one.
+HELD_OUT_TRIES = 3
 # Where the study's time goes (a trial's user attr "time_s"), in the order the report lists them.
 TIME_PARTS = ("build", "warmup", "speed", "render", "quality")
 
@@ -90,21 +94,41 @@ class TuneResult:
     strategy_rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the multi-GPU stage
 
 
-def read_prompts(path: str | None, count: int) -> list[str]:
-    if path is None:
-        from importlib import resources
+def default_prompts(model_id: str) -> list[str]:
+    """The built-in prompt set for `model_id`: tiny's held-out shapes prompts (it draws nothing else), else
+    qwendoctor/prompts.txt."""
+    if model_id == "tiny":
+        from qwendoctor.tiny import shapes, trained
 
-        text = resources.files("qwendoctor").joinpath("prompts.txt").read_text()
-    else:
-        try:
-            with open(path, encoding="utf-8") as handle:
-                text = handle.read()
-        except OSError as error:
-            raise UsageError(f"--prompts {path}: {error.strerror or error}") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        return shapes.held_out_prompts(trained.read_config()["training"]["seed"])
+    from importlib import resources
+
+    return _prompt_lines(resources.files("qwendoctor").joinpath("prompts.txt").read_text())
+
+
+def _prompt_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def read_prompts(path: str | None, count: int, model_id: str = "tiny") -> list[str]:
+    if path is None:
+        return default_prompts(model_id)[:count]
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as error:
+        raise UsageError(f"--prompts {path}: {error.strerror or error}") from None
+    prompts = _prompt_lines(text)
     if not prompts:
         raise UsageError(f"--prompts {path}: no prompts in the file")
-    return prompts[:count] if path is None else prompts
+    return prompts
+
+
+def held_out_set(model_id: str, prompts: list[str], seeds: list[int]) -> tuple[list[str], list[int]]:
+    """Prompts and seeds the study never rendered, as many prompts as it used (from the back of the built-in set),
+    one new seed: a lossy lock must hold its floor on them too."""
+    unused = [prompt for prompt in default_prompts(model_id) if prompt not in prompts]
+    return unused[-len(prompts):] or list(prompts), [max(seeds) + 1]
 
 
 def study_name(options: TuneOptions, here: dict[str, Any]) -> str:
@@ -195,6 +219,68 @@ def quality_class(profile: Profile, model_id: str) -> str:
     if not levers.is_lossy(profile):
         return "lossless"
     return "verified" if models.draws(model_id) else "unverified"
+
+
+def check_held_out(options: TuneOptions, pool: ModelPool, optuna_study, best, log: Callable[[str], None]):
+    """Render the chosen lossy profile on prompts and a seed the study never used and hold it to the floor there;
+    if it misses, the next fastest feasible trial, up to HELD_OUT_TRIES lossy ones, then the fastest lossless one.
+    Returns the trial to lock and the study fields that record the check."""
+    prompts, seeds = held_out_set(options.workload.model, options.prompts, options.seeds)
+    log(f"held-out check: {len(prompts) * len(seeds)} image(s) on prompts and a seed the study never rendered")
+    references = runner.measure(pool.prepare(Profile()).model, options.workload, Profile(), prompts, seeds,
+                                warmup=0).images
+    rejected: list[int] = []
+    candidate = best
+    while candidate is not None and len(rejected) < HELD_OUT_TRIES:
+        profile = Profile.from_dict(candidate.user_attrs["profile"])
+        if not levers.is_lossy(profile):
+            break  # rounding only: a new prompt has nothing to reveal
+        images = runner.measure(pool.prepare(profile).model, options.workload, profile, prompts, seeds,
+                                warmup=0).images
+        fidelity = quality.compare(images, references)
+        missed = {metric: value for metric, value in options.floor.violations(fidelity).items() if value > 0}
+        log(f"held-out check: trial #{candidate.number} {profile.describe()}: PSNR {fidelity['psnr_db']:.1f} dB, "
+            f"SSIM {fidelity['ssim']:.3f}" + (f", misses the floor ({', '.join(missed)})" if missed else ", holds"))
+        if not missed:
+            return candidate, {
+                "held_out_images": len(images), "held_out_psnr_db": fidelity["psnr_db"],
+                "held_out_ssim": fidelity["ssim"], "held_out_rejected": len(rejected),
+                **({"held_out_lpips": fidelity["lpips"]} if "lpips" in fidelity else {})}
+        rejected.append(candidate.number)
+        candidate = study.best_feasible(optuna_study, lambda trial: trial.number not in rejected)
+    if candidate is None or levers.is_lossy(Profile.from_dict(candidate.user_attrs["profile"])):
+        candidate = study.best_feasible(
+            optuna_study, lambda trial: not levers.is_lossy(Profile.from_dict(trial.user_attrs["profile"])))
+    log(f"held-out check: {len(rejected)} lossy trial(s) missed the floor on new prompts; locking "
+        f"trial #{candidate.number}, lossless")
+    return candidate, {"held_out_images": len(references), "held_out_rejected": len(rejected)}
+
+
+def measure_fixed_caches(options: TuneOptions, pool: ModelPool, profile: Profile, default_latency_s: float,
+                         log: Callable[[str], None]) -> dict[str, float]:
+    """Where quality cannot judge a cache (random weights): the locked profile plus cache-dit on fixed schedules
+    of FIXED_CACHE_FRACTIONS cached steps, timed only. The study fields it returns are speed, never quality."""
+    base = dataclasses.replace(profile, cache="dbcache", cache_threshold=None,
+                               **dict.fromkeys(levers.DBCACHE_FIELDS))
+    found = {}
+    for fraction in FIXED_CACHE_FRACTIONS:
+        cached = dataclasses.replace(base, cache_schedule=fraction)
+        try:
+            cached.validate()
+            model = pool.prepare(cached).model
+            measurement = runner.measure(model, options.workload, cached, options.prompts[:1], options.seeds[:1])
+        except (UsageError, UnavailableLever) as error:
+            log(f"fixed-schedule cache not measured: {first_line(error)}")
+            return found
+        except Exception as error:  # measured speed is a bonus; a failure here must not cost the lock
+            pool.forget()
+            _release_memory()
+            log(f"fixed-schedule cache not measured: {classify_failure(error)}")
+            return found
+        speedup = default_latency_s / measurement.summary()["latency_median_s"]
+        found[f"fixed_cache_{round(fraction * 100)}_speedup"] = speedup
+        log(f"fixed-schedule cache (speed only, unverified): {cached.describe()}: {speedup:.2f}x over the default")
+    return found
 
 
 def _is_candidate(profile: Profile, estimate_s: float, best_s: float) -> bool:
@@ -459,6 +545,11 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
                               f"({options.floor.describe()}) "
                               f"in {counts['trials']} trials; lower --floor or raise --trials") from None
 
+    held_out = {}
+    if models.draws(options.workload.model) and levers.is_lossy(Profile.from_dict(best.user_attrs["profile"])):
+        started = time.perf_counter()
+        best, held_out = check_held_out(options, pool, optuna_study, best, log)
+        spent["held-out check"] = time.perf_counter() - started
     measured = {k: best.user_attrs[k] for k in study.RESULT_ATTRS
                 if k in best.user_attrs and k in lockfile.MEASURED_FIELDS}
     baseline = {k: reference_summary[k] for k in study.RESULT_ATTRS if k in reference_summary}
@@ -480,8 +571,12 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
                "slower": counts["slower"], "duplicates": counts["duplicates"],
                "best_trial": best.number, "floor": options.floor.name, "floor_psnr_db": options.floor.psnr_db,
                "floor_ssim": options.floor.ssim,
-               **({"floor_lpips": options.floor.lpips} if options.floor.lpips is not None else {})},
+               **({"floor_lpips": options.floor.lpips} if options.floor.lpips is not None else {}), **held_out},
     )
+    if not models.draws(options.workload.model) and capabilities.has_cache_dit:
+        started = time.perf_counter()
+        lock.study.update(measure_fixed_caches(options, pool, profile, baseline["latency_median_s"], log))
+        spent["fixed-schedule caches"] = time.perf_counter() - started
     strategy_rows = []
     if options.gpus > 1:
         started = time.perf_counter()

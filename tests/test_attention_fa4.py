@@ -55,7 +55,7 @@ def test_fa4_backend_runs_the_tiny_pipeline_like_native(fake_fa4, tiny_workload)
     levers.apply_attention_backend(model.pipe, Profile(attention_backend="fa4"))
     image = runner.render(model, tiny_workload, Profile(), "a fox", 0)
     assert fake_fa4, "the registered FA4 function was never called"
-    assert fake_fa4[0][2:] == (2, 32)  # [B, S, H=2, D=32]: FA4's layout, as the dispatcher hands it over
+    assert fake_fa4[0][2:] == (4, 16)  # [B, S, H=4, D=16]: FA4's layout, as the dispatcher hands it over
     assert np.abs(image - reference).max() < 1e-4
     assert attention.register_fa4_backend() is True  # idempotent
 

@@ -70,6 +70,17 @@ def test_generate_writes_pngs_with_metadata_and_never_overwrites(tiny_lock, tmp_
     assert len(reads) == len(checks) == 2  # the lock is read and checked once per run
 
 
+def test_generate_on_tiny_says_when_a_prompt_is_outside_what_it_learned(tiny_lock, tmp_path, capsys):
+    for prompt, noted in (("a lighthouse at dusk", True),
+                          ("a small green square in the center on a white background", False)):
+        with pytest.raises(SystemExit) as done:
+            cli.main(["generate", prompt, "--lock", str(tiny_lock), "--out", str(tmp_path / "o")])
+        assert done.value.code == 0
+        err = capsys.readouterr().err
+        assert ("qwendoctor: note: tiny draws prompts like 'a large red circle at the top left on a blue "
+                "background'" in err) == noted, err
+
+
 def test_generate_refuses_a_lock_from_another_setup(tiny_lock, tmp_path, capsys):
     lock = lockfile.read_lock(tiny_lock)
     lock.fingerprint["torch"] = "2.5.0"

@@ -269,10 +269,9 @@ def test_missing_hub_model_says_how_to_get_it(monkeypatch, tmp_path):
 
 def test_synthetic_transformer_builds_without_a_full_precision_copy():
     """The synthetic builder on a toy config: weights land in the target dtype with the documented init."""
-    import json
-    from importlib import resources
+    from qwendoctor.tiny.trained import read_config
 
-    config = json.loads(resources.files("qwendoctor.tiny").joinpath("config.json").read_text())["transformer"]
+    config = read_config()["model"]["transformer"]
     transformer = models.build_synthetic_transformer(config, "cpu", torch.bfloat16, seed=0)
     assert {p.dtype for p in transformer.parameters()} == {torch.bfloat16}
     weight = transformer.transformer_blocks[0].attn.to_q.weight
@@ -356,19 +355,38 @@ def test_dbcache_reuses_blocks_and_is_undone(fresh_tiny, tiny_workload):
     np.testing.assert_array_equal(runner.render(fresh_tiny, workload, Profile(), "a fox", 0), reference)
 
 
-def test_dbcache_stacks_with_regional_compile_and_gives_way_to_cfg_batching(fresh_tiny, tiny_workload,
-                                                                            recorded_compiles):
+def test_dbcache_stacks_with_regional_compile_and_cfg_batching(fresh_tiny, tiny_workload, recorded_compiles):
     pytest.importorskip("cache_dit")
+    from qwendoctor import cfg_batching
+
     workload = dataclasses.replace(tiny_workload, reference_steps=8)
     profile = Profile(**DBCACHE, compile="regional")
-    levers.optimize(fresh_tiny.pipe, profile)
+    levers.optimize(fresh_tiny.pipe, profile, workload=workload)
     assert len(recorded_compiles) == len(fresh_tiny.pipe.transformer.transformer_blocks)
     assert np.isfinite(runner.render(fresh_tiny, workload, profile, "a fox", 0)).all()
     assert levers.cached_steps(fresh_tiny.pipe) > 0
-    # The pool's next trial: CFG batching re-applied on the same pipeline takes the cache off first.
-    levers.optimize(fresh_tiny.pipe, Profile(cfg_batching=True, compile="regional"), undoable_only=True)
+    # The pool's next trial adds CFG batching on the same pipeline: one batch-2 call a step, one cache for both
+    # passes, the wrapper around the hooked transformer.
+    batched = dataclasses.replace(profile, cfg_batching=True)
+    levers.optimize(fresh_tiny.pipe, batched, undoable_only=True, workload=workload)
+    assert isinstance(fresh_tiny.pipe.transformer, cfg_batching.CFGBatchedTransformer)
+    assert not levers.separate_cfg_passes(fresh_tiny.pipe, batched)
+    image = runner.render(fresh_tiny, workload, batched, "a fox", 0)
+    assert np.isfinite(image).all() and fresh_tiny.pipe.transformer.batched_calls == 8
+    assert 0 < levers.cached_steps(fresh_tiny.pipe) < 8
+    levers.optimize(fresh_tiny.pipe, Profile(compile="regional"), undoable_only=True, workload=workload)
     assert levers.cached_steps(fresh_tiny.pipe) is None
-    assert np.isfinite(runner.render(fresh_tiny, workload, Profile(cfg_batching=True), "a fox", 0)).all()
+    assert not isinstance(fresh_tiny.pipe.transformer, cfg_batching.CFGBatchedTransformer)
+
+
+def test_dbcache_without_cfg_counts_each_call_as_a_step(fresh_tiny, tiny_workload):
+    """true_cfg_scale 1: the transformer runs once a step, so cache-dit must not pair the calls as CFG passes."""
+    pytest.importorskip("cache_dit")
+    workload = dataclasses.replace(tiny_workload, reference_steps=8, true_cfg_scale=1.0)
+    levers.optimize(fresh_tiny.pipe, Profile(**DBCACHE), workload=workload)
+    assert not levers.separate_cfg_passes(fresh_tiny.pipe, Profile(**DBCACHE))
+    assert np.isfinite(runner.render(fresh_tiny, workload, Profile(**DBCACHE), "a fox", 0)).all()
+    assert 0 < levers.cached_steps(fresh_tiny.pipe) < 8
 
 
 def test_dbcache_needs_cache_dit_and_refuses_what_it_cannot_hook(tiny_workload):
@@ -377,8 +395,7 @@ def test_dbcache_needs_cache_dit_and_refuses_what_it_cannot_hook(tiny_workload):
     with pytest.raises(UnavailableLever, match=r"needs cache-dit: pip install 'qwendoctor\[cache\]'"):
         check_runnable(Profile(**DBCACHE), tiny_workload, Capabilities(device="cpu"))
     check_runnable(Profile(**DBCACHE), tiny_workload, Capabilities(device="cpu", has_cache_dit=True))
-    for bad, message in ((dict(DBCACHE, cfg_batching=True), "profile.cfg_batching: cache 'dbcache'"),
-                         (dict(DBCACHE, compile="full"), "compile = regional (measured), not full"),
+    for bad, message in ((dict(DBCACHE, compile="full"), "compile = regional (measured), not full"),
                          (dict(DBCACHE, taylorseer_order=3), "profile.taylorseer_order: 3 is not one of 1, 2"),
                          (dict(DBCACHE, cache_bn=-1), "profile.cache_bn: must be an integer >= 0"),
                          ({"cache_fn": 2}, "profile.cache_fn: set without cache = dbcache")):
@@ -386,7 +403,7 @@ def test_dbcache_needs_cache_dit_and_refuses_what_it_cannot_hook(tiny_workload):
             Profile(**bad).validate()
 
 
-def test_the_search_draws_dbcache_under_compile_without_cfg_batching(tiny_workload):
+def test_the_search_draws_dbcache_under_compile_with_cfg_batching(tiny_workload):
     import optuna
 
     from qwendoctor import space
@@ -400,9 +417,9 @@ def test_the_search_draws_dbcache_under_compile_without_cfg_batching(tiny_worklo
                                      "quantization": "fp8_rowwise", "cache_compiled": "dbcache",
                                      "cache_threshold": 0.1, "cache_fn": 2, "cache_bn": 0, "cache_warmup": 4,
                                      "cache_max_run": 3, "taylorseer_order": 1, "tf32": False, "real_rope": True,
-                                     "steps": 40})
+                                     "cfg_batching": True, "steps": 40})
     profile = space.sample_profile(trial, search)
-    assert (profile.cache, profile.cache_fn, profile.taylorseer_order, profile.cfg_batching) == ("dbcache", 2, 1, False)
+    assert (profile.cache, profile.cache_fn, profile.taylorseer_order, profile.cfg_batching) == ("dbcache", 2, 1, True)
     assert levers.is_lossy(profile)
     no_cache_dit = space.build_search_space(dataclasses.replace(h100, has_cache_dit=False), drawing)
     assert no_cache_dit.values("cache") == ("none", "first_block")
@@ -410,8 +427,8 @@ def test_the_search_draws_dbcache_under_compile_without_cfg_batching(tiny_worklo
 
 
 def test_dbcache_leaves_blocks_to_reuse(fresh_tiny, tiny_workload):
-    """tiny has 2 blocks: the search draws only F1B0 there, and a profile that would always compute both is one
-    line, not a cache-dit error."""
+    """On a 2-block transformer the search draws only F1B0, and a profile that would always compute every block is
+    one line, not a cache-dit error."""
     pytest.importorskip("cache_dit")
     import optuna
 
@@ -420,13 +437,39 @@ def test_dbcache_leaves_blocks_to_reuse(fresh_tiny, tiny_workload):
 
     drawing = Capabilities(device="cpu", has_cache_dit=True, working_attention_backends=("native",))
     search = space.build_search_space(drawing, tiny_workload, evidence=lambda rule: None)
-    context = dataclasses.replace(search.context, draws=True)
-    offer = levers.CACHE.offer(context)
+    assert search.context.blocks == len(fresh_tiny.pipe.transformer.transformer_blocks) == 8
+    two_blocks = dataclasses.replace(search.context, draws=True, blocks=2)
+    offer = levers.CACHE.offer(two_blocks)
     trial = optuna.create_study().ask()
     for _ in range(20):
-        drawn = levers.CACHE.sample(trial, levers.Offer({"cache": ("dbcache",)}), {"compile": "none"}, context)
+        drawn = levers.CACHE.sample(trial, levers.Offer({"cache": ("dbcache",)}), {"compile": "none"}, two_blocks)
         assert (drawn["cache_fn"] or 1) + (drawn["cache_bn"] or 0) < 2
         trial = optuna.create_study().ask()
     assert "dbcache" in offer.values["cache"]
-    with pytest.raises(UsageError, match="leave none of this transformer's 2 to reuse"):
-        levers.apply_cache(fresh_tiny.pipe, Profile(**DBCACHE, cache_fn=2))
+    with pytest.raises(UsageError, match="leave none of this transformer's 8 to reuse"):
+        levers.apply_cache(fresh_tiny.pipe, Profile(**DBCACHE, cache_fn=6, cache_bn=2))
+
+
+def test_first_block_cache_stacks_with_cfg_batching(fresh_tiny, tiny_workload):
+    """diffusers' hooks see one batch-2 call a step under CFG batching; taking the profile off leaves the plain
+    transformer with no hooks."""
+    from qwendoctor import cfg_batching
+
+    workload = dataclasses.replace(tiny_workload, reference_steps=8)
+    reference = runner.render(fresh_tiny, workload, Profile(), "a fox", 0)
+    profile = Profile(cache="first_block", cache_threshold=1.0, cfg_batching=True)
+    levers.optimize(fresh_tiny.pipe, profile, workload=workload)
+    assert isinstance(fresh_tiny.pipe.transformer, cfg_batching.CFGBatchedTransformer)
+    assert fresh_tiny.pipe.transformer.is_cache_enabled
+    middle_ran = []  # a middle block's first layer runs only when the block is computed, not reused
+    hook = fresh_tiny.pipe.transformer.transformer_blocks[1].img_mod.register_forward_hook(
+        lambda *args: middle_ran.append(1))
+    image = runner.render(fresh_tiny, workload, profile, "a fox", 0)
+    hook.remove()
+    assert fresh_tiny.pipe.transformer.batched_calls == 8
+    assert 0 < len(middle_ran) < 8  # one batch-2 call a step, some of them reusing the middle blocks
+    assert np.isfinite(image).all() and not np.array_equal(image, reference)
+    levers.optimize(fresh_tiny.pipe, Profile(), undoable_only=True, workload=workload)
+    assert not isinstance(fresh_tiny.pipe.transformer, cfg_batching.CFGBatchedTransformer)
+    assert not fresh_tiny.pipe.transformer.is_cache_enabled
+    np.testing.assert_array_equal(runner.render(fresh_tiny, workload, Profile(), "a fox", 0), reference)

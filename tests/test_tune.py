@@ -18,7 +18,8 @@ CPU = Capabilities(device="cpu", working_attention_backends=("native", "_native_
 
 @pytest.fixture
 def options(tmp_path, tiny_workload):
-    return tune.TuneOptions(workload=tiny_workload, prompts=["a red fox in the snow"], seeds=[0],
+    return tune.TuneOptions(workload=tiny_workload, seeds=[0],
+                            prompts=["a large red circle at the top left on a blue background"],
                             floor=quality.parse_floor("balanced"), lock_path=str(tmp_path / "qwendoctor.lock"),
                             storage=f"sqlite:///{tmp_path / 'study.db'}", trials=4)
 
@@ -34,13 +35,15 @@ def drawing_tiny(monkeypatch):
 
 @pytest.fixture
 def measured_profiles(monkeypatch):
-    """Every profile the tuner actually renders and times, in order."""
+    """Every profile the study renders and times, in order (the held-out check after it renders a new seed, and
+    is not counted here)."""
     seen = []
     real_measure = runner.measure
 
-    def spy(model, workload, profile, *args, **kwargs):
-        seen.append(profile)
-        return real_measure(model, workload, profile, *args, **kwargs)
+    def spy(model, workload, profile, prompts, seeds, *args, **kwargs):
+        if seeds == [0]:
+            seen.append(profile)
+        return real_measure(model, workload, profile, prompts, seeds, *args, **kwargs)
 
     monkeypatch.setattr(runner, "measure", spy)
     return seen
@@ -59,9 +62,14 @@ def test_search_space_is_pruned_by_findings(tiny_workload):
     assert cpu.values("attention_backend") == ("native", "_native_math")
     assert cpu.values("compile") == ("none",) and cpu.values("quantization") == ("none",)
     assert cpu.values("tf32") == (False,)
-    # tiny's random weights draw noise: neither fewer steps nor a cache can be judged on it.
-    assert str(cpu.values("steps")) == "4..4 by 1" and cpu.values("cache") == ("none",)
-    assert sum("random weights" in line for line in cpu.left_out) == 2
+    # tiny is trained: the floor judges fewer steps and caches on it (cache-dit's is left out where it is missing).
+    assert str(cpu.values("steps")) == "2..4 by 1" and cpu.values("cache") == ("none", "first_block")
+    assert [line for line in cpu.left_out if "cache" in line] == [
+        "cache dbcache: cache-dit is not installed (pip install 'qwendoctor[cache]')"]
+    # synthetic's random weights draw noise: neither fewer steps nor a cache can be judged on it.
+    noise = space.build_search_space(CPU, dataclasses.replace(tiny_workload, model="synthetic"))
+    assert str(noise.values("steps")) == "4..4 by 1" and noise.values("cache") == ("none",)
+    assert sum("random weights" in line for line in noise.left_out) == 2
 
     h100 = Capabilities(device="cuda", compute_capability=(9, 0), has_torchao=True, has_cache_dit=True,
                         working_attention_backends=("native", "_native_cudnn", "_native_math"))
@@ -69,7 +77,7 @@ def test_search_space_is_pruned_by_findings(tiny_workload):
     gpu = space.build_search_space(h100, w1, evidence=measured_on_h100)
     assert gpu.values("attention_backend") == ("native", "_native_cudnn")  # math is a reference, never on a GPU
     assert gpu.values("quantization") == ("none", "fp8_rowwise", "fp8_tensorwise", "fp8_weight_only")
-    assert str(gpu.values("steps")) == "25..50 by 5"
+    assert str(gpu.values("steps")) == "10..50 by 5"
     # Choices measured to lose are left out, and the space says which and why; --exhaustive keeps them.
     assert gpu.values("compile") == ("none", "regional") and gpu.values("compile_mode") == ("default",)
     assert gpu.values("tf32") == (False,) and not gpu.offers["quantization"].options["eager"]
@@ -126,7 +134,7 @@ def test_tune_writes_a_valid_lock_that_meets_the_floor(options, measured_profile
     assert lock.measured["speedup"] == pytest.approx(lock.baseline["latency_median_s"]
                                                      / lock.measured["latency_median_s"])
     assert lock.study["trials"] == 4 == result.counts["trials"]
-    assert lock.fingerprint["model_id"] == "tiny" and lock.fingerprint["model_revision"].startswith("config-")
+    assert lock.fingerprint["model_id"] == "tiny" and lock.fingerprint["model_revision"].startswith("trained-")
     # The first trial is the default profile; its numbers come from the reference renders, measured once.
     assert result.trials[0]["profile"] == "attn=native"
     assert measured_profiles[0] == Profile()
@@ -431,12 +439,148 @@ def test_the_lock_says_how_far_its_speedup_keeps_the_image(options):
     assert tune.quality_class(Profile(cfg_batching=True, compile="regional"), "synthetic") == "lossless"
 
 
-def test_the_headline_of_a_lossy_lock_names_its_lossless_figure(options):
+def test_the_headline_of_a_lossy_lock_names_its_lossless_figure_and_never_leads_unverified(options):
     from qwendoctor import report
 
     lock = tune.run_tune(options, capabilities=CPU).lock
     lock.study.update(quality="unverified", lossless_speedup=1.25, lossless_trial=3)
     lock.measured["speedup"] = 1.62
+    lock.study["quality"] = "verified"
     line = report.speedup_line(lock)
-    assert line.startswith("speedup 1.62x over the default (lossy and unverified: tiny has random weights")
-    assert line.endswith("; lossless 1.25x (trial #3)")
+    assert line.startswith("speedup 1.62x over the default (lossy, judged against the default's images on a model")
+    assert "; lossless 1.25x (trial #3)" in line
+    # Unverified (quality measured on noise): the lossless figure leads, the lossy one follows with its caveat.
+    lock.study["quality"] = "unverified"
+    line = report.speedup_line(lock)
+    assert line.startswith("speedup 1.25x over the default, lossless (trial #3); the locked profile's 1.62x is "
+                           "lossy and unverified: tiny has random weights")
+
+
+# ---- the trained tiny model: the floor decides, on prompts it never trained on -----------------------------
+
+def _finished_trial(number, profile, seconds, constraints=(-1.0, -1.0)):
+    import optuna
+
+    return optuna.trial.create_trial(
+        value=seconds, params={}, distributions={},
+        user_attrs={"profile": profile.to_dict(), "latency_median_s": seconds},
+        system_attrs={"constraints": list(constraints)})
+
+
+@pytest.fixture
+def held_out_study(options):
+    """A study whose fastest trial renders 2 of the reference's 4 steps, then a 3-step one, then a lossless one."""
+    import optuna
+
+    from qwendoctor.pool import ModelPool
+
+    study = optuna.create_study()
+    for number, (profile, seconds) in enumerate(((Profile(steps=2), 1.0), (Profile(steps=3), 1.5),
+                                                 (Profile(cfg_batching=True), 1.8), (Profile(), 2.0))):
+        study.add_trial(_finished_trial(number, profile, seconds))
+    pool = ModelPool(options.workload, CPU)
+    return study, pool
+
+
+def test_the_held_out_check_keeps_a_lossy_lock_that_holds_on_new_prompts(options, held_out_study):
+    study, pool = held_out_study
+    options.floor = quality.parse_floor("psnr=5,ssim=0")
+    lines = []
+    chosen, fields = tune.check_held_out(options, pool, study, study.trials[0], lines.append)
+    assert chosen.number == 0 and fields["held_out_rejected"] == 0
+    assert fields["held_out_images"] == 1 and 5 < fields["held_out_psnr_db"] < 100
+    assert any("trial #0 " in line and line.endswith("holds") for line in lines)
+
+
+def test_the_held_out_check_falls_back_when_new_prompts_miss_the_floor(options, held_out_study):
+    """A floor no lossy trial can meet on new prompts: each lossy trial is tried, fastest first, then the fastest
+    lossless one is locked, and the lock says how many were rejected."""
+    study, pool = held_out_study
+    options.floor = quality.parse_floor("psnr=200,ssim=0")
+    chosen, fields = tune.check_held_out(options, pool, study, study.trials[0], lambda line: None)
+    assert chosen.number == 2 and Profile.from_dict(chosen.user_attrs["profile"]).cfg_batching
+    assert fields == {"held_out_images": 1, "held_out_rejected": 2}
+
+
+def test_held_out_prompts_and_seeds_are_ones_the_study_never_used():
+    prompts = tune.read_prompts(None, 2, "tiny")
+    held_prompts, held_seeds = tune.held_out_set("tiny", prompts, [0, 1])
+    assert len(held_prompts) == 2 and not set(held_prompts) & set(prompts) and held_seeds == [2]
+    from qwendoctor.tiny import shapes
+
+    assert all(shapes.parse(prompt) for prompt in prompts + held_prompts)  # tiny's prompts are its grammar's
+    real = tune.read_prompts(None, 2, "Qwen/Qwen-Image")
+    assert not set(tune.held_out_set("Qwen/Qwen-Image", real, [0])[0]) & set(real)
+
+
+@pytest.mark.filterwarnings("ignore:Fixed parameter cache_threshold")  # 1.0 lies outside what the search draws
+def test_a_loose_cache_threshold_is_recorded_infeasible(options):
+    """The trained tiny model draws, so its floor judges caches: a threshold that reuses blocks whenever it may
+    misses the floor and is recorded infeasible; the lock is another profile."""
+    pytest.importorskip("cache_dit")
+    options.workload = dataclasses.replace(options.workload, reference_steps=10)
+    options.trials = 2
+    options.floor = quality.parse_floor("lossless")
+    drawing = Capabilities(device="cpu", has_cache_dit=True, working_attention_backends=("native",))
+    loose = {"attention_backend": "native", "cache": "dbcache", "cache_threshold": 1.0, "cache_fn": 1,
+             "cache_bn": 0, "cache_warmup": 2, "cache_max_run": None, "taylorseer_order": None,
+             "cfg_batching": False, "steps": 10}
+    real_open = tune._open_study
+
+    def with_the_loose_trial_queued(*args):
+        study = real_open(*args)
+        study.enqueue_trial(space.default_params(space.build_search_space(drawing, options.workload)))
+        study.enqueue_trial(loose)
+        return study
+
+    tune._open_study = with_the_loose_trial_queued
+    try:
+        result = tune.run_tune(options, capabilities=drawing)
+    finally:
+        tune._open_study = real_open
+    loose_row = next(row for row in result.trials if "dbcache(1," in row["profile"])
+    assert loose_row["state"] == "infeasible", loose_row
+    assert loose_row["cached_fraction"] >= 0.5 and loose_row["psnr_db"] < 40
+    assert result.lock.profile.cache == "none"
+
+
+def test_on_random_weights_caches_are_timed_on_a_fixed_schedule_not_searched(options, monkeypatch):
+    """The rule for `synthetic`, on tiny marked as random-weighted: steps stay at the reference, no cache is
+    searched or locked, and caches are timed on fixed schedules of cached steps, speed only."""
+    pytest.importorskip("cache_dit")
+    from qwendoctor import models, report
+
+    monkeypatch.setattr(models, "RANDOM_WEIGHTS", ("synthetic", "tiny"))
+    options.workload = dataclasses.replace(options.workload, reference_steps=10)
+    options.trials = 3
+    capabilities = Capabilities(device="cpu", has_cache_dit=True, working_attention_backends=("native",))
+    result = tune.run_tune(options, capabilities=capabilities)
+    lock = result.lock
+    assert lock.profile.cache == "none" and lock.profile.steps is None
+    assert not any("cache" in row["profile"] for row in result.trials)
+    assert set(lock.study) >= {"fixed_cache_50_speedup", "fixed_cache_70_speedup"}
+    # half the steps or more skip the blocks: faster than the default, whatever the timing noise
+    assert lock.study["fixed_cache_50_speedup"] > 1 and lock.study["fixed_cache_70_speedup"] > 1
+    assert "held_out_images" not in lock.study
+    assert report.fixed_cache_line(lock).startswith("caches, speed only (unverified")
+    assert lockfile.read_lock(options.lock_path).study["fixed_cache_70_speedup"] == lock.study["fixed_cache_70_speedup"]
+
+
+def test_a_fixed_cache_schedule_reuses_exactly_its_share_of_steps(tiny_workload):
+    pytest.importorskip("cache_dit")
+    from qwendoctor import levers, models
+
+    assert levers.fixed_schedule(10, 0.7, 2) == [1, 1, 0, 0, 0, 0, 0, 0, 0, 1]
+    assert levers.fixed_schedule(10, 0.5, 2) == [1, 1, 1, 0, 0, 0, 1, 0, 0, 1]
+    assert levers.fixed_schedule(50, 0.5, 5).count(0) == 25
+    model = models.load_model("tiny", "cpu", "float32")
+    workload = dataclasses.replace(tiny_workload, reference_steps=10)
+    profile = Profile(cache="dbcache", cache_schedule=0.7, cache_warmup=2)
+    levers.optimize(model.pipe, profile, workload=workload)
+    runner.render(model, workload, profile, "a fox", 0)
+    assert levers.cached_steps(model.pipe) == 7
+    assert profile.describe().endswith("dbcache(fixed 70%, F1B0, warmup 2)")
+    with pytest.raises(QwendoctorError, match=r"profile.cache_schedule: the fraction of steps cached must be in"):
+        Profile(cache="dbcache", cache_schedule=1.5).validate()
+    with pytest.raises(QwendoctorError, match="leave the threshold unset"):
+        Profile(cache="dbcache", cache_schedule=0.5, cache_threshold=0.1).validate()

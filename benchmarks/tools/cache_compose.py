@@ -12,13 +12,16 @@ warm-up, graphs compiled, PSNR against the tier's uncached image. On `synthetic`
 numerical fidelity only, never for whether a cached image is good.
 
     python benchmarks/tools/cache_compose.py --out DIR [--size 1024] [--steps 50] [--model synthetic]
+                                             [--tiers lossless,fp8]
 
-CFG runs as two batch-1 passes (no CFG batching): cache-dit keeps a cache per pass (enable_separate_cfg).
+CFG runs as two batch-1 passes (cache-dit keeps a cache per pass, enable_separate_cfg), then as one batch-2 pass
+(CFG batching through qwendoctor's levers: one cache decision for both).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -43,6 +46,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--no-compile", action="store_true", help="eager only (a CPU check of the wiring)")
     parser.add_argument("--no-fp8", action="store_true")
+    parser.add_argument("--tiers", default="lossless,fp8",
+                        help="which tiers to run (one device call each fits 1328x1328 in 10 minutes)")
     args = parser.parse_args()
 
     import torch
@@ -64,7 +69,8 @@ def main() -> None:
     rows: list[dict] = []
 
     def save() -> None:
-        with open(os.path.join(args.out, "cache_compose.json"), "w") as handle:
+        with open(os.path.join(args.out, f"cache_compose-{args.size}-{args.tiers.replace(',', '-')}.json"),
+                  "w") as handle:
             json.dump({"workload": workload.to_dict(), "device": torch.cuda.get_device_name(0) if device == "cuda"
                        else "cpu", "rows": rows}, handle, indent=1)
 
@@ -129,16 +135,17 @@ def main() -> None:
     tiers = [("lossless", Profile(compile="regional", real_rope=True))]
     if not args.no_fp8 and device == "cuda":
         tiers.append(("fp8", Profile(compile="regional", real_rope=True, quantization="fp8_rowwise")))
+    tiers = [(tier, profile) for tier, profile in tiers if tier in args.tiers.split(",")]
     if args.no_compile:
         tiers = [("eager", Profile())]
     for tier, profile in tiers:
         torch._dynamo.reset()
         model = models.load_model(args.model, device, dtype)
-        if tier == tiers[0][0]:
+        if tier == "lossless" or args.no_compile:
             _, default_steps = render(model, steps=min(args.steps, 10))
             rows.append({"row": "default (eager, diffusers)", "timed_steps": len(default_steps),
                          "computed_step_ms": 1000 * statistics.median(default_steps[1:] or default_steps)})
-        levers.optimize(model.pipe, profile)
+        levers.optimize(model.pipe, profile, workload=workload)
         base = measure(f"{tier}: no cache", model, None, tier=tier, profile=profile.describe())
         reference = base.get("image")
         with_dbcache(f"{tier}: DBCache F1B0, 0 cached (threshold 0)", reference, threshold=0.0)
@@ -147,6 +154,21 @@ def main() -> None:
                          mask=schedule(args.steps, fraction))
         with_dbcache(f"{tier}: DBCache F1B0 + TaylorSeer order 1, 70% cached (fixed schedule)", reference,
                      mask=schedule(args.steps, 0.7), taylorseer=True)
+        if workload.does_cfg:
+            # CFG batching through qwendoctor's own levers: one batch-2 call a step, one cache decision for both
+            # passes (enable_separate_cfg off), the mask from levers.fixed_schedule.
+            batched = dataclasses.replace(profile, cfg_batching=True)
+            levers.optimize(model.pipe, batched, undoable_only=True, workload=workload)
+            batched_base = measure(f"{tier} + CFG batching: no cache", model, None, tier=tier,
+                                   profile=batched.describe())
+            for fraction in (0.5, 0.7):
+                cached = dataclasses.replace(batched, cache="dbcache", cache_schedule=fraction, cache_warmup=5)
+                levers.optimize(model.pipe, cached, undoable_only=True, workload=workload)
+                mask = levers.fixed_schedule(args.steps, fraction, 5)
+                measure(f"{tier} + CFG batching + DBCache F1B0, {fraction:.0%} cached (fixed schedule)", model,
+                        batched_base.get("image"), lambda: {i for i, m in enumerate(mask) if not m},
+                        library="cache-dit via qwendoctor levers", profile=cached.describe())
+            levers.optimize(model.pipe, profile, undoable_only=True, workload=workload)
         if tier == "lossless":
             from diffusers.hooks import FirstBlockCacheConfig
 

@@ -13,8 +13,10 @@ CACHED = {"cache": "dbcache", "cache_threshold": 1.0, "cache_warmup": 3}  # ever
 
 
 @pytest.mark.parametrize("tier", [Profile(compile="regional", real_rope=True),
-                                  Profile(compile="regional", real_rope=True, quantization="fp8_rowwise")],
-                         ids=["lossless", "fp8"])
+                                  Profile(compile="regional", real_rope=True, quantization="fp8_rowwise"),
+                                  Profile(compile="regional", real_rope=True, quantization="fp8_rowwise",
+                                          cfg_batching=True)],
+                         ids=["lossless", "fp8", "fp8-cfg-batching"])
 def test_dbcache_stacks_with_regional_compile_and_fp8(tier):
     import dataclasses
 
@@ -22,11 +24,11 @@ def test_dbcache_stacks_with_regional_compile_and_fp8(tier):
 
     torch._dynamo.reset()
     model = models.load_model("synthetic", "cuda", "bfloat16")
-    levers.optimize(model.pipe, tier)
+    levers.optimize(model.pipe, tier, workload=WORKLOAD)
     uncached = runner.render(model, WORKLOAD, tier, "a red fox in the snow", 0)
     before = compile_stats.snapshot()
     cached_profile = dataclasses.replace(tier, **CACHED)
-    levers.optimize(model.pipe, cached_profile, undoable_only=True)
+    levers.optimize(model.pipe, cached_profile, undoable_only=True, workload=WORKLOAD)
     image = runner.render(model, WORKLOAD, cached_profile, "a red fox in the snow", 0)
     reused = levers.cached_steps(model.pipe)
     recompiled = compile_stats.since(before)
@@ -36,5 +38,26 @@ def test_dbcache_stacks_with_regional_compile_and_fp8(tier):
     assert np.isfinite(image).all() and 0 < reused < WORKLOAD.reference_steps
     assert not (recompiled or {}).get("graphs")  # the cache runs around the compiled blocks, no new graph
     assert fidelity["psnr_db"] > 15
+    if tier.cfg_batching:  # one batch-2 call a step, wrapped around the hooked transformer
+        assert model.pipe.transformer.batched_calls > 0
+    del model
+    torch.cuda.empty_cache()
+
+
+def test_a_fixed_cache_schedule_reuses_exactly_its_share_under_compile():
+    """What tune measures on synthetic instead of searching caches: 70% of the steps reused, no new graph."""
+    import torch
+
+    torch._dynamo.reset()
+    model = models.load_model("synthetic", "cuda", "bfloat16")
+    tier = Profile(compile="regional", real_rope=True)
+    levers.optimize(model.pipe, tier, workload=WORKLOAD)
+    runner.render(model, WORKLOAD, tier, "a red fox in the snow", 0)
+    before = compile_stats.snapshot()
+    fixed = Profile(compile="regional", real_rope=True, cache="dbcache", cache_schedule=0.7, cache_warmup=2)
+    levers.optimize(model.pipe, fixed, undoable_only=True, workload=WORKLOAD)
+    image = runner.render(model, WORKLOAD, fixed, "a red fox in the snow", 0)
+    assert np.isfinite(image).all() and levers.cached_steps(model.pipe) == 7
+    assert not (compile_stats.since(before) or {}).get("graphs")
     del model
     torch.cuda.empty_cache()
