@@ -351,6 +351,9 @@ def probe(ctx: ProbeContext) -> Finding:
     if not installed:
         details.append("once installed and working, FA2 (`flash`), FA3 (`_flash_3`) and FA4 (`fa4`) are searched by "
                        "`qwendoctor tune` as diffusers attention backends, and attention_truth times them")
+        if gpu_name is None:  # GPU-only advice stays off a machine without one
+            return finding("ok", "no flash-attention package installed; it runs on NVIDIA GPUs only, so this machine "
+                                 "needs none")
         return finding("ok", "no flash-attention package installed: the default SDPA attention (cuDNN where torch "
                              f"picks it) serves; {_fa4_gain(gpu_name)} (./install_flash_attention.sh --which fa4)")
     names = ", ".join(f"{NAMES[k]} {found[k]['version'] or ''}".strip() for k in working)

@@ -19,6 +19,7 @@ from probes.finding import Finding
 
 GIB = 1024**3
 BUILTIN = ("tiny", "synthetic")
+REAL_MODEL = "Qwen/Qwen-Image"
 HF_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")  # "org/name" or "name"
 SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F8_E4M3": "float8_e4m3fn",
                       "F8_E5M2": "float8_e5m2", "I8": "int8", "U8": "uint8"}
@@ -108,8 +109,15 @@ def probe(ctx: ProbeContext) -> Finding:
     measured = {"model": model, "found": False, "path": None, "size_gib": None, "dtype": None}
     if model in BUILTIN:
         measured.update(found=True)
-        return Finding(id="model", status="ok", measured=measured,
-                       summary=f"built-in '{model}' model: shipped configs and random weights, nothing to download")
+        what = {"tiny": "trained weights shipped in the package",
+                "synthetic": "random weights made on the GPU"}[model]
+        # The real model as information: on this machine it is not what the commands run by default.
+        real, where = _hf_snapshot(ctx, REAL_MODEL)
+        measured["real_model_downloaded"] = real is not None
+        note = (f"{REAL_MODEL} is {where}" if real is not None else
+                f"{REAL_MODEL} is not downloaded; when you want it: {download_fix(REAL_MODEL)}")
+        return Finding(id="model", status="ok", measured=measured, details=[note],
+                       summary=f"built-in '{model}' model: {what}, nothing to download")
 
     local = Path(model).expanduser()
     explicit_path = _looks_like_path(model)

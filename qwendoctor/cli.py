@@ -16,6 +16,7 @@ from probes.context import exc_line
 from probes.workload import WorkloadError
 from qwendoctor.capabilities import detect_capabilities, probe_capabilities
 from qwendoctor.errors import EXIT_FAILURE, EXIT_USAGE, QwendoctorError, UsageError
+from qwendoctor.noise import quiet_import_noise
 from qwendoctor.levers import PARALLEL_STRATEGIES
 from qwendoctor.tune import DEFAULT_HEARTBEAT_S  # light: tune imports torch and optuna only when it runs
 
@@ -40,15 +41,20 @@ _register_check()
 
 def _workload(model: str, width: int | None, height: int | None, steps: int, true_cfg_scale: float,
               negative_prompt: str):
+    import dataclasses
+
     from qwendoctor import models
     from qwendoctor.profile import Workload
 
     size = DEFAULT_SIZES.get(model, 1328)
+    # Sizes, steps and scale first: a typo is answered before torch is imported (seconds on a small machine).
+    workload = Workload(model=model, width=width or size, height=height or size, true_cfg_scale=true_cfg_scale,
+                        negative_prompt=negative_prompt, reference_steps=steps, dtype="float32").validate()
     device = models.default_device()
     models.resolve_model(model, device)
-    return Workload(model=model, width=width or size, height=height or size, true_cfg_scale=true_cfg_scale,
-                    negative_prompt=negative_prompt, reference_steps=steps,
-                    dtype=models.default_dtype(device)).validate()
+    return dataclasses.replace(workload, dtype=models.default_dtype(device)).validate()
+
+
 
 
 @cli.command()
@@ -84,17 +90,27 @@ def _workload(model: str, width: int | None, height: int | None, steps: int, tru
 def tune(model, width, height, steps, true_cfg_scale, negative_prompt, trials, timeout, prompts_file,
          num_prompts, seeds, floor, lock_path, storage, heartbeat, timed_steps, exhaustive, gpus, as_json):
     """Search the optimization levers for the fastest profile that meets the quality floor; write a lock."""
-    from qwendoctor import quality, report
+    from qwendoctor import quality
     from qwendoctor.tune import TuneOptions, read_prompts
 
-    workload = _workload(model, width, height, steps, true_cfg_scale, negative_prompt)
+    # Everything that can be checked without torch, first: a usage error in well under two seconds.
     if num_prompts < 1 or seeds < 1:
         raise UsageError("--num-prompts and --seeds must be at least 1")
+    if trials < 1:
+        raise UsageError(f"--trials must be at least 1, got {trials}")
+    if storage is not None:
+        from qwendoctor.storage import check_url
+
+        check_url(storage)
+    parsed_floor = quality.parse_floor(floor)
+    workload = _workload(model, width, height, steps, true_cfg_scale, negative_prompt)
+    from qwendoctor import report
+
     if storage is None:
         directory = os.path.dirname(os.path.abspath(lock_path))
         storage = f"sqlite:///{os.path.join(directory, 'qwendoctor-study.db')}"
     options = TuneOptions(workload=workload, prompts=read_prompts(prompts_file, num_prompts, workload.model),
-                          seeds=list(range(seeds)), floor=quality.parse_floor(floor), lock_path=lock_path,
+                          seeds=list(range(seeds)), floor=parsed_floor, lock_path=lock_path,
                           storage=storage, trials=trials, timeout_s=timeout, heartbeat_s=heartbeat,
                           timed_steps=timed_steps, exhaustive=exhaustive, gpus=_tune_gpus(gpus))
     options.validate()
@@ -240,6 +256,11 @@ def bench(model, width, height, steps, true_cfg_scale, timed_steps, full_image, 
     from qwendoctor import lockfile, models
     from qwendoctor.profile import Profile
 
+    from qwendoctor.profile import Workload
+
+    # The numbers first, before torch decides the default model: a typo is answered at once.
+    Workload(model=model or "tiny", width=width or 128, height=height or 128, true_cfg_scale=true_cfg_scale,
+             reference_steps=steps, dtype="float32").validate()
     model = model or ("synthetic" if models.default_device() == "cuda" else "tiny")
     workload = _workload(model, width, height, steps, true_cfg_scale, " ")
     given = []
@@ -274,18 +295,6 @@ def bench(model, width, height, steps, true_cfg_scale, timed_steps, full_image, 
         click.echo(f"wrote {result.path_json} and {result.path_md}")
 
 
-def _quiet_import_noise() -> None:
-    """torchao and diffusers log warnings while being imported (enum registration, optional tensor types) that
-    say nothing about the user's setup; `check` reports what matters instead."""
-    import logging
-
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
-    # torchao names its optional CUDA extensions it cannot load; on a CPU machine that is expected.
-    logging.getLogger("torchao").setLevel(logging.ERROR)
-
-
 def _fail(message: str, code: int) -> int:
     """Print the one-line error; inside a multi-GPU rank, also leave it for the launcher to report."""
     from qwendoctor import parallel
@@ -298,7 +307,7 @@ def _fail(message: str, code: int) -> int:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one-line errors and documented exit codes instead of tracebacks."""
     debug = os.environ.get("QWENDOCTOR_DEBUG") == "1"
-    _quiet_import_noise()
+    quiet_import_noise()
     try:
         code = cli.main(args=argv, prog_name="qwendoctor", standalone_mode=False)
     except click.exceptions.Exit as done:

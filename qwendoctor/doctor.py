@@ -6,6 +6,7 @@ Exit code: 0 when no finding is fail or crash, 1 otherwise (warn and skip do not
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -253,6 +254,7 @@ class _GroupWorker:
                         f"timed out after {limit:g} s before it began (its worker importing torch)"
                     findings[spec.id] = _crash(spec, why, _tail(err))
                     findings[spec.id].elapsed_s = round(time.perf_counter() - started, 3)
+                    _announce(findings[spec.id])
                     return findings, self.specs[index + 1:]
                 if line is None:
                     self.proc.wait()
@@ -260,6 +262,7 @@ class _GroupWorker:
                     err = "".join(self.stderr)
                     findings[spec.id] = _crash(spec, _signal_reason(self.proc.returncode, err), _tail(err))
                     findings[spec.id].elapsed_s = round(time.perf_counter() - started, 3)
+                    _announce(findings[spec.id])
                     return findings, self.specs[index + 1:]
                 try:
                     finding = Finding.from_dict(json.loads(line))
@@ -268,6 +271,7 @@ class _GroupWorker:
                 finding.id = spec.id
                 findings[spec.id] = finding
                 _trace("finding", probe=spec.id, status=finding.status, elapsed_s=finding.elapsed_s)
+                _announce(finding)
                 if held:  # the probe is over: the GPU is free again
                     self.gate.release(self.exclusive)
                     held = False
@@ -278,9 +282,27 @@ class _GroupWorker:
                 self.gate.release(self.exclusive)
 
 
+# Called with each finding as it arrives (`on_finding` of run_probes), from the runner's threads.
+_ON_FINDING: Callable[[Finding], None] | None = None
+_ANNOUNCE_LOCK = threading.Lock()
+
+
+def _announce(finding: Finding) -> None:
+    if _ON_FINDING is not None:
+        with _ANNOUNCE_LOCK:
+            _ON_FINDING(finding)
+
+
+def selected_probes(ids: Sequence[str] | None, registry: Sequence[ProbeSpec], bench: bool) -> list[ProbeSpec]:
+    """The probes a run executes: those named, else the quick tier (and the bench tier with --bench)."""
+    # Bench-tier probes spend tens of seconds measuring: they run with --bench, or when named with --only.
+    return [spec for spec in registry if (spec.id in ids if ids else spec.tier == "quick" or bench)]
+
+
 def run_probes(ids: Sequence[str] | None = None, ctx: ProbeContext | None = None, in_subprocess: bool = True,
                jobs: int = min(16, os.cpu_count() or 1), *, registry: Sequence[ProbeSpec] | None = None,
-               worker_argv: WorkerArgv | None = None) -> list[Finding]:
+               worker_argv: WorkerArgv | None = None,
+               on_finding: Callable[[Finding], None] | None = None) -> list[Finding]:
     """Run the probes (all, or those in `ids`) concurrently; return their Findings in registry order.
 
     Native probes run in a subprocess (`worker_argv(spec)`, default `python -m probes._worker`) with the
@@ -291,8 +313,9 @@ def run_probes(ids: Sequence[str] | None = None, ctx: ProbeContext | None = None
     workers that is a gate: their worker starts at once, and each timing probe begins as soon as no other
     probe is on the GPU, while the others import their libraries. Otherwise they run after all the others.
     """
-    global _T0
+    global _T0, _ON_FINDING
     _T0 = time.perf_counter()
+    _ON_FINDING = on_finding
     if os.environ.get(TRACE_ENV):
         os.environ[TRACE_T0_ENV] = repr(_T0)  # the workers' clock origin (they inherit the environment)
     registry = list(PROBES if registry is None else registry)
@@ -302,9 +325,7 @@ def run_probes(ids: Sequence[str] | None = None, ctx: ProbeContext | None = None
             raise UsageError(f"unknown probe {probe_id!r}; known: {', '.join(known)}")
     ctx = ctx or ProbeContext()
     ctx = dataclasses.replace(ctx, attention_registrars={**ATTENTION_REGISTRARS, **ctx.attention_registrars})
-    # Bench-tier probes spend tens of seconds measuring: they run with --bench, or when named with --only.
-    selected = [spec for spec in registry
-                if (spec.id in ids if ids else spec.tier == "quick" or ctx.bench)]
+    selected = selected_probes(ids, registry, ctx.bench)
     worker_argv = worker_argv or default_worker_argv
 
     def timed(spec: ProbeSpec) -> Finding:
@@ -318,6 +339,7 @@ def run_probes(ids: Sequence[str] | None = None, ctx: ProbeContext | None = None
             finding = _crash(spec, exc_line(exc))
         finding.elapsed_s = round(time.perf_counter() - start, 3)
         _trace("finding", probe=spec.id, status=finding.status, elapsed_s=finding.elapsed_s, alone=True)
+        _announce(finding)
         return finding
 
     if not selected:
@@ -438,16 +460,56 @@ def _can_print_unicode() -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _arrivals(total: int, quiet: bool):
+    """On a terminal, each finding on stderr as it arrives (a transient bar that gives way to the report in its
+    fixed order); nothing under --json or when stderr is not a terminal."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    if quiet or not console.is_terminal:
+        yield None
+        return
+    with Progress(TextColumn("[bold]check"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.description}"), console=console, transient=True) as progress:
+        task = progress.add_task("probing", total=total)
+
+        marks = MARKS if _can_print_unicode() else ASCII_MARKS
+
+        def on_finding(finding: Finding) -> None:
+            # The bar's line, not a printed one: the report below lists every finding once, in its fixed order.
+            line = f"{marks[finding.status]} {finding.id}: {finding.summary}"
+            progress.update(task, advance=1, description=escape(line if len(line) <= 90 else line[:87] + "..."))
+
+        yield on_finding
+
+
+def _has_nvidia_gpu() -> bool:
+    """Whether NVML sees a GPU: the machine's answer without importing torch (the probes import it later)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return pynvml.nvmlDeviceGetCount() > 0
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no driver, no library: no GPU to size for
+        return False
+
+
 @click.command("check")
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON (schema_version 1).")
 @click.option("--only", "only", multiple=True, metavar="ID", help="Run only this probe (repeatable).")
 @click.option("--list", "list_probes", is_flag=True, help="List the probe ids and exit.")
 @click.option("-v", "--verbose", is_flag=True, help="Show each finding's details and timing.")
 @click.option("--bench", is_flag=True, help="Also run the measuring tier (GEMM and bandwidth roofline).")
-@click.option("--width", type=int, default=1328, show_default=True, help="Workload width the probes size for.")
-@click.option("--height", type=int, default=1328, show_default=True, help="Workload height the probes size for.")
-@click.option("--model", default="Qwen/Qwen-Image", show_default=True,
-              help="Model the model and memory probes look for (a local path or Hugging Face id).")
+@click.option("--width", type=int, help="Workload width the probes size for [tiny: 128, else 1328].")
+@click.option("--height", type=int, help="Workload height the probes size for [tiny: 128, else 1328].")
+@click.option("--model", help="Model the model and memory probes look for (tiny, synthetic, a local path or a "
+              "Hugging Face id) [Qwen/Qwen-Image with an NVIDIA GPU, else tiny: what tune and generate run here].")
 def check(as_json: bool, only: tuple[str, ...], list_probes: bool, verbose: bool, bench: bool, width: int,
           height: int, model: str) -> None:
     """Probe this machine and say what Qwen-Image can use here. Exit 0: nothing fails; 1: a probe
@@ -458,10 +520,15 @@ def check(as_json: bool, only: tuple[str, ...], list_probes: bool, verbose: bool
             click.echo(f"{spec.id:<{id_width}}  {spec.title}" + ("  [--bench]" if spec.tier == "bench" else ""))
         return
     for name, value in (("width", width), ("height", height)):
-        if value <= 0 or value % 16:
+        if value is not None and (value <= 0 or value % 16):
             raise UsageError(f"--{name} must be a positive multiple of 16, got {value}")
+    model = model or ("Qwen/Qwen-Image" if _has_nvidia_gpu() else "tiny")
+    size = 128 if model == "tiny" else 1328
+    width, height = width or size, height or size
     ctx = ProbeContext(workload=Workload(model=model, width=width, height=height), model=model, bench=bench)
-    findings = run_probes(ids=list(only) or None, ctx=ctx)  # UsageError for an unknown id, before anything runs
+    with _arrivals(len(selected_probes(list(only) or None, PROBES, bench)), quiet=as_json) as on_finding:
+        # UsageError for an unknown id, before anything runs
+        findings = run_probes(ids=list(only) or None, ctx=ctx, on_finding=on_finding)
     click.echo(to_json(findings) if as_json else render(findings, verbose=verbose,
                                                          ascii_only=not _can_print_unicode()))
     # click's Exit, not SystemExit: works standalone, under CliRunner and under cli.main(standalone_mode=False).

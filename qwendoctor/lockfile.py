@@ -10,7 +10,10 @@ Layout (every table required unless marked optional):
     [profile]       Profile: the chosen configuration
     [measured]      the chosen profile: latency_median_s, latency_p90_s, step_ms, warmup_s, peak_memory_gib,
                     psnr_db, psnr_db_min, ssim, ssim_min, lpips and lpips_max (where LPIPS could be measured),
-                    cached_fraction (a cache profile: the steps whose blocks were reused), speedup
+                    cached_fraction (a cache profile: the steps whose blocks were reused), speedup;
+                    confirmed_speedup and confirmed_spread (the default and the profile re-timed in alternating
+                    rounds after the study, study.confirm_rounds of them; spread: half the rounds' ratio range
+                    over their median)
     [baseline]      (optional) the same measurements for the default profile
     [study]         (optional) the study it came from: name, storage, trials, completed, failed, infeasible,
                     slower (timed, not rendered: they could not win), duplicates (proposals of a profile already
@@ -44,6 +47,7 @@ SCHEMA_VERSION = 1
 MEASURED_FIELDS = {
     "latency_median_s", "latency_p90_s", "step_ms", "warmup_s", "peak_memory_gib",
     "psnr_db", "psnr_db_min", "ssim", "ssim_min", "lpips", "lpips_max", "cached_fraction", "speedup",
+    "confirmed_speedup", "confirmed_spread",
 }
 REQUIRED_MEASURED = ("latency_median_s", "step_ms")
 STUDY_FIELDS = {
@@ -56,6 +60,7 @@ STUDY_FIELDS = {
     "held_out_rejected": int,
     # a model that does not draw: the locked profile with a cache on a fixed schedule, speed only (unverified)
     "fixed_cache_50_speedup": float, "fixed_cache_70_speedup": float,
+    "confirm_rounds": int,  # alternating rounds of the default and the locked profile (confirmed_speedup)
 }
 REQUIRED_FINGERPRINT = ("device", "torch", "model_id")
 # lossless: rounding only, measured against the reference; verified: lossy (FP8, a cache, fewer steps), judged on

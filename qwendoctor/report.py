@@ -7,9 +7,11 @@ import math
 import sys
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from qwendoctor import runner
 from qwendoctor.tune import TuneOptions, TuneResult, run_tune
 
 
@@ -26,17 +28,27 @@ def run_tune_with_progress(options: TuneOptions, as_json: bool = False) -> TuneR
 
         return run_tune(options, log=log, on_trial=on_trial)
 
-    with Progress(TextColumn("[bold]tune"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.description}"), console=console, transient=False) as progress:
-        task = progress.add_task("starting", total=options.trials)
+    with Progress(TextColumn("[bold]{task.fields[label]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), TextColumn("{task.description}"), console=console,
+                  transient=False) as progress:
+        task = progress.add_task("starting", total=options.trials, label="tune")
+        # The denoising steps of the render under way (reference, trial, check): minutes on a big model.
+        steps = progress.add_task("", total=None, label="steps", visible=False)
 
         def log(message: str) -> None:
-            progress.console.print(f"[dim]{message}[/dim]")
+            progress.console.print(f"[dim]{escape(message)}[/dim]")
+            progress.update(steps, description=escape(message.split(":")[0]))
 
         def on_trial(row, done, total) -> None:
-            progress.update(task, completed=min(done, total), description=_trial_line(row))
+            progress.update(task, completed=min(done, total), description=escape(_trial_line(row)))
 
-        return run_tune(options, log=log, on_trial=on_trial)
+        def on_step(step: int, total: int) -> None:
+            if step == 1:
+                progress.reset(steps, total=total, visible=True)
+            progress.update(steps, completed=step)
+
+        with runner.on_each_step(on_step):
+            return run_tune(options, log=log, on_trial=on_trial)
 
 
 def _fmt(value, unit: str = "", digits: int = 3) -> str:
@@ -97,6 +109,9 @@ def print_tune(result: TuneResult, lock_path: str, console: Console | None = Non
                      if counts.get("duplicates") else "") + ".")
     console.print(time_line(result))
     console.print(speedup_line(lock))
+    confirmed = confirmation_line(lock)
+    if confirmed:
+        console.print(confirmed)
     fixed = fixed_cache_line(lock)
     if fixed:
         console.print(fixed)
@@ -127,6 +142,23 @@ def speedup_line(lock) -> str:
     if quality != "lossless" and "lossless_speedup" in study:
         line += f"; lossless {study['lossless_speedup']:.2f}x (trial #{study['lossless_trial']})"
     return line + held_out_note(study)
+
+
+def confirmation_line(lock) -> str | None:
+    """The locked profile against the default, re-timed side by side after the study (qwendoctor.tune)."""
+    from qwendoctor.tune import UNSTABLE_SPREAD
+
+    measured = lock.measured
+    if "confirmed_speedup" not in measured:
+        return None
+    rounds = lock.study.get("confirm_rounds", "several")
+    spread = measured["confirmed_spread"]
+    if spread > UNSTABLE_SPREAD:
+        return (f"not confirmed: re-timed against the default in {rounds} alternating rounds, the ratio varied by "
+                f"+/-{spread:.0%} ({measured['confirmed_speedup']:.2f}x at the median); timings here are too "
+                "unstable to rank profiles: tune again on a quieter machine")
+    return (f"confirmed {measured['confirmed_speedup']:.2f}x: the locked profile against the default in {rounds} "
+            f"alternating rounds, +/-{spread:.0%}")
 
 
 def fixed_cache_line(lock) -> str | None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from typing import Any
+from typing import Any, Callable
 
 from probes import timing
 from qwendoctor import models
@@ -30,6 +31,20 @@ def call_arguments(workload: Workload, profile: Profile) -> dict[str, Any]:
     }
 
 
+# Called after each denoising step of every render with (step, steps): progress bars (qwendoctor.report).
+_step_listeners: list[Callable[[int, int], None]] = []
+
+
+@contextlib.contextmanager
+def on_each_step(listener: Callable[[int, int], None]):
+    """Call `listener(step, steps)` after every denoising step rendered inside the block."""
+    _step_listeners.append(listener)
+    try:
+        yield
+    finally:
+        _step_listeners.remove(listener)
+
+
 def render(model: models.LoadedModel, workload: Workload, profile: Profile, prompt: str, seed: int,
            clock: timing.StepClock | None = None):
     """One image as a float32 array (H, W, 3) in [0, 1]."""
@@ -38,13 +53,23 @@ def render(model: models.LoadedModel, workload: Workload, profile: Profile, prom
     negative = workload.negative_prompt if workload.does_cfg else None
     # A CPU generator draws the same noise on every device, so references render alike on CPU and GPU.
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    arguments = call_arguments(workload, profile)
+    callback = clock
+    if _step_listeners:
+        steps = arguments["num_inference_steps"]
+
+        def callback(pipe, step, timestep, callback_kwargs):
+            result = clock(pipe, step, timestep, callback_kwargs) if clock is not None else {}
+            for listener in list(_step_listeners):
+                listener(step + 1, steps)
+            return result
     with torch.inference_mode():
         output = model.pipe(
             **models.prompt_inputs(model, prompt, negative),
-            **call_arguments(workload, profile),
+            **arguments,
             generator=generator,
             output_type="np",
-            callback_on_step_end=clock,
+            callback_on_step_end=callback,
         )
     return output.images[0]
 

@@ -41,6 +41,23 @@ CONNECT_ATTEMPTS = 3
 URL_HINT = "use sqlite:///PATH, journal:///PATH or postgresql+psycopg2://USER@HOST:PORT/DB"
 
 
+def check_url(url: str) -> None:
+    """A one-line UsageError for a URL that names no storage, before anything is loaded or connected to: a journal
+    path, or a database URL whose SQLAlchemy dialect and driver exist here."""
+    if url.startswith(JOURNAL_SCHEME):
+        return
+    if "://" not in url:
+        raise UsageError(f"--storage {url}: not a storage URL; {URL_HINT}")
+    import sqlalchemy
+
+    try:
+        sqlalchemy.engine.make_url(url).get_dialect()
+    except ModuleNotFoundError as error:
+        raise UsageError(f"--storage {describe(url)}: {error} (pip install 'qwendoctor[distributed]')") from None
+    except Exception as error:
+        raise UsageError(f"--storage {describe(url)}: {first_line(error)}; {URL_HINT}") from None
+
+
 def is_shared(url: str) -> bool:
     """Storages meant for several workers at once (SQLite serialises writers and lives on one disk)."""
     return not url.startswith("sqlite:")

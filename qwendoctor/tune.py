@@ -23,6 +23,7 @@ import time
 import warnings
 from typing import Any, Callable
 
+from probes import timing
 from probes.context import first_line
 from qwendoctor import compile_stats, files, fingerprint, levers, lockfile, models, quality, runner, space, study
 from qwendoctor.capabilities import Capabilities, probe_capabilities
@@ -42,6 +43,11 @@ MAX_CACHE_SPEEDUP = 3.0
 # A sampler that proposes only profiles the study has measured has run out of new ones (a small space, or one
 # TPE has converged on): after this many in a row the run ends with what it has.
 DUPLICATE_STREAK_LIMIT = 10
+# Rounds of (default, locked profile) timed alternately after the study to confirm the lock's speed-up; up to
+# the maximum while the rounds' ratios disagree by more than the spread (half their range over their median).
+CONFIRM_ROUNDS = 3
+CONFIRM_MAX_ROUNDS = 6
+UNSTABLE_SPREAD = 0.15
 # On a model that does not draw, caches are timed on these fixed shares of cached steps instead of searched.
 FIXED_CACHE_FRACTIONS = (0.5, 0.7)
 # Lossy trials the held-out check tries, fastest first, before it settles for the fastest lossless one.
@@ -254,6 +260,41 @@ def check_held_out(options: TuneOptions, pool: ModelPool, optuna_study, best, lo
     log(f"held-out check: {len(rejected)} lossy trial(s) missed the floor on new prompts; locking "
         f"trial #{candidate.number}, lossless")
     return candidate, {"held_out_images": len(references), "held_out_rejected": len(rejected)}
+
+
+def confirm_speedup(options: TuneOptions, pool: ModelPool, profile: Profile,
+                    log: Callable[[str], None]) -> tuple[dict[str, float], int]:
+    """The default and `profile` re-timed side by side: one image each per round, alternating, in this process,
+    so both see the same load. More rounds while their ratios disagree by more than UNSTABLE_SPREAD, up to
+    CONFIRM_MAX_ROUNDS. Returns the lock's measured fields (confirmed_speedup, confirmed_spread: the half-range of
+    the rounds' ratios over their median) and the rounds run."""
+    ratios, default_s, profile_s = [], [], []
+    prompts, seeds = options.prompts[:1], options.seeds[:1]
+    while len(ratios) < CONFIRM_MAX_ROUNDS:
+        seconds = []
+        for target in (Profile(), profile):
+            model = pool.prepare(target).model
+            # A switch may have replaced the transformer: its compile and first call land in the warm-up.
+            seconds.append(runner.measure(model, options.workload, target, prompts, seeds).latencies_s[0])
+        default_s.append(seconds[0])
+        profile_s.append(seconds[1])
+        ratios.append(seconds[0] / seconds[1])
+        if len(ratios) >= CONFIRM_ROUNDS and _spread(ratios) <= UNSTABLE_SPREAD:
+            break
+    confirmed = {"confirmed_speedup": timing.median(default_s) / timing.median(profile_s),
+                 "confirmed_spread": _spread(ratios)}
+    if confirmed["confirmed_spread"] > UNSTABLE_SPREAD:
+        log(f"speed-up not confirmed: {len(ratios)} alternating rounds gave {min(ratios):.2f}x to "
+            f"{max(ratios):.2f}x; this machine's timings are too unstable to rank profiles (another process "
+            "busy on it, or throttling)")
+    else:
+        log(f"speed-up confirmed: {confirmed['confirmed_speedup']:.2f}x over the default in {len(ratios)} "
+            f"alternating rounds (+/-{confirmed['confirmed_spread']:.0%})")
+    return confirmed, len(ratios)
+
+
+def _spread(ratios: list[float]) -> float:
+    return (max(ratios) - min(ratios)) / (2 * timing.median(ratios))
 
 
 def measure_fixed_caches(options: TuneOptions, pool: ModelPool, profile: Profile, default_latency_s: float,
@@ -573,6 +614,12 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
                "floor_ssim": options.floor.ssim,
                **({"floor_lpips": options.floor.lpips} if options.floor.lpips is not None else {}), **held_out},
     )
+    if profile != Profile():
+        started = time.perf_counter()
+        confirmed, rounds = confirm_speedup(options, pool, profile, log)
+        lock.measured.update(confirmed)
+        lock.study["confirm_rounds"] = rounds
+        spent["confirmation"] = time.perf_counter() - started
     if not models.draws(options.workload.model) and capabilities.has_cache_dit:
         started = time.perf_counter()
         lock.study.update(measure_fixed_caches(options, pool, profile, baseline["latency_median_s"], log))

@@ -335,3 +335,34 @@ def test_without_a_trace_file_a_mark_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     mark("nothing")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("gpu, model, size", [(False, "tiny", 128), (True, "Qwen/Qwen-Image", 1328)])
+def test_check_sizes_its_probes_for_what_this_machine_runs(monkeypatch, gpu, model, size):
+    """Without a GPU, tune and generate run tiny: check looks at that, not at a 57 GB model it cannot run."""
+    seen = {}
+
+    def fake_run_probes(ids=None, ctx=None, on_finding=None):
+        seen["ctx"] = ctx
+        return []
+
+    monkeypatch.setattr(doctor, "_has_nvidia_gpu", lambda: gpu)
+    monkeypatch.setattr(doctor, "run_probes", fake_run_probes)
+    result = CliRunner().invoke(check, ["--json"])
+    assert result.exit_code == 0, result.output
+    ctx = seen["ctx"]
+    assert (ctx.model, ctx.workload.model, ctx.workload.width, ctx.workload.height) == (model, model, size, size)
+    CliRunner().invoke(check, ["--json", "--model", "synthetic", "--width", "1024"])
+    assert (seen["ctx"].model, seen["ctx"].workload.width, seen["ctx"].workload.height) == ("synthetic", 1024, 1328)
+
+
+def test_findings_are_announced_as_they_arrive(monkeypatch):
+    """The check's progress line hears of each finding when it lands, from whichever thread ran it; the report
+    keeps the registry's order whatever the arrival order."""
+    arrived = []
+    registry = [spec("slow", "slow"), spec("good", "good"), spec("boom", "raises", native=True)]
+    findings = run_probes(registry=registry, on_finding=lambda finding: arrived.append(finding.id))
+    assert sorted(arrived) == ["boom", "good", "slow"] and arrived[-1] == "slow"  # the slow one lands last
+    assert [f.id for f in findings] == ["slow", "good", "boom"]
+    assert doctor.selected_probes(None, PROBES, bench=False) == [p for p in PROBES if p.tier == "quick"]
+    assert doctor.selected_probes(["roofline"], PROBES, bench=False) == [p for p in PROBES if p.id == "roofline"]

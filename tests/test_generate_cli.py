@@ -186,3 +186,37 @@ def test_a_lock_is_stale_only_for_the_packages_its_profile_uses(tiny_lock):
         lock.profile = profile
         with pytest.raises(QwendoctorError, match=field):
             check_fingerprint(lock, str(tiny_lock))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["tune", "--width", "100"], "width must be a positive multiple of 16, got 100"),
+    (["tune", "--floor", "superb"], "--floor 'superb': use one of lossless"),
+    (["tune", "--steps", "1"], "steps must be an integer >= 2"),
+    (["tune", "--trials", "0"], "--trials must be at least 1, got 0"),
+    (["tune", "--storage", "bogus://x"], "--storage bogus://x: Can't load plugin: sqlalchemy.dialects:bogus"),
+    (["tune", "--storage", "nothing-here"], "--storage nothing-here: not a storage URL"),
+    (["bench", "--height", "8"], "height must be a positive multiple of 16, got 8"),
+])
+def test_usage_errors_are_answered_before_torch_is_imported(argv, message):
+    """What a user can get wrong on the command line is checked first: one line, exit 2, and torch (seconds to
+    import on a small machine) never loaded for it."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom qwendoctor.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as done:\n"
+            "    print('exit', done.code, 'torch imported' if 'torch' in sys.modules else 'no torch')\n")
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip().splitlines()[-1] == "exit 2 no torch", result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("qwendoctor: error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+
+
+def test_load_pipeline_is_as_quiet_as_the_cli(tiny_lock):
+    """No library noise on stderr (torchao's optional extensions, torch's enum deprecations) from the Python API."""
+    import subprocess
+    import sys
+
+    code = f"import qwendoctor\nqwendoctor.load_pipeline({str(tiny_lock)!r})\nprint('loaded')\n"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "loaded", result.stderr
+    assert result.stderr == "", result.stderr

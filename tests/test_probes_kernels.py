@@ -90,6 +90,16 @@ def test_flash_attn_none_installed_is_ok_and_honest():
     assert not any(m["installed"] for m in f.measured.values())
 
 
+def test_flash_attn_without_a_gpu_gives_no_gpu_advice():
+    from probes import flash_attn
+
+    ctx = ProbeContext(import_module=fake_import(torch=fake_cuda_torch(available=False), **fake_packages()),
+                       run=fake_run({}))
+    f = flash_attn.probe(ctx)
+    assert f.status == "ok" and f.fix is None
+    assert f.summary == "no flash-attention package installed; it runs on NVIDIA GPUs only, so this machine needs none"
+
+
 def test_flash_attn_on_a_gpu_not_measured_says_so():
     from probes import flash_attn
 

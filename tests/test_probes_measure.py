@@ -306,8 +306,18 @@ def test_model_hf_cache_hit(tmp_path):
     assert f.status == "ok" and f.measured["path"] == str(snap)
 
 
-def test_model_builtin():
-    assert model.probe(ProbeContext(model="synthetic", env={})).status == "ok"
+def test_model_builtin_says_where_the_real_model_stands(tmp_path):
+    f = model.probe(ProbeContext(model="tiny", env={"HF_HUB_CACHE": str(tmp_path / "hub")}))
+    assert f.status == "ok" and f.summary.startswith("built-in 'tiny' model: trained weights shipped")
+    assert f.measured["real_model_downloaded"] is False and f.fix is None  # information, not an issue
+    assert f.details[0].startswith("Qwen/Qwen-Image is not downloaded; when you want it: hf download Qwen/Qwen-Image")
+    repo = tmp_path / "hub" / "models--Qwen--Qwen-Image"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    f = model.probe(ProbeContext(model="synthetic", env={"HF_HUB_CACHE": str(tmp_path / "hub")}))
+    assert f.status == "ok" and "random weights made on the GPU" in f.summary
+    assert f.measured["real_model_downloaded"] is True and f.details[0].startswith("Qwen/Qwen-Image is in the HF cache")
 
 
 # --- memory_plan ---------------------------------------------------------------------------------------

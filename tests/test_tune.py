@@ -35,15 +35,18 @@ def drawing_tiny(monkeypatch):
 
 @pytest.fixture
 def measured_profiles(monkeypatch):
-    """Every profile the study renders and times, in order (the held-out check after it renders a new seed, and
-    is not counted here)."""
+    """Every profile the study renders and times, in order (what runs after the study, the held-out check, the
+    confirmation and the fixed-schedule caches, is not counted here)."""
+    import inspect
+
     seen = []
     real_measure = runner.measure
+    after_the_study = {"check_held_out", "confirm_speedup", "measure_fixed_caches"}
 
-    def spy(model, workload, profile, prompts, seeds, *args, **kwargs):
-        if seeds == [0]:
+    def spy(model, workload, profile, *args, **kwargs):
+        if not after_the_study & {frame.function for frame in inspect.stack()}:
             seen.append(profile)
-        return real_measure(model, workload, profile, prompts, seeds, *args, **kwargs)
+        return real_measure(model, workload, profile, *args, **kwargs)
 
     monkeypatch.setattr(runner, "measure", spy)
     return seen
@@ -584,3 +587,74 @@ def test_a_fixed_cache_schedule_reuses_exactly_its_share_of_steps(tiny_workload)
         Profile(cache="dbcache", cache_schedule=1.5).validate()
     with pytest.raises(QwendoctorError, match="leave the threshold unset"):
         Profile(cache="dbcache", cache_schedule=0.5, cache_threshold=0.1).validate()
+
+
+# ---- a confirmed speed-up ---------------------------------------------------------------------------------
+
+class _TimedPool:
+    """Stands in for the model pool: the 'model' it prepares is the profile itself."""
+
+    def __init__(self):
+        self.prepared = []
+
+    def prepare(self, profile):
+        self.prepared.append(profile)
+        return type("Prepared", (), {"model": profile})()
+
+
+def _fake_measure(seconds_by_call):
+    calls = iter(seconds_by_call)
+
+    def measure(model, workload, profile, prompts, seeds, warmup=1):
+        return runner.Measurement(images=[None], latencies_s=[next(calls)], step_s=[0.01], warmup_s=0.0,
+                                  peak_memory_gib=None)
+    return measure
+
+
+def test_the_speedup_is_confirmed_in_alternating_rounds(options, monkeypatch):
+    pool, lines = _TimedPool(), []
+    # default 2.0 s, the profile 1.0 s, every round alike: 3 rounds suffice
+    monkeypatch.setattr(runner, "measure", _fake_measure([2.0, 1.0, 2.1, 1.0, 1.9, 1.0]))
+    fields, rounds = tune.confirm_speedup(options, pool, Profile(steps=2), lines.append)
+    assert rounds == tune.CONFIRM_ROUNDS == 3
+    assert [p.steps for p in pool.prepared] == [None, 2] * 3  # alternating, the default first in each round
+    assert fields["confirmed_speedup"] == pytest.approx(2.0) and fields["confirmed_spread"] == pytest.approx(0.05)
+    assert lines == ["speed-up confirmed: 2.00x over the default in 3 alternating rounds (+/-5%)"]
+
+
+def test_an_unstable_machine_gets_more_rounds_then_no_claim(options, monkeypatch):
+    from qwendoctor import report
+
+    pool, lines = _TimedPool(), []
+    # a busy machine: the same two profiles measure 1x to 4x apart from round to round
+    monkeypatch.setattr(runner, "measure", _fake_measure([2.0, 2.0, 4.0, 1.0] * 3))
+    fields, rounds = tune.confirm_speedup(options, pool, Profile(steps=2), lines.append)
+    assert rounds == tune.CONFIRM_MAX_ROUNDS and fields["confirmed_spread"] > tune.UNSTABLE_SPREAD
+    assert lines[0].startswith("speed-up not confirmed: 6 alternating rounds gave 1.00x to 4.00x")
+    lock = lockfile.Lock(fingerprint={}, workload=options.workload, profile=Profile(steps=2),
+                         measured={"latency_median_s": 1.0, "step_ms": 1.0, "speedup": 3.0, **fields},
+                         study={"confirm_rounds": rounds})
+    assert report.confirmation_line(lock).startswith("not confirmed: re-timed against the default in 6 alternating")
+
+
+def test_a_tune_lock_records_its_confirmed_speedup(options):
+    result = tune.run_tune(options, capabilities=CPU)
+    lock = lockfile.read_lock(options.lock_path)
+    if lock.profile == Profile():
+        assert "confirmed_speedup" not in lock.measured  # the default against itself: nothing to confirm
+    else:
+        assert lock.measured["confirmed_speedup"] > 0 and lock.measured["confirmed_spread"] >= 0
+        assert tune.CONFIRM_ROUNDS <= lock.study["confirm_rounds"] <= tune.CONFIRM_MAX_ROUNDS
+        assert "confirmation" in result.time_spent_s
+
+
+def test_each_denoising_step_reaches_the_progress_listeners(tiny_workload):
+    from qwendoctor import models
+
+    model = models.load_model("tiny", "cpu", "float32")
+    heard = []
+    with runner.on_each_step(lambda step, steps: heard.append((step, steps))):
+        clock_and_listener = runner.measure(model, tiny_workload, Profile(steps=3), ["a fox"], [0], warmup=0)
+    runner.render(model, tiny_workload, Profile(steps=3), "a fox", 0)  # after the block: nobody listens
+    assert heard == [(1, 3), (2, 3), (3, 3)]
+    assert len(clock_and_listener.step_s) == 3  # the step clock still timed every step alongside
