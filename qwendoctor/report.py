@@ -108,6 +108,8 @@ def print_tune(result: TuneResult, lock_path: str, console: Console | None = Non
                   + (f"; {counts['duplicates']} repeated proposals reused their measurement, not counted"
                      if counts.get("duplicates") else "") + ".")
     console.print(time_line(result))
+    for note in result.notes:
+        console.print(note)
     console.print(speedup_line(lock))
     confirmed = confirmation_line(lock)
     if confirmed:
@@ -222,6 +224,7 @@ def tune_json(result: TuneResult) -> str:
         "time_spent_s": result.time_spent_s,
         "trial_time_s": result.trial_time_s,
         "strategies": [{k: clean(v) for k, v in row.items()} for row in result.strategy_rows],
+        "notes": result.notes,
         "plot": result.plot_path,
         "trials": [{k: clean(v) for k, v in row.items()} for row in result.trials],
     }, indent=2)

@@ -48,6 +48,9 @@ DUPLICATE_STREAK_LIMIT = 10
 CONFIRM_ROUNDS = 3
 CONFIRM_MAX_ROUNDS = 6
 UNSTABLE_SPREAD = 0.15
+# Two trials of one profile (their step counts aside) whose ms per step differ by more than this: the machine,
+# not the profile, set the pace.
+UNEVEN_STEP_RATIO = 1.5
 # On a model that does not draw, caches are timed on these fixed shares of cached steps instead of searched.
 FIXED_CACHE_FRACTIONS = (0.5, 0.7)
 # Lossy trials the held-out check tries, fastest first, before it settles for the fastest lossless one.
@@ -98,6 +101,7 @@ class TuneResult:
     plot_path: str | None = None  # latency vs PSNR of every trial, beside the lock
     trial_time_s: dict[str, float] = dataclasses.field(default_factory=dict)  # the study's trials, by TIME_PARTS
     strategy_rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the multi-GPU stage
+    notes: list[str] = dataclasses.field(default_factory=list)  # what the report must not leave out (timings)
 
 
 def default_prompts(model_id: str) -> list[str]:
@@ -295,6 +299,30 @@ def confirm_speedup(options: TuneOptions, pool: ModelPool, profile: Profile,
 
 def _spread(ratios: list[float]) -> float:
     return (max(ratios) - min(ratios)) / (2 * timing.median(ratios))
+
+
+def uneven_timings(trials) -> list[str]:
+    """Trials whose profiles differ only in their step count run the same step, so their ms per step should
+    agree; where they differ by more than UNEVEN_STEP_RATIO, something else on the machine set the pace. One line
+    per such profile (caches left out: their cached steps cost less by design)."""
+    groups: dict[str, list[tuple[int, float]]] = {}
+    for trial in trials:
+        attrs = trial.user_attrs
+        if "step_ms" not in attrs or "profile" not in attrs or "duplicate_of" in attrs:
+            continue
+        profile = Profile.from_dict(attrs["profile"])
+        if profile.cache != "none":
+            continue
+        groups.setdefault(dataclasses.replace(profile, steps=None).describe(), []).append(
+            (trial.number, attrs["step_ms"]))
+    notes = []
+    for described, timed in groups.items():
+        fastest, slowest = min(timed, key=lambda item: item[1]), max(timed, key=lambda item: item[1])
+        if slowest[1] > UNEVEN_STEP_RATIO * fastest[1]:
+            notes.append(f"timings uneven: {described} took {fastest[1]:.3g} ms per step in trial #{fastest[0]} and "
+                         f"{slowest[1]:.3g} ms in #{slowest[0]}; close profiles cannot be ranked on this machine's "
+                         "timings (another process busy on it?)")
+    return notes
 
 
 def measure_fixed_caches(options: TuneOptions, pool: ModelPool, profile: Profile, default_latency_s: float,
@@ -568,6 +596,9 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
     spent["trials"] = time.perf_counter() - started
 
     rows = [study.row(t) for t in study.finished(optuna_study)]
+    notes = uneven_timings(study.finished(optuna_study))
+    for note in notes:
+        log(note)
     counts = {
         "trials": len(rows),
         "completed": sum(r["state"] == "complete" for r in rows),
@@ -642,7 +673,7 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
     except ImportError as error:  # matplotlib is a dependency, but a lock must not depend on a plot
         log(f"plot not written: {error}")
     return TuneResult(lock=lock, trials=rows, counts=counts, time_spent_s=spent, plot_path=plot,
-                      trial_time_s=study_time, strategy_rows=strategy_rows)
+                      trial_time_s=study_time, strategy_rows=strategy_rows, notes=notes)
 
 
 def _multi_gpu_stage(options: TuneOptions, lock: lockfile.Lock, pool: ModelPool, reference_image,

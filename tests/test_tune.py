@@ -658,3 +658,20 @@ def test_each_denoising_step_reaches_the_progress_listeners(tiny_workload):
     runner.render(model, tiny_workload, Profile(steps=3), "a fox", 0)  # after the block: nobody listens
     assert heard == [(1, 3), (2, 3), (3, 3)]
     assert len(clock_and_listener.step_s) == 3  # the step clock still timed every step alongside
+
+
+def test_uneven_step_timings_of_one_profile_are_reported():
+    """Two trials of the same profile at 2 and 3 steps run the same step: 4x apart, the machine set the pace."""
+    import optuna
+
+    trials = [optuna.trial.create_trial(value=1.0, params={}, distributions={}, user_attrs={
+        "profile": profile.to_dict(), "step_ms": step_ms, **extra})
+        for profile, step_ms, extra in ((Profile(steps=2), 10.0, {}), (Profile(steps=3), 40.0, {}),
+                                        (Profile(steps=3), 400.0, {"duplicate_of": 1}),  # reused, not measured
+                                        (Profile(cfg_batching=True), 11.0, {}),
+                                        (Profile(cache="first_block", cache_threshold=0.2), 1.0, {}))]
+    for number, trial in enumerate(trials):
+        trial.number = number
+    [note] = tune.uneven_timings(trials)
+    assert note.startswith("timings uneven: attn=native took 10 ms per step in trial #0 and 40 ms in #1")
+    assert tune.uneven_timings(trials[3:]) == []
