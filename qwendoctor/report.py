@@ -156,11 +156,11 @@ def confirmation_line(lock) -> str | None:
     rounds = lock.study.get("confirm_rounds", "several")
     spread = measured["confirmed_spread"]
     if spread > UNSTABLE_SPREAD:
-        return (f"not confirmed: re-timed against the default in {rounds} alternating rounds, the ratio varied by "
+        return (f"not confirmed: re-timed against the default in {rounds} rounds, the ratio varied by "
                 f"+/-{spread:.0%} ({measured['confirmed_speedup']:.2f}x at the median); timings here are too "
                 "unstable to rank profiles: tune again on a quieter machine")
-    return (f"confirmed {measured['confirmed_speedup']:.2f}x: the locked profile against the default in {rounds} "
-            f"alternating rounds, +/-{spread:.0%}")
+    return (f"confirmed {measured['confirmed_speedup']:.2f}x: the locked profile against the default, re-timed side "
+            f"by side in {rounds} rounds, +/-{spread:.0%}")
 
 
 def fixed_cache_line(lock) -> str | None:

@@ -268,32 +268,41 @@ def check_held_out(options: TuneOptions, pool: ModelPool, optuna_study, best, lo
 
 def confirm_speedup(options: TuneOptions, pool: ModelPool, profile: Profile,
                     log: Callable[[str], None]) -> tuple[dict[str, float], int]:
-    """The default and `profile` re-timed side by side: one image each per round, alternating, in this process,
-    so both see the same load. More rounds while their ratios disagree by more than UNSTABLE_SPREAD, up to
-    CONFIRM_MAX_ROUNDS. Returns the lock's measured fields (confirmed_speedup, confirmed_spread: the half-range of
-    the rounds' ratios over their median) and the rounds run."""
-    ratios, default_s, profile_s = [], [], []
-    prompts, seeds = options.prompts[:1], options.seeds[:1]
-    while len(ratios) < CONFIRM_MAX_ROUNDS:
-        seconds = []
-        for target in (Profile(), profile):
-            model = pool.prepare(target).model
-            # A switch may have replaced the transformer: its compile and first call land in the warm-up.
-            seconds.append(runner.measure(model, options.workload, target, prompts, seeds).latencies_s[0])
-        default_s.append(seconds[0])
-        profile_s.append(seconds[1])
-        ratios.append(seconds[0] / seconds[1])
-        if len(ratios) >= CONFIRM_ROUNDS and _spread(ratios) <= UNSTABLE_SPREAD:
-            break
+    """The default and `profile` re-timed side by side in this process, so both see the same load. Where the pool
+    switches between them cheaply (every lever of `profile` undoable), one image each per round, alternating, with
+    more rounds while their ratios disagree by more than UNSTABLE_SPREAD, up to CONFIRM_MAX_ROUNDS. Where a switch
+    means a new transformer (FP8 weights, a compiled graph), the default's images are bracketed by the profile's
+    before and after, two switches in all. Returns the lock's measured fields (confirmed_speedup,
+    confirmed_spread: the half-range of the rounds' ratios over their median) and the rounds run."""
+    prompt, seed = options.prompts[:1], options.seeds[0]
+
+    def images(target: Profile, count: int) -> list[float]:
+        model = pool.prepare(target).model
+        # A switch may have replaced the transformer: its compile and first call land in the warm-up.
+        return runner.measure(model, options.workload, target, prompt, [seed] * count).latencies_s
+
+    if levers.baked_part(profile) is None:
+        default_s, profile_s = [], []
+        while len(default_s) < CONFIRM_MAX_ROUNDS:
+            default_s += images(Profile(), 1)
+            profile_s += images(profile, 1)
+            ratios = [d / p for d, p in zip(default_s, profile_s)]
+            if len(ratios) >= CONFIRM_ROUNDS and _spread(ratios) <= UNSTABLE_SPREAD:
+                break
+        how = "alternating rounds"
+    else:
+        before, default_s, after = (images(target, CONFIRM_ROUNDS) for target in (profile, Profile(), profile))
+        profile_s = before + after
+        ratios = [d / ((b + a) / 2) for b, d, a in zip(before, default_s, after)]
+        how = "rounds, the default's images between the profile's"
     confirmed = {"confirmed_speedup": timing.median(default_s) / timing.median(profile_s),
                  "confirmed_spread": _spread(ratios)}
     if confirmed["confirmed_spread"] > UNSTABLE_SPREAD:
-        log(f"speed-up not confirmed: {len(ratios)} alternating rounds gave {min(ratios):.2f}x to "
-            f"{max(ratios):.2f}x; this machine's timings are too unstable to rank profiles (another process "
-            "busy on it, or throttling)")
+        log(f"speed-up not confirmed: {len(ratios)} {how} gave {min(ratios):.2f}x to {max(ratios):.2f}x; this "
+            "machine's timings are too unstable to rank profiles (another process busy on it, or throttling)")
     else:
-        log(f"speed-up confirmed: {confirmed['confirmed_speedup']:.2f}x over the default in {len(ratios)} "
-            f"alternating rounds (+/-{confirmed['confirmed_spread']:.0%})")
+        log(f"speed-up confirmed: {confirmed['confirmed_speedup']:.2f}x over the default in {len(ratios)} {how} "
+            f"(+/-{confirmed['confirmed_spread']:.0%})")
     return confirmed, len(ratios)
 
 

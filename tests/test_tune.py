@@ -606,8 +606,9 @@ def _fake_measure(seconds_by_call):
     calls = iter(seconds_by_call)
 
     def measure(model, workload, profile, prompts, seeds, warmup=1):
-        return runner.Measurement(images=[None], latencies_s=[next(calls)], step_s=[0.01], warmup_s=0.0,
-                                  peak_memory_gib=None)
+        count = len(prompts) * len(seeds)
+        return runner.Measurement(images=[None] * count, latencies_s=[next(calls) for _ in range(count)],
+                                  step_s=[0.01], warmup_s=0.0, peak_memory_gib=None)
     return measure
 
 
@@ -622,6 +623,19 @@ def test_the_speedup_is_confirmed_in_alternating_rounds(options, monkeypatch):
     assert lines == ["speed-up confirmed: 2.00x over the default in 3 alternating rounds (+/-5%)"]
 
 
+def test_a_profile_with_baked_levers_brackets_the_default_with_two_switches(options, monkeypatch):
+    """FP8 weights or a compiled graph cost a new transformer per switch: the profile's images before and after
+    the default's, not a switch per round."""
+    pool, lines = _TimedPool(), []
+    fp8 = Profile(quantization="fp8_rowwise", compile="regional")
+    # the profile 1.0, 1.1, 1.0 s; the default 3.0 s each; the profile again 1.1, 1.0, 1.0 s
+    monkeypatch.setattr(runner, "measure", _fake_measure([1.0, 1.1, 1.0, 3.0, 3.0, 3.0, 1.1, 1.0, 1.0]))
+    fields, rounds = tune.confirm_speedup(options, pool, fp8, lines.append)
+    assert pool.prepared == [fp8, Profile(), fp8] and rounds == 3
+    assert fields["confirmed_speedup"] == pytest.approx(3.0)
+    assert lines[0].startswith("speed-up confirmed: 3.00x over the default in 3 rounds, the default's images between")
+
+
 def test_an_unstable_machine_gets_more_rounds_then_no_claim(options, monkeypatch):
     from qwendoctor import report
 
@@ -634,7 +648,7 @@ def test_an_unstable_machine_gets_more_rounds_then_no_claim(options, monkeypatch
     lock = lockfile.Lock(fingerprint={}, workload=options.workload, profile=Profile(steps=2),
                          measured={"latency_median_s": 1.0, "step_ms": 1.0, "speedup": 3.0, **fields},
                          study={"confirm_rounds": rounds})
-    assert report.confirmation_line(lock).startswith("not confirmed: re-timed against the default in 6 alternating")
+    assert report.confirmation_line(lock).startswith("not confirmed: re-timed against the default in 6 rounds")
 
 
 def test_a_tune_lock_records_its_confirmed_speedup(options):

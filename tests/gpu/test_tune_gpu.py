@@ -4,6 +4,7 @@ later bf16 eager trial must get the original weights back without a second copy 
 import dataclasses
 
 import numpy as np
+import pytest
 import torch
 
 from qwendoctor import quality, runner
@@ -51,3 +52,28 @@ def test_pool_restores_synthetic_after_fp8_and_compile():
     print(f"FP8 vs bf16 {fidelity['psnr_db_min']:.1f} dB (worst of FP8, compile)")
     assert fidelity["psnr_db_min"] > 25
 
+
+
+def test_tune_on_synthetic_confirms_its_speedup_and_times_caches_without_searching_them(tmp_path):
+    """The rule for random weights on the GPU, end to end: steps held, no cache searched or locked; the chosen
+    profile confirmed against the default side by side; caches timed on fixed schedules."""
+    pytest.importorskip("cache_dit")
+    from qwendoctor import quality, tune
+    from qwendoctor.profile import Profile
+
+    options = tune.TuneOptions(
+        workload=Workload(model="synthetic", width=512, height=512, reference_steps=8, dtype="bfloat16").validate(),
+        prompts=["a red fox in the snow"], seeds=[0], floor=quality.parse_floor("balanced"),
+        lock_path=str(tmp_path / "qwendoctor.lock"), storage=f"sqlite:///{tmp_path / 'study.db'}", trials=3,
+        cache_dir=str(tmp_path / "cache"))
+    lines = []
+    result = tune.run_tune(options, log=lines.append)
+    lock = result.lock
+    print("\n".join(line for line in lines if "confirmed" in line or "fixed-schedule" in line))
+    print(lock.profile.describe(), lock.measured, lock.study)
+    assert lock.profile.steps is None and lock.profile.cache == "none"
+    assert lock.study["fixed_cache_50_speedup"] > 1 and lock.study["fixed_cache_70_speedup"] > 1
+    if lock.profile != Profile():
+        assert lock.measured["confirmed_speedup"] > 0 and lock.study["confirm_rounds"] >= tune.CONFIRM_ROUNDS
+        assert any(line.startswith("speed-up confirmed") or line.startswith("speed-up not confirmed")
+                   for line in lines)
