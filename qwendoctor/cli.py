@@ -156,6 +156,10 @@ def generate(prompt, lock_path, seed, num_images, out_dir, ignore_fingerprint, g
 
     if num_images < 1:
         raise UsageError(f"--num-images must be at least 1, got {num_images}")
+    # Image i uses seed + i, and torch's generators take 0 .. 2**64 - 1: checked before minutes of loading.
+    if not 0 <= seed <= 2**64 - num_images:
+        raise UsageError(f"--seed must be in 0..{2**64 - num_images} for {num_images} image(s) (each uses seed + "
+                         f"its index), got {seed}")
     if not prompt.strip():
         raise UsageError("the prompt is empty")
     from qwendoctor.files import writable_directory

@@ -222,6 +222,18 @@ def _load_pretrained(model: str, device: str, dtype: str) -> LoadedModel:
     return LoadedModel(pipe=pipe, model_id=model, revision=_pretrained_revision(pipe), device=device, dtype=dtype)
 
 
+def builtin_revision(model_id: str) -> str | None:
+    """A built-in model's revision without building it (None for other models): what a cached reference render
+    must have been made with."""
+    if model_id == "tiny":
+        from qwendoctor.tiny import trained
+
+        return trained.revision()
+    if model_id == "synthetic":
+        return _config_revision(_package_json("qwendoctor", "synthetic.json"))
+    return None
+
+
 def _config_revision(config: dict[str, Any]) -> str:
     """A revision for built-in models: the hash of their config, so a changed config invalidates old locks."""
     return "config-" + hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]

@@ -51,11 +51,16 @@ def check_url(url: str) -> None:
     import sqlalchemy
 
     try:
-        sqlalchemy.engine.make_url(url).get_dialect()
+        parsed = sqlalchemy.engine.make_url(url)
+        parsed.get_dialect()
     except ModuleNotFoundError as error:
         raise UsageError(f"--storage {describe(url)}: {error} (pip install 'qwendoctor[distributed]')") from None
     except Exception as error:
         raise UsageError(f"--storage {describe(url)}: {first_line(error)}; {URL_HINT}") from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+        # Optuna would run the study in memory, its heartbeat threads in other connections, and lose it at exit.
+        raise UsageError(f"--storage {url}: an in-memory SQLite database loses the study when tune exits; "
+                         "name a file: sqlite:///PATH")
 
 
 def is_shared(url: str) -> bool:

@@ -21,6 +21,7 @@ import os
 import socket
 import time
 import warnings
+import zipfile
 from typing import Any, Callable
 
 from probes import timing
@@ -174,29 +175,62 @@ def _exclusive(path: str, log: Callable[[str], None], waiting: str):
 
 
 def reference(options: TuneOptions, pool: ModelPool, name: str, log: Callable[[str], None]):
-    """The default profile's images, timing and model revision, rendered once per study and kept on disk.
+    """The default profile's images, timing and model revision, rendered once per study and kept on disk with
+    what they belong to and a checksum: a cache file that is damaged, of another workload or of another revision
+    of a built-in model is rendered again, with a one-line note.
 
     Workers starting together on one host render it once: the others wait on the lock, then read the cache."""
     import numpy as np
 
     path = os.path.join(files.cache_dir(options.cache_dir), f"reference-{name}.npz")
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    belongs_to = json.dumps({"study": name, "workload": options.workload.to_dict(), "prompts": options.prompts,
+                             "seeds": options.seeds}, sort_keys=True)
     with _exclusive(path + ".lock", log, "reference renders: waiting for another worker rendering them"):
         if os.path.exists(path):
-            with np.load(path) as stored:
-                summary = json.loads(str(stored["summary"]))
+            try:
+                images, summary, revision = _read_reference(path, belongs_to,
+                                                            models.builtin_revision(options.workload.model))
                 log(f"reference renders: {path} (cached)")
-                revision = str(stored["revision"]) or None
-                return [stored[f"image{i}"] for i in range(int(stored["count"]))], summary, revision
+                return images, summary, revision
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as error:
+                log(f"reference renders: {path} not usable ({first_line(error)}); rendering them again")
         log(f"reference renders: {len(options.prompts) * len(options.seeds)} images with the default profile")
         model = pool.prepare(Profile()).model
         measurement = runner.measure(model, options.workload, Profile(), options.prompts, options.seeds)
         summary, revision = measurement.summary(), model.revision
         with files.atomic_write(path, "wb") as handle:
             np.savez_compressed(handle, count=len(measurement.images), summary=json.dumps(summary),
-                                revision=revision or "",
+                                revision=revision or "", belongs_to=belongs_to,
+                                checksum=_reference_checksum(measurement.images, summary, revision or ""),
                                 **{f"image{i}": image for i, image in enumerate(measurement.images)})
         return measurement.images, summary, revision
+
+
+def _reference_checksum(images, summary: dict[str, Any], revision: str) -> str:
+    import numpy as np
+
+    digest = hashlib.sha256(json.dumps(summary, sort_keys=True).encode() + revision.encode())
+    for image in images:
+        digest.update(np.ascontiguousarray(image).tobytes())
+    return digest.hexdigest()
+
+
+def _read_reference(path: str, belongs_to: str, expected_revision: str | None):
+    """The cached references, or ValueError saying why they cannot be trusted."""
+    import numpy as np
+
+    with np.load(path) as stored:
+        if "belongs_to" not in stored or str(stored["belongs_to"]) != belongs_to:
+            raise ValueError("made for another workload, prompt set or study")
+        revision = str(stored["revision"])
+        if expected_revision is not None and revision != expected_revision:
+            raise ValueError(f"made with model revision {revision or 'unknown'}, this one is {expected_revision}")
+        images = [stored[f"image{i}"] for i in range(int(stored["count"]))]
+        summary = json.loads(str(stored["summary"]))
+        if str(stored["checksum"]) != _reference_checksum(images, summary, revision):
+            raise ValueError("checksum mismatch")
+    return images, summary, revision or None
 
 
 def _release_memory() -> None:

@@ -195,7 +195,12 @@ def test_a_lock_is_stale_only_for_the_packages_its_profile_uses(tiny_lock):
     (["tune", "--trials", "0"], "--trials must be at least 1, got 0"),
     (["tune", "--storage", "bogus://x"], "--storage bogus://x: Can't load plugin: sqlalchemy.dialects:bogus"),
     (["tune", "--storage", "nothing-here"], "--storage nothing-here: not a storage URL"),
+    (["tune", "--storage", "sqlite:///"], "--storage sqlite:///: an in-memory SQLite database loses the study"),
+    (["tune", "--storage", "sqlite:///:memory:"], "an in-memory SQLite database loses the study when tune exits"),
     (["bench", "--height", "8"], "height must be a positive multiple of 16, got 8"),
+    (["generate", "a fox", "--seed", "-1"], "--seed must be in 0..18446744073709551615 for 1 image(s)"),
+    (["generate", "a fox", "--seed", "18446744073709551615", "--num-images", "2"],
+     "--seed must be in 0..18446744073709551614 for 2 image(s) (each uses seed + its index), got 18446744073709551615"),
 ])
 def test_usage_errors_are_answered_before_torch_is_imported(argv, message):
     """What a user can get wrong on the command line is checked first: one line, exit 2, and torch (seconds to

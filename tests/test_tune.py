@@ -689,3 +689,49 @@ def test_uneven_step_timings_of_one_profile_are_reported():
     [note] = tune.uneven_timings(trials)
     assert note.startswith("timings uneven: attn=native took 10 ms per step in trial #0 and 40 ms in #1")
     assert tune.uneven_timings(trials[3:]) == []
+
+
+# ---- the cached reference renders --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("damage, reason", [
+    ("truncate", "not usable"),
+    ("flip", "not usable"),
+    ("other workload", "made for another workload"),
+    ("stale revision", "this one is trained-000000000000"),
+])
+def test_a_bad_reference_cache_is_rendered_again_with_a_note(options, monkeypatch, damage, reason):
+    """A damaged file, one of another workload, or one made with another revision of the model is never trusted:
+    the references are rendered again and the study goes on, with one line saying why."""
+    import glob
+
+    import numpy as np
+
+    from qwendoctor import models
+    from qwendoctor.pool import ModelPool
+
+    options.workload = dataclasses.replace(options.workload, reference_steps=2)
+    pool = ModelPool(options.workload, CPU)
+    first, _, revision = tune.reference(options, pool, "study", lambda line: None)
+    [path] = glob.glob(str(tune.files.cache_dir(None)) + "/reference-study.npz")
+    if damage == "truncate":
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[:len(data) // 2])
+    elif damage == "flip":
+        with np.load(path) as stored:
+            fields = {key: stored[key] for key in stored.files}
+        fields["image0"] = fields["image0"] * 0.5  # well-formed, wrong images
+        np.savez_compressed(path, **fields)
+    elif damage == "other workload":
+        options.prompts = ["a small green square in the center on a white background"]
+    else:
+        monkeypatch.setattr(models, "builtin_revision", lambda model_id: "trained-000000000000")
+    lines = []
+    again, _, _ = tune.reference(options, pool, "study", lines.append)
+    assert any(reason in line and line.endswith("rendering them again") for line in lines), lines
+    if damage == "flip":
+        assert "checksum mismatch" in lines[0]
+    if damage in ("truncate", "flip"):
+        np.testing.assert_array_equal(again[0], first[0])
+        lines.clear()
+        tune.reference(options, pool, "study", lines.append)  # the file rewritten is trusted again
+        assert lines == [f"reference renders: {path} (cached)"]
