@@ -21,7 +21,6 @@ from qwendoctor.levers import PARALLEL_STRATEGIES
 from qwendoctor.tune import DEFAULT_HEARTBEAT_S  # light: tune imports torch and optuna only when it runs
 
 DEFAULT_LOCK = "qwendoctor.lock"
-DEFAULT_SIZES = {"tiny": 128}  # the tiny model's VAE and transformer are sized for 128x128
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -46,7 +45,7 @@ def _workload(model: str, width: int | None, height: int | None, steps: int, tru
     from qwendoctor import models
     from qwendoctor.profile import Workload
 
-    size = DEFAULT_SIZES.get(model, 1328)
+    size = models.default_side(model)
     # Sizes, steps and scale first: a typo is answered before torch is imported (seconds on a small machine).
     workload = Workload(model=model, width=width or size, height=height or size, true_cfg_scale=true_cfg_scale,
                         negative_prompt=negative_prompt, reference_steps=steps, dtype="float32").validate()

@@ -523,7 +523,9 @@ def check(as_json: bool, only: tuple[str, ...], list_probes: bool, verbose: bool
         if value is not None and (value <= 0 or value % 16):
             raise UsageError(f"--{name} must be a positive multiple of 16, got {value}")
     model = model or ("Qwen/Qwen-Image" if _has_nvidia_gpu() else "tiny")
-    size = 128 if model == "tiny" else 1328
+    from qwendoctor.models import default_side
+
+    size = default_side(model)
     width, height = width or size, height or size
     ctx = ProbeContext(workload=Workload(model=model, width=width, height=height), model=model, bench=bench)
     with _arrivals(len(selected_probes(list(only) or None, PROBES, bench)), quiet=as_json) as on_finding:

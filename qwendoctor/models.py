@@ -17,6 +17,14 @@ from probes.context import first_line
 from qwendoctor.errors import UsageError
 
 BUILTIN_MODELS = ("tiny", "synthetic")
+# Image side when --width/--height are not given: tiny's VAE and transformer are sized for 128x128; Qwen-Image's
+# default is 1328x1328.
+DEFAULT_SIDES = {"tiny": 128}
+DEFAULT_SIDE = 1328
+
+
+def default_side(model: str) -> int:
+    return DEFAULT_SIDES.get(model, DEFAULT_SIDE)
 # Built-in models with random weights draw noise: PSNR/SSIM against their reference renders speak for numerical
 # fidelity only, never for what fewer steps or a cache do to an image. `tiny` is trained (qwendoctor.tiny) and draws.
 RANDOM_WEIGHTS = ("synthetic",)

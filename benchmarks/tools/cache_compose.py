@@ -29,15 +29,6 @@ import statistics
 import time
 
 
-def schedule(steps: int, cached_fraction: float, warm: int = 5) -> list[int]:
-    """A step mask (1 computes, 0 reuses): the first `warm` steps and the last computed, the rest spread evenly."""
-    computed = max(warm + 1, round(steps * (1 - cached_fraction)))
-    spread = computed - warm - 1
-    picks = {warm + round(i * (steps - 1 - warm) / max(spread, 1)) for i in range(spread)}
-    keep = set(range(warm)) | picks | {steps - 1}
-    return [1 if step in keep else 0 for step in range(steps)]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
@@ -151,9 +142,9 @@ def main() -> None:
         with_dbcache(f"{tier}: DBCache F1B0, 0 cached (threshold 0)", reference, threshold=0.0)
         for fraction in (0.5, 0.7):
             with_dbcache(f"{tier}: DBCache F1B0, {fraction:.0%} cached (fixed schedule)", reference,
-                         mask=schedule(args.steps, fraction))
+                         mask=levers.fixed_schedule(args.steps, fraction, 5))
         with_dbcache(f"{tier}: DBCache F1B0 + TaylorSeer order 1, 70% cached (fixed schedule)", reference,
-                     mask=schedule(args.steps, 0.7), taylorseer=True)
+                     mask=levers.fixed_schedule(args.steps, 0.7, 5), taylorseer=True)
         if workload.does_cfg:
             # CFG batching through qwendoctor's own levers: one batch-2 call a step, one cache decision for both
             # passes (enable_separate_cfg off), the mask from levers.fixed_schedule.

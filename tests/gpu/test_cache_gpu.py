@@ -40,6 +40,7 @@ def test_dbcache_stacks_with_regional_compile_and_fp8(tier):
     assert fidelity["psnr_db"] > 15
     if tier.cfg_batching:  # one batch-2 call a step, wrapped around the hooked transformer
         assert model.pipe.transformer.batched_calls > 0
+    levers.optimize(model.pipe, Profile(), undoable_only=True)  # cache-dit's hooks off: they hold the transformer
     del model
     torch.cuda.empty_cache()
 
@@ -59,5 +60,6 @@ def test_a_fixed_cache_schedule_reuses_exactly_its_share_under_compile():
     image = runner.render(model, WORKLOAD, fixed, "a red fox in the snow", 0)
     assert np.isfinite(image).all() and levers.cached_steps(model.pipe) == 7
     assert not (compile_stats.since(before) or {}).get("graphs")
+    levers.optimize(model.pipe, Profile(), undoable_only=True)  # cache-dit's hooks off: they hold the transformer
     del model
     torch.cuda.empty_cache()
