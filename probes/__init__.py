@@ -53,6 +53,9 @@ PROBES: list[ProbeSpec] = [
               group="compile"),
     # Reads package metadata and diffusers' source, imports nothing: in the doctor's process.
     ProbeSpec("diffusers", "probes.diffusers", False, 30.0, "diffusers/transformers and the features we use"),
+    # Imports each package in a child interpreter with its own time limit, so it runs in the doctor's process.
+    ProbeSpec("imports", "probes.imports", False, 600.0,
+              "torch, transformers, diffusers, optuna (torchao, cache-dit) imported in a fresh interpreter"),
     ProbeSpec("model", "probes.model", True, 60.0, "model weights present locally (never downloads)", group="cuda"),
     ProbeSpec("memory_plan", "probes.memory_plan", True, 60.0,
               "will transformer + text encoder + VAE + activations fit at the workload", group="cuda"),

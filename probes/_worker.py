@@ -31,6 +31,7 @@ def run_one(probe_id: str, module: str | None = None, gpu_gate=None) -> dict:
     from probes import PROBES, load_probe
     from probes.context import SETTINGS_ENV, ProbeContext, exc_line
     from probes.finding import Finding
+    from probes.imports import crash_fix
 
     try:
         if module is None:
@@ -45,7 +46,7 @@ def run_one(probe_id: str, module: str | None = None, gpu_gate=None) -> dict:
         tb = traceback.format_exception(exc)
         finding = Finding(id=probe_id, status="crash", summary=exc_line(exc),
                           details=[line.rstrip() for line in "".join(tb[-4:]).splitlines() if line.strip()],
-                          fix=f"run `python -m probes._worker {probe_id}` to see the full output")
+                          fix=crash_fix(probe_id, exc))
     finding.id = probe_id
     return finding.to_dict()
 

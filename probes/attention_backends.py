@@ -13,6 +13,7 @@ import warnings
 from probes.backends import ATTENTION_BACKENDS, BY_NAME
 from probes.context import ProbeContext, exc_line, mark
 from probes.finding import Finding
+from probes.imports import import_or_block
 
 CANDIDATES = list(ATTENTION_BACKENDS)
 # On the CPU only the default and its exact reference are checked: the CPU runs the tiny model, where no other
@@ -44,9 +45,13 @@ def _rel_err(torch, out, ref) -> float:
 
 
 def probe(ctx: ProbeContext) -> Finding:
-    torch = ctx.import_module("torch")
+    torch, blocked = import_or_block(ctx, "attention_backends", "torch")
+    if blocked is not None:
+        return blocked
     mark("attention_backends.torch_imported")
-    dispatch = ctx.import_module("diffusers.models.attention_dispatch")
+    dispatch, blocked = import_or_block(ctx, "attention_backends", "diffusers.models.attention_dispatch")
+    if blocked is not None:
+        return blocked
     mark("attention_backends.diffusers_imported")
     names = getattr(dispatch, "AttentionBackendName", None)
     unregistered = register_backends(ctx) if torch.cuda.is_available() else {}

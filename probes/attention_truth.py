@@ -77,13 +77,13 @@ def summarize(shape: Mapping[str, int], ms: Mapping[str, float], failed: Mapping
     b, h, s, d = shape["B"], shape["H"], shape["S"], shape["D"]
     flops = qs.attention_flops_one_call(s, h, d) * b
     tflops = {k: round(flops / (v * 1e-3) / 1e12, 1) for k, v in ms.items()}
-    details = [f"q/k/v B={b} H={h} S={s} D={d} bf16 (diffusers' layout: [B, S, H, D] storage, SDPA sees the "
-               f"[B, H, S, D] view); {WARMUP} warm-up calls, then {SETTLE_S} s of load so clocks settle, then "
-               f"median of {REPS} calls per backend in {ROUNDS} round-robin rounds, CUDA events, L2 flushed "
+    details = [f"timed here: q/k/v B={b} H={h} S={s} D={d} bf16 (diffusers' layout: [B, S, H, D] storage, SDPA "
+               f"sees the [B, H, S, D] view); {WARMUP} warm-up calls, then {SETTLE_S} s of load so clocks settle, "
+               f"then median of {REPS} calls per backend in {ROUNDS} round-robin rounds, CUDA events, L2 flushed "
                "before each call"]
     for k in sorted(ms, key=ms.get):
         extra = f", max rel. error vs native {errors[k]:.1e}" if k in errors else ""
-        details.append(f"{k}: {ms[k]:.3f} ms, {tflops[k]:.0f} TFLOP/s{extra}")
+        details.append(f"{k}: {ms[k]:.3f} ms, {tflops[k]:.0f} TFLOP/s here{extra}")
     details += [f"{k}: {why}" for k, why in failed.items()]
     measured: dict[str, Any] = {"shape": dict(shape), "tflops": tflops, "ms": {k: round(v, 4) for k, v in ms.items()},
                                 "native_kernel": kernel, "native_picks": picks, "best": None,
@@ -118,15 +118,15 @@ def summarize(shape: Mapping[str, int], ms: Mapping[str, float], failed: Mapping
     details.append(f"native SDPA runs {picks}: {kernel or '(no kernel name recorded)'}")
     if linear_step:
         details.append(
-            f"step model (2 passes x {qs.BLOCKS} blocks): attention {attn_step:.0f} ms + linear {linear_step:.0f} ms "
-            f"(GEMM {measured['gemm_tflops']:.0f} TFLOP/s at {s}x{qs.HIDDEN} @ {qs.HIDDEN}x{qs.MLP}) = "
-            f"{est_step:.0f} ms; attention is {attn_step / est_step:.0%} of it. Elementwise ops (norms, RoPE, "
-            f"modulation, activations) are not counted, so a real eager step is longer")
+            f"step model from the timings here (2 passes x {qs.BLOCKS} blocks): attention {attn_step:.0f} ms + "
+            f"linear {linear_step:.0f} ms (GEMM {measured['gemm_tflops']:.0f} TFLOP/s at {s}x{qs.HIDDEN} @ "
+            f"{qs.HIDDEN}x{qs.MLP}) = {est_step:.0f} ms; attention is {attn_step / est_step:.0%} of it. Elementwise "
+            "ops (norms, RoPE, modulation, activations) are not counted, so a real eager step is longer")
     else:
-        details.append(f"attention: {attn_step:.0f} ms per step (2 passes x {qs.BLOCKS} blocks); "
+        details.append(f"attention here: {attn_step:.0f} ms per step (2 passes x {qs.BLOCKS} blocks); "
                        f"no GEMM timing, so no share")
 
-    head = (f"S={s}: native SDPA ({picks}) {tflops['native']:.0f} TFLOP/s, "
+    head = (f"S={s}, timed here: native SDPA ({picks}) {tflops['native']:.0f} TFLOP/s, "
             f"{attn_step:.0f} ms/step" + (f" = {attn_step / est_step:.0%} of matmul+attention" if linear_step else ""))
     if best == "native" or saving <= GAIN_THRESHOLD:
         runner_up = min((k for k in correct if k != "native"), key=correct.get, default=None)

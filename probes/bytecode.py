@@ -76,9 +76,10 @@ def import_cost_note() -> str:
         return f"what it costs the imports was not measured on any machine in {measured.DATA_LABEL}"
     s = fig.values
     low, high = s["torch_with_bytecode"]
-    return (f"on an {fig.gpu} host the imports themselves took {s['torch_without_bytecode']:g} s for torch without "
-            f"bytecode against {low:g}-{high:g} s with it, and {s['inductor_without_bytecode']:g} against "
-            f"{s['inductor_with_bytecode']:g} s for torch's compiler stack ({fig.cite})")
+    return (f"measured on an {fig.gpu} host ({fig.cite}), the imports themselves took "
+            f"{s['torch_without_bytecode']:g} s for torch without bytecode against {low:g}-{high:g} s with it, and "
+            f"{s['inductor_without_bytecode']:g} against {s['inductor_with_bytecode']:g} s for torch's compiler "
+            "stack")
 
 
 def compile_cost(paths: list[Path], budget_s: float) -> tuple[float, int, int]:
@@ -190,10 +191,11 @@ def probe(ctx: ProbeContext) -> Finding:
     why, writable = _why_not_written(ctx, roots)
     details.append(f"why: {why}")
     summary = (f"no cached bytecode for {len(missing)} of {len(sources)} imported modules: every Python process "
-               f"compiles {missing_bytes / 1e6:.0f} MB of source again, at least ~{estimated:.1f} s at each start")
+               f"compiles {missing_bytes / 1e6:.0f} MB of source again, at least ~{estimated:.1f} s here at each "
+               "start")
     if estimated < WARN_S:
         summary = (f"cached bytecode for {len(sources) - len(missing)} of {len(sources)} imported modules; "
-                   f"compiling the other {len(missing)} costs ~{estimated:.2f} s at each start")
+                   f"compiling the other {len(missing)} costs ~{estimated:.2f} s here at each start")
         return Finding(id="bytecode", status="ok", summary=summary, details=details, measured=measured)
     return Finding(id="bytecode", status="warn", summary=summary, details=details, measured=measured,
                    fix=_fix(roots, writable))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from probes.context import ProbeContext, exc_line, mark
 from probes.finding import Finding
+from probes.imports import import_or_block
 
 DISABLE_VARS = ("TORCH_COMPILE_DISABLE", "TORCHDYNAMO_DISABLE")  # torch reads both as == "1"
 COMPILER_HINT = re.compile(r"CppCompileError|InvalidCxxCompiler|C\+\+ compiler|C compiler|\bg\+\+|\bgcc\b|"
@@ -66,7 +67,9 @@ def _error_lines(exc: BaseException) -> list[str]:
 
 
 def probe(ctx: ProbeContext) -> Finding:
-    torch = ctx.import_module("torch")
+    torch, blocked = import_or_block(ctx, "compile", "torch")
+    if blocked is not None:
+        return blocked
     try:
         # One tiny graph does not need inductor's pool of compile workers, whose start-up would dominate
         # the probe's time.
@@ -108,7 +111,7 @@ def probe(ctx: ProbeContext) -> Finding:
         if not diff <= 1e-4:  # also NaN
             raise AssertionError(f"compiled result differs from eager by {diff:.2e}")
         details.append(f"torch.compile of gelu(x)*2+1 on a (64, 64) float32 tensor on {device}: first call "
-                       f"{seconds:.1f} s (compile), matches eager (max diff {diff:.1e})")
+                       f"{seconds:.1f} s here (compile), matches eager (max diff {diff:.1e})")
         cache = fx_graph_cache(ctx)
         measured["fx_graph_cache"] = cache
         if cache:
@@ -148,5 +151,5 @@ def probe(ctx: ProbeContext) -> Finding:
         return finding("warn", f"inductor cache {cache_dir} is not writable: every run recompiles",
                        "export TORCHINDUCTOR_CACHE_DIR=$HOME/.cache/torchinductor")
     triton = f", triton {measured['triton']}" if measured["triton"] else ""
-    return finding("ok", f"torch.compile works on {device}{triton} (tiny compile {seconds:.1f} s), "
+    return finding("ok", f"torch.compile works on {device}{triton} (tiny compile {seconds:.1f} s here), "
                          f"inductor cache writable")

@@ -158,10 +158,11 @@ def cuda_device_name(torch) -> str | None:
 
 def cuda_torch(ctx: "ProbeContext", probe_id: str, without_cuda: str):
     """(torch, None) where CUDA works, else (None, a skip Finding saying why): the prelude of GPU-only probes."""
-    try:
-        torch = ctx.import_module("torch")
-    except ImportError as exc:
-        return None, Finding(id=probe_id, status="skip", summary="torch is not installed", details=[exc_line(exc)])
+    from probes.imports import import_or_block  # probes.imports builds on this module
+
+    torch, blocked = import_or_block(ctx, probe_id, "torch")
+    if blocked is not None:
+        return None, blocked
     if not torch.cuda.is_available():
         return None, Finding(id=probe_id, status="skip", summary=without_cuda,
                              details=[f"torch {torch.__version__}, CUDA {torch.version.cuda}"])

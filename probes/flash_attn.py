@@ -60,7 +60,8 @@ def _fa4_gain(gpu_name: str | None) -> str:
     step = measured.nearest(gpu_name, "fa4_w1_step")
     if step is not None and step.here:
         fa4_ms, native_ms = step.values
-        return f"FA4 took {1 - fa4_ms / native_ms:.1%} off an eager step on this GPU model ({step.source})"
+        return (f"measured on {step.gpu}, this GPU's model, FA4 took {1 - fa4_ms / native_ms:.1%} off an eager step "
+                f"({step.source})")
     return (f"FA4's gain was not measured on {gpu_name or 'this machine (no GPU)'} (attention_truth times it once "
             "installed)")
 

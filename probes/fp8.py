@@ -9,6 +9,7 @@ import logging
 from probes import measured
 from probes.context import ProbeContext, cuda_device_name, exc_line, mark
 from probes.finding import Finding
+from probes.imports import import_or_block
 
 MIN_CC = (8, 9)  # Ada (sm_89) and Hopper (sm_90) have FP8 tensor cores
 REL_ERR_LIMIT = 0.1  # e4m3 keeps 3 mantissa bits: ~4% relative error on a random 256^3 product
@@ -104,7 +105,9 @@ def _torchao_installed(ctx: ProbeContext):
 
 
 def probe(ctx: ProbeContext) -> Finding:
-    torch = ctx.import_module("torch")
+    torch, blocked = import_or_block(ctx, "fp8", "torch")
+    if blocked is not None:
+        return blocked
     torch_version = str(torch.__version__)
     cuda = bool(torch.cuda.is_available())
     state, ao_version, ao_error, ao_log = _torchao(ctx) if cuda else _torchao_installed(ctx)

@@ -21,6 +21,7 @@ from probes.timing import time_ms
 N = 8192
 COPY_BYTES = 4 * 1024**3
 LOW_FRACTION = 0.65
+SETTLE_GEMMS = 100  # back-to-back GEMMs before the sustained rate is timed
 POWER_CAP_TOLERANCE = 0.98  # a limit 2% under the default is still "the default"
 
 # (name test, label, bf16 dense TFLOP/s, FP8 dense TFLOP/s or None, memory TB/s); first match wins.
@@ -97,12 +98,12 @@ def summarize(name: str, bf16_tflops: float | None, fp8_tflops: float | None, co
         return f"{value:.0f} {unit}" + (f" ({value / (ref * scale):.0%} of {ref * scale:.0f})" if ref else "")
 
     details = [f"{name}: datasheet {sheet['gpu']}" if sheet else f"{name}: not in the datasheet table, no comparison",
-               f"bf16 GEMM {N}^3: {vs(bf16_tflops, 'bf16_tflops', 'TFLOP/s')} in short bursts"
-               + (f"; {bf16_sustained_tflops:.0f} TFLOP/s sustained (after ~0.15 s at load, where the power limit "
-                  f"sets the clocks, as in a long render)" if bf16_sustained_tflops else ""),
-               f"FP8 GEMM {N}^3 (torch._scaled_mm, e4m3, per-tensor scales, bf16 out): "
+               f"bf16 GEMM {N}^3 here: {vs(bf16_tflops, 'bf16_tflops', 'TFLOP/s')} in short bursts"
+               + (f"; {bf16_sustained_tflops:.0f} TFLOP/s sustained (after {SETTLE_GEMMS} more GEMMs at load, where "
+                  f"the power limit sets the clocks, as in a long render)" if bf16_sustained_tflops else ""),
+               f"FP8 GEMM {N}^3 here (torch._scaled_mm, e4m3, per-tensor scales, bf16 out): "
                f"{vs(fp8_tflops, 'fp8_tflops', 'TFLOP/s')}",
-               f"device copy (read + write bytes): {vs(copy_gbps, 'memory_tbps', 'GB/s', 1e3)}",
+               f"device copy here (read + write bytes): {vs(copy_gbps, 'memory_tbps', 'GB/s', 1e3)}",
                typical_rates(name, sheet)]
     details += list(notes or [])
     if facts.get("power_limit_w") is not None:
@@ -133,13 +134,15 @@ def summarize(name: str, bf16_tflops: float | None, fp8_tflops: float | None, co
             flags.append(", ".join(low))
             fixes.append(f"look for other processes on the GPU (nvidia-smi), MIG, or low clocks "
                          f"(nvidia-smi -i {idx} -q -d CLOCK,PERFORMANCE)")
-    rates = ", ".join(x for x in (f"bf16 {bf16_tflops:.0f} TFLOP/s" if bf16_tflops else "",
-                                  f"FP8 {fp8_tflops:.0f} TFLOP/s" if fp8_tflops else "",
-                                  f"copy {copy_gbps / 1e3:.2f} TB/s" if copy_gbps else "") if x)
+    rates = "measured here: " + (", ".join(x for x in (
+        f"bf16 {bf16_tflops:.0f} TFLOP/s" if bf16_tflops else "",
+        f"FP8 {fp8_tflops:.0f} TFLOP/s" if fp8_tflops else "",
+        f"copy {copy_gbps / 1e3:.2f} TB/s" if copy_gbps else "") if x) or "no rate")
     if flags:
         return Finding(id="roofline", status="warn", summary=f"{rates}: {'; '.join(flags)}", details=details,
                        fix="; ".join(fixes), measured=measured)
-    frac = f" ({fraction['bf16']:.0%} of {sheet['gpu']} datasheet bf16)" if fraction and fraction["bf16"] else ""
+    frac = f" ({fraction['bf16']:.0%} of the {sheet['gpu']} datasheet's bf16)" if fraction and fraction["bf16"] \
+        else ""
     return Finding(id="roofline", status="ok", summary=f"{rates}{frac}", details=details, measured=measured)
 
 
@@ -213,10 +216,10 @@ def measure(ctx: ProbeContext, torch) -> tuple[dict[str, Any], dict[str, Any] | 
                 time.sleep(0.05)  # let the queued GEMMs run, so clocks and power are at load
                 facts.update(read_load(nvml, handle))
 
-        # Burst rate (the datasheet comparison), then sustained: ~100 more GEMMs (~0.15 s on an H100) bring
-        # clocks and power to their steady state; NVML is read while the timed ones run.
+        # Burst rate (the datasheet comparison), then sustained: SETTLE_GEMMS more GEMMs (~0.15 s on an H100)
+        # bring clocks and power to their steady state; NVML is read while the timed ones run.
         rates["bf16"] = round(flops / time_ms(torch, lambda: a @ b, 5, 20) / 1e9, 1)
-        rates["bf16_sustained"] = round(flops / time_ms(torch, lambda: a @ b, 100, 50, sample) / 1e9, 1)
+        rates["bf16_sustained"] = round(flops / time_ms(torch, lambda: a @ b, SETTLE_GEMMS, 50, sample) / 1e9, 1)
         if tuple(torch.cuda.get_device_capability(0)) >= (8, 9):
             try:
                 f8 = torch.float8_e4m3fn

@@ -11,6 +11,7 @@ import warnings
 
 from probes.context import ProbeContext, exc_line
 from probes.finding import Finding
+from probes.imports import import_or_block
 from probes.timing import time_ms
 
 N = 4096  # fp32 matmul N x N x N
@@ -77,7 +78,9 @@ def matmul_tflops(torch, tf32: bool, n: int = N) -> float:
 
 
 def probe(ctx: ProbeContext) -> Finding:
-    torch = ctx.import_module("torch")
+    torch, blocked = import_or_block(ctx, "tf32", "torch")
+    if blocked is not None:
+        return blocked
     flags = read_flags(torch)
     measured: dict = dict(flags)
     details = [f"{k} = {v}" for k, v in flags.items()]
@@ -102,9 +105,9 @@ def probe(ctx: ProbeContext) -> Finding:
                        fix="run `python -m probes._worker tf32` to see the full output")
     measured["fp32_tflops"] = round(fp32, 1)
     measured["tf32_tflops"] = round(tf32, 1)
-    details.append(f"fp32 matmul {N}x{N}x{N}: {fp32:.1f} TFLOP/s with TF32 off, {tf32:.1f} TFLOP/s with TF32 on "
-                   f"({tf32 / fp32:.1f}x; median of {REPS})")
+    details.append(f"fp32 matmul {N}x{N}x{N}, measured here: {fp32:.1f} TFLOP/s with TF32 off, {tf32:.1f} TFLOP/s "
+                   f"with TF32 on ({tf32 / fp32:.1f}x; median of {REPS})")
     return Finding(id="tf32", status="ok",
-                   summary=f"matmul TF32 {on}; fp32 matmul {fp32:.0f} -> {tf32:.0f} TFLOP/s with TF32, but "
+                   summary=f"matmul TF32 {on}; fp32 matmul {fp32:.0f} -> {tf32:.0f} TFLOP/s with TF32 here, but "
                            "Qwen-Image runs in bf16: TF32 only affects its few fp32 ops",
                    details=details, measured=measured)

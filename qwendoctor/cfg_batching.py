@@ -2,58 +2,80 @@
 
 QwenImagePipeline calls its transformer twice a step (prompt, then negative prompt) with the same latents. Two
 batch-1 passes read every weight twice and launch every kernel twice; one batch-2 pass reads them once and
-gives the GEMMs twice the rows. The pipeline's loop is left untouched: `pipe.transformer` becomes a
-`CFGBatchedTransformer` that runs both passes when the cond call arrives and answers the uncond call from
-what it kept. It recognises the two calls by identity (the very embeddings `encode_prompt` returned, the very
-latents tensor of this step), so any call it does not recognise simply runs as diffusers would run it.
+gives the GEMMs twice the rows. The pipeline's loop is left untouched: the transformer's call runs both passes
+when the cond call arrives and answers the uncond call from what it kept.
+
+How the call is intercepted, and why so: `pipe.transformer` stays the diffusers model the pipeline registered,
+so everything diffusers and the user do with a component (`.to()`, `save_pretrained`, `components`, offload
+hooks, `set_attention_backend`, `compile`) reaches the real module. Only the call must be caught, and caught
+outside the module's own call machinery: a forward hook or a replaced `forward` runs inside `Module.__call__`,
+that is inside what `torch.compile` traces for a fully compiled model, and no hook can skip the forward the
+uncond call must not run. Python looks `__call__` up on the type, so `enable` gives this one transformer a
+subclass of its own class that adds nothing but `__call__`; it keeps the class's name and module, which is what
+diffusers writes into `config.json` and `model_index.json`, so a saved pipeline loads back with plain diffusers.
+`disable` gives the transformer its class back.
+
+Which call is which is recognised by identity: the embeddings `encode_prompt` returned, the latents tensor of
+the step. A pipeline call encodes its prompt, then, only when true CFG is on, its negative prompt; its first
+cond pass (text: the second-to-last encoding) shows the call runs CFG, and from then until the next
+`encode_prompt` every cond pass is batched with that negative (a `callback_on_step_end` may swap the prompt's
+embeddings for new ones; the negative's cannot be swapped). The uncond call is answered only when it brings
+the negative embeddings and the very latents the batched pass ran on. A call it cannot batch as one (batches
+that do not line up, arguments it does not know) runs as diffusers would run it.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
+_ATTRIBUTE = "_qwendoctor_cfg_batching"  # where the transformer keeps its CFGBatching
+# The only arguments a batched pass knows how to double; a call with any other runs unbatched.
+_KNOWN_ARGUMENTS = frozenset({"hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep",
+                              "guidance", "img_shapes", "attention_kwargs", "return_dict"})
 
-class CFGBatchedTransformer:
-    """Stands in for the pipeline's transformer; everything but the call is the wrapped model's.
 
-    Not an nn.Module on purpose: `compile()`, `set_attention_backend()`, `enable_cache()` and the rest must
-    reach the real transformer, and the pipeline's module bookkeeping (`.to()`, offload hooks) must keep
-    seeing the real one in its config.
-    """
+class CFGBatching:
+    """The interception of one transformer's call: which pass is which, and the batch-2 pass."""
 
     def __init__(self, transformer):
-        self.__dict__["inner"] = transformer
-        self.__dict__["_encoded"] = []  # the last two (embeds, mask) that encode_prompt returned
-        self.__dict__["_kept"] = None  # (latents, negative embeds, uncond output) of the batched call
-        self.__dict__["batched_calls"] = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["inner"], name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self.inner, name, value)
+        self.transformer = transformer
+        self._encoded: list = []  # the last two (embeds, mask) that encode_prompt returned
+        self._negative = None  # (embeds, mask) of the CFG pipeline call under way, once its first cond pass ran
+        self._kept = None  # (latents, negative embeds, negative mask, uncond output) of the batched pass
+        self.batched_calls = 0
 
     def record_encoding(self, result):
-        """Called with each `encode_prompt` result. A pipeline call encodes its prompt, then, only when true
-        CFG is on, its negative prompt: so a cond pass whose text is the second-to-last encoding has its
-        negative in the last one. Without CFG the cond text is the last encoding, and nothing is batched."""
-        self.__dict__["_encoded"] = [*self._encoded[-1:], result]
+        """Called with each `encode_prompt` result: a new pipeline call (or the user's own encoding) begins."""
+        self._encoded = [*self._encoded[-1:], result]
+        self._negative = None
+        self._kept = None
         return result
 
+    def run(self, *args, **kwargs):
+        """The transformer's own call, compiled or hooked as it is, past this interception."""
+        import torch
+
+        return torch.nn.Module.__call__(self.transformer, *args, **kwargs)
+
     def __call__(self, *args, **kwargs):
-        if args or len(self._encoded) != 2:
-            return self.inner(*args, **kwargs)
-        (prompt_embeds, prompt_mask), (negative_embeds, negative_mask) = self._encoded
-        text = kwargs.get("encoder_hidden_states")
-        kept = self._kept
-        if kept is not None and text is negative_embeds and kwargs.get("hidden_states") is kept[0]:
-            self.__dict__["_kept"] = None
-            return kept[1]
-        if text is not prompt_embeds:
-            return self.inner(**kwargs)
-        cond, uncond = self._batched(kwargs, negative_embeds, negative_mask)
-        self.__dict__["_kept"] = (kwargs["hidden_states"], uncond)
-        self.__dict__["batched_calls"] += 1
+        kept, self._kept = self._kept, None  # what was kept answers only the call right after the batched one
+        if args or not _KNOWN_ARGUMENTS.issuperset(kwargs):
+            return self.run(*args, **kwargs)
+        text, latents = kwargs.get("encoder_hidden_states"), kwargs.get("hidden_states")
+        if (kept is not None and text is kept[1] and latents is kept[0]
+                and kwargs.get("encoder_hidden_states_mask") is kept[2]):
+            return kept[3]
+        if self._negative is None and len(self._encoded) == 2 and text is self._encoded[0][0]:
+            self._negative = self._encoded[1]
+        if self._negative is None or text is self._negative[0] or latents is None or text is None:
+            return self.run(**kwargs)
+        negative = _negative_for_batch(latents.shape[0], text, *self._negative)
+        if negative is None:
+            return self.run(**kwargs)
+        cond, uncond = self._batched(kwargs, *negative)
+        self._kept = (latents, *self._negative, uncond)
+        self.batched_calls += 1
         return cond
 
     def _batched(self, kwargs: dict[str, Any], negative_embeds, negative_mask):
@@ -71,11 +93,24 @@ class CFGBatchedTransformer:
                 both[name] = torch.cat([kwargs[name].expand(batch)] * 2)
         if kwargs.get("img_shapes") is not None:
             both["img_shapes"] = list(kwargs["img_shapes"]) * 2
-        output = self.inner(**both)
+        output = self.run(**both)
         if isinstance(output, tuple):
             return (output[0][:batch], *output[1:]), (output[0][batch:], *output[1:])
         cond, uncond = type(output)(sample=output.sample[:batch]), type(output)(sample=output.sample[batch:])
         return cond, uncond
+
+
+def _negative_for_batch(batch: int, prompt_embeds, negative_embeds, negative_mask):
+    """The negative (embeds, mask) lined up with a cond pass of `batch` latents, or None where one batch cannot
+    give what diffusers' two passes give. One negative for a list of prompts is what diffusers broadcasts
+    inside the transformer (its text meets the image batch in the modulation): expanded here, the same rows."""
+    if prompt_embeds.ndim != 3 or prompt_embeds.shape[0] != batch or negative_embeds.ndim != 3:
+        return None
+    if negative_embeds.shape[0] == batch:
+        return negative_embeds, negative_mask
+    if negative_embeds.shape[0] == 1 and negative_mask is None:
+        return negative_embeds.expand(batch, -1, -1), None
+    return None  # diffusers' own uncond pass fails on these shapes; it is left to fail the same way
 
 
 def _pad_text_pair(prompt_embeds, prompt_mask, negative_embeds, negative_mask):
@@ -97,30 +132,72 @@ def _pad_text_pair(prompt_embeds, prompt_mask, negative_embeds, negative_mask):
     return torch.cat(texts), torch.cat(masks)
 
 
-def enable(pipe, wrap=CFGBatchedTransformer) -> CFGBatchedTransformer:
-    """Install `wrap(transformer)` (CFG batching's wrapper, or one that shares its interception, such as
-    qwendoctor.parallel's CFG-parallel one) over the pipeline's transformer."""
-    if isinstance(pipe.transformer, CFGBatchedTransformer):
-        return pipe.transformer
-    wrapper = wrap(pipe.transformer)
+class _CallsThroughCFGBatching:
+    """Put in front of a transformer's own class by `enable`: its call goes through its CFGBatching first."""
+
+    def __call__(self, *args, **kwargs):
+        return self.__dict__[_ATTRIBUTE](*args, **kwargs)
+
+    @property
+    def batched_calls(self) -> int:
+        """Batch-2 passes run so far (what the bench and the GPU tests check)."""
+        return self.__dict__[_ATTRIBUTE].batched_calls
+
+
+_intercepting_classes: dict[type, type] = {}
+
+
+def _intercepting_class(plain: type) -> type:
+    if plain not in _intercepting_classes:
+        # The plain class's name and module: diffusers records them for the component (config.json's
+        # _class_name, model_index.json's library), and from_pretrained must find diffusers' class by them.
+        _intercepting_classes[plain] = type(plain.__name__, (_CallsThroughCFGBatching, plain),
+                                            {"__module__": plain.__module__, "__qualname__": plain.__qualname__,
+                                             "__doc__": plain.__doc__})
+    return _intercepting_classes[plain]
+
+
+def interception(transformer) -> CFGBatching | None:
+    """The CFGBatching (or a subclass: qwendoctor.parallel's) a transformer's call goes through, if any."""
+    return None if transformer is None else vars(transformer).get(_ATTRIBUTE)
+
+
+def enable(pipe, wrap=CFGBatching) -> CFGBatching:
+    """Send the pipeline transformer's call through `wrap(transformer)`: CFG batching's interception, or one
+    that shares it, such as qwendoctor.parallel's CFG-parallel one."""
+    transformer = pipe.transformer
+    if transformer is None:
+        raise ValueError("CFG batching needs the pipeline's transformer; this pipeline has none")
+    existing = interception(transformer)
+    if existing is not None:
+        return existing
+    _forget_encode_prompt(pipe)
+    batching = wrap(transformer)
     original_encode = pipe.encode_prompt
+    # Weak: a transformer the pipeline lets go of (the pool's replaced one) must be freed with its batching.
+    recorder = weakref.ref(batching)
 
     def encode_prompt(*args, **kwargs):
-        return wrapper.record_encoding(original_encode(*args, **kwargs))
+        result = original_encode(*args, **kwargs)
+        return result if recorder() is None else recorder().record_encoding(result)
 
-    # Plain attribute writes: DiffusionPipeline.__setattr__ would re-register the wrapper as a pipeline
-    # component in the config, which should keep naming diffusers' transformer class.
+    encode_prompt._qwendoctor_records_for = recorder
+    # Plain attribute writes: DiffusionPipeline.__setattr__ and Module.__setattr__ would treat these as
+    # components or submodules.
     object.__setattr__(pipe, "encode_prompt", encode_prompt)
-    object.__setattr__(pipe, "transformer", wrapper)
-    return wrapper
-
-
-def unwrapped(transformer):
-    """The diffusers transformer behind CFG batching's wrapper, if there is one."""
-    return transformer.inner if isinstance(transformer, CFGBatchedTransformer) else transformer
+    object.__setattr__(transformer, _ATTRIBUTE, batching)
+    object.__setattr__(transformer, "__class__", _intercepting_class(type(transformer)))
+    return batching
 
 
 def disable(pipe) -> None:
-    if isinstance(pipe.transformer, CFGBatchedTransformer):
-        object.__setattr__(pipe, "transformer", pipe.transformer.inner)
-        pipe.__dict__.pop("encode_prompt", None)
+    transformer = pipe.transformer
+    if interception(transformer) is not None:
+        object.__setattr__(transformer, "__class__", type(transformer).__bases__[1])
+        del vars(transformer)[_ATTRIBUTE]
+    _forget_encode_prompt(pipe)
+
+
+def _forget_encode_prompt(pipe) -> None:
+    if hasattr(vars(pipe).get("encode_prompt"), "_qwendoctor_records_for"):
+        del vars(pipe)["encode_prompt"]

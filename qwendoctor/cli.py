@@ -1,14 +1,17 @@
 """The `qwendoctor` command: check, tune, generate.
 
 Exit codes: 0 success; 1 the job failed (a check failed or crashed, no profile met the floor, a lock from
-another setup); 2 bad input (unknown option, invalid value, missing or invalid lock); 130 interrupted.
+another setup); 2 bad input (unknown option, invalid value, missing or invalid lock); 130 interrupted (Ctrl-C);
+143 terminated (SIGTERM).
 Errors are one line on stderr, `qwendoctor: error: ...`; set QWENDOCTOR_DEBUG=1 for tracebacks.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 
 import click
 
@@ -51,6 +54,7 @@ def _workload(model: str, width: int | None, height: int | None, steps: int, tru
                         negative_prompt=negative_prompt, reference_steps=steps, dtype="float32").validate()
     device = models.default_device()
     models.resolve_model(model, device)
+    models.check_diffusers_env()
     return dataclasses.replace(workload, dtype=models.default_dtype(device)).validate()
 
 
@@ -101,6 +105,7 @@ def tune(model, width, height, steps, true_cfg_scale, negative_prompt, trials, t
         from qwendoctor.storage import check_url
 
         check_url(storage)
+    _check_lock_destination(lock_path)
     parsed_floor = quality.parse_floor(floor)
     workload = _workload(model, width, height, steps, true_cfg_scale, negative_prompt)
     from qwendoctor import report
@@ -118,6 +123,15 @@ def tune(model, width, height, steps, true_cfg_scale, negative_prompt, trials, t
         click.echo(report.tune_json(result))
     else:
         report.print_tune(result, lock_path)
+
+
+def _check_lock_destination(lock_path: str) -> None:
+    """The lock is written last, after minutes of trials: a path it cannot be written to is refused first."""
+    from qwendoctor.files import writable_directory
+
+    if os.path.isdir(lock_path):
+        raise UsageError(f"--lock {lock_path}: is a directory; name the lock file, e.g. {lock_path}/qwendoctor.lock")
+    writable_directory(os.path.dirname(os.path.abspath(lock_path)), "--lock")
 
 
 def _tune_gpus(asked: int | None) -> int:
@@ -307,10 +321,26 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, `kill`, a container shutting down) as Ctrl-C: the running trial is queued
+    again, temporary files are removed and the study resumes on the next run, instead of the process vanishing
+    mid-write."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _terminate_like_ctrl_c() -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one-line errors and documented exit codes instead of tracebacks."""
     debug = os.environ.get("QWENDOCTOR_DEBUG") == "1"
     quiet_import_noise()
+    _terminate_like_ctrl_c()
     try:
         code = cli.main(args=argv, prog_name="qwendoctor", standalone_mode=False)
     except click.exceptions.Exit as done:
@@ -319,12 +349,12 @@ def main(argv: list[str] | None = None) -> None:
         # click's usage errors name the option already ("Invalid value for '--width': ...").
         click.echo(f"qwendoctor: error: {error.format_message()}", err=True)
         code = EXIT_USAGE
-    except click.Abort:
-        click.echo("qwendoctor: interrupted", err=True)
-        code = 130
-    except KeyboardInterrupt:
-        click.echo("qwendoctor: interrupted; a tune resumes where it stopped when rerun", err=True)
-        code = 130
+    except (click.Abort, KeyboardInterrupt) as stop:
+        # click turns Ctrl-C (and Terminated, a KeyboardInterrupt) into Abort, keeping it as the cause.
+        terminated = isinstance(stop, Terminated) or isinstance(stop.__cause__, Terminated)
+        click.echo(f"qwendoctor: {'terminated' if terminated else 'interrupted'}; a tune resumes where it stopped "
+                   "when rerun", err=True)
+        code = 128 + signal.SIGTERM if terminated else 130
     except QwendoctorError as error:
         if debug:
             raise
@@ -336,7 +366,12 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as error:  # a bug or an environment failure we did not classify
         if debug:
             raise
-        code = _fail(f"{exc_line(error)} (QWENDOCTOR_DEBUG=1 for the traceback)", EXIT_FAILURE)
+        from qwendoctor.models import root_cause
+
+        # diffusers and transformers re-raise import failures as "... (look up to see its traceback)", with the
+        # reason chained below: the reason is the line worth printing.
+        shown = root_cause(error) if "look up to see its traceback" in str(error) else error
+        code = _fail(f"{exc_line(shown)} (QWENDOCTOR_DEBUG=1 for the traceback)", EXIT_FAILURE)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -2,6 +2,10 @@
 
 Exit code: 0 when no finding is fail or crash, 1 otherwise (warn and skip do not fail the run),
 2 for usage errors (an unknown probe id).
+
+A probe that cannot run because a package does not import says so as a `skip` naming the finding that reports
+the failure (measured["blocked_by"], probes.imports): the failure counts once, there. Where that finding is not
+in the run, or saw nothing wrong, the blocked probe is a `fail` itself, so a broken import never exits 0.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from probes.context import (
     exc_line,
 )
 from probes.finding import FAILING_STATUSES, Finding
+from probes.imports import crash_fix
 from probes.workload import Workload
 from qwendoctor.errors import EXIT_FAILURE, EXIT_OK, UsageError
 
@@ -50,9 +55,9 @@ def default_worker_argv(spec: ProbeSpec) -> list[str]:
     return [sys.executable, "-P", "-m", "probes._worker", spec.id, "--module", spec.module]
 
 
-def _crash(spec: ProbeSpec, reason: str, details: list[str] | None = None) -> Finding:
+def _crash(spec: ProbeSpec, reason: str, details: list[str] | None = None, fix: str | None = None) -> Finding:
     return Finding(id=spec.id, status="crash", summary=reason, details=details or [],
-                   fix=f"run `python -m probes._worker {spec.id}` to see the full output")
+                   fix=fix or f"run `python -m probes._worker {spec.id}` to see the full output")
 
 
 def _last_line(text: str) -> str:
@@ -70,7 +75,7 @@ def _run_in_process(spec: ProbeSpec, ctx: ProbeContext) -> Finding:
         if not isinstance(finding, Finding):
             raise TypeError(f"probe returned {type(finding).__name__}, not a Finding")
     except Exception as exc:
-        return _crash(spec, exc_line(exc))
+        return _crash(spec, exc_line(exc), fix=crash_fix(spec.id, exc))
     finding.id = spec.id
     return finding
 
@@ -406,7 +411,25 @@ def run_probes(ids: Sequence[str] | None = None, ctx: ProbeContext | None = None
     if timing_worker is None:
         for spec in exclusive:
             results[spec.id] = timed(spec)
-    return [results[spec.id] for spec in selected]  # the registry's order
+    return settle_blocked([results[spec.id] for spec in selected])  # the registry's order
+
+
+def settle_blocked(findings: list[Finding]) -> list[Finding]:
+    """A probe blocked by an import failure stays a skip, pointing at the finding that reports the failure,
+    when that finding is in this run and failing; otherwise the blocked probe itself fails."""
+    by_id = {finding.id: finding for finding in findings}
+    for finding in findings:
+        source = finding.measured.get("blocked_by") if finding.status == "skip" else None
+        if not source:
+            continue
+        reporter = by_id.get(source)
+        if reporter is not None and reporter.status in ("warn", *FAILING_STATUSES):
+            finding.summary += f" (see {source})"
+        else:
+            finding.status = "fail"
+            finding.details.append(f"fails here: the {source} probe " + (
+                "is not in this run" if reporter is None else f"reported {reporter.status}, not this failure"))
+    return findings
 
 
 def exit_code(findings: Sequence[Finding]) -> int:

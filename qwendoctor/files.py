@@ -4,7 +4,9 @@ never half of one and never a temporary file behind; and the cache directory whe
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import socket
 import tempfile
 from typing import IO, Iterator
 
@@ -14,27 +16,55 @@ CACHE_ENV = "QWENDOCTOR_CACHE"
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "w", durable: bool = False) -> Iterator[IO]:
+def atomic_write(path: str | os.PathLike, mode: str = "w", durable: bool = False,
+                 publish: bool = True) -> Iterator[IO]:
     """Open a temporary file beside `path` and, if the block ends without an error, rename it over `path`.
 
     The temporary name is unique (another process, or another host over NFS, may be writing the same path), and
-    hidden. `durable`: fsync before the rename, for files that must survive a power cut (the lock)."""
+    hidden. `durable`: fsync before the rename, for files that must survive a power cut (the lock). `publish`
+    False: leave the finished temporary file for the caller to link and remove (a name that must not replace an
+    existing file); on an error it is removed all the same."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     stem, suffix = os.path.splitext(os.path.basename(path))
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{stem}-", suffix=f"{suffix}.tmp", dir=directory)
+    remove_orphaned_temporaries(directory, stem, suffix)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{stem}~{os.getpid()}~{socket.gethostname()}~",
+                                             suffix=f"{suffix}.tmp", dir=directory)
     try:
-        with os.fdopen(descriptor, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
+        os.close(descriptor)  # reopened by name, so that `handle.name` is the temporary file's path
+        # mkstemp makes it private (0600); the file it becomes gets what open() would give it.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
+        with open(temporary, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
             yield handle
             handle.flush()
             if durable:
                 os.fsync(handle.fileno())
-        os.replace(temporary, path)
+        if publish:
+            os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
+
+
+def remove_orphaned_temporaries(directory: str, stem: str, suffix: str) -> list[str]:
+    """Remove the temporary files that writers of this path on this host left when killed outright (SIGKILL, the
+    OOM killer, a power cut), where no cleanup could run: those whose process is gone. Returns their paths."""
+    import psutil
+
+    pattern = os.path.join(glob.escape(directory), f".{glob.escape(stem)}~*~{glob.escape(socket.gethostname())}~*"
+                                                   f"{glob.escape(suffix)}.tmp")
+    removed = []
+    for temporary in glob.glob(pattern):
+        pid = os.path.basename(temporary)[len(stem) + 2:].split("~", 1)[0]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+                removed.append(temporary)
+    return removed
 
 
 def write_text_atomic(path: str | os.PathLike, text: str, durable: bool = False) -> None:

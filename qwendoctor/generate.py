@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import io
 import json
 import os
 import re
@@ -126,7 +129,60 @@ def generate_images(tuned: TunedPipeline, prompt: str, seed: int, num_images: in
         info = PngImagePlugin.PngInfo()
         for key, value in png_metadata(tuned, prompt, image_seed).items():
             info.add_itxt(key, value)
-        path, handle = claim_path(out_dir, f"{_slug(prompt)}-{image_seed}")
-        with handle:
-            image.save(handle, format="PNG", pnginfo=info)
+        encoded = io.BytesIO()
+        image.save(encoded, format="PNG", pnginfo=info)
+        path = write_new_png(out_dir, f"{_slug(prompt)}-{image_seed}", encoded.getvalue(), index)
         yield path, seconds
+
+
+def write_new_png(out_dir: str, stem: str, data: bytes, written_before: int) -> str:
+    """Write `data` under a new name (`stem.png`, `stem-1.png`, ...), whole or not at all: written to a hidden
+    temporary file first, then hard-linked to the first free name (a link never replaces a file, so a concurrent
+    run is never overwritten). A full disk, a quota or a kill while writing leaves no truncated PNG to pass for an
+    image; a temporary file left by `kill -9` is removed by the next run that writes here."""
+    from qwendoctor import files
+
+    try:
+        with files.atomic_write(os.path.join(out_dir, f"{stem}.png"), "wb", durable=True, publish=False) as handle:
+            handle.write(data)
+        temporary = handle.name
+        try:
+            return _link_to_new_name(temporary, out_dir, stem)
+        except OSError as error:
+            if error.errno not in NO_HARD_LINKS:
+                raise
+            return _write_claimed(out_dir, stem, data)  # a file system without hard links (FAT, some FUSE)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+    except OSError as error:
+        raise QwendoctorError(f"writing {os.path.join(out_dir, stem + '.png')}: {error.strerror or error}; nothing "
+                              f"kept of it ({written_before} image(s) written before it)") from None
+
+
+NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK)
+
+
+def _link_to_new_name(temporary: str, out_dir: str, stem: str) -> str:
+    for attempt in range(10_000):
+        path = os.path.join(out_dir, f"{stem}.png" if attempt == 0 else f"{stem}-{attempt}.png")
+        try:
+            os.link(temporary, path)
+            return path
+        except FileExistsError:
+            continue
+    raise QwendoctorError(f"{out_dir}: too many images named {stem}*.png")
+
+
+def _write_claimed(out_dir: str, stem: str, data: bytes) -> str:
+    path, handle = claim_path(out_dir, stem)
+    try:
+        with handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    return path

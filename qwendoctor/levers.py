@@ -22,7 +22,7 @@ Order of application (LEVERS), and why:
   5. cache              cache-dit's block cache or diffusers' FirstBlockCache around the blocks; before compile
   6. context parallel   diffusers' Ulysses / ring hooks (qwendoctor.parallel); before compile, which traces them
   7. compile            it traces whatever the steps above left
-  8. cfg batching       it wraps the call the pipeline makes, around the compiled model
+  8. cfg batching       it intercepts the transformer's call, outside the compiled model
   9. cfg parallel       the same interception with the two passes on two GPUs (never together with 8)
  10. steps              not a change to the pipeline: an argument of each call (`qwendoctor.runner.call_arguments`)
 
@@ -139,6 +139,18 @@ def _nothing(*_args) -> None:
     return None
 
 
+def _has_transformer(pipe, profile: "Profile", field: str, asked: bool) -> bool:
+    """Whether a lever that changes the transformer has one to change. A pipeline built without one (encode-only,
+    transformer=None) leaves such a lever nothing to do at its default, and refuses it when asked for: skipping
+    it would hand back a pipeline that is not what the profile says."""
+    if pipe.transformer is not None:
+        return True
+    if asked:
+        raise UsageError(f"profile.{field} = {getattr(profile, field)!r} changes the pipeline's transformer, and "
+                         "this pipeline has none (transformer=None)")
+    return False
+
+
 @dataclasses.dataclass(frozen=True)
 class Lever:
     name: str
@@ -207,7 +219,7 @@ FAST_ATTENTION = ("_native_cudnn", "_native_flash", "fa4", "_flash_3", "flash")
 def apply_attention_backend(pipe, profile: "Profile"):
     from qwendoctor.attention import ensure_backend
 
-    if pipe.transformer is None:
+    if not _has_transformer(pipe, profile, "attention_backend", profile.attention_backend != "native"):
         return pipe
     ensure_backend(profile.attention_backend)  # FA4 is registered with diffusers' dispatcher on first use
     pipe.transformer.set_attention_backend(profile.attention_backend)
@@ -323,7 +335,8 @@ QUANTIZATIONS = ("none", "fp8_rowwise", "fp8_tensorwise", "fp8_weight_only")
 
 
 def apply_quantization(pipe, profile: "Profile"):
-    if profile.quantization == "none":
+    if not _has_transformer(pipe, profile, "quantization", profile.quantization != "none") or (
+            profile.quantization == "none"):
         return pipe
     import torch
     from torchao.quantization import (
@@ -352,7 +365,56 @@ def apply_quantization(pipe, profile: "Profile"):
                 and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
     quantize_(pipe.transformer.transformer_blocks, config, filter_fn=is_block_linear)
+    _keep_fp8_weights_as_they_are(pipe, profile.quantization)
     return pipe
+
+
+def _keep_fp8_weights_as_they_are(pipe, quantization: str) -> None:
+    """torchao's FP8 weights are tensor subclasses diffusers knows nothing of: `.to(dtype)` leaves them in the
+    model's dtype while the rest moves (a model of two dtypes), and `save_pretrained` breaks off inside
+    safetensors. Both are refused in one line instead, by the transformer and, before any other component has
+    moved or been written, by the pipeline; device moves go through. Quantization cannot be undone, so the
+    refusals go with this transformer: a pipeline given another one works as diffusers' again."""
+    import weakref
+
+    import torch
+
+    transformer = pipe.transformer
+    dtype, move = transformer.dtype, transformer.to
+    # Weak: the pool frees a quantized transformer before it builds the next (two do not fit on one card).
+    quantized = weakref.ref(transformer)
+
+    def still_quantized() -> bool:
+        return pipe.transformer is not None and pipe.transformer is quantized()
+
+    def refuse_dtype(wanted) -> None:
+        if wanted is not None and wanted != dtype:
+            raise UsageError(f"quantization {quantization!r}: to({wanted}) cannot convert the FP8 weights; build the "
+                             f"pipeline in {str(wanted).removeprefix('torch.')} and apply the profile to it")
+
+    def refuse_save(*_args, **_kwargs) -> None:
+        raise UsageError(f"quantization {quantization!r}: save_pretrained cannot write the FP8 weights; save the "
+                         "pipeline before applying the profile (the lock applies it again on load)")
+
+    def transformer_to(*args, **kwargs):
+        refuse_dtype(torch._C._nn._parse_to(*args, **kwargs)[1])
+        return move(*args, **kwargs)
+
+    def pipeline_to(*args, **kwargs):
+        if still_quantized():
+            refuse_dtype(kwargs.get("dtype", next((a for a in args if isinstance(a, torch.dtype)), None)))
+        return type(pipe).to(pipe, *args, **kwargs)
+
+    def save_pretrained(*args, **kwargs):
+        if still_quantized():
+            refuse_save()
+        return type(pipe).save_pretrained(pipe, *args, **kwargs)
+
+    # Plain attribute writes, as CFG batching's: neither becomes a component or a submodule.
+    object.__setattr__(transformer, "to", transformer_to)
+    object.__setattr__(transformer, "save_pretrained", refuse_save)
+    object.__setattr__(pipe, "to", pipeline_to)
+    object.__setattr__(pipe, "save_pretrained", save_pretrained)
 
 
 def _quantization_runnable(profile, workload, capabilities) -> None:
@@ -422,10 +484,10 @@ CACHE_DIT_INSTALL = "pip install 'qwendoctor[cache]'"
 def apply_cache(pipe, profile: "Profile"):
     from qwendoctor import cfg_batching
 
-    if pipe.transformer is None:
+    if not _has_transformer(pipe, profile, "cache", profile.cache != "none"):
         return pipe
-    # A CFG wrapper left by an earlier profile goes first: the caches hook the transformer itself, and CFG
-    # batching (applied later in the order) wraps whatever they leave.
+    # CFG batching's interception from an earlier profile goes first: the caches are set up on the plain
+    # transformer, and CFG batching (later in the order) intercepts the call around whatever they hook.
     cfg_batching.disable(pipe)
     if getattr(pipe.transformer, "is_cache_enabled", False):
         pipe.transformer.disable_cache()
@@ -506,10 +568,8 @@ def cached_steps(pipe) -> int | None:
         return None
     import cache_dit
 
-    from qwendoctor import cfg_batching
-
-    # The transformer itself: cache-dit does not know CFG batching's wrapper. logging=False: a record, not a report.
-    stats = cache_dit.summary(cfg_batching.unwrapped(pipe.transformer), logging=False)[0]
+    # logging=False: a record, not a report.
+    stats = cache_dit.summary(pipe.transformer, logging=False)[0]
     cond = set(getattr(stats, "cached_steps", None) or [])
     if not pipe._qwendoctor_separate_cfg:
         return len(cond)
@@ -632,6 +692,8 @@ PARALLEL_STRATEGIES = ("none", "cfg", "ulysses", "ring", "cfg+ulysses", "cfg+rin
 def apply_context_parallel(pipe, profile: "Profile"):
     from qwendoctor import parallel
 
+    if not _has_transformer(pipe, profile, "parallel", profile.context_degree > 1):
+        return pipe
     return parallel.apply_context_parallel(pipe, profile)
 
 
@@ -704,7 +766,7 @@ MODE_RULES = {"max-autotune-no-cudagraphs": "max-autotune", "coordinate-descent"
 
 
 def apply_compile(pipe, profile: "Profile"):
-    if profile.compile == "none":
+    if not _has_transformer(pipe, profile, "compile", profile.compile != "none") or profile.compile == "none":
         return pipe
     # Under context parallelism attention runs eagerly between compiled pieces (qwendoctor.parallel): a break.
     options: dict = {"fullgraph": profile.context_degree == 1}
@@ -792,7 +854,7 @@ COMPILE = Lever(
 def apply_cfg_batching(pipe, profile: "Profile"):
     from qwendoctor import cfg_batching
 
-    if profile.cfg_batching:
+    if profile.cfg_batching and _has_transformer(pipe, profile, "cfg_batching", True):
         cfg_batching.enable(pipe)
     else:
         cfg_batching.disable(pipe)
@@ -831,6 +893,8 @@ CFG_BATCHING = Lever(
 def apply_cfg_parallel(pipe, profile: "Profile"):
     from qwendoctor import parallel
 
+    if not _has_transformer(pipe, profile, "parallel", profile.cfg_degree == 2):
+        return pipe
     return parallel.apply_cfg_parallel(pipe, profile)
 
 

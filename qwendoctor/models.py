@@ -84,8 +84,38 @@ def quiet_libraries() -> None:
     transformers_logging.set_verbosity_error()
 
 
+ATTENTION_ENV = "DIFFUSERS_ATTN_BACKEND"
+
+
+def check_diffusers_env() -> None:
+    """diffusers reads DIFFUSERS_ATTN_BACKEND when its models are first imported and refuses a name it does not
+    know with an import error ("look up to see its traceback") whose cause is chained below it: named here, in
+    one line, before anything loads."""
+    value = os.environ.get(ATTENTION_ENV)
+    if value is None:
+        return
+    try:
+        import diffusers.models.attention_dispatch  # noqa: F401
+    except Exception as error:
+        cause = root_cause(error)
+        if value not in str(cause) and "AttentionBackendName" not in str(cause):
+            raise
+        raise UsageError(f"{ATTENTION_ENV}={value!r}: diffusers refuses it ({first_line(cause)}); unset it "
+                         "(qwendoctor sets the tuned attention backend itself)") from None
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The innermost exception of a chain: what libraries that re-raise as "failed to import X" hide."""
+    seen = {id(error)}
+    while (error.__cause__ or error.__context__) is not None and id(error.__cause__ or error.__context__) not in seen:
+        error = error.__cause__ or error.__context__
+        seen.add(id(error))
+    return error
+
+
 def load_model(model: str, device: str, dtype: str) -> LoadedModel:
     """Build the pipeline for `model` on `device` in `dtype`, raising a one-line UsageError if it cannot."""
+    check_diffusers_env()
     quiet_libraries()
     if model == "tiny":
         return _load_tiny(device, dtype)

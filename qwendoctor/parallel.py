@@ -26,7 +26,7 @@ import threading
 import time
 
 from qwendoctor import files
-from qwendoctor.cfg_batching import CFGBatchedTransformer
+from qwendoctor.cfg_batching import CFGBatching
 from qwendoctor.errors import QwendoctorError, UsageError
 from qwendoctor.profile import Profile
 
@@ -132,7 +132,7 @@ def device_mesh(profile: Profile):
     return _meshes[shape]
 
 
-class CFGParallelTransformer(CFGBatchedTransformer):
+class CFGParallelTransformer(CFGBatching):
     """CFG batching's interception, with the batch split over two ranks: on the cond call this rank runs its
     own branch (cfg-rank 0 the prompt, 1 the negative prompt), one all_gather brings both predictions to
     both ranks, and the uncond call is answered from what was kept, as CFG batching does."""
@@ -141,8 +141,8 @@ class CFGParallelTransformer(CFGBatchedTransformer):
         import torch.distributed as dist
 
         super().__init__(transformer)
-        self.__dict__["group"] = group
-        self.__dict__["branch"] = dist.get_rank(group)
+        self.group = group
+        self.branch = dist.get_rank(group)
 
     def _batched(self, kwargs, negative_embeds, negative_mask):
         import torch
@@ -152,7 +152,7 @@ class CFGParallelTransformer(CFGBatchedTransformer):
         if self.branch == 1:
             mine["encoder_hidden_states"] = negative_embeds
             mine["encoder_hidden_states_mask"] = negative_mask
-        output = self.inner(**mine)
+        output = self.run(**mine)
         sample = (output[0] if isinstance(output, tuple) else output.sample).contiguous()
         both = [torch.empty_like(sample) for _ in range(2)]
         dist.all_gather(both, sample, group=self.group)

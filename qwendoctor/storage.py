@@ -36,8 +36,10 @@ JOURNAL_SCHEME = "journal://"
 # A profile that keeps killing the worker running it (a segfaulting kernel, the OOM killer) is not retried forever.
 MAX_RETRY = 2
 HEARTBEAT_KEY = "qwendoctor:heartbeat"
-# Workers on a new database race to create Optuna's tables; the loser sees an integrity error and tries again.
-CONNECT_ATTEMPTS = 3
+# Workers on a new database race to create Optuna's tables; a loser sees a duplicate row or table (or, in SQLite,
+# the file locked by the winner's schema transaction) and tries again once the winner has made them.
+CONNECT_ATTEMPTS = 6
+CREATION_RACE = ("IntegrityError", "UniqueViolation", "DuplicateTable", "already exists", "database is locked")
 URL_HINT = "use sqlite:///PATH, journal:///PATH or postgresql+psycopg2://USER@HOST:PORT/DB"
 
 
@@ -192,12 +194,16 @@ def open_storage(url: str, heartbeat_s: int):
         except ModuleNotFoundError as error:
             raise UsageError(f"--storage {shown}: {error} (pip install 'qwendoctor[distributed]')") from None
         except Exception as error:
-            integrity = "IntegrityError" in type(error).__name__ or "UniqueViolation" in str(error)
-            if integrity and attempt + 1 < CONNECT_ATTEMPTS:
-                time.sleep(0.5 * (attempt + 1))
+            if lost_creation_race(error) and attempt + 1 < CONNECT_ATTEMPTS:
+                time.sleep(0.2 * (attempt + 1))
                 continue
             message = first_line(error)
             raise UsageError(f"--storage {shown}: {message}") from None
+
+
+def lost_creation_race(error: BaseException) -> bool:
+    text = f"{type(error).__name__}: {error}"
+    return any(sign in text for sign in CREATION_RACE)
 
 
 def _open_journal(url: str, path: str, heartbeat_s: int) -> HeartbeatJournalStorage:

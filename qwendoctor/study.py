@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import time
 import warnings
 from typing import Any, Callable
@@ -83,12 +84,14 @@ def fail_stale(study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
-def recover(study, storage) -> int:
+def recover(study, storage, one_host: bool = False) -> int:
     """Fail the trials that lost their worker and queue them again; leave live workers' trials alone.
 
     A dead worker's trial has a heartbeat older than the grace period (Optuna's check), or none at all: its worker
-    died between creating it and its first beat, or was a qwendoctor without heartbeats. Returns how many trials
-    wait in the queue as retries.
+    died between creating it and its first beat, or was a qwendoctor without heartbeats. On a storage only this
+    host uses (`one_host`: SQLite), a trial whose worker process is gone is dead at once: a rerun after `kill -9`
+    queues it before counting what is left to run, instead of finding it stale after the study's other trials and
+    running one trial more than it announced. Returns how many trials wait in the queue as retries.
     """
     import optuna
 
@@ -99,6 +102,9 @@ def recover(study, storage) -> int:
     if orphans:
         time.sleep(ORPHAN_AFTER_S)
         orphans = sorted(set(orphans) & set(storage.trials_without_heartbeat(study_id)))
+    if one_host:
+        running = study.get_trials(deepcopy=False, states=(states.RUNNING,))
+        orphans = sorted(set(orphans) | {t._trial_id for t in running if worker_is_gone(t)})
     for trial_id in orphans:
         trial = study._storage.get_trial(trial_id)
         try:
@@ -109,6 +115,21 @@ def recover(study, storage) -> int:
         requeue(study, trial.number, trial.params)
     return sum("failed_trial" in t.system_attrs or "retry_of" in t.user_attrs
                for t in study.get_trials(deepcopy=False, states=(states.WAITING,)))
+
+
+def worker_is_gone(trial) -> bool:
+    """Whether the trial's worker ("host:pid", set once its profile is drawn) was a process of this host that
+    no longer runs. A pid taken since by a process started after the trial is not its worker."""
+    import psutil
+
+    host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        started = psutil.Process(int(pid)).create_time()
+    except psutil.NoSuchProcess:
+        return True
+    return trial.datetime_start is not None and started > trial.datetime_start.timestamp() + 1
 
 
 def same_profile_trial(study, profile_dict: dict[str, Any], current_number: int):
@@ -193,14 +214,14 @@ def stall_for_tests(number: int) -> None:
 
 
 def drain(study, storage, run_queued: Callable[[], None], deadline: float | None,
-          log: Callable[[str], None]) -> None:
+          log: Callable[[str], None], one_host: bool = False) -> None:
     """Once the study has its trials: run what is queued (retries of trials whose worker died) and wait for the
     other workers' running trials to finish or be found dead, so that every worker writes the lock of the
     finished study and no trial is left behind."""
     states = _states()
     told = False
     while deadline is None or time.monotonic() < deadline:
-        recover(study, storage)
+        recover(study, storage, one_host)
         if study.get_trials(deepcopy=False, states=(states.WAITING,)):
             run_queued()
             continue

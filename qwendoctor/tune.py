@@ -16,6 +16,7 @@ import fcntl
 import gc
 import hashlib
 import json
+import logging
 import math
 import os
 import socket
@@ -400,6 +401,21 @@ def _is_candidate(profile: Profile, estimate_s: float, best_s: float) -> bool:
     return bound <= best_s * (1 + CANDIDATE_MARGIN)
 
 
+class _QuietOnInterrupt(logging.Filter):
+    """Optuna logs a trial stopped by Ctrl-C (or SIGTERM) as a failure with its traceback, then again as "failed
+    with value None". The trial is queued again and the CLI says so in one line: from the interrupt on, Optuna's
+    log adds nothing but noise."""
+
+    def __init__(self):
+        super().__init__()
+        self.interrupted = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            self.interrupted = True
+        return not self.interrupted
+
+
 class _Trials:
     """One run's objective over the shared study: the pool, the references and the search space it measures
     trials with. Optuna calls `objective` per trial and `after_trial` when one ends."""
@@ -550,8 +566,18 @@ class _Trials:
             optuna_study.stop()  # other workers finished trials meanwhile: the study is complete
 
     def run(self, n_trials: int, timeout: float | None) -> None:
-        self.study.optimize(self.objective, n_trials=n_trials, timeout=timeout, catch=(study.TrialFailed,),
-                            callbacks=[self.after_trial], gc_after_trial=False, show_progress_bar=False)
+        # On Optuna's handlers: its modules log through child loggers, whose records a filter on the "optuna"
+        # logger itself would never see.
+        handlers = logging.getLogger("optuna").handlers
+        quiet = _QuietOnInterrupt()
+        for handler in handlers:
+            handler.addFilter(quiet)
+        try:
+            self.study.optimize(self.objective, n_trials=n_trials, timeout=timeout, catch=(study.TrialFailed,),
+                                callbacks=[self.after_trial], gc_after_trial=False, show_progress_bar=False)
+        finally:
+            for handler in handlers:
+                handler.removeFilter(quiet)
 
     def run_until(self, trials: int, deadline: float | None) -> None:
         """Trials until the study has `trials` that count: a proposal of a profile already measured is not one,
@@ -565,7 +591,21 @@ class _Trials:
             self.run(missing, left_s)
 
 
-def _open_study(options: TuneOptions, storage, name: str, shown: str):
+SPACE_ATTR = "qwendoctor:space"
+
+
+def space_signature(search: space.SearchSpace) -> str:
+    """What a study's trials were drawn from: each lever's offered values and the facts its sampling reads."""
+    offered = {name: {"values": {field: str(values) if isinstance(values, levers.IntRange) else list(values)
+                                 for field, values in offer.values.items()},
+                      "options": offer.options}
+               for name, offer in search.offers.items()}
+    return hashlib.sha256(json.dumps(offered, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _open_study(options: TuneOptions, storage, name: str, shown: str, signature: str):
+    """The study `name`, made or resumed. One found under that name that qwendoctor did not make for this search
+    space (another direction, no recorded space, another space) is refused before a trial is written into it."""
     import optuna
 
     # Workers sharing a study must not share a seed, or they propose the same profiles in lockstep; the constant
@@ -576,10 +616,34 @@ def _open_study(options: TuneOptions, storage, name: str, shown: str):
     sampler = optuna.samplers.TPESampler(seed=None if shared else 0, constant_liar=shared, n_startup_trials=5,
                                          multivariate=True, group=True)
     try:
-        return optuna.create_study(study_name=name, storage=storage, direction="minimize", sampler=sampler,
+        made = optuna.create_study(study_name=name, storage=storage, direction="minimize", sampler=sampler,
                                    load_if_exists=True)
+        _check_foreign(made, name, shown, signature)
+        return made
+    except UsageError:
+        raise
     except Exception as error:  # the database went away, or holds something else
         raise UsageError(f"--storage {shown}: {first_line(error)}") from None
+
+
+def _check_foreign(made, name: str, shown: str, signature: str) -> None:
+    import optuna
+
+    remedy = (f"use another --storage, or delete it (optuna delete-study --study-name {name} "
+              f"--storage <URL>)")
+    if made.directions != [optuna.study.StudyDirection.MINIMIZE]:
+        raise UsageError(f"--storage {shown}: study {name} exists there to "
+                         f"{'/'.join(d.name.lower() for d in made.directions)}, not to minimize seconds per image; "
+                         f"{remedy}")
+    recorded = made.user_attrs.get(SPACE_ATTR)
+    if recorded is None:
+        if made.get_trials(deepcopy=False):
+            raise UsageError(f"--storage {shown}: study {name} exists there with trials qwendoctor did not "
+                             f"record; {remedy}")
+        made.set_user_attr(SPACE_ATTR, signature)
+    elif recorded != signature:
+        raise UsageError(f"--storage {shown}: study {name} exists there with another search space ({recorded}, "
+                         f"here {signature}); {remedy}")
 
 
 def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
@@ -614,13 +678,18 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
     pool = ModelPool(options.workload, capabilities)
 
     # The study key leaves the model revision out: it is only known once the model is built.
-    name = study_name(options, fingerprint.machine_fingerprint(options.workload.model, None))
+    setup_name = study_name(options, fingerprint.machine_fingerprint(options.workload.model, None))
     started = time.perf_counter()
-    reference_images, reference_summary, revision = reference(options, pool, name, log)
+    reference_images, reference_summary, revision = reference(options, pool, setup_name, log)
     spent["reference"] = time.perf_counter() - started
 
-    optuna_study = _open_study(options, storage, name, shown)
-    recovered = study.recover(optuna_study, storage)
+    # Its search space in its name too: probes that offer other choices here (an attention kernel timed slower
+    # this time) make another study, since Optuna cannot draw one parameter from two sets of choices.
+    signature = space_signature(search)
+    name = f"{setup_name}-{signature}"
+    optuna_study = _open_study(options, storage, name, shown, signature)
+    one_host = not storages.is_shared(options.storage)
+    recovered = study.recover(optuna_study, storage, one_host)
     if recovered:
         log(f"resuming: {recovered} trial(s) of stopped workers queued again")
     if not optuna_study.trials:
@@ -635,7 +704,7 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
     if remaining > 0:
         trials.run_until(options.trials, deadline)
     if len(study.finished(optuna_study)) >= options.trials:
-        study.drain(optuna_study, storage, lambda: trials.run(1, None), deadline, log)
+        study.drain(optuna_study, storage, lambda: trials.run(1, None), deadline, log, one_host)
     spent["trials"] = time.perf_counter() - started
 
     rows = [study.row(t) for t in study.finished(optuna_study)]
@@ -715,6 +784,8 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
                                f"{counts['trials']} trials")
     except ImportError as error:  # matplotlib is a dependency, but a lock must not depend on a plot
         log(f"plot not written: {error}")
+    except OSError as error:  # a full disk or a quota, after the lock was written: the run did its job
+        log(f"plot not written: {plot_path(options.lock_path)}: {error.strerror or error}")
     return TuneResult(lock=lock, trials=rows, counts=counts, time_spent_s=spent, plot_path=plot,
                       trial_time_s=study_time, strategy_rows=strategy_rows, notes=notes)
 

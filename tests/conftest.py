@@ -28,3 +28,19 @@ def tiny_workload():
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("QWENDOCTOR_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def recorded_compiles(monkeypatch):
+    """torch.compile replaced by a recorder: the wiring is tested on the CPU, real compilation in tests/gpu
+    (inductor on the CPU takes ~50 s for the tiny model and its complex-valued rotary code is not its target)."""
+    import torch
+
+    calls = []
+
+    def fake_compile(function=None, **options):
+        calls.append(options)
+        return function
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    return calls

@@ -68,6 +68,31 @@ def test_in_subprocess_false_runs_native_probes_in_process():
     assert f.status == "ok" and f.id == "good"
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_a_crash_on_a_missing_module_names_it_and_the_pip_command(native):
+    f = one([spec("imp", "import_error", native=native)])
+    assert f.status == "crash" and f.summary == "ModuleNotFoundError: No module named 'qdtest_nowhere_to_be_found'"
+    assert f.fix.startswith("python -m pip install qdtest-nowhere-to-be-found (no module named "
+                            "'qdtest_nowhere_to_be_found'")
+    assert f.fix.endswith("then run `python -m probes._worker imp` to see the full output")
+
+
+@pytest.mark.parametrize("imports_module, status", [("failing", "skip"), (None, "fail"), ("good", "fail")])
+def test_a_blocked_probe_points_at_the_import_failure_or_fails_itself(imports_module, status):
+    """The failure counts once, where the imports probe reports it; without that report the blocked probe
+    fails, so a broken import never exits 0."""
+    registry = [spec("imports", imports_module)] if imports_module else []
+    findings = run_probes(registry=registry + [spec("blocked", "blocked")])
+    blocked = findings[-1]
+    assert blocked.status == status and blocked.fix == "python -m pip install x"
+    if status == "skip":
+        assert blocked.summary == "blocked: diffusers does not import: no module named 'x' (see imports)"
+    else:
+        assert blocked.summary == "blocked: diffusers does not import: no module named 'x'"
+        assert blocked.details[-1].startswith("fails here: the imports probe ")
+    assert exit_code(findings) == 1
+
+
 def test_fixed_order_despite_concurrency():
     registry = [spec("slow1", "slow"), spec("good", "good"), spec("slow2", "slow"), spec("fail", "failing"),
                 spec("slow3", "slow")]

@@ -49,9 +49,9 @@ def fake_torch(version="2.8.0+cpu", cuda=None, available=False, arch_list=(), cc
 
 def test_registry_order_and_contract():
     assert [p.id for p in PROBES] == ["system", "gpu", "topology", "torch_build", "flash_attn", "attention_backends",
-                                      "attention_truth", "tf32", "fp8", "compile", "diffusers", "model",
+                                      "attention_truth", "tf32", "fp8", "compile", "diffusers", "imports", "model",
                                       "memory_plan", "env", "bytecode", "roofline"]
-    assert [p.id for p in PROBES if not p.native] == ["system", "diffusers", "env"]
+    assert [p.id for p in PROBES if not p.native] == ["system", "diffusers", "imports", "env"]
     assert [p.id for p in PROBES if p.tier == "bench"] == ["roofline"]
     assert all(p.timeout_s > 0 and p.title for p in PROBES)
 
@@ -435,19 +435,38 @@ def test_diffusers_without_metadata_or_transformers(tmp_path):
     assert f.status == "warn" and "older than 4.51" in f.summary
 
 
-def test_diffusers_unmet_requirement_fails(tmp_path):
+def test_diffusers_unmet_requirement_warns(tmp_path):
     from probes import diffusers
 
     requires = {"transformers": ["huggingface-hub<1.0,>=0.36", "torch>=2.2; extra == 'torch'",
                                  "tokenizers>=0.22; python_version < '3'"],
                 "diffusers": ["regex!=2019.12.17", "huggingface-hub>=0.30"]}
     f = diffusers.probe(fake_diffusers(tmp_path, requires=requires))
-    assert f.status == "fail", f.summary
+    # Metadata only: whether the imports break is the imports probe's fail, not this one's.
+    assert f.status == "warn", f.summary
     assert f.measured["unmet_requirements"] == [
         "diffusers requires regex!=2019.12.17, which is not installed",
         "transformers requires huggingface-hub<1.0,>=0.36, huggingface-hub 0.35.0 is installed"]
-    assert f.summary.endswith("regex!=2019.12.17, which is not installed (and 1 more)")
+    assert f.summary.endswith("regex!=2019.12.17, which is not installed (and 1 more); the imports probe says "
+                              "whether the imports break")
     assert f.fix == "pip install -U huggingface-hub regex"
+    # A requirement without a version range: its name alone in the fix.
+    f = diffusers.probe(fake_diffusers(tmp_path / "b", requires={"diffusers": ["importlib_metadata"]}))
+    assert f.status == "warn" and f.fix == "pip install -U importlib_metadata"
+
+
+def test_diffusers_counts_a_requirement_of_a_requirement(tmp_path):
+    """huggingface_hub's own requirement missing breaks diffusers' imports as surely as one of diffusers'."""
+    from probes import diffusers
+
+    requires = {"diffusers": ["huggingface-hub>=0.30"], "transformers": ["huggingface-hub>=0.34,<1.0"],
+                "huggingface-hub": ["httpx2<3,>=2.1", "filelock; extra == 'lock'"]}
+    f = diffusers.probe(fake_diffusers(tmp_path, requires=requires))
+    assert f.status == "warn", f.summary
+    # Once, though diffusers and transformers both require huggingface_hub.
+    assert f.measured["unmet_requirements"] == [
+        "huggingface-hub requires httpx2<3,>=2.1, which is not installed (through diffusers -> huggingface-hub)"]
+    assert f.fix == "pip install -U httpx2"
 
 
 def test_diffusers_probe_reads_the_installed_diffusers():

@@ -83,7 +83,8 @@ def test_flash_attn_none_installed_is_ok_and_honest():
     # The figures measured on this card, with the file that holds them.
     assert any(d.startswith(f"honest default: measured on {H100} (benchmarks/fa4/fa4_h100.json)") and "651-660" in d
                and "benchmarks/check/check_h100.json" in d for d in f.details)
-    assert "took 2.6% off an eager step on this GPU model (benchmarks/fa4/fa4_h100.json)" in f.summary
+    assert (f"measured on {H100}, this GPU's model, FA4 took 2.6% off an eager step (benchmarks/fa4/fa4_h100.json)"
+            in f.summary)
     assert run.calls == []  # nothing to import
     assert set(f.measured) == {"fa2", "fa3", "fa4"}
     assert set(f.measured["fa2"]) >= {"installed", "version", "imports", "error", "rel_err"}

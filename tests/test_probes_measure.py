@@ -14,13 +14,12 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-import torch as real_torch
 
 from probes import attention_truth, memory_plan, model, qwen_shapes, roofline
 from probes.context import ProbeContext
 from probes.finding import Finding
 from probes.workload import Workload
-from tests.fakes import FakeEvent
+from tests.fakes import CudaOnCpuTorch, FakeNvml
 
 GIB = 1024**3
 MIB = 1024**2
@@ -41,90 +40,6 @@ def importer(**table):
             raise value
         return value
     return import_module
-
-
-class CudaOnCpuTorch:
-    """Real torch on the CPU, with a `cuda` namespace that says a GPU is there."""
-
-    def __init__(self, name="NVIDIA H100 80GB HBM3", cc=(9, 0)):
-        self.cuda = SimpleNamespace(
-            is_available=lambda: True, synchronize=lambda: None, Event=FakeEvent,
-            get_device_name=lambda i=0: name, get_device_capability=lambda i=0: cc,
-            get_device_properties=lambda i=0: SimpleNamespace(uuid="1234-abcd"),
-            mem_get_info=lambda i=0: (70 * GIB, 80 * GIB), empty_cache=lambda: None)
-
-    def __getattr__(self, name):
-        return getattr(real_torch, name)
-
-    @staticmethod
-    def _cpu(fn):
-        def call(*args, device=None, **kwargs):
-            return fn(*args, **kwargs)
-        return call
-
-    def randn(self, *a, **k):
-        return self._cpu(real_torch.randn)(*a, **k)
-
-    def randint(self, *a, **k):
-        return self._cpu(real_torch.randint)(*a, **k)
-
-    def tensor(self, *a, **k):
-        return self._cpu(real_torch.tensor)(*a, **k)
-
-    def empty(self, *a, **k):
-        return self._cpu(real_torch.empty)(*a, **k)
-
-
-class FakeNvml:
-    def __init__(self, name="NVIDIA H100 80GB HBM3", total=81559 * MIB, used=600 * MIB, count=1,
-                 limit_mw=700_000, default_mw=700_000, max_mw=700_000, throttle=0x0):
-        self.name, self.total, self.used, self.count = name, total, used, count
-        self.limit_mw, self.default_mw, self.max_mw, self.throttle = limit_mw, default_mw, max_mw, throttle
-        self.shutdowns = 0
-        self.NVML_CLOCK_SM = 1
-
-    def __call__(self):  # ctx.nvml
-        return self
-
-    def nvmlDeviceGetCount(self):
-        return self.count
-
-    def nvmlDeviceGetHandleByIndex(self, i):
-        return ("h", i)
-
-    def nvmlDeviceGetHandleByUUID(self, uuid):
-        assert uuid == "GPU-1234-abcd"
-        return ("h", 0)
-
-    def nvmlDeviceGetIndex(self, handle):
-        return handle[1]
-
-    def nvmlDeviceGetName(self, handle):
-        return self.name.encode()
-
-    def nvmlDeviceGetMemoryInfo(self, handle):
-        return SimpleNamespace(total=self.total, used=self.used, free=self.total - self.used)
-
-    def nvmlDeviceGetPowerManagementLimit(self, handle):
-        return self.limit_mw
-
-    def nvmlDeviceGetPowerManagementDefaultLimit(self, handle):
-        return self.default_mw
-
-    def nvmlDeviceGetPowerManagementLimitConstraints(self, handle):
-        return (200_000, self.max_mw)
-
-    def nvmlDeviceGetCurrentClocksEventReasons(self, handle):
-        return self.throttle
-
-    def nvmlDeviceGetClockInfo(self, handle, kind):
-        return 1755
-
-    def nvmlDeviceGetMaxClockInfo(self, handle, kind):
-        return 1980
-
-    def nvmlShutdown(self):
-        self.shutdowns += 1
 
 
 def no_nvml():

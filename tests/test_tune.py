@@ -217,7 +217,7 @@ def test_resume_after_kill_and_ctrl_c_repeats_no_finished_trial(options, drawing
     first_run = list(measured_profiles)
 
     # A worker killed mid-trial leaves it RUNNING in the storage.
-    study = optuna.load_study(study_name=tune.study_name(options, _here(options)), storage=options.storage)
+    study = _study_of(options)
     killed = study.ask({"attention_backend": optuna.distributions.CategoricalDistribution(["native", "_native_math"]),
                         "steps": optuna.distributions.IntDistribution(2, 4)})
     assert killed.number == 3
@@ -244,8 +244,7 @@ def test_resume_after_kill_and_ctrl_c_repeats_no_finished_trial(options, drawing
 
     assert result.counts["trials"] == 6
     assert not set(first_run) & set(measured_profiles), "a finished trial was rendered again"
-    states = [t.user_attrs.get("failure") for t in optuna.load_study(
-        study_name=tune.study_name(options, _here(options)), storage=options.storage).trials]
+    states = [t.user_attrs.get("failure") for t in _study_of(options).trials]
     assert states.count(coordination.INTERRUPTED) == 2  # the killed trial and the Ctrl-C'd one, both queued again
     assert interrupted[0] in timed  # the Ctrl-C'd profile was retried
 
@@ -254,6 +253,14 @@ def _here(options):
     from qwendoctor import fingerprint
 
     return fingerprint.machine_fingerprint(options.workload.model, None)
+
+
+def _study_of(options):
+    """The study tune made for these options: its setup's name, then its search space's signature."""
+    prefix = tune.study_name(options, _here(options)) + "-"
+    names = [n for n in optuna.get_all_study_names(storage=options.storage) if n.startswith(prefix)]
+    assert len(names) == 1, names
+    return optuna.load_study(study_name=names[0], storage=options.storage)
 
 
 def test_read_prompts(tmp_path):

@@ -1,0 +1,487 @@
+"""The fault suite: bad input and injected faults, on the CPU with `tiny`, through the real CLI in a process of its
+own as a user meets them (all but four: the plot's full disk, a damaged reference render, a killed writer's temporary
+file and the race to create a study are injected in-process or on the storage alone).
+
+What is promised, and checked for every case: a bad input ends in one line on stderr (`qwendoctor: error: ...`,
+naming what is wrong) and exit 2, never a traceback; a fault ends in a clear one-line error or a correct result,
+and loses nothing: a lock is the old one or the new one, never half of one; no image is overwritten or left
+truncated; no temporary file outlives the run that recovers; a stopped study resumes with every finished trial
+kept and no trial run twice. BAD_INPUTS and FAULTS count what the suite tries; the README states the counts, and
+`test_the_readme_states_what_the_suite_tries` keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import resource
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+
+from qwendoctor import files, lockfile
+from qwendoctor import study as coordination
+from qwendoctor.profile import Profile, Workload
+
+ROOT = Path(__file__).resolve().parent.parent
+INJECT = str(Path(__file__).resolve().parent / "fault_injection.py")
+TIGHT = "a small red circle at the top left on a blue background"
+# The smallest tune that still draws, times and renders: every fault below reruns it.
+TUNE = ["tune", "--steps", "4", "--num-prompts", "1", "--timed-steps", "2"]
+
+FAULTS: list[str] = []
+
+
+def fault(*names: str):
+    """Register the faults a test injects (its count is the README's)."""
+    FAULTS.extend(names)
+    return lambda test: test
+
+
+def cli(*args: str, cwd: Path, env: dict[str, str] | None = None, inject: tuple[str, ...] = (),
+        preexec=None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The CLI in a fresh process, with faults from tests/fault_injection.py where `inject` names them."""
+    command = ([sys.executable, INJECT, *inject, "--"] if inject
+               else [sys.executable, "-c", "from qwendoctor.cli import main; main()"])
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(cwd / "hf-home"), **(env or {})}
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environment.get("PYTHONPATH")]))
+    return subprocess.run([*command, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout,
+                          env=environment, preexec_fn=preexec)
+
+
+def one_error_line(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """The run's stderr is exactly one `qwendoctor: error:` line containing `fragments`; no traceback."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("qwendoctor: error:"), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def no_temporaries(*directories: Path) -> None:
+    left = [p for d in directories if d.exists() for p in d.rglob("*.tmp")]
+    assert not left, left
+
+
+# ---- bad input -------------------------------------------------------------------------------------------------
+
+# (arguments, message, answered before torch is imported). {tmp} is the test's directory, {lock} a valid tiny lock.
+BAD_INPUTS = [
+    (["generate", "x", "--lock", "{tmp}/missing.lock"], "no such lock file; run `qwendoctor tune`", True),
+    (["generate", "x", "--lock", "{tmp}/garbage.lock"], "not valid TOML", True),
+    (["generate", "x", "--lock", "{tmp}/half.lock"], "half.lock", True),
+    (["generate", "x", "--lock", "{tmp}/bad-field.lock"], "profile.compile: 'turbo' is not one of", True),
+    (["generate", "x", "--lock", "{tmp}"], "Is a directory", True),
+    (["generate", "x", "--num-images", "0"], "--num-images must be at least 1", True),
+    (["generate", "x", "--out", "{tmp}/garbage.lock"], "garbage.lock: is a file, not a directory", True),
+    (["generate", "   "], "the prompt is empty", True),
+    (["generate", "a fox", "--seed", "-1"], "--seed must be in 0..18446744073709551615 for 1 image(s)", True),
+    (["generate", "a fox", "--seed", "18446744073709551615", "--num-images", "2"],
+     "--seed must be in 0..18446744073709551614 for 2 image(s) (each uses seed + its index), got "
+     "18446744073709551615", True),
+    (["generate", "x", "--lock", "{lock}", "--gpus", "0"], "--gpus must be at least 1, got 0", True),
+    (["tune", "--width", "1000"], "width must be a positive multiple of 16, got 1000", True),
+    (["tune", "--width", "abc"], "Invalid value for '--width'", True),
+    (["tune", "--steps", "0"], "steps must be an integer >= 2", True),
+    (["tune", "--steps", "-5"], "steps must be an integer >= 2", True),
+    (["tune", "--true-cfg-scale", "-1"], "true_cfg_scale must be >= 1", True),
+    (["tune", "--model", "no-such-model", "--trials", "1"], "unknown model 'no-such-model'", False),
+    (["tune", "--model", "Qwen/Qwen-Image"], "not in the local Hugging Face cache; download it first", False),
+    (["tune", "--model", "synthetic"], "needs a CUDA GPU", False),
+    (["tune", "--floor", "shiny"], "--floor 'shiny': use one of lossless", True),
+    (["tune", "--trials", "0"], "--trials must be at least 1, got 0", True),
+    (["tune", "--num-prompts", "0"], "--num-prompts and --seeds must be at least 1", True),
+    (["tune", "--seeds", "0"], "--num-prompts and --seeds must be at least 1", True),
+    (["tune", "--timeout", "-1"], "--timeout must be positive", False),
+    (["tune", "--heartbeat", "0"], "Invalid value for '--heartbeat'", True),
+    (["tune", "--timed-steps", "1"], "--timed-steps must be a whole number, at least 2, got 1", False),
+    (["tune", "--prompts", "{tmp}/missing.txt"], "--prompts {tmp}/missing.txt: No such file or directory", False),
+    (["tune", "--prompts", "{tmp}/empty.txt"], "no prompts in the file", False),
+    (["tune", "--lock", "{tmp}"], "is a directory; name the lock file", True),
+    (["tune", "--lock", "{tmp}/garbage.lock/qwendoctor.lock"], "garbage.lock: is a file, not a directory", True),
+    (["tune", "--gpus", "0"], "--gpus must be at least 1, got 0", False),
+    (["tune", "--gpus", "2", "--storage", "journal:///{tmp}/j.log"],
+     "--gpus > 1 measures the multi-GPU strategies in one process", False),
+    (["tune", "--storage", "bogus://x"], "--storage bogus://x: Can't load plugin: sqlalchemy.dialects:bogus", True),
+    (["tune", "--storage", "nothing-here"], "--storage nothing-here: not a storage URL", True),
+    (["tune", "--storage", "sqlite:///"], "--storage sqlite:///: an in-memory SQLite database loses the study", True),
+    (["tune", "--storage", "sqlite:///:memory:"], "an in-memory SQLite database loses the study when tune exits",
+     True),
+    (["tune", "--storage", "journal:///{tmp}/no-such-dir/study.log"], "no-such-dir does not exist", False),
+    (["bench", "--height", "8"], "height must be a positive multiple of 16, got 8", True),
+    (["bench", "--profile", "compile=turbo"], "profile.compile: 'turbo' is not one of none, regional, full", False),
+    (["check", "--only", "nope"], "unknown probe 'nope'", True),
+    (["frobnicate"], "No such command 'frobnicate'", True),
+    (["generate", "x", "--lock", "{lock}", "--env", "DIFFUSERS_ATTN_BACKEND=bogus"],
+     "DIFFUSERS_ATTN_BACKEND='bogus': diffusers refuses it", False),
+]
+
+# All the bad inputs in one process, in order (a process per case cost two minutes of imports on two cores): those
+# answered before torch first, each recording whether torch had been imported when it returned; then the rest,
+# the DIFFUSERS_ATTN_BACKEND case before anything imports diffusers' models.
+BATCH_DRIVER = """
+import contextlib, io, json, os, sys
+from qwendoctor.cli import main
+results = []
+for case in json.load(open(sys.argv[1])):
+    os.environ.update(case["env"])
+    stderr = io.StringIO()
+    code = None
+    with contextlib.redirect_stderr(stderr):
+        try:
+            main(case["argv"])
+        except SystemExit as done:
+            code = done.code
+    for name in case["env"]:
+        del os.environ[name]
+    results.append({"code": code, "stderr": stderr.getvalue(), "torch": "torch" in sys.modules})
+json.dump(results, open(sys.argv[2], "w"))
+"""
+
+
+@pytest.fixture(scope="module")
+def bad_input_dir(tmp_path_factory):
+    """Files the bad inputs name: garbage, half a lock, a lock with a bad field, a valid lock, an empty prompt file."""
+    from qwendoctor import fingerprint, models
+
+    directory = tmp_path_factory.mktemp("bad-input")
+    revision = models.builtin_revision("tiny")
+    lock = lockfile.Lock(fingerprint=fingerprint.machine_fingerprint("tiny", revision),
+                         workload=Workload(model="tiny", width=128, height=128, reference_steps=3, dtype="float32"),
+                         profile=Profile(steps=2), measured={"latency_median_s": 0.1, "step_ms": 5.0})
+    lockfile.write_lock(directory / "valid.lock", lock)
+    text = (directory / "valid.lock").read_text()
+    (directory / "garbage.lock").write_text("[[[ not toml")
+    (directory / "half.lock").write_text(text[: len(text) // 2].rsplit("\n", 1)[0] + "\n")
+    (directory / "bad-field.lock").write_text(text.replace('compile = "none"', 'compile = "turbo"'))
+    (directory / "empty.txt").write_text("\n \n")
+    return directory
+
+
+def _filled(text: str, directory: Path) -> str:
+    return text.replace("{tmp}", str(directory)).replace("{lock}", str(directory / "valid.lock"))
+
+
+@pytest.fixture(scope="module")
+def bad_input_results(bad_input_dir):
+    """Each bad input's exit code, stderr and whether torch was imported by then, by its index in BAD_INPUTS."""
+    cases = []
+    for index, (args, _, before_torch) in enumerate(BAD_INPUTS):
+        argv, env = [_filled(a, bad_input_dir) for a in args], {}
+        if "--env" in argv:
+            at = argv.index("--env")
+            name, value = argv[at + 1].split("=", 1)
+            env[name] = value
+            del argv[at:at + 2]
+        cases.append((0 if before_torch else 1 if env else 2, index, {"argv": argv, "env": env}))
+    cases.sort(key=lambda case: case[:2])
+    (bad_input_dir / "cases.json").write_text(json.dumps([case for _, _, case in cases]))
+    done = subprocess.run([sys.executable, "-c", BATCH_DRIVER, str(bad_input_dir / "cases.json"),
+                           str(bad_input_dir / "results.json")], capture_output=True, text=True, timeout=600,
+                          cwd=bad_input_dir, env={**os.environ, "HF_HUB_OFFLINE": "1",
+                                                  "HF_HOME": str(bad_input_dir / "hf")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((bad_input_dir / "results.json").read_text())
+    return {index: result for (_, index, _), result in zip(cases, results)}
+
+
+@pytest.mark.parametrize("index", range(len(BAD_INPUTS)), ids=[" ".join(a[:3]) for a, _, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_and_exit_2(bad_input_dir, bad_input_results, index):
+    """One line naming the problem, exit 2, no traceback; where it can be, answered before torch is imported
+    (seconds on a small machine)."""
+    _, message, before_torch = BAD_INPUTS[index]
+    result = bad_input_results[index]
+    assert result["code"] == 2, result
+    if before_torch:
+        assert not result["torch"], "torch was imported to answer it"
+    one_error_line(subprocess.CompletedProcess([], 2, "", result["stderr"]), _filled(message, bad_input_dir))
+
+
+# ---- faults: kills at each phase of tune -----------------------------------------------------------------------
+
+KILL_PHASES = [
+    ("probing", "qwendoctor.tune:probe_capabilities:KILL"),
+    ("the reference render", "qwendoctor.runner:measure:KILL"),
+    ("a trial's timed steps", "qwendoctor.runner:time_steps:KILL"),  # the default trial is not timed: the next is
+    ("the lock's write", "os:fsync:KILL"),  # tune fsyncs only the lock, after its temporary file is written
+]
+
+
+def _tune_lock(directory: Path) -> lockfile.Lock:
+    return lockfile.read_lock(directory / "qwendoctor.lock")
+
+
+def _study(directory: Path, lock: lockfile.Lock) -> optuna.Study:
+    return optuna.load_study(study_name=lock.study["name"], storage=f"sqlite:///{directory}/qwendoctor-study.db")
+
+
+@fault(*(f"kill -9 during {phase}" for phase, _ in KILL_PHASES))
+def test_kill_at_each_phase_of_tune_loses_nothing(tmp_path):
+    """kill -9 in each phase, then the same command again: it finishes with exactly --trials trials, says how many
+    it will run and runs that many, keeps the previous lock until the new one is whole, leaves no temporary file."""
+    env = {"QWENDOCTOR_CACHE": str(tmp_path / "cache")}
+    for phase, spec in KILL_PHASES[:3]:
+        killed = cli(*TUNE, "--trials", "2", cwd=tmp_path, env=env, inject=(spec,))
+        assert killed.returncode == -signal.SIGKILL, (phase, killed.stderr[-2000:])
+        assert not (tmp_path / "qwendoctor.lock").exists(), phase
+    resumed = cli(*TUNE, "--trials", "2", cwd=tmp_path, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # The trial killed mid-measure is queued again at once (its process is gone), and counted in what is announced.
+    announced = re.search(r"(\d+) trial\(s\) done, (\d+) to run", resumed.stderr)
+    assert announced and int(announced.group(2)) == len(re.findall(r"^qwendoctor: trial \d+/2:", resumed.stderr,
+                                                                   re.M)), resumed.stderr
+    first = _tune_lock(tmp_path)
+    assert first.study["trials"] == 2
+
+    killed = cli(*TUNE, "--trials", "3", cwd=tmp_path, env=env, inject=(KILL_PHASES[3][1],))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert _tune_lock(tmp_path) == first  # the old lock, whole
+    assert list(tmp_path.glob(".qwendoctor~*.lock.tmp")), "the kill was meant to land mid-write"
+    resumed = cli(*TUNE, "--trials", "3", cwd=tmp_path, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _tune_lock(tmp_path).study["trials"] == 3
+    no_temporaries(tmp_path)
+    trials = _study(tmp_path, _tune_lock(tmp_path)).trials
+    profiles = [json.dumps(t.user_attrs["profile"], sort_keys=True) for t in trials
+                if t.state == optuna.trial.TrialState.COMPLETE and "duplicate_of" not in t.user_attrs]
+    assert len(profiles) == len(set(profiles)), "a finished trial was measured twice"
+
+
+@fault("SIGTERM mid-trial", "Ctrl-C (SIGINT) mid-trial")
+def test_sigterm_and_ctrl_c_mid_trial_stop_cleanly_and_resume(tmp_path):
+    env = {"QWENDOCTOR_CACHE": str(tmp_path / "cache")}
+    # The second trial of the first run, then (the third trial of the second) the retry of that very trial.
+    for spec, code, word in (("qwendoctor.runner:time_steps:TERM", 143, "terminated"),
+                             ("qwendoctor.runner:time_steps:INT", 130, "interrupted")):
+        stopped = cli(*TUNE, "--trials", "3", cwd=tmp_path, env=env, inject=(spec,))
+        assert stopped.returncode == code, stopped.stderr[-3000:]
+        assert "Traceback" not in stopped.stderr and "[W " not in stopped.stderr, stopped.stderr
+        last = [line for line in stopped.stderr.splitlines() if line.strip()][-1]
+        assert last == f"qwendoctor: {word}; a tune resumes where it stopped when rerun"
+    resumed = cli(*TUNE, "--trials", "3", cwd=tmp_path, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    announced = re.search(r"(\d+) trial\(s\) done, (\d+) to run", resumed.stderr)
+    assert announced and announced.groups() == ("1", "2"), resumed.stderr  # the default, then retry + one new
+    study = _study(tmp_path, _tune_lock(tmp_path))
+    stopped_trials = [t for t in study.trials if t.user_attrs.get("failure") == coordination.INTERRUPTED]
+    assert len(stopped_trials) == 2, [t.user_attrs for t in study.trials]
+    assert _tune_lock(tmp_path).study["trials"] == 3
+    no_temporaries(tmp_path)
+
+
+# ---- faults: studies and storage -------------------------------------------------------------------------------
+
+@fault("four workers at a time opening a new study file")
+def test_two_tunes_started_together_on_a_new_study_file_both_finish(tmp_path):
+    """Both processes race to create Optuna's tables in one new SQLite file; the loser retries instead of dying
+    with "table ... already exists"."""
+    from qwendoctor import storage
+
+    workers = [subprocess.Popen([sys.executable, "-c", (
+        "import sys, time, optuna\nfrom qwendoctor import storage\n"
+        "s = storage.open_storage(sys.argv[1], 30)\n"
+        "optuna.create_study(storage=s, study_name='race', load_if_exists=True)\nprint('ok')\n"),
+        f"sqlite:///{tmp_path}/study-{attempt}.db"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for attempt in range(3) for _ in range(4)]
+    outcomes = [w.communicate(timeout=120) for w in workers]
+    assert all(w.returncode == 0 and out.strip() == "ok" for w, (out, _) in zip(workers, outcomes)), outcomes
+    assert storage.lost_creation_race(sqlite3.OperationalError("table version_info already exists"))
+
+
+@fault("a study of the same name made to maximize", "a study of the same name with trials qwendoctor did not write")
+def test_a_foreign_study_under_the_same_name_is_refused_and_left_untouched(tmp_path):
+    env = {"QWENDOCTOR_CACHE": str(tmp_path / "cache")}
+    done = cli(*TUNE, "--trials", "1", cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    name = _tune_lock(tmp_path).study["name"]
+    for variant, expected in (("maximize", "to maximize, not to minimize"),
+                              ("foreign trials", "with trials qwendoctor did not record")):
+        url = f"sqlite:///{tmp_path}/{variant.replace(' ', '-')}.db"
+        other = optuna.create_study(study_name=name, storage=url,
+                                    direction="maximize" if variant == "maximize" else "minimize")
+        other.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
+        refused = cli(*TUNE, "--trials", "1", "--storage", url, "--lock", str(tmp_path / "other.lock"), cwd=tmp_path,
+                      env=env)
+        assert refused.returncode == 2
+        error = [line for line in refused.stderr.splitlines() if line.startswith("qwendoctor: error:")]
+        assert len(error) == 1 and expected in error[0] and "optuna delete-study" in error[0], refused.stderr
+        assert "Traceback" not in refused.stderr
+        assert len(optuna.load_study(study_name=name, storage=url).trials) == 2  # nothing written into it
+        assert not (tmp_path / "other.lock").exists()
+
+
+@fault("a study file that is not a database")
+def test_a_corrupt_study_file_is_one_line_and_the_lock_survives(tmp_path):
+    env = {"QWENDOCTOR_CACHE": str(tmp_path / "cache")}
+    (tmp_path / "qwendoctor.lock").write_text("kept")
+    (tmp_path / "qwendoctor-study.db").write_bytes(b"\x00not a database" * 100)
+    refused = cli(*TUNE, "--trials", "1", cwd=tmp_path, env=env)
+    assert refused.returncode == 2
+    one_error_line(refused, "--storage sqlite:///", "file is not a database")
+    assert (tmp_path / "qwendoctor.lock").read_text() == "kept"
+
+
+# ---- faults: caches --------------------------------------------------------------------------------------------
+
+def _tune_in_process(directory: Path, trials: int = 1, log=None):
+    """tune's own function with the machine's findings given (probing is the CLI cases' job): seconds, not tens."""
+    from qwendoctor import tune
+    from qwendoctor.profile import Capabilities
+
+    options = tune.TuneOptions(
+        workload=Workload(model="tiny", width=128, height=128, reference_steps=4, dtype="float32").validate(),
+        prompts=[TIGHT], seeds=[0], floor=tune.quality.parse_floor("balanced"), lock_path=str(directory / "q.lock"),
+        storage=f"sqlite:///{directory}/study.db", trials=trials, timed_steps=2, cache_dir=str(directory / "cache"))
+    return tune.run_tune(options, capabilities=Capabilities(device="cpu", working_attention_backends=("native",)),
+                         log=log or (lambda line: None))
+
+
+@fault("a truncated reference render in the cache", "a bit-flipped reference render in the cache")
+def test_a_damaged_reference_cache_is_rendered_again(tmp_path):
+    _tune_in_process(tmp_path)
+    (cached,) = (tmp_path / "cache").glob("reference-*.npz")
+    whole = cached.read_bytes()
+    for damaged in (whole[: len(whole) // 2], whole[:-200] + bytes(b ^ 0xFF for b in whole[-200:])):
+        cached.write_bytes(damaged)
+        logged = []
+        _tune_in_process(tmp_path, log=logged.append)
+        assert any("not usable" in line and "rendering them again" in line for line in logged), logged
+        assert cached.read_bytes() != damaged
+    no_temporaries(tmp_path)
+
+
+# ---- faults: disks ---------------------------------------------------------------------------------------------
+
+def _file_size_limit(limit: int):
+    """A real write failure without root: RLIMIT_FSIZE makes writes past `limit` bytes fail (EFBIG), as a full
+    disk or a quota would, at the same calls."""
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+@pytest.fixture
+def valid_lock(tmp_path):
+    from qwendoctor import fingerprint, models
+
+    lock = lockfile.Lock(fingerprint=fingerprint.machine_fingerprint("tiny", models.builtin_revision("tiny")),
+                         workload=Workload(model="tiny", width=128, height=128, reference_steps=3, dtype="float32"),
+                         profile=Profile(steps=2), measured={"latency_median_s": 0.1, "step_ms": 5.0})
+    lockfile.write_lock(tmp_path / "qwendoctor.lock", lock)
+    return tmp_path / "qwendoctor.lock"
+
+
+@fault("disk full while writing an image")
+def test_a_full_disk_while_writing_an_image_leaves_no_truncated_png(tmp_path, valid_lock):
+    out = tmp_path / "out"
+    full = cli("generate", TIGHT, "--num-images", "2", "--out", str(out), cwd=tmp_path,
+               preexec=_file_size_limit(2048))
+    assert full.returncode == 1
+    one_error_line(full, f"writing {out}/", "File too large", "nothing kept of it (0 image(s) written before it)")
+    assert not list(out.iterdir())  # no PNG, no temporary file
+
+
+@fault("kill -9 while writing an image")
+def test_a_kill_while_writing_an_image_leaves_no_png_and_the_next_run_cleans_up(tmp_path, valid_lock):
+    out = tmp_path / "out"
+    killed = cli("generate", TIGHT, "--out", str(out), cwd=tmp_path, inject=("os:fsync:KILL",))
+    assert killed.returncode == -signal.SIGKILL
+    assert not list(out.glob("*.png")) and len(list(out.glob("*.tmp"))) == 1
+    again = cli("generate", TIGHT, "--out", str(out), "--json", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert [p.name for p in out.iterdir()] == [Path(json.loads(again.stdout)["images"][0]["path"]).name]
+
+
+@fault("disk full while writing the plot")
+def test_a_full_disk_while_writing_the_plot_keeps_the_new_lock_and_exit_0(tmp_path, monkeypatch):
+    """The plot is written after the lock: the run did its job, so it returns (the CLI exits 0) and says the plot is
+    missing."""
+    from qwendoctor import plot
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(plot, "write_tune_plot", no_space)
+    logged = []
+    result = _tune_in_process(tmp_path, log=logged.append)
+    assert result.plot_path is None and lockfile.read_lock(tmp_path / "q.lock") == result.lock
+    assert any(line.startswith("plot not written: ") and "No space left on device" in line for line in logged)
+
+
+@fault("a temporary file of a killed writer beside the lock")
+def test_a_killed_writers_temporary_file_is_removed_and_a_live_ones_kept(tmp_path):
+    import socket
+
+    dead_pid = 2**22 + 12345  # above the default pid_max: no process has it
+    host = socket.gethostname()
+    dead = tmp_path / f".qwendoctor~{dead_pid}~{host}~abc.lock.tmp"
+    live = tmp_path / f".qwendoctor~{os.getpid()}~{host}~def.lock.tmp"
+    other_host = tmp_path / f".qwendoctor~{dead_pid}~another-host~ghi.lock.tmp"
+    for path in (dead, live, other_host):
+        path.write_text("partial")
+    files.write_text_atomic(tmp_path / "qwendoctor.lock", "new")
+    assert not dead.exists() and live.exists() and other_host.exists()
+    assert (tmp_path / "qwendoctor.lock").read_text() == "new"
+    assert oct((tmp_path / "qwendoctor.lock").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# ---- faults: a broken install -----------------------------------------------------------------------------------
+
+def _shadow(directory: Path, package: str, source: str) -> dict[str, str]:
+    """A package of `package`'s name ahead of the installed one on the path: a broken install, made on purpose."""
+    (directory / package).mkdir(parents=True)
+    (directory / package / "__init__.py").write_text(source)
+    return {"PYTHONPATH": os.pathsep.join([str(directory), str(ROOT)])}
+
+
+@fault("a package whose dependency is not installed")
+def test_check_names_a_missing_dependency_and_blocks_the_probe_that_needs_it(tmp_path):
+    """diffusers importing a module nobody installed (as huggingface_hub 2.x without httpx2): `imports` fails with
+    the module's name and the pip command; `attention_backends` is a skip pointing there, not a crash."""
+    env = _shadow(tmp_path / "site", "diffusers", "import qwendoctor_test_missing_dependency\n")
+    result = cli("check", "--only", "imports", "--only", "attention_backends", cwd=tmp_path, env=env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert re.search(r"\[.\] imports: diffusers does not import: no module named "
+                     r"'qwendoctor_test_missing_dependency'", result.stdout), result.stdout
+    assert "fix: python -m pip install qwendoctor-test-missing-dependency" in result.stdout
+    assert re.search(r"attention_backends: blocked: .*\(see imports\)", result.stdout), result.stdout
+
+
+@fault("an import that hangs")
+def test_check_reports_an_import_that_hangs_and_finishes(tmp_path):
+    """optuna's import never returning: `check` still ends, saying which import hangs and where. The limit (60 s per
+    package) is cut to 20 s here, still well above what the other imports take on a loaded two-core machine."""
+    env = _shadow(tmp_path / "site", "optuna", "import time\ntime.sleep(3600)\n")
+    result = cli("check", "--only", "imports", cwd=tmp_path, env=env, inject=("probes.imports:IMPORT_TIMEOUT_S=20",),
+                 timeout=240)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert re.search(r"imports: importing optuna hangs: no answer within the limit of 20 s, stuck at "
+                     r".*optuna/__init__.py:2", result.stdout), result.stdout
+    assert "transformers hangs" not in result.stdout and "diffusers hangs" not in result.stdout
+
+
+# ---- the counts ------------------------------------------------------------------------------------------------
+
+def test_the_readme_states_what_the_suite_tries():
+    readme = (ROOT / "README.md").read_text()
+    stated = re.search(r"fault suite \(`tests/test_faults.py`.*?tries (\d+) bad inputs and (\d+) injected faults",
+                       readme, re.S)
+    assert stated, "the README's fault suite sentence is missing"
+    assert (int(stated.group(1)), int(stated.group(2))) == (len(BAD_INPUTS), len(FAULTS))
+    assert len(BAD_INPUTS) >= 30 and len(FAULTS) >= 15
