@@ -66,14 +66,19 @@ def visible_nvml_index(env: Mapping[str, str]) -> int:
 
 
 def summarize(gpu_name: str, total_gib: float, used_gib: float | None, workload: Workload) -> Finding:
+    card_gib = total_gib
+    if workload.memory_limit_gib is not None:  # --memory-limit: plan for that much of the card
+        total_gib = min(total_gib, workload.memory_limit_gib)
     limit = total_gib * (1 - HEADROOM)
     rows = plans(workload)
     for row in rows:
         row["fits"] = row["need_gib"] <= limit
     chosen = next((r["name"] for r in rows if r["fits"]), None)
-    measured = {"gpu_memory_gib": round(total_gib, 1), "plans": rows, "chosen": chosen}
+    measured = {"gpu_memory_gib": round(card_gib, 1), "plans": rows, "chosen": chosen,
+                **({"memory_limit_gib": workload.memory_limit_gib} if workload.memory_limit_gib is not None else {})}
     size = f"{workload.width}x{workload.height}"
-    details = [f"{gpu_name}: {total_gib:.1f} GiB; a plan fits when it needs <= {limit:.1f} GiB "
+    capped = f" of the card's {card_gib:.1f} (--memory-limit)" if total_gib < card_gib else ""
+    details = [f"{gpu_name}: {total_gib:.1f} GiB{capped}; a plan fits when it needs <= {limit:.1f} GiB "
                f"({HEADROOM:.0%} headroom)"]
     details += [f"{PLAN_TEXT[r['name']]}: {r['need_gib']:.1f} GiB -> {'fits' if r['fits'] else 'does not fit'}"
                 for r in rows]

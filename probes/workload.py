@@ -29,6 +29,8 @@ class Workload:
     reference_steps: int = 50
     dtype: str = "bfloat16"
     loras: tuple[str, ...] = ()
+    # GiB of GPU memory the process may use (`--memory-limit`); None: the whole card.
+    memory_limit_gib: float | None = None
 
     def validate(self) -> "Workload":
         if not isinstance(self.model, str) or not self.model:
@@ -46,6 +48,11 @@ class Workload:
             raise WorkloadError("workload.negative_prompt: must be a string")
         if self.dtype not in DTYPES:
             raise WorkloadError(f"workload.dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.memory_limit_gib is not None and (not _is_number(self.memory_limit_gib)
+                                                  or not self.memory_limit_gib > 0
+                                                  or self.memory_limit_gib == float("inf")):
+            raise WorkloadError(f"workload.memory_limit_gib: must be a positive number of GiB, got "
+                                f"{self.memory_limit_gib!r}")
         if self.loras:
             # LoRA fusion is a later lever; refusing beats tuning a workload we would then run without them.
             raise WorkloadError("workload.loras: LoRAs are not supported yet")
@@ -63,6 +70,8 @@ class Workload:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["loras"] = list(self.loras)
+        if data["memory_limit_gib"] is None:  # TOML has no null; and locks without a limit stay as they were
+            del data["memory_limit_gib"]
         return data
 
     @classmethod

@@ -42,20 +42,28 @@ _register_check()
 
 
 def _workload(model: str, width: int | None, height: int | None, steps: int, true_cfg_scale: float,
-              negative_prompt: str):
+              negative_prompt: str, memory_limit: float | None = None):
     import dataclasses
 
-    from qwendoctor import models
+    from qwendoctor import memory, models
     from qwendoctor.profile import Workload
 
     size = models.default_side(model)
+    memory.check_value(memory_limit)  # named as the option, not as the workload field
     # Sizes, steps and scale first: a typo is answered before torch is imported (seconds on a small machine).
     workload = Workload(model=model, width=width or size, height=height or size, true_cfg_scale=true_cfg_scale,
-                        negative_prompt=negative_prompt, reference_steps=steps, dtype="float32").validate()
+                        negative_prompt=negative_prompt, reference_steps=steps, dtype="float32",
+                        memory_limit_gib=memory_limit).validate()
+    memory.check_against_card(memory_limit, memory.card_total_gib() if memory_limit is not None else None)
     device = models.default_device()
     models.resolve_model(model, device)
     models.check_diffusers_env()
+    memory.apply(memory_limit)  # before anything is loaded: the cap must see every allocation
     return dataclasses.replace(workload, dtype=models.default_dtype(device)).validate()
+
+
+MEMORY_LIMIT_HELP = ("GiB of GPU memory this process may use (torch's per-process cap): tune and test a plan for "
+                     "a smaller card, or leave room for another process [the whole card].")
 
 
 
@@ -89,9 +97,11 @@ def _workload(model: str, width: int | None, height: int | None, steps: int, tru
                    "bf16); the default space lists what it leaves out.")
 @click.option("--gpus", type=int, help="Also measure the best profile split over up to this many GPUs "
               "(CFG-parallel, Ulysses, ring) and lock the fastest [all visible GPUs].")
+@click.option("--memory-limit", type=float, help=MEMORY_LIMIT_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def tune(model, width, height, steps, true_cfg_scale, negative_prompt, trials, timeout, prompts_file,
-         num_prompts, seeds, floor, lock_path, storage, heartbeat, timed_steps, exhaustive, gpus, as_json):
+         num_prompts, seeds, floor, lock_path, storage, heartbeat, timed_steps, exhaustive, gpus, memory_limit,
+         as_json):
     """Search the optimization levers for the fastest profile that meets the quality floor; write a lock."""
     from qwendoctor import quality
     from qwendoctor.tune import TuneOptions, read_prompts
@@ -107,7 +117,7 @@ def tune(model, width, height, steps, true_cfg_scale, negative_prompt, trials, t
         check_url(storage)
     _check_lock_destination(lock_path)
     parsed_floor = quality.parse_floor(floor)
-    workload = _workload(model, width, height, steps, true_cfg_scale, negative_prompt)
+    workload = _workload(model, width, height, steps, true_cfg_scale, negative_prompt, memory_limit)
     from qwendoctor import report
 
     if storage is None:
@@ -159,8 +169,10 @@ def _tune_gpus(asked: int | None) -> int:
 @click.option("--gpus", type=int, help="GPUs to split each image over, one torchrun rank each [the lock's, else 1].")
 @click.option("--parallel", "strategy", type=click.Choice(PARALLEL_STRATEGIES),
               help="How --gpus share the work [the lock's; else cfg on 2 GPUs, cfg+ulysses on 4, ...].")
+@click.option("--memory-limit", type=float, help=MEMORY_LIMIT_HELP.replace("[the whole card]", "[the lock's]"))
 @click.option("--json", "as_json", is_flag=True, help="Print the written files and timings as JSON.")
-def generate(prompt, lock_path, seed, num_images, out_dir, ignore_fingerprint, gpus, strategy, as_json):
+def generate(prompt, lock_path, seed, num_images, out_dir, ignore_fingerprint, gpus, strategy, memory_limit,
+             as_json):
     """Generate images with the tuned lock; never overwrites an existing file."""
     import json
 
@@ -175,6 +187,9 @@ def generate(prompt, lock_path, seed, num_images, out_dir, ignore_fingerprint, g
                          f"its index), got {seed}")
     if not prompt.strip():
         raise UsageError("the prompt is empty")
+    from qwendoctor import memory
+
+    memory.check_value(memory_limit)
     from qwendoctor.files import writable_directory
 
     writable_directory(out_dir, "--out")  # before minutes of loading and rendering, not after
@@ -188,14 +203,18 @@ def generate(prompt, lock_path, seed, num_images, out_dir, ignore_fingerprint, g
             check_fingerprint(lock, lock_path)
         _launch_generate(profile, lock, [prompt, "--lock", os.path.abspath(lock_path), "--seed", str(seed),
                                          "--num-images", str(num_images), "--out", out_dir]
-                         + ["--ignore-fingerprint"] * ignore_fingerprint + ["--json"] * as_json)
+                         + ["--ignore-fingerprint"] * ignore_fingerprint + ["--json"] * as_json
+                         + (["--memory-limit", str(memory_limit)] if memory_limit is not None else []))
         return
     main_rank = parallel.is_main()
     if profile.gpus > 1:
         from qwendoctor import models
 
         parallel.init_process_group(models.default_device())
-    tuned = build_tuned(lock, lock_path, ignore_fingerprint=ignore_fingerprint, profile=profile)
+    limit = memory_limit if memory_limit is not None else lock.workload.memory_limit_gib
+    memory.check_against_card(limit, memory.card_total_gib() if limit is not None else None)
+    tuned = build_tuned(lock, lock_path, ignore_fingerprint=ignore_fingerprint, profile=profile,
+                        memory_limit_gib=limit)
     warm_up_s = warm_up(tuned)
     if warm_up_s is not None and not as_json and main_rank:
         click.echo(f"warm-up (compile, autotune): {warm_up_s:.1f} s")
@@ -263,9 +282,10 @@ def _launch_generate(profile, lock, arguments: list[str]) -> None:
 @click.option("--out", "out_dir", default="benchmarks", show_default=True, help="Directory for the JSON and table.")
 @click.option("--name", help="File stem [bench-<model>-<W>x<H>].")
 @click.option("--resume", is_flag=True, help="Keep the rows an interrupted run of this bench already wrote.")
+@click.option("--memory-limit", type=float, help=MEMORY_LIMIT_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the result document as JSON.")
 def bench(model, width, height, steps, true_cfg_scale, timed_steps, full_image, no_ladder, rows, list_rows,
-          lock_paths, profile_texts, no_breakdown, out_dir, name, resume, as_json):
+          lock_paths, profile_texts, no_breakdown, out_dir, name, resume, memory_limit, as_json):
     """Measure the default and the ablation ladder on this machine; write JSON and a markdown table."""
     import json
 
@@ -278,8 +298,11 @@ def bench(model, width, height, steps, true_cfg_scale, timed_steps, full_image, 
     # The numbers first, before torch decides the default model: a typo is answered at once.
     Workload(model=model or "tiny", width=width or 128, height=height or 128, true_cfg_scale=true_cfg_scale,
              reference_steps=steps, dtype="float32").validate()
+    from qwendoctor import memory
+
+    memory.check_value(memory_limit)
     model = model or ("synthetic" if models.default_device() == "cuda" else "tiny")
-    workload = _workload(model, width, height, steps, true_cfg_scale, " ")
+    workload = _workload(model, width, height, steps, true_cfg_scale, " ", memory_limit)
     given = []
     for path in lock_paths:
         given.append((f"lock {os.path.basename(path)}", lockfile.read_lock(path).profile))

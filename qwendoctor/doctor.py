@@ -531,10 +531,12 @@ def _has_nvidia_gpu() -> bool:
 @click.option("--bench", is_flag=True, help="Also run the measuring tier (GEMM and bandwidth roofline).")
 @click.option("--width", type=int, help="Workload width the probes size for [tiny: 128, else 1328].")
 @click.option("--height", type=int, help="Workload height the probes size for [tiny: 128, else 1328].")
+@click.option("--memory-limit", type=float, help="GiB of GPU memory to plan for (memory_plan sizes its plans for "
+              "this much of the card, as tune --memory-limit would run them) [the whole card].")
 @click.option("--model", help="Model the model and memory probes look for (tiny, synthetic, a local path or a "
               "Hugging Face id) [Qwen/Qwen-Image with an NVIDIA GPU, else tiny: what tune and generate run here].")
 def check(as_json: bool, only: tuple[str, ...], list_probes: bool, verbose: bool, bench: bool, width: int,
-          height: int, model: str) -> None:
+          height: int, memory_limit: float | None, model: str) -> None:
     """Probe this machine and say what Qwen-Image can use here. Exit 0: nothing fails; 1: a probe
     failed or crashed; 2: usage error."""
     if list_probes:
@@ -545,12 +547,17 @@ def check(as_json: bool, only: tuple[str, ...], list_probes: bool, verbose: bool
     for name, value in (("width", width), ("height", height)):
         if value is not None and (value <= 0 or value % 16):
             raise UsageError(f"--{name} must be a positive multiple of 16, got {value}")
+    if memory_limit is not None:
+        from qwendoctor import memory
+
+        memory.check_against_card(memory_limit, memory.card_total_gib())
     model = model or ("Qwen/Qwen-Image" if _has_nvidia_gpu() else "tiny")
     from qwendoctor.models import default_side
 
     size = default_side(model)
     width, height = width or size, height or size
-    ctx = ProbeContext(workload=Workload(model=model, width=width, height=height), model=model, bench=bench)
+    ctx = ProbeContext(workload=Workload(model=model, width=width, height=height, memory_limit_gib=memory_limit),
+                       model=model, bench=bench)
     with _arrivals(len(selected_probes(list(only) or None, PROBES, bench)), quiet=as_json) as on_finding:
         # UsageError for an unknown id, before anything runs
         findings = run_probes(ids=list(only) or None, ctx=ctx, on_finding=on_finding)

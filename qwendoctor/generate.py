@@ -57,13 +57,20 @@ def load_tuned(lock_path: str, ignore_fingerprint: bool = False, profile: Profil
     return build_tuned(lockfile.read_lock(lock_path), lock_path, ignore_fingerprint, profile)
 
 
+_FROM_LOCK = object()
+
+
 def build_tuned(lock: lockfile.Lock, lock_path: str, ignore_fingerprint: bool = False,
-                profile: Profile | None = None) -> TunedPipeline:
-    """The lock's pipeline, with `profile` instead of the lock's where given (the lock's on more GPUs). The
-    fingerprint is checked before anything loads, the model revision once the model is built."""
+                profile: Profile | None = None, memory_limit_gib: Any = _FROM_LOCK) -> TunedPipeline:
+    """The lock's pipeline, with `profile` instead of the lock's where given (the lock's on more GPUs), under the
+    lock's GPU memory limit unless `memory_limit_gib` says otherwise. The fingerprint is checked before anything
+    loads, the model revision once the model is built."""
+    from qwendoctor import memory
+
     profile = profile or lock.profile
     if not ignore_fingerprint:
         check_fingerprint(lock, lock_path)
+    memory.apply(lock.workload.memory_limit_gib if memory_limit_gib is _FROM_LOCK else memory_limit_gib)
     model = runner.build(lock.workload, profile, detect_capabilities())
     if not ignore_fingerprint and lock.fingerprint.get("model_revision") != model.revision:
         raise QwendoctorError(f"{lock_path} was tuned on model revision {lock.fingerprint.get('model_revision')}, "

@@ -19,12 +19,21 @@ Order of application (LEVERS), and why:
   2. attention backend  diffusers' dispatcher; before compile so the compiled graph traces the chosen kernel
   3. real RoPE          rotary embedding in real arithmetic; before compile, which cannot fuse complex ops
   4. quantization       torchao swaps Linear weights; before compile so inductor fuses the activation quantization
-  5. cache              cache-dit's block cache or diffusers' FirstBlockCache around the blocks; before compile
-  6. context parallel   diffusers' Ulysses / ring hooks (qwendoctor.parallel); before compile, which traces them
-  7. compile            it traces whatever the steps above left
-  8. cfg batching       it intercepts the transformer's call, outside the compiled model
-  9. cfg parallel       the same interception with the two passes on two GPUs (never together with 8)
- 10. steps              not a change to the pipeline: an argument of each call (`qwendoctor.runner.call_arguments`)
+  5. weight storage     diffusers' layerwise casting (FP8 storage, upcast per layer); never with 4; before offload,
+                        whose groups then move the FP8 copies, and before compile
+  6. cache              cache-dit's block cache or diffusers' FirstBlockCache around the blocks; before compile
+  7. offload            diffusers' group offloading of the transformer, or its model / sequential CPU offload of
+                        the pipeline; after the levers that change the blocks, before compile, which traces its hooks
+  8. text encoder       where the text encoder lives (resident, offloaded, on the CPU); it runs once per call
+  9. context parallel   diffusers' Ulysses / ring hooks (qwendoctor.parallel); before compile, which traces them
+ 10. compile            it traces whatever the steps above left
+ 11. cfg batching       it intercepts the transformer's call, outside the compiled model
+ 12. cfg parallel       the same interception with the two passes on two GPUs (never together with 11)
+ 13. vae decode         tiled or sliced decoding; touches the VAE only
+ 14. steps              not a change to the pipeline: an argument of each call (`qwendoctor.runner.call_arguments`)
+
+Memory levers (5, 7, 8, 13) trade speed for memory: tune does not search them (they are not in SEARCH_ORDER and
+offer their defaults only); a memory plan chooses them.
 
 A value at its field's default leaves the pipeline as diffusers built it. How to add a lever: README, "Adding a
 lever".
@@ -164,6 +173,9 @@ class Lever:
     # A compiled graph (or a parallel hook) depends on every other lever it traced: once this is applied, the
     # whole profile but its steps is what the transformer carries (qwendoctor.pool).
     captures_profile: bool = False
+    # Its state lives in pipeline components besides the transformer (accelerate's offload hooks, where the text
+    # encoder is): a lever of this kind that cannot be undone needs a new pipeline, not a new transformer.
+    pipeline_wide: bool = False
     lossy: Callable[["Profile"], bool] = lambda profile: False
     # Fingerprint fields (qwendoctor.fingerprint) a setting depends on beyond torch and diffusers: a lock whose
     # profile uses the lever is stale when they change, one that does not use it is not.
@@ -466,7 +478,47 @@ QUANTIZATION = Lever(
 )
 
 
-# ---- 5. cache ----------------------------------------------------------------------------------------------
+# ---- 5. weight storage ---------------------------------------------------------------------------------
+
+# bf16: the weights in the workload's dtype, as diffusers loads them. fp8_storage: diffusers' layerwise casting,
+# each layer's weights kept in float8_e4m3fn and cast up to the model's dtype for its own forward: half the weight
+# memory, the same matmuls, rounding of the weights to FP8 (lossy). torchao's quantization replaces the same
+# weights by FP8 tensors of its own, so the two are never combined.
+WEIGHT_STORAGES = ("bf16", "fp8_storage")
+
+
+def apply_weight_storage(pipe, profile: "Profile"):
+    asked = profile.weight_storage != "bf16"
+    if not _has_transformer(pipe, profile, "weight_storage", asked) or not asked:
+        return pipe
+    import torch
+
+    transformer = pipe.transformer
+    # The model's skip list (norms, rotary embedding) and diffusers' (the output projection) stay in the model's
+    # dtype: the layers where FP8 rounding would cost the most.
+    transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=transformer.dtype)
+    return pipe
+
+
+def _weight_storage_check(profile) -> None:
+    if profile.weight_storage != "bf16" and profile.quantization != "none":
+        raise UsageError(f"profile.weight_storage: {profile.weight_storage!r} and quantization "
+                         f"{profile.quantization!r} both replace the transformer's weights; choose one")
+
+
+WEIGHT_STORAGE = Lever(
+    # Not undoable: the cast drops the weights' low bits, so the pool builds a new transformer.
+    name="weight_storage", apply=apply_weight_storage, undoable=False,
+    fields=(Field("weight_storage", str, "bf16", choices=WEIGHT_STORAGES, omit_default=True),),
+    check=_weight_storage_check,
+    offer=lambda ctx: Offer({"weight_storage": ("bf16",)}),
+    sample=lambda trial, offer, chosen, ctx: {"weight_storage": "bf16"},
+    lossy=lambda p: p.weight_storage != "bf16",
+    describe=lambda p: "fp8-storage" if p.weight_storage == "fp8_storage" else None,
+)
+
+
+# ---- 6. cache ----------------------------------------------------------------------------------------------
 
 # first_block: diffusers' FirstBlockCache hooks, eager only. dbcache: cache-dit's block cache (compute the first Fn
 # and last Bn blocks, reuse the middle's residual while the first blocks' output changes less than the threshold),
@@ -681,7 +733,140 @@ CACHE = Lever(
 )
 
 
-# ---- 6. context parallel (and the fields of both multi-GPU levers) --------------------------------------
+# ---- 7. offload ----------------------------------------------------------------------------------------
+
+# group: diffusers' group offloading of the transformer: its blocks live on the CPU and come to the GPU a group
+# at a time, the next group copied on a CUDA stream while the current one computes. model: diffusers' model CPU
+# offload (accelerate): each component comes to the GPU whole when called and leaves when the next one is.
+# sequential: accelerate streams every layer in at its call, the least memory and by far the slowest.
+OFFLOADS = ("none", "group", "model", "sequential")
+# Blocks per group when the profile leaves it unset: one block's weights on the GPU at a time (plus the next,
+# prefetched): the least memory group offloading can hold.
+DEFAULT_BLOCKS_PER_GROUP = 1
+
+
+def apply_offload(pipe, profile: "Profile"):
+    if profile.offload == "none":
+        return pipe
+    import torch
+
+    device = pipe._execution_device
+    if profile.offload == "group":
+        if not _has_transformer(pipe, profile, "offload", True):
+            return pipe
+        pipe.transformer.enable_group_offload(
+            onload_device=device, offload_device=torch.device("cpu"), offload_type="block_level",
+            num_blocks_per_group=profile.offload_blocks_per_group or DEFAULT_BLOCKS_PER_GROUP,
+            # A CPU has no copy stream to overlap with; on CUDA the next group arrives while this one computes.
+            use_stream=device.type == "cuda")
+    elif profile.offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.enable_sequential_cpu_offload(device=device)
+    return pipe
+
+
+def _offload_check(profile) -> None:
+    if profile.offload_blocks_per_group is not None and profile.offload != "group":
+        raise UsageError("profile.offload_blocks_per_group: set without offload = group")
+    if profile.offload == "none":
+        return
+    if profile.offload == "sequential" and profile.compile != "none":
+        raise UsageError(f"profile.offload: 'sequential' moves each layer's weights in at its call, which compile "
+                         f"{profile.compile!r} cannot trace; use offload = group or model with compile")
+    if profile.parallel != "none":
+        # Each rank holds its own pipeline on its own GPU; diffusers' offload hooks and the parallel hooks are not
+        # made to work together.
+        raise UsageError(f"profile.offload: {profile.offload!r} cannot be combined with parallel "
+                         f"{profile.parallel!r}")
+
+
+def _offload_runnable(profile, workload, capabilities) -> None:
+    if profile.offload != "none" and capabilities.device != "cuda":
+        raise UnavailableLever(f"offload {profile.offload!r} moves weights between the CPU and a GPU; this machine "
+                               "runs on the CPU")
+
+
+def _describe_offload(p) -> str | None:
+    if p.offload == "none":
+        return None
+    if p.offload == "group":
+        return f"offload=group({p.offload_blocks_per_group or DEFAULT_BLOCKS_PER_GROUP})"
+    return f"offload={p.offload}"
+
+
+OFFLOAD = Lever(
+    # Not undoable: diffusers has no public way to take group offloading off a model (its weights stay where the
+    # hooks last put them); model and sequential offload hooks span the whole pipeline, so it is rebuilt.
+    name="offload", apply=apply_offload, undoable=False, pipeline_wide=True,
+    fields=(Field("offload", str, "none", choices=OFFLOADS, omit_default=True),
+            Field("offload_blocks_per_group", int, None, low=1, optional=True, omit_default=True)),
+    check=_offload_check, runnable=_offload_runnable,
+    offer=lambda ctx: Offer({"offload": ("none",), "offload_blocks_per_group": (None,)}),
+    sample=lambda trial, offer, chosen, ctx: {"offload": "none", "offload_blocks_per_group": None},
+    describe=_describe_offload,
+)
+
+
+# ---- 8. text encoder -----------------------------------------------------------------------------------
+
+# resident: on the GPU with the rest, as diffusers builds it. offload: diffusers' group offloading of the text
+# encoder; its top level has no block list (Qwen2.5-VL's layers sit one module down), so block-level offloading
+# makes it one group: the whole encoder comes to the GPU for its forward and goes back to the CPU after, which
+# leaves the denoising loop without it. cpu: it runs on the CPU (accelerate's device hook moves its inputs there
+# and its hidden states back), the GPU never holds it.
+TEXT_ENCODER_PLACEMENTS = ("resident", "offload", "cpu")
+
+
+def apply_text_encoder(pipe, profile: "Profile"):
+    encoder = getattr(pipe, "text_encoder", None)
+    # A pipeline without a text encoder (synthetic: prompts arrive as embeddings) has nothing to place.
+    if encoder is None or profile.text_encoder == "resident":
+        return pipe
+    import torch
+
+    device = pipe._execution_device
+    if profile.text_encoder == "offload":
+        from diffusers.hooks import apply_group_offloading
+
+        apply_group_offloading(encoder, onload_device=device, offload_device=torch.device("cpu"),
+                               offload_type="block_level", num_blocks_per_group=1,
+                               use_stream=device.type == "cuda")
+        return pipe
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    encoder.to("cpu")
+    add_hook_to_module(encoder, AlignDevicesHook(execution_device=torch.device("cpu"), io_same_device=True))
+    # diffusers takes the pipeline's execution device from accelerate hooks it finds on components; this one's
+    # device is the CPU, which is not where the pipeline runs.
+    pipe._exclude_from_cpu_offload = [*pipe._exclude_from_cpu_offload, "text_encoder"]
+    return pipe
+
+
+def _text_encoder_check(profile) -> None:
+    if profile.text_encoder != "resident" and profile.offload in ("model", "sequential"):
+        raise UsageError(f"profile.text_encoder: {profile.text_encoder!r} with offload {profile.offload!r}, which "
+                         "already moves the text encoder; leave text_encoder = resident")
+
+
+def _text_encoder_runnable(profile, workload, capabilities) -> None:
+    if profile.text_encoder != "resident" and capabilities.device != "cuda":
+        raise UnavailableLever(f"text_encoder {profile.text_encoder!r} keeps it off a GPU; this machine runs on the "
+                               "CPU already")
+
+
+TEXT_ENCODER = Lever(
+    # Not undoable: group offloading has no public removal (see OFFLOAD), and the placement is a component's.
+    name="text_encoder", apply=apply_text_encoder, undoable=False, pipeline_wide=True,
+    fields=(Field("text_encoder", str, "resident", choices=TEXT_ENCODER_PLACEMENTS, omit_default=True),),
+    check=_text_encoder_check, runnable=_text_encoder_runnable,
+    offer=lambda ctx: Offer({"text_encoder": ("resident",)}),
+    sample=lambda trial, offer, chosen, ctx: {"text_encoder": "resident"},
+    describe=lambda p: f"te={p.text_encoder}" if p.text_encoder != "resident" else None,
+)
+
+
+# ---- 9. context parallel (and the fields of both multi-GPU levers) --------------------------------------
 
 # cfg: true CFG's two passes on two GPUs; ulysses / ring: diffusers' context parallelism, the sequence split over
 # the GPUs; cfg+X: two groups of GPUs, one per CFG pass, X inside each. `tune --gpus` measures them after the
@@ -747,7 +932,7 @@ CONTEXT_PARALLEL = Lever(
 )
 
 
-# ---- 7. compile -----------------------------------------------------------------------------------------
+# ---- 10. compile ----------------------------------------------------------------------------------------
 
 COMPILE_MODES = ("none", "regional", "full")
 # torch.compile's CUDA-graph mode ("reduce-overhead") is left out until it works here: on an H100 it failed with
@@ -769,7 +954,11 @@ def apply_compile(pipe, profile: "Profile"):
     if not _has_transformer(pipe, profile, "compile", profile.compile != "none") or profile.compile == "none":
         return pipe
     # Under context parallelism attention runs eagerly between compiled pieces (qwendoctor.parallel): a break.
-    options: dict = {"fullgraph": profile.context_degree == 1}
+    # Group offloading's onload is torch.compiler.disable()d and layerwise casting makes Parameters in its hooks:
+    # both inside each block, where fullgraph=True refuses them (dynamo: "Skip inlining torch.compiler.disable()d
+    # function", "Attempted to use torch.nn.Parameter() constructor"); a graph break at each instead.
+    options: dict = {"fullgraph": profile.context_degree == 1 and profile.offload != "group"
+                     and profile.weight_storage == "bf16"}
     if profile.compile_mode in COMPILE_OPTION_CONFIG:
         # Inductor settings for this compile only (baked into the code it generates), not process-wide.
         options["options"] = dict(COMPILE_OPTION_CONFIG[profile.compile_mode])
@@ -849,7 +1038,7 @@ COMPILE = Lever(
 )
 
 
-# ---- 8. CFG batching ------------------------------------------------------------------------------------
+# ---- 11. CFG batching -----------------------------------------------------------------------------------
 
 def apply_cfg_batching(pipe, profile: "Profile"):
     from qwendoctor import cfg_batching
@@ -888,7 +1077,7 @@ CFG_BATCHING = Lever(
 )
 
 
-# ---- 9. CFG parallel ------------------------------------------------------------------------------------
+# ---- 12. CFG parallel -----------------------------------------------------------------------------------
 
 def apply_cfg_parallel(pipe, profile: "Profile"):
     from qwendoctor import parallel
@@ -902,7 +1091,38 @@ def apply_cfg_parallel(pipe, profile: "Profile"):
 CFG_PARALLEL = Lever(name="cfg_parallel", apply=apply_cfg_parallel, undoable=False, captures_profile=True)
 
 
-# ---- 10. steps ------------------------------------------------------------------------------------------
+# ---- 13. VAE decode ------------------------------------------------------------------------------------
+
+# tiled: diffusers decodes the latents in overlapping tiles (256 px, stride 192) and blends the seams: peak memory
+# bounded by a tile instead of the image, the image close to the full decode but not equal (the seams are blended).
+# sliced: one image of a batch at a time; a batch of one decodes exactly as `full`.
+VAE_DECODES = ("full", "tiled", "sliced")
+
+
+def apply_vae_decode(pipe, profile: "Profile"):
+    vae = getattr(pipe, "vae", None)
+    if vae is None:
+        if profile.vae_decode != "full":
+            raise UsageError(f"profile.vae_decode = {profile.vae_decode!r} changes the pipeline's VAE, and this "
+                             "pipeline has none (vae=None)")
+        return pipe
+    # Both ways, so a used pipeline can be re-applied.
+    (vae.enable_tiling if profile.vae_decode == "tiled" else vae.disable_tiling)()
+    (vae.enable_slicing if profile.vae_decode == "sliced" else vae.disable_slicing)()
+    return pipe
+
+
+VAE_DECODE = Lever(
+    name="vae_decode", apply=apply_vae_decode, undoable=True,
+    fields=(Field("vae_decode", str, "full", choices=VAE_DECODES, omit_default=True),),
+    offer=lambda ctx: Offer({"vae_decode": ("full",)}),
+    sample=lambda trial, offer, chosen, ctx: {"vae_decode": "full"},
+    lossy=lambda p: p.vae_decode == "tiled",
+    describe=lambda p: f"vae={p.vae_decode}" if p.vae_decode != "full" else None,
+)
+
+
+# ---- 14. steps ------------------------------------------------------------------------------------------
 
 def _steps_offer(ctx: SpaceContext) -> Offer:
     """From the reference down to a fifth of it, in strides of a tenth: the floor, not the range, decides how
@@ -932,10 +1152,11 @@ STEPS = Lever(
 )
 
 
-LEVERS = (TF32, ATTENTION, REAL_ROPE, QUANTIZATION, CACHE, CONTEXT_PARALLEL, COMPILE, CFG_BATCHING, CFG_PARALLEL,
-          STEPS)
+LEVERS = (TF32, ATTENTION, REAL_ROPE, QUANTIZATION, WEIGHT_STORAGE, CACHE, OFFLOAD, TEXT_ENCODER, CONTEXT_PARALLEL,
+          COMPILE, CFG_BATCHING, CFG_PARALLEL, VAE_DECODE, STEPS)
 # The order tune asks Optuna for values: compile first, since whether quantization, cache and real RoPE are
 # offered depends on it. (Changing it changes which profiles a seeded study proposes.)
+# The memory levers are not searched: they cost speed, and a memory plan chooses them.
 SEARCH_ORDER = (ATTENTION, COMPILE, QUANTIZATION, CACHE, TF32, CFG_BATCHING, REAL_ROPE, STEPS)
 FIELDS = tuple(field for lever in LEVERS for field in lever.fields)
 

@@ -8,7 +8,9 @@ cannot be undone. The pool remembers what of the second kind its transformer car
 
 - the same baked-in part (say, the same compiled FP8 graph, another step count): re-apply the rest, reuse;
 - the transformer is still bf16 and eager: apply the whole profile to it;
-- otherwise: a new transformer with the original weights (`models.pristine_transformer_source`), then apply.
+- otherwise: a new transformer with the original weights (`models.pristine_transformer_source`), then apply;
+  or, once a lever whose state spans the pipeline (offload hooks, the text encoder's placement: `pipeline_wide`)
+  was applied, a new pipeline.
 
 A compiled transformer's graph also depends on every other lever it traced (attention kernel, RoPE, batch
 size through CFG batching), so a compiled profile's baked-in part is the whole profile but its steps
@@ -32,7 +34,7 @@ UNKNOWN = {"unknown": True}
 @dataclasses.dataclass
 class Prepared:
     model: models.LoadedModel
-    how: str  # loaded | reused | re-applied | replaced: what the pool did for this trial
+    how: str  # loaded | reused | re-applied | replaced | reloaded: what the pool did for this trial
     seconds: float  # load or replace, and applying the levers (quantization lands here, compile does not)
 
 
@@ -46,6 +48,8 @@ class ModelPool:
         self.baked_into: dict[str, Any] | None = None
         self._pristine: Callable[[], Any] | None = None
         self.replaced = 0  # transformers made again from the original weights
+        # A pipeline-wide lever was applied (or half-applied): the pipeline itself must be built again.
+        self._pipeline_touched = False
 
     def prepare(self, profile: Profile) -> Prepared:
         """The pipeline with `profile` applied. If this raises, the pool forgets what its transformer holds."""
@@ -60,12 +64,17 @@ class ModelPool:
             elif self.baked_into is not None and self.baked_into == wanted:
                 levers.optimize(self.model.pipe, profile, undoable_only=True, workload=self.workload)
                 return Prepared(self.model, "reused", time.perf_counter() - started)
+            elif self.baked_into is not None and self._pipeline_touched:
+                self._reload()
+                how = "reloaded"
             elif self.baked_into is not None:
                 self._replace_transformer()
                 how = "replaced"
             else:
                 how = "re-applied"
             self.baked_into = UNKNOWN
+            self._pipeline_touched = self._pipeline_touched or any(
+                lever.pipeline_wide and lever.is_on(profile) for lever in levers.LEVERS)
             levers.optimize(self.model.pipe, profile, workload=self.workload)
             self.baked_into = wanted
         except BaseException:
@@ -83,10 +92,18 @@ class ModelPool:
         import torch
 
         self.model, self.baked_into, self._pristine = None, None, None
+        self._pipeline_touched = False
         torch._dynamo.reset()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    def _reload(self) -> None:
+        """A new pipeline: accelerate's hooks and the components' placement have no clean way back."""
+        self.close()
+        self.model = self._load(self.workload.model, self.capabilities.device, self.workload.dtype)
+        self._pristine = models.pristine_transformer_source(self.model)
+        self._pipeline_touched = False
 
     def _replace_transformer(self) -> None:
         import torch

@@ -60,6 +60,9 @@ def _fmt(value, unit: str = "", digits: int = 3) -> str:
 
 
 def _trial_line(row) -> str:
+    if row["state"] == "infeasible" and row.get("failure"):  # out of memory: it ran, and needs more than allowed
+        peak = f" after a peak of {row['peak_memory_gib']:.1f} GiB" if row.get("peak_memory_gib") else ""
+        return f"#{row['number']} {row['profile']}: infeasible, {row['failure']}{peak}"
     if row["state"] == "failed":
         return f"#{row['number']} {row['profile']}: failed ({row['failure']})"
     if row["state"] == "slower":
@@ -102,9 +105,11 @@ def print_tune(result: TuneResult, lock_path: str, console: Console | None = Non
                           _fmt(row.get("latency_median_s")), _fmt(row.get("psnr_db")), row["failure"] or "")
         console.print(split)
     counts = result.counts
+    out_of_memory = counts.get("out_of_memory", 0)
     console.print(f"{counts['trials']} trials, each a distinct profile: {counts['completed']} feasible, "
-                  f"{counts['infeasible']} below the floor, {counts.get('slower', 0)} slower than the best (timed, "
-                  f"not rendered), {counts['failed']} failed"
+                  f"{counts['infeasible'] - out_of_memory} below the floor, "
+                  + (f"{out_of_memory} out of memory, " if out_of_memory else "")
+                  + f"{counts.get('slower', 0)} slower than the best (timed, not rendered), {counts['failed']} failed"
                   + (f"; {counts['duplicates']} repeated proposals reused their measurement, not counted"
                      if counts.get("duplicates") else "") + ".")
     console.print(time_line(result))

@@ -256,11 +256,16 @@ def skip(trial, results: dict[str, Any]):
     raise optuna.TrialPruned(results["skipped"])
 
 
+OUT_OF_MEMORY = "out of memory"  # the start of tune.classify_failure's reason for torch.OutOfMemoryError
+
+
 def row(trial) -> dict[str, Any]:
     """One finished trial as the report and the plot show it."""
     states = _states()
     attrs = trial.user_attrs
-    if trial.state == states.FAIL:
+    if trial.state == states.FAIL and str(trial.user_attrs.get("failure", "")).startswith(OUT_OF_MEMORY):
+        state = "infeasible"  # it ran, and needs more memory than the process may use: a measured verdict
+    elif trial.state == states.FAIL:
         state = "failed"
     elif trial.state == states.PRUNED:
         state = "slower"

@@ -248,7 +248,7 @@ def classify_failure(error: BaseException) -> str:
 
     line = first_line(error)
     if isinstance(error, torch.OutOfMemoryError):
-        return f"out of memory: {line}"
+        return f"{study.OUT_OF_MEMORY}: {line}"
     if isinstance(error, UnavailableLever):
         return f"unavailable: {line}"
     module = type(error).__module__ or ""
@@ -401,18 +401,21 @@ def _is_candidate(profile: Profile, estimate_s: float, best_s: float) -> bool:
     return bound <= best_s * (1 + CANDIDATE_MARGIN)
 
 
-class _QuietOnInterrupt(logging.Filter):
-    """Optuna logs a trial stopped by Ctrl-C (or SIGTERM) as a failure with its traceback, then again as "failed
-    with value None". The trial is queued again and the CLI says so in one line: from the interrupt on, Optuna's
-    log adds nothing but noise."""
+class _QuietOptunaLog(logging.Filter):
+    """Optuna logs a failed trial (TrialFailed, whose reason the progress line and the report already give) and a
+    trial stopped by Ctrl-C or SIGTERM (queued again; the CLI says so in one line) with a traceback, then again as
+    "failed with value None". Those records are noise to a user; from an interrupt on, all of Optuna's are."""
 
     def __init__(self):
         super().__init__()
         self.interrupted = False
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, KeyboardInterrupt):
             self.interrupted = True
+        if isinstance(error, study.TrialFailed) or "failed with value None" in record.getMessage():
+            return False
         return not self.interrupted
 
 
@@ -502,6 +505,8 @@ class _Trials:
 
         options, times = self.options, {}
         compiled_before = compile_stats.snapshot()
+        device = self.pool.capabilities.device
+        timing.reset_peak_memory(device)  # an out-of-memory trial records the peak it reached
         try:
             prepared = self.pool.prepare(profile)
             times["build"] = prepared.seconds
@@ -536,6 +541,11 @@ class _Trials:
         except optuna.TrialPruned:
             raise
         except Exception as error:
+            import torch
+
+            if isinstance(error, torch.OutOfMemoryError) and timing.peak_memory_gib(device) is not None:
+                trial.set_user_attr("peak_memory_gib", timing.peak_memory_gib(device))
+            # The pipeline may hold half-applied levers or half-allocated buffers: the next trial loads afresh.
             self.pool.forget()
             _release_memory()
             reason = classify_failure(error)
@@ -569,7 +579,7 @@ class _Trials:
         # On Optuna's handlers: its modules log through child loggers, whose records a filter on the "optuna"
         # logger itself would never see.
         handlers = logging.getLogger("optuna").handlers
-        quiet = _QuietOnInterrupt()
+        quiet = _QuietOptunaLog()
         for handler in handlers:
             handler.addFilter(quiet)
         try:
@@ -655,6 +665,9 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
     from qwendoctor import storage as storages
 
     options.validate()
+    from qwendoctor import memory
+
+    memory.apply(options.workload.memory_limit_gib)  # before the reference loads the model
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     # First, so that a bad URL or an unreachable database fails before minutes of probing and rendering.
@@ -716,6 +729,7 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
         "completed": sum(r["state"] == "complete" for r in rows),
         "failed": sum(r["state"] == "failed" for r in rows),
         "infeasible": sum(r["state"] == "infeasible" for r in rows),
+        "out_of_memory": sum(r["state"] == "infeasible" and bool(r.get("failure")) for r in rows),
         "slower": sum(r["state"] == "slower" for r in rows),
         # Proposals of a profile already measured: reused, not counted in "trials".
         "duplicates": study.duplicates(optuna_study),

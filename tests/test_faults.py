@@ -119,6 +119,12 @@ BAD_INPUTS = [
     (["bench", "--height", "8"], "height must be a positive multiple of 16, got 8", True),
     (["bench", "--profile", "compile=turbo"], "profile.compile: 'turbo' is not one of none, regional, full", False),
     (["check", "--only", "nope"], "unknown probe 'nope'", True),
+    (["tune", "--memory-limit", "0"], "--memory-limit must be a positive number of GiB, got 0.0", True),
+    (["generate", "x", "--lock", "{lock}", "--memory-limit", "-1"],
+     "--memory-limit must be a positive number of GiB, got -1.0", True),
+    (["bench", "--memory-limit", "nan"], "--memory-limit must be a positive number of GiB, got nan", True),
+    (["check", "--memory-limit", "100000"], "--memory-limit 100000: ", True),  # no GPU here, or not that big
+    (["tune", "--memory-limit", "100000"], "--memory-limit 100000: ", True),
     (["frobnicate"], "No such command 'frobnicate'", True),
     (["generate", "x", "--lock", "{lock}", "--env", "DIFFUSERS_ATTN_BACKEND=bogus"],
      "DIFFUSERS_ATTN_BACKEND='bogus': diffusers refuses it", False),

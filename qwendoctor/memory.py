@@ -1,0 +1,74 @@
+"""`--memory-limit GIB`: the GPU memory this process may use, so that a plan for a 24, 32 or 48 GB card is tuned
+and tested on a larger one, and a user can leave room for another process.
+
+The limit is torch's own cap (`torch.cuda.set_per_process_memory_fraction`): an allocation past it raises
+torch.OutOfMemoryError as a full card would. It is part of the workload, so a lock records the limit it was tuned
+under and `generate` applies it again.
+"""
+
+from __future__ import annotations
+
+import math
+
+from qwendoctor.errors import UsageError
+
+GIB = 2**30
+OPTION = "--memory-limit"
+
+
+def check_value(limit_gib: float | None) -> None:
+    """A limit that cannot be one, refused before anything is imported."""
+    if limit_gib is None:
+        return
+    if isinstance(limit_gib, bool) or not isinstance(limit_gib, (int, float)) or not math.isfinite(limit_gib) \
+            or limit_gib <= 0:
+        raise UsageError(f"{OPTION} must be a positive number of GiB, got {limit_gib}")
+
+
+def card_total_gib() -> float | None:
+    """GPU 0's memory as NVML reports it (no torch import: answered in well under a second), None without a GPU."""
+    import os
+
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no driver, no library: no GPU
+        return None
+    try:
+        if pynvml.nvmlDeviceGetCount() == 0:
+            return None
+        first = (os.environ.get("CUDA_VISIBLE_DEVICES") or "").split(",")[0].strip()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(int(first) if first.isdigit() else 0)
+        return pynvml.nvmlDeviceGetMemoryInfo(handle).total / GIB
+    except Exception:
+        return None
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def check_against_card(limit_gib: float | None, total_gib: float | None) -> None:
+    """A limit for a card this machine does not have, or above the one it has: one line, before loading."""
+    check_value(limit_gib)
+    if limit_gib is None:
+        return
+    if total_gib is None:
+        raise UsageError(f"{OPTION} {limit_gib:g}: caps GPU memory, and there is no NVIDIA GPU here")
+    if limit_gib > total_gib:
+        raise UsageError(f"{OPTION} {limit_gib:g}: more than this GPU's {total_gib:.1f} GiB")
+
+
+def apply(limit_gib: float | None) -> float | None:
+    """Cap this process's allocations on cuda:0 at `limit_gib`; returns the fraction of the card it set."""
+    if limit_gib is None:
+        return None
+    import torch
+
+    check_value(limit_gib)
+    if not torch.cuda.is_available():
+        raise UsageError(f"{OPTION} {limit_gib:g}: caps GPU memory, and CUDA is not available here")
+    total_gib = torch.cuda.get_device_properties(0).total_memory / GIB
+    check_against_card(limit_gib, total_gib)
+    fraction = limit_gib / total_gib
+    torch.cuda.set_per_process_memory_fraction(fraction, 0)
+    return fraction
