@@ -1,6 +1,6 @@
 """The fault suite: bad input and injected faults, on the CPU with `tiny`, through the real CLI in a process of its
-own as a user meets them (all but four: the plot's full disk, a damaged reference render, a killed writer's temporary
-file and the race to create a study are injected in-process or on the storage alone).
+own as a user meets them (all but six: the plot's full disk, a damaged reference render, the two foreign studies,
+a killed writer's temporary file and the race to create a study are injected in-process or on the storage alone).
 
 What is promised, and checked for every case: a bad input ends in one line on stderr (`qwendoctor: error: ...`,
 naming what is wrong) and exit 2, never a traceback; a fault ends in a clear one-line error or a correct result,
@@ -304,22 +304,21 @@ def test_two_tunes_started_together_on_a_new_study_file_both_finish(tmp_path):
 
 @fault("a study of the same name made to maximize", "a study of the same name with trials qwendoctor did not write")
 def test_a_foreign_study_under_the_same_name_is_refused_and_left_untouched(tmp_path):
-    env = {"QWENDOCTOR_CACHE": str(tmp_path / "cache")}
-    done = cli(*TUNE, "--trials", "1", cwd=tmp_path, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    name = _tune_lock(tmp_path).study["name"]
+    """In-process (the refusal is a UsageError, which the CLI prints in one line with exit 2, as every bad input
+    above shows): a CLI run per variant would cost its probing for no more coverage."""
+    from qwendoctor import tune
+
+    name = _tune_in_process(tmp_path).lock.study["name"]
     for variant, expected in (("maximize", "to maximize, not to minimize"),
                               ("foreign trials", "with trials qwendoctor did not record")):
         url = f"sqlite:///{tmp_path}/{variant.replace(' ', '-')}.db"
         other = optuna.create_study(study_name=name, storage=url,
                                     direction="maximize" if variant == "maximize" else "minimize")
         other.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
-        refused = cli(*TUNE, "--trials", "1", "--storage", url, "--lock", str(tmp_path / "other.lock"), cwd=tmp_path,
-                      env=env)
-        assert refused.returncode == 2
-        error = [line for line in refused.stderr.splitlines() if line.startswith("qwendoctor: error:")]
-        assert len(error) == 1 and expected in error[0] and "optuna delete-study" in error[0], refused.stderr
-        assert "Traceback" not in refused.stderr
+        with pytest.raises(tune.UsageError) as refused:
+            _tune_in_process(tmp_path, storage=url, lock_name="other.lock")
+        message = str(refused.value)
+        assert "\n" not in message and expected in message and "optuna delete-study" in message, message
         assert len(optuna.load_study(study_name=name, storage=url).trials) == 2  # nothing written into it
         assert not (tmp_path / "other.lock").exists()
 
@@ -337,15 +336,17 @@ def test_a_corrupt_study_file_is_one_line_and_the_lock_survives(tmp_path):
 
 # ---- faults: caches --------------------------------------------------------------------------------------------
 
-def _tune_in_process(directory: Path, trials: int = 1, log=None):
+def _tune_in_process(directory: Path, trials: int = 1, log=None, storage: str | None = None,
+                     lock_name: str = "q.lock"):
     """tune's own function with the machine's findings given (probing is the CLI cases' job): seconds, not tens."""
     from qwendoctor import tune
     from qwendoctor.profile import Capabilities
 
     options = tune.TuneOptions(
         workload=Workload(model="tiny", width=128, height=128, reference_steps=4, dtype="float32").validate(),
-        prompts=[TIGHT], seeds=[0], floor=tune.quality.parse_floor("balanced"), lock_path=str(directory / "q.lock"),
-        storage=f"sqlite:///{directory}/study.db", trials=trials, timed_steps=2, cache_dir=str(directory / "cache"))
+        prompts=[TIGHT], seeds=[0], floor=tune.quality.parse_floor("balanced"), lock_path=str(directory / lock_name),
+        storage=storage or f"sqlite:///{directory}/study.db", trials=trials, timed_steps=2,
+        cache_dir=str(directory / "cache"))
     return tune.run_tune(options, capabilities=Capabilities(device="cpu", working_attention_backends=("native",)),
                          log=log or (lambda line: None))
 
