@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from probes import measured
 
 GIB = 1024**3
 
@@ -33,14 +32,8 @@ VAE_PARAMS = 0.127e9
 # (H -> 6H). torchao's FP8 configs quantize these; embeddings, norms and the output head stay bf16.
 BLOCK_LINEAR_PARAMS = BLOCKS * 2 * (4 * HIDDEN**2 + 2 * HIDDEN * MLP + 6 * HIDDEN**2)  # 20.38e9
 
-# Activation + allocator overhead, calibrated on two end-to-end peaks of the default bf16 pipeline (transformer +
-# VAE on the GPU, no text encoder), quoted for one card in probes/measured.toml (58 GiB at 1024x1024, 71 GiB at
-# 1328x1328, where the file says why no benchmark holds them). Minus the bf16 weights (20.557e9 params * 2 B =
-# 38.29 GiB) that leaves 19.71 and 32.71 GiB: ~4.65 MiB per image token (the VAE decode at full resolution
-# dominates the peak) plus ~0.65 GiB fixed. Interpolated linearly in image tokens, extrapolated outside the two
-# points, never below the fixed part. Memory does not depend on the card, so every GPU uses this calibration.
-CALIBRATION_GPU = "NVIDIA H100 80GB HBM3"
-CALIBRATION_KEY = "memory_peaks_default_bf16"
+# Activation memory is estimated per placement in probes/memory_plan, fitted on peaks measured with the
+# full pipeline (benchmarks/h200/memory).
 
 
 def image_tokens(width: int, height: int) -> int:
@@ -105,21 +98,3 @@ def transformer_bytes(fp8: bool = False) -> float:
     quantized = min(BLOCK_LINEAR_PARAMS, TRANSFORMER_PARAMS)
     return weight_bytes(quantized, 1.0) + weight_bytes(TRANSFORMER_PARAMS - quantized)
 
-
-def memory_calibration() -> measured.Figure:
-    """The two peaks activation_gib is calibrated on, with the card and the file they come from."""
-    figure = measured.nearest(CALIBRATION_GPU, CALIBRATION_KEY)
-    if figure is None:
-        raise LookupError(f"{measured.DATA_LABEL} has no {CALIBRATION_KEY} for {CALIBRATION_GPU}")
-    return figure
-
-
-def activation_gib(width: int, height: int) -> float:
-    """Activation + overhead peak (GiB) of a bf16 pipeline at this size, from the calibration above."""
-    calibration = memory_calibration()
-    base = (weight_bytes(TRANSFORMER_PARAMS) + weight_bytes(VAE_PARAMS)) / GIB
-    (t0, t1), (p0, p1) = calibration.data["image_tokens"], calibration.values
-    a0, a1 = p0 - base, p1 - base
-    slope = (a1 - a0) / (t1 - t0)
-    fixed = a0 - slope * t0
-    return max(fixed, a0 + slope * (image_tokens(width, height) - t0))

@@ -19,7 +19,7 @@ import time
 from typing import Any, Callable
 
 from probes import qwen_shapes, timing
-from qwendoctor import files, fingerprint, levers, models, quality, runner
+from qwendoctor import files, fingerprint, levers, memory, models, quality, runner
 from qwendoctor.capabilities import Capabilities
 from qwendoctor.errors import QwendoctorError, UnavailableLever, UsageError
 from qwendoctor.profile import Profile, Workload, check_runnable
@@ -220,6 +220,12 @@ def run_bench(options: BenchOptions, capabilities: Capabilities,
         "notes": [],
         "rows": [],
     }
+    # Where the components go for this card or --memory-limit (probes.memory_plan), before anything loads: every
+    # row runs in it, the default too.
+    placement = memory.placement_for(workload, capabilities.device)
+    if placement:
+        document["placement"] = placement
+        document["notes"].append(f"memory plan: {memory.describe_placement(workload, placement)}")
     if workload.model == "synthetic":
         document["notes"].append("synthetic (random) weights: PSNR/SSIM speak for numerical fidelity only")
     if not options.full_image:
@@ -252,6 +258,15 @@ def run_bench(options: BenchOptions, capabilities: Capabilities,
 
     def run(rung: Rung) -> dict[str, Any]:
         nonlocal reference_images, flops
+        if placement:
+            try:
+                rung = dataclasses.replace(rung, profile=Profile.from_dict({**rung.profile.to_dict(), **placement}))
+            except UsageError as error:
+                rows.append({"id": rung.id, "group": rung.group, "label": rung.label,
+                             "profile": rung.profile.to_dict(), "describe": rung.profile.describe(),
+                             "skipped": f"not with the memory plan's placement: {error}"})
+                save()
+                return rows[-1]
         log(f"{rung.id}: {rung.profile.describe()}")
         row: dict[str, Any] = {"id": rung.id, "group": rung.group, "label": rung.label,
                                "profile": rung.profile.to_dict(), "describe": rung.profile.describe()}

@@ -70,7 +70,9 @@ def build_tuned(lock: lockfile.Lock, lock_path: str, ignore_fingerprint: bool = 
     profile = profile or lock.profile
     if not ignore_fingerprint:
         check_fingerprint(lock, lock_path)
-    memory.apply(lock.workload.memory_limit_gib if memory_limit_gib is _FROM_LOCK else memory_limit_gib)
+    limit = lock.workload.memory_limit_gib if memory_limit_gib is _FROM_LOCK else memory_limit_gib
+    memory.check_placement(profile, dataclasses.replace(lock.workload, memory_limit_gib=limit))
+    memory.apply(limit)
     model = runner.build(lock.workload, profile, detect_capabilities())
     if not ignore_fingerprint and lock.fingerprint.get("model_revision") != model.revision:
         raise QwendoctorError(f"{lock_path} was tuned on model revision {lock.fingerprint.get('model_revision')}, "

@@ -160,6 +160,37 @@ def _has_transformer(pipe, profile: "Profile", field: str, asked: bool) -> bool:
     return False
 
 
+def target_device(pipe):
+    """Where the pipeline runs: the loader's device (models.load_model records it), else the first CUDA device a
+    component's weights are on, else diffusers' execution device. A placement lever may find its component in
+    host memory (load_on_cpu) and must still know where it is to run."""
+    import torch
+
+    recorded = getattr(pipe, "_qwendoctor_device", None)
+    if recorded is not None:
+        return torch.device(recorded)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            parameter = next(component.parameters(), None)
+            if parameter is not None and parameter.device.type == "cuda":
+                return parameter.device
+    return pipe._execution_device
+
+
+def load_on_cpu(profile: "Profile") -> frozenset[str]:
+    """The components a profile's placement keeps in host memory at load (models.load_model's `on_cpu`): those
+    it offloads, and a transformer whose weights are cast to FP8 before they reach the GPU. A card that can only
+    hold the placed pipeline must never receive the whole one."""
+    if profile.offload in ("model", "sequential"):
+        return frozenset({"transformer", "text_encoder", "vae"})
+    on_cpu = set()
+    if profile.offload == "group" or profile.weight_storage != "bf16":
+        on_cpu.add("transformer")
+    if profile.text_encoder != "resident":
+        on_cpu.add("text_encoder")
+    return frozenset(on_cpu)
+
+
 @dataclasses.dataclass(frozen=True)
 class Lever:
     name: str
@@ -497,6 +528,10 @@ def apply_weight_storage(pipe, profile: "Profile"):
     # The model's skip list (norms, rotary embedding) and diffusers' (the output projection) stay in the model's
     # dtype: the layers where FP8 rounding would cost the most.
     transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=transformer.dtype)
+    # Loaded in host memory (load_on_cpu) so the bf16 weights never occupy the card: they go to it cast. Under
+    # offloading the offload lever moves them.
+    if profile.offload == "none":
+        transformer.to(target_device(pipe))
     return pipe
 
 
@@ -750,7 +785,7 @@ def apply_offload(pipe, profile: "Profile"):
         return pipe
     import torch
 
-    device = pipe._execution_device
+    device = target_device(pipe)
     if profile.offload == "group":
         if not _has_transformer(pipe, profile, "offload", True):
             return pipe
@@ -820,12 +855,12 @@ TEXT_ENCODER_PLACEMENTS = ("resident", "offload", "cpu")
 
 def apply_text_encoder(pipe, profile: "Profile"):
     encoder = getattr(pipe, "text_encoder", None)
-    # A pipeline without a text encoder (synthetic: prompts arrive as embeddings) has nothing to place.
+    # A pipeline without a text encoder (prompts given as embeddings) has nothing to place.
     if encoder is None or profile.text_encoder == "resident":
         return pipe
     import torch
 
-    device = pipe._execution_device
+    device = target_device(pipe)
     if profile.text_encoder == "offload":
         from diffusers.hooks import apply_group_offloading
 

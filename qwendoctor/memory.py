@@ -72,3 +72,56 @@ def apply(limit_gib: float | None) -> float | None:
     fraction = limit_gib / total_gib
     torch.cuda.set_per_process_memory_fraction(fraction, 0)
     return fraction
+
+
+def placement_for(workload, device: str, total_gib: float | None = None) -> dict:
+    """The memory levers' Profile fields for this workload on this GPU (probes.memory_plan: the fastest measured
+    placement that fits `--memory-limit`, or the card); {} where everything stays resident or there is no plan (the
+    CPU, the toy `tiny`). No placement fitting is refused here, in one line, before any weights load."""
+    from probes import memory_plan
+
+    if device != "cuda" or not memory_plan.applies_to(workload.model):
+        return {}
+    limit = workload.memory_limit_gib
+    memory_gib = limit if limit is not None else (total_gib if total_gib is not None else card_total_gib())
+    if memory_gib is None:
+        return {}
+    why = f"{OPTION} {limit:g}" if limit is not None else f"this GPU's {memory_gib:.1f} GiB"
+    refused = memory_plan.refusal(workload, memory_gib, why)
+    if refused is not None:
+        raise UsageError(refused)
+    return dict(memory_plan.choose(workload, memory_gib).profile)
+
+
+def check_placement(profile, workload) -> None:
+    """A lock's placement that needs more than `--memory-limit` allows, refused before loading with what it needs."""
+    from probes import memory_plan
+
+    limit = workload.memory_limit_gib
+    if limit is None or not memory_plan.applies_to(workload.model):
+        return
+    fields = {name: getattr(profile, name) for name in PLACEMENT_FIELDS if getattr(profile, name) is not None}
+    placement = memory_plan.Placement("lock", {k: v for k, v in fields.items() if v != PLACEMENT_DEFAULTS[k]},
+                                      profile.describe())
+    need = memory_plan.estimate_gib(placement, workload.width, workload.height)
+    if need > memory_plan.usable_gib(limit):
+        raise UsageError(f"{OPTION} {limit:g}: the lock's placement ({placement.text}) needs about {need:.1f} GiB "
+                         f"at {workload.width}x{workload.height}; tune again with {OPTION} {limit:g}")
+
+
+PLACEMENT_DEFAULTS = {"text_encoder": "resident", "vae_decode": "full", "weight_storage": "bf16", "offload": "none",
+                      "offload_blocks_per_group": None}
+PLACEMENT_FIELDS = tuple(PLACEMENT_DEFAULTS)
+
+
+def describe_placement(workload, placement: dict) -> str:
+    """The plan's line for tune's log and bench's notes: the placement, its estimate and measured peak, and the
+    memory it was chosen for."""
+    from probes import memory_plan
+
+    known = next((p for p in memory_plan.PLACEMENTS if dict(p.profile) == placement), None)
+    shown = memory_plan.shown(known, workload) if known is not None else ", ".join(
+        f"{field}={value}" for field, value in placement.items())
+    limit = workload.memory_limit_gib
+    where = f"{OPTION} {limit:g}" if limit is not None else "this GPU"
+    return f"{shown}, for {where} (the default and every other profile run in it)"

@@ -39,7 +39,8 @@ class LoadedModel:
     revision: str | None
     device: str
     dtype: str
-    # synthetic has no text encoder: prompts map to seeded random embeddings of this many tokens
+    # a pipeline without a text encoder (the `synthetic` config's "text_encoder": null): prompts map to seeded
+    # random embeddings of this many tokens
     synthetic_text_tokens: int | None = None
 
     @property
@@ -113,15 +114,22 @@ def root_cause(error: BaseException) -> BaseException:
     return error
 
 
-def load_model(model: str, device: str, dtype: str) -> LoadedModel:
-    """Build the pipeline for `model` on `device` in `dtype`, raising a one-line UsageError if it cannot."""
+def load_model(model: str, device: str, dtype: str, on_cpu: frozenset[str] = frozenset()) -> LoadedModel:
+    """Build the pipeline for `model` on `device` in `dtype`, raising a one-line UsageError if it cannot.
+
+    `on_cpu`: components left in host memory (levers.load_on_cpu), for a placement that moves them itself: a
+    card that cannot hold the whole pipeline must never receive it whole."""
     check_diffusers_env()
     quiet_libraries()
     if model == "tiny":
-        return _load_tiny(device, dtype)
-    if model == "synthetic":
-        return _load_synthetic(device, dtype)
-    return _load_pretrained(model, device, dtype)
+        loaded = _load_tiny(device, dtype)
+    elif model == "synthetic":
+        loaded = _load_synthetic(device, dtype, on_cpu)
+    else:
+        loaded = _load_pretrained(model, device, dtype, on_cpu)
+    # Where the pipeline runs, for placement levers that find a component in host memory (levers.target_device).
+    object.__setattr__(loaded.pipe, "_qwendoctor_device", device)
+    return loaded
 
 
 def _torch_dtype(dtype: str):
@@ -141,46 +149,110 @@ def _load_tiny(device: str, dtype: str) -> LoadedModel:
     return LoadedModel(pipe=pipe, model_id="tiny", revision=trained.revision(), device=device, dtype=dtype)
 
 
-def _load_synthetic(device: str, dtype: str) -> LoadedModel:
+def _load_synthetic(device: str, dtype: str, on_cpu: frozenset[str] = frozenset()) -> LoadedModel:
     import torch
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 
     resolve_model("synthetic", device)
     config = _package_json("qwendoctor", "synthetic.json")
-    transformer = build_synthetic_transformer(config["transformer"], device, _torch_dtype(dtype), seed=0)
+    where = {name: "cpu" if name in on_cpu else device for name in ("transformer", "text_encoder", "vae")}
+    transformer = build_synthetic_transformer(config["transformer"], device, _torch_dtype(dtype), seed=0,
+                                              storage=where["transformer"])
+    text_encoder = tokenizer = None
+    if config["text_encoder"] is not None:
+        text_encoder = build_synthetic_text_encoder(config["text_encoder"], device, _torch_dtype(dtype), seed=2,
+                                                    storage=where["text_encoder"])
+        tokenizer = synthetic_tokenizer()
     torch.manual_seed(1)
-    vae = AutoencoderKLQwenImage(**config["vae"]).to(device=device, dtype=_torch_dtype(dtype))
+    vae = AutoencoderKLQwenImage(**config["vae"]).to(device=where["vae"], dtype=_torch_dtype(dtype))
     scheduler = FlowMatchEulerDiscreteScheduler(**config["scheduler"])
-    pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None,
+    pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                              transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     return LoadedModel(pipe=pipe, model_id="synthetic", revision=_config_revision(config), device=device,
-                       dtype=dtype, synthetic_text_tokens=config["text_tokens"])
+                       dtype=dtype, synthetic_text_tokens=None if text_encoder is not None else config["text_tokens"])
 
 
-def build_synthetic_transformer(config: dict[str, Any], device: str, dtype, seed: int):
-    """The transformer with random weights made on `device` in `dtype`: no full-precision or CPU copy.
+def synthetic_tokenizer():
+    """The tokenizer shipped with `tiny`: Qwen's chat-template special tokens and a word-level vocabulary of 425
+    (Qwen2's own, 151k entries, is not shipped). Its ids are valid in Qwen2.5-VL's 152,064-row embedding, and
+    the template's system prompt is the 34 tokens the pipeline drops, as with Qwen2's tokenizer."""
+    from transformers import Qwen2Tokenizer
 
-    Built on the meta device, then each parameter is allocated where it runs and filled there (matrices
-    normal with std 1/sqrt(fan_in), norm weights 1, biases 0).
+    from qwendoctor.tiny import trained
+
+    return Qwen2Tokenizer.from_pretrained(trained.tokenizer_dir())
+
+
+def _fill_random(module, device: str, seed: int) -> None:
+    """Seeded random weights drawn on `device` (fast on a GPU) into `module`'s parameters wherever they live:
+    matrices normal with std 1/sqrt(fan_in), norm weights 1, biases 0. The values depend on the seed only, not
+    on where the parameters are stored, so a placement that keeps a component in host memory gets the same
+    weights as one that keeps it on the GPU."""
+    import torch
+
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if param.ndim >= 2:
+                fan_in = math.prod(param.shape[1:])
+                drawn = torch.empty(param.shape, dtype=param.dtype, device=device)
+                drawn.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=generator)
+                param.copy_(drawn)
+                del drawn
+            elif name.endswith("bias"):
+                param.zero_()
+            else:
+                param.fill_(1.0)
+
+
+def build_synthetic_transformer(config: dict[str, Any], device: str, dtype, seed: int, storage: str | None = None):
+    """The transformer with random weights made on `device` in `dtype`, stored on `storage` (default: `device`):
+    no full-precision copy, and no GPU copy when it is stored in host memory.
+
+    Built on the meta device, then each parameter is allocated where it is stored and filled (_fill_random).
     """
     import torch
     from diffusers import QwenImageTransformer2DModel
 
     with torch.device("meta"):
         transformer = QwenImageTransformer2DModel(**config)
-    transformer = transformer.to(dtype=dtype).to_empty(device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, param in transformer.named_parameters():
-            if param.ndim >= 2:
-                fan_in = math.prod(param.shape[1:])
-                param.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=generator)
-            elif name.endswith("bias"):
-                param.zero_()
-            else:
-                param.fill_(1.0)
+    transformer = transformer.to(dtype=dtype).to_empty(device=storage or device)
+    _fill_random(transformer, device, seed)
     return rebuild_rotary_tables(transformer).eval()
+
+
+def build_synthetic_text_encoder(config: dict[str, Any], device: str, dtype, seed: int, storage: str | None = None):
+    """Qwen2.5-VL-7B's architecture (8.29B parameters: the 28-layer language model, its vision tower and LM head)
+    with random weights, stored on `storage` (default: `device`). It is built there directly, in `dtype`, so that
+    its rotary tables (buffers computed in __init__) are right; then filled as the transformer is."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        # Skipping transformers' own initialisation: _fill_random replaces every parameter.
+        with torch.device(storage or device), _no_init():
+            encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config))
+    finally:
+        torch.set_default_dtype(previous)
+    _fill_random(encoder, device, seed)
+    return encoder.eval()
+
+
+def _no_init():
+    """transformers' init_empty-free way to skip weight initialisation where its version offers one."""
+    import contextlib
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            return contextlib.nullcontext()
+    return no_init_weights()
 
 
 def rebuild_rotary_tables(transformer):
@@ -200,9 +272,13 @@ def pristine_transformer_source(model: LoadedModel):
     weights, made now, before any lever touched them (41 GB of host memory for the full Qwen-Image)."""
     import torch
 
+    # Where the loader stored it: a placement that keeps it in host memory (levers.load_on_cpu) never has it on
+    # the GPU whole. Called right after loading, before any lever moved it.
+    storage = next(model.pipe.transformer.parameters()).device.type
     if model.model_id == "synthetic":
         config = _package_json("qwendoctor", "synthetic.json")["transformer"]
-        return lambda: build_synthetic_transformer(config, model.device, _torch_dtype(model.dtype), seed=0)
+        return lambda: build_synthetic_transformer(config, model.device, _torch_dtype(model.dtype), seed=0,
+                                                   storage=storage)
     original = model.pipe.transformer
     kind, config = type(original), dict(original.config)
     # Non-persistent buffers are not in the state dict: they are kept too.
@@ -213,11 +289,11 @@ def pristine_transformer_source(model: LoadedModel):
     def fresh():
         with torch.device("meta"):
             transformer = kind.from_config(config)
-        transformer = transformer.to(dtype=_torch_dtype(model.dtype)).to_empty(device=model.device)
+        transformer = transformer.to(dtype=_torch_dtype(model.dtype)).to_empty(device=storage)
         transformer.load_state_dict(persistent)
         for name, tensor in buffers.items():
             owner, _, leaf = name.rpartition(".")
-            transformer.get_submodule(owner).register_buffer(leaf, tensor.to(model.device), persistent=False)
+            transformer.get_submodule(owner).register_buffer(leaf, tensor.to(storage), persistent=False)
         return rebuild_rotary_tables(transformer).eval()
 
     return fresh
@@ -246,7 +322,8 @@ def resolve_model(model: str, device: str) -> str:
                          f"huggingface-cli download {model}") from None
 
 
-def _load_pretrained(model: str, device: str, dtype: str) -> LoadedModel:
+def _load_pretrained(model: str, device: str, dtype: str, on_cpu: frozenset[str] = frozenset()) -> LoadedModel:
+    import torch
     from diffusers import QwenImagePipeline
 
     path = resolve_model(model, device)
@@ -255,7 +332,9 @@ def _load_pretrained(model: str, device: str, dtype: str) -> LoadedModel:
     except (OSError, ValueError) as error:
         raise UsageError(f"model {model!r} is not available offline ({first_line(error, 160)}); "
                          f"download it first: huggingface-cli download {model}") from None
-    pipe.to(device)
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module) and name not in on_cpu:
+            component.to(device)
     pipe.set_progress_bar_config(disable=True)
     return LoadedModel(pipe=pipe, model_id=model, revision=_pretrained_revision(pipe), device=device, dtype=dtype)
 
@@ -285,7 +364,8 @@ def _pretrained_revision(pipe) -> str | None:
 
 
 def prompt_inputs(model: LoadedModel, prompt: str, negative_prompt: str | None) -> dict[str, Any]:
-    """The pipeline's text inputs: the strings, or for `synthetic` random embeddings seeded by the text."""
+    """The pipeline's text inputs: the strings, or, for a pipeline without a text encoder, random embeddings seeded by
+    the text."""
     if model.has_text_encoder:
         inputs = {"prompt": prompt}
         if negative_prompt is not None:

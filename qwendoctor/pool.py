@@ -47,6 +47,7 @@ class ModelPool:
         self.model: models.LoadedModel | None = None
         self.baked_into: dict[str, Any] | None = None
         self._pristine: Callable[[], Any] | None = None
+        self._on_cpu: frozenset[str] = frozenset()  # what the loaded pipeline keeps in host memory
         self.replaced = 0  # transformers made again from the original weights
         # A pipeline-wide lever was applied (or half-applied): the pipeline itself must be built again.
         self._pipeline_touched = False
@@ -57,15 +58,20 @@ class ModelPool:
         started = time.perf_counter()
         wanted = levers.baked_part(profile)
         try:
+            on_cpu = levers.load_on_cpu(profile)
             if self.model is None:
-                self.model = self._load(self.workload.model, self.capabilities.device, self.workload.dtype)
-                self._pristine = models.pristine_transformer_source(self.model)
+                self._load_with(on_cpu)
                 how = "loaded"
+            elif self.model.device == "cuda" and on_cpu != self._on_cpu:
+                # Another placement: components the card cannot hold must load in host memory, and components
+                # loaded there are not where a resident placement wants them.
+                self._reload(on_cpu)
+                how = "reloaded"
             elif self.baked_into is not None and self.baked_into == wanted:
                 levers.optimize(self.model.pipe, profile, undoable_only=True, workload=self.workload)
                 return Prepared(self.model, "reused", time.perf_counter() - started)
             elif self.baked_into is not None and self._pipeline_touched:
-                self._reload()
+                self._reload(on_cpu)
                 how = "reloaded"
             elif self.baked_into is not None:
                 self._replace_transformer()
@@ -98,11 +104,15 @@ class ModelPool:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _reload(self) -> None:
+    def _load_with(self, on_cpu: frozenset[str]) -> None:
+        self.model = self._load(self.workload.model, self.capabilities.device, self.workload.dtype, on_cpu=on_cpu)
+        self._on_cpu = on_cpu
+        self._pristine = models.pristine_transformer_source(self.model)
+
+    def _reload(self, on_cpu: frozenset[str]) -> None:
         """A new pipeline: accelerate's hooks and the components' placement have no clean way back."""
         self.close()
-        self.model = self._load(self.workload.model, self.capabilities.device, self.workload.dtype)
-        self._pristine = models.pristine_transformer_source(self.model)
+        self._load_with(on_cpu)
         self._pipeline_touched = False
 
     def _replace_transformer(self) -> None:

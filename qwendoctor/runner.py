@@ -8,7 +8,7 @@ import time
 from typing import Any, Callable
 
 from probes import timing
-from qwendoctor import models
+from qwendoctor import levers, models
 from qwendoctor.capabilities import Capabilities
 from qwendoctor.levers import optimize
 from qwendoctor.profile import Profile, Workload, check_runnable
@@ -17,7 +17,8 @@ from qwendoctor.profile import Profile, Workload, check_runnable
 def build(workload: Workload, profile: Profile, capabilities: Capabilities) -> models.LoadedModel:
     """Refuse what this machine cannot run, then load the model and apply the profile's levers."""
     check_runnable(profile, workload, capabilities)
-    model = models.load_model(workload.model, capabilities.device, workload.dtype)
+    model = models.load_model(workload.model, capabilities.device, workload.dtype,
+                              on_cpu=levers.load_on_cpu(profile))
     optimize(model.pipe, profile, workload=workload)
     return model
 

@@ -22,6 +22,8 @@ from qwendoctor.profile import Profile, Workload
 class SearchSpace:
     offers: dict[str, levers.Offer]  # lever name -> what it offers here
     context: levers.SpaceContext
+    # The memory plan's levers (probes.memory_plan), the same in every trial: not searched.
+    placement: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def values(self, field: str) -> tuple | levers.IntRange:
         """The values offered for one Profile field."""
@@ -41,7 +43,8 @@ class SearchSpace:
             for field, values in offer.values.items():
                 shown = str(values) if isinstance(values, levers.IntRange) else ", ".join(map(str, values))
                 lines.append(f"{field}: {shown}")
-        return lines + [f"left out: {reason}" for reason in self.left_out]
+        placed = [f"{field}: {value} (memory plan)" for field, value in self.placement.items()]
+        return lines + placed + [f"left out: {reason}" for reason in self.left_out]
 
 
 def measured_evidence(gpu_name: str | None) -> Callable[[str], str | None]:
@@ -56,13 +59,31 @@ def measured_evidence(gpu_name: str | None) -> Callable[[str], str | None]:
 
 
 def build_search_space(capabilities: Capabilities, workload: Workload, exhaustive: bool = False,
-                       evidence: Callable[[str], str | None] | None = None) -> SearchSpace:
-    """Only what this machine passed; unless `exhaustive`, less what was measured to lose here."""
+                       evidence: Callable[[str], str | None] | None = None,
+                       placement: dict[str, Any] | None = None) -> SearchSpace:
+    """Only what this machine passed; unless `exhaustive`, less what was measured to lose here; in `placement`,
+    less what cannot run with it."""
     context = levers.SpaceContext(capabilities=capabilities, workload=workload, exhaustive=exhaustive,
                                   evidence=evidence or measured_evidence(capabilities.gpu_name),
                                   draws=models.draws(workload.model),
                                   blocks=models.transformer_blocks(workload.model))
-    return SearchSpace(offers={lever.name: lever.offer(context) for lever in levers.SEARCH_ORDER}, context=context)
+    offers = {lever.name: lever.offer(context) for lever in levers.SEARCH_ORDER}
+    placement = dict(placement or {})
+    if placement.get("weight_storage", "bf16") != "bf16":
+        # torchao quantizes a bf16 transformer that is on the card, which is what the plan says does not fit.
+        offers["quantization"] = _only(offers["quantization"], "quantization", "none",
+                                       "torchao FP8 quantization: it starts from the bf16 transformer on the GPU, "
+                                       "which the memory plan says does not fit (its FP8 weight storage does)")
+    if placement.get("offload") == "sequential":
+        offers["compile"] = dataclasses.replace(
+            _only(offers["compile"], "compile", "none", "compile: sequential offload moves weights in at each call"),
+            values={"compile": ("none",), "compile_mode": ("default",)})
+    return SearchSpace(offers=offers, context=context, placement=placement)
+
+
+def _only(offer: levers.Offer, field: str, value: Any, reason: str) -> levers.Offer:
+    values = {**offer.values, field: (value,)}
+    return dataclasses.replace(offer, values=values, left_out=offer.left_out + (reason,))
 
 
 def default_params(space: SearchSpace) -> dict[str, Any]:
@@ -78,4 +99,4 @@ def sample_profile(trial, space: SearchSpace) -> Profile:
     chosen: dict[str, Any] = {}
     for lever in levers.SEARCH_ORDER:
         chosen.update(lever.sample(trial, space.offers[lever.name], chosen, space.context))
-    return Profile(**chosen).validate()
+    return Profile(**{**chosen, **space.placement}).validate()

@@ -76,6 +76,14 @@ class TuneOptions:
     timed_steps: int = 5  # denoising steps timed per trial, after a 2-step warm-up
     exhaustive: bool = False  # keep the choices measured to lose on this GPU model (qwendoctor.space)
     gpus: int = 1  # more than 1: measure the best profile under each multi-GPU strategy (qwendoctor.strategies)
+    # The memory plan's levers (probes.memory_plan), set by run_tune: every trial, the reference and the
+    # confirmation run with them; {} when everything is resident.
+    placement: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def baseline(self) -> Profile:
+        """The default profile in this study's placement: the reference every trial is measured against."""
+        return Profile(**self.placement)
 
     def validate(self) -> "TuneOptions":
         self.workload.validate()
@@ -156,6 +164,8 @@ def study_name(options: TuneOptions, here: dict[str, Any]) -> str:
         key["cache_dit"] = here["cache_dit"]
     if options.exhaustive:  # another search space: another study
         key["exhaustive"] = True
+    if options.placement:  # another reference: the default in the memory plan's placement
+        key["placement"] = options.placement
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return f"qwendoctor-{options.workload.model.replace('/', '_')}-{digest}"
 
@@ -197,8 +207,8 @@ def reference(options: TuneOptions, pool: ModelPool, name: str, log: Callable[[s
             except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as error:
                 log(f"reference renders: {path} not usable ({first_line(error)}); rendering them again")
         log(f"reference renders: {len(options.prompts) * len(options.seeds)} images with the default profile")
-        model = pool.prepare(Profile()).model
-        measurement = runner.measure(model, options.workload, Profile(), options.prompts, options.seeds)
+        model = pool.prepare(options.baseline).model
+        measurement = runner.measure(model, options.workload, options.baseline, options.prompts, options.seeds)
         summary, revision = measurement.summary(), model.revision
         with files.atomic_write(path, "wb") as handle:
             np.savez_compressed(handle, count=len(measurement.images), summary=json.dumps(summary),
@@ -272,7 +282,8 @@ def check_held_out(options: TuneOptions, pool: ModelPool, optuna_study, best, lo
     Returns the trial to lock and the study fields that record the check."""
     prompts, seeds = held_out_set(options.workload.model, options.prompts, options.seeds)
     log(f"held-out check: {len(prompts) * len(seeds)} image(s) on prompts and a seed the study never rendered")
-    references = runner.measure(pool.prepare(Profile()).model, options.workload, Profile(), prompts, seeds,
+    references = runner.measure(pool.prepare(options.baseline).model, options.workload, options.baseline, prompts,
+                                seeds,
                                 warmup=0).images
     rejected: list[int] = []
     candidate = best
@@ -319,14 +330,15 @@ def confirm_speedup(options: TuneOptions, pool: ModelPool, profile: Profile,
     if levers.baked_part(profile) is None:
         default_s, profile_s = [], []
         while len(default_s) < CONFIRM_MAX_ROUNDS:
-            default_s += images(Profile(), 1)
+            default_s += images(options.baseline, 1)
             profile_s += images(profile, 1)
             ratios = [d / p for d, p in zip(default_s, profile_s)]
             if len(ratios) >= CONFIRM_ROUNDS and _spread(ratios) <= UNSTABLE_SPREAD:
                 break
         how = "alternating rounds"
     else:
-        before, default_s, after = (images(target, CONFIRM_ROUNDS) for target in (profile, Profile(), profile))
+        before, default_s, after = (images(target, CONFIRM_ROUNDS)
+                                    for target in (profile, options.baseline, profile))
         profile_s = before + after
         ratios = [d / ((b + a) / 2) for b, d, a in zip(before, default_s, after)]
         how = "rounds, the default's images between the profile's"
@@ -461,13 +473,13 @@ class _Trials:
         trial.set_user_attr("claim", study.DECIDING)
         trial.set_user_attr("profile", profile.to_dict())
         trial.set_user_attr("describe", profile.describe())
-        if profile == Profile():
+        if profile == self.options.baseline:
             duplicate = study.same_profile_trial(self.study, profile.to_dict(), trial.number)
         else:
             duplicate = study.claim(self.study, trial, profile.to_dict())
         if duplicate is not None:
             results = self.reuse(trial, duplicate)
-        elif profile == Profile():
+        elif profile == self.options.baseline:
             self.duplicate_streak = 0
             results = {**self.reference_summary, "psnr_db": math.inf, "psnr_db_min": math.inf, "ssim": 1.0,
                        "ssim_min": 1.0, **self.exact_lpips}
@@ -610,6 +622,8 @@ def space_signature(search: space.SearchSpace) -> str:
                                  for field, values in offer.values.items()},
                       "options": offer.options}
                for name, offer in search.offers.items()}
+    if search.placement:
+        offered["placement"] = search.placement
     return hashlib.sha256(json.dumps(offered, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
@@ -668,6 +682,11 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
     from qwendoctor import memory
 
     memory.apply(options.workload.memory_limit_gib)  # before the reference loads the model
+    # Where the components go, chosen (or no placement fitting refused) before anything is probed or loaded.
+    options = dataclasses.replace(options, placement=memory.placement_for(
+        options.workload, capabilities.device if capabilities is not None else models.default_device()))
+    if options.placement:
+        log(f"memory plan: {memory.describe_placement(options.workload, options.placement)}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     # First, so that a bad URL or an unreachable database fails before minutes of probing and rendering.
@@ -685,7 +704,7 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
     lpips_missing = quality.lpips_unavailable()
     if lpips_missing:
         log(lpips_missing)
-    search = space.build_search_space(capabilities, options.workload, options.exhaustive)
+    search = space.build_search_space(capabilities, options.workload, options.exhaustive, placement=options.placement)
     for line in search.describe():
         log(f"search space: {line}")
     pool = ModelPool(options.workload, capabilities)
@@ -771,7 +790,7 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
                "floor_ssim": options.floor.ssim,
                **({"floor_lpips": options.floor.lpips} if options.floor.lpips is not None else {}), **held_out},
     )
-    if profile != Profile():
+    if profile != options.baseline:
         started = time.perf_counter()
         confirmed, rounds = confirm_speedup(options, pool, profile, log)
         lock.measured.update(confirmed)

@@ -24,7 +24,7 @@ def _same_weights(a, b) -> bool:
 def tiny_pool(tiny_workload):
     loads = []
 
-    def load(*args):
+    def load(*args, **kwargs):
         loads.append(args)
         return models.load_model(*args)
 
