@@ -402,18 +402,21 @@ def apply_quantization(pipe, profile: "Profile"):
         "fp8_weight_only": lambda: Float8WeightOnlyConfig(set_inductor_config=False),
     }[profile.quantization]()
 
-    def is_block_linear(module, _fqn):
-        # FP8 GEMMs need both dimensions divisible by 16; the embedders and the final projection stay bf16.
-        return (isinstance(module, torch.nn.Linear)
-                and module.in_features % 16 == 0 and module.out_features % 16 == 0)
-
-    quantize_(pipe.transformer.transformer_blocks, config, filter_fn=is_block_linear)
-    _keep_fp8_weights_as_they_are(pipe, profile.quantization)
+    quantize_(pipe.transformer.transformer_blocks, config, filter_fn=_is_block_linear)
+    _keep_quantized_weights_as_they_are(pipe, f"quantization {profile.quantization!r}", "FP8")
     return pipe
 
 
-def _keep_fp8_weights_as_they_are(pipe, quantization: str) -> None:
-    """torchao's FP8 weights are tensor subclasses diffusers knows nothing of: `.to(dtype)` leaves them in the
+def _is_block_linear(module, _fqn) -> bool:
+    # FP8 GEMMs need both dimensions divisible by 16; the embedders and the final projection stay bf16 (they are
+    # outside the blocks torchao is given).
+    import torch
+
+    return isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+
+def _keep_quantized_weights_as_they_are(pipe, setting: str, kind: str) -> None:
+    """torchao's FP8 (and int8) weights are tensor subclasses diffusers knows nothing of: `.to(dtype)` leaves them in the
     model's dtype while the rest moves (a model of two dtypes), and `save_pretrained` breaks off inside
     safetensors. Both are refused in one line instead, by the transformer and, before any other component has
     moved or been written, by the pipeline; device moves go through. Quantization cannot be undone, so the
@@ -432,11 +435,11 @@ def _keep_fp8_weights_as_they_are(pipe, quantization: str) -> None:
 
     def refuse_dtype(wanted) -> None:
         if wanted is not None and wanted != dtype:
-            raise UsageError(f"quantization {quantization!r}: to({wanted}) cannot convert the FP8 weights; build the "
+            raise UsageError(f"{setting}: to({wanted}) cannot convert the {kind} weights; build the "
                              f"pipeline in {str(wanted).removeprefix('torch.')} and apply the profile to it")
 
     def refuse_save(*_args, **_kwargs) -> None:
-        raise UsageError(f"quantization {quantization!r}: save_pretrained cannot write the FP8 weights; save the "
+        raise UsageError(f"{setting}: save_pretrained cannot write the {kind} weights; save the "
                          "pipeline before applying the profile (the lock applies it again on load)")
 
     def transformer_to(*args, **kwargs):
@@ -515,7 +518,10 @@ QUANTIZATION = Lever(
 # each layer's weights kept in float8_e4m3fn and cast up to the model's dtype for its own forward: half the weight
 # memory, the same matmuls, rounding of the weights to FP8 (lossy). torchao's quantization replaces the same
 # weights by FP8 tensors of its own, so the two are never combined.
-WEIGHT_STORAGES = ("bf16", "fp8_storage")
+# int8_weight_only: torchao's int8 weight-only quantization of the blocks' linear layers (per-row scales), the
+# activations in the model's dtype: the same memory as FP8 storage without FP8 hardware (Ampere cards), lossy.
+# Tested on the CPU only; not measured on a GPU, so the memory plan does not choose it.
+WEIGHT_STORAGES = ("bf16", "fp8_storage", "int8_weight_only")
 
 
 def apply_weight_storage(pipe, profile: "Profile"):
@@ -525,9 +531,17 @@ def apply_weight_storage(pipe, profile: "Profile"):
     import torch
 
     transformer = pipe.transformer
-    # The model's skip list (norms, rotary embedding) and diffusers' (the output projection) stay in the model's
-    # dtype: the layers where FP8 rounding would cost the most.
-    transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=transformer.dtype)
+    if profile.weight_storage == "int8_weight_only":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        # set_inductor_config=False: see apply_quantization.
+        quantize_(transformer.transformer_blocks, Int8WeightOnlyConfig(set_inductor_config=False),
+                  filter_fn=_is_block_linear)
+        _keep_quantized_weights_as_they_are(pipe, "weight_storage 'int8_weight_only'", "int8")
+    else:
+        # The model's skip list (norms, rotary embedding) and diffusers' (the output projection) stay in the
+        # model's dtype: the layers where FP8 rounding would cost the most.
+        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=transformer.dtype)
     # Loaded in host memory (load_on_cpu) so the bf16 weights never occupy the card: they go to it cast. Under
     # offloading the offload lever moves them.
     if profile.offload == "none":
@@ -539,17 +553,29 @@ def _weight_storage_check(profile) -> None:
     if profile.weight_storage != "bf16" and profile.quantization != "none":
         raise UsageError(f"profile.weight_storage: {profile.weight_storage!r} and quantization "
                          f"{profile.quantization!r} both replace the transformer's weights; choose one")
+    if profile.weight_storage == "int8_weight_only" and profile.offload != "none":
+        raise UsageError(f"profile.weight_storage: 'int8_weight_only' with offload {profile.offload!r} is not "
+                         "supported here (torchao's int8 weights are tensor subclasses the offload hooks were not "
+                         "tested with); use fp8_storage with offloading")
+
+
+def _weight_storage_runnable(profile, workload, capabilities) -> None:
+    import importlib.util
+
+    if profile.weight_storage == "int8_weight_only" and importlib.util.find_spec("torchao") is None:
+        raise UnavailableLever("weight_storage 'int8_weight_only' needs torchao: python -m pip install torchao")
 
 
 WEIGHT_STORAGE = Lever(
     # Not undoable: the cast drops the weights' low bits, so the pool builds a new transformer.
     name="weight_storage", apply=apply_weight_storage, undoable=False,
     fields=(Field("weight_storage", str, "bf16", choices=WEIGHT_STORAGES, omit_default=True),),
-    check=_weight_storage_check,
+    check=_weight_storage_check, runnable=_weight_storage_runnable,
+    packages=lambda p: ("torchao",) if p.weight_storage == "int8_weight_only" else (),
     offer=lambda ctx: Offer({"weight_storage": ("bf16",)}),
     sample=lambda trial, offer, chosen, ctx: {"weight_storage": "bf16"},
     lossy=lambda p: p.weight_storage != "bf16",
-    describe=lambda p: "fp8-storage" if p.weight_storage == "fp8_storage" else None,
+    describe=lambda p: {"fp8_storage": "fp8-storage", "int8_weight_only": "int8-storage"}.get(p.weight_storage),
 )
 
 

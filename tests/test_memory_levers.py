@@ -94,6 +94,26 @@ def test_fp8_storage_keeps_block_weights_in_fp8_and_upcasts_them_per_layer_on_th
     assert levers.is_lossy(Profile(weight_storage="fp8_storage"))
 
 
+def test_int8_weight_storage_quantizes_the_block_linears_and_keeps_its_weights_as_they_are(fresh_tiny, workload):
+    reference = _render(fresh_tiny, workload)
+    profile = Profile(weight_storage="int8_weight_only")
+    levers.apply_weight_storage(fresh_tiny.pipe, profile)
+    transformer = fresh_tiny.pipe.transformer
+    assert type(transformer.transformer_blocks[0].img_mlp.net[2].weight).__name__ == "Int8Tensor"
+    assert type(transformer.proj_out.weight) is torch.nn.Parameter  # outside the blocks: untouched
+    image = _render(fresh_tiny, workload)
+    assert 0 < np.abs(image - reference).mean() < 0.05  # int8 rounding: near the float32 image, not equal
+    assert levers.is_lossy(profile) and profile.describe() == "attn=native int8-storage"
+    assert levers.fingerprint_fields(profile) == ("torchao",)
+    with pytest.raises(UsageError, match=r"^weight_storage 'int8_weight_only': to\(torch.float16\) cannot convert "
+                                         "the int8 weights"):
+        transformer.to(torch.float16)
+    with pytest.raises(UsageError, match="^weight_storage 'int8_weight_only': save_pretrained cannot write the int8"):
+        fresh_tiny.pipe.save_pretrained("never-written")
+    with pytest.raises(UsageError, match="^profile.weight_storage: 'int8_weight_only' with offload 'group'"):
+        Profile(weight_storage="int8_weight_only", offload="group").validate()
+
+
 # ---- offload (hooks on the CPU; the memory they save is measured on a GPU) ---------------------------------------
 
 def test_group_offload_hooks_the_transformer_blocks_and_renders_the_same_image(fresh_tiny, workload):
