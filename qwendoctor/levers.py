@@ -381,7 +381,6 @@ def apply_quantization(pipe, profile: "Profile"):
     if not _has_transformer(pipe, profile, "quantization", profile.quantization != "none") or (
             profile.quantization == "none"):
         return pipe
-    import torch
     from torchao.quantization import (
         Float8DynamicActivationFloat8WeightConfig,
         Float8WeightOnlyConfig,

@@ -743,6 +743,10 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
     notes = uneven_timings(study.finished(optuna_study))
     for note in notes:
         log(note)
+    if options.placement:
+        # diffusers' own default does not fit here: every "default" figure is the default in the placement.
+        notes.append("the default here is diffusers' default in the memory plan's placement ("
+                     + options.baseline.describe() + "); speed-ups and quality are against it")
     counts = {
         "trials": len(rows),
         "completed": sum(r["state"] == "complete" for r in rows),

@@ -251,6 +251,8 @@ def test_tune_runs_its_reference_and_every_trial_in_the_plans_placement(tmp_path
     assert any(line.startswith("memory plan: vae_decode=sliced, for this GPU") for line in logged)
     assert all("vae=sliced" in row["profile"] for row in result.trials), result.trials
     assert lockfile.read_lock(options.lock_path).profile.vae_decode == "sliced"
+    assert "the default here is diffusers' default in the memory plan's placement (attn=native vae=sliced)" in (
+        result.notes[-1])
 
 
 def test_bench_runs_every_row_in_the_placement_and_skips_what_cannot_run_in_it(tmp_path, tiny_workload,
