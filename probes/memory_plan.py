@@ -65,13 +65,15 @@ class Placement:
         return self.text
 
 
-# Fastest first, by the s/image measured on an H200 at 1024x1024 / 1328x1328, 50 steps, default speed levers
-# (benchmarks/h200/memory/limits-1.json): resident 20.0 / 30.9; text encoder on the CPU 18.5 / 32.0 (16 host
-# cores encode two prompts in about 1 s); the same with tiled decode (+0.7 s); FP8 weight storage 31.7 / 39.7 (the
-# per-layer cast costs 50-70% per step at 1024); group offloading 82 / 84 (each step streams 76 GB of bf16 blocks
-# over PCIe 5.0 at 55 GB/s). Left out as dominated there: text encoder group offloading (same peak as resident,
-# 30 s slower per image: benchmarks/h200/memory/calibration.json), model CPU offload (a peak as high as the text
-# encoder on the CPU, 59.6 s), and sequential offload (708 s at 1024, with more memory than group offloading).
+# Fastest first, by the s/image measured on an H200 at 1024x1024 / 1328x1328, 50 steps (extrapolated from 3-step
+# images), default speed levers: resident 17.7 / 30.9 and text encoder on the CPU 18.5 / 32.0 (16 host cores
+# encoded the prompt and the negative in about 1 s; benchmarks/h200/memory/calibration.json); tiled decode adds
+# about 0.7 s; FP8 weight storage 31.7 / 39.7 (its per-layer cast made a step 55-72% slower at 1024); group
+# offloading 82.2 / 83.5 (each step copies the 38 GiB of bf16 blocks twice over PCIe 5.0 at 55 GB/s) (the last
+# three: benchmarks/h200/memory/limits-1.json). Left out as dominated there: text encoder group offloading (the
+# same peak as resident and about 30 s more per image: calibration.json), model CPU offload (a peak as high as the
+# text encoder on the CPU, 59.6 / 77.1 s), and sequential offload (708 s at 1024, and more memory than group
+# offloading).
 PLACEMENTS = (
     Placement("resident", {}, "everything resident"),
     Placement("text_encoder_cpu", {"text_encoder": "cpu"}, "text encoder on the CPU"),

@@ -179,7 +179,7 @@ def target_device(pipe):
 
 def load_on_cpu(profile: "Profile") -> frozenset[str]:
     """The components a profile's placement keeps in host memory at load (models.load_model's `on_cpu`): those
-    it offloads, and a transformer whose weights are cast to FP8 before they reach the GPU. A card that can only
+    it offloads, and a transformer whose weights go to 8 bits before they reach the GPU. A card that can only
     hold the placed pipeline must never receive the whole one."""
     if profile.offload in ("model", "sequential"):
         return frozenset({"transformer", "text_encoder", "vae"})
@@ -880,12 +880,16 @@ TEXT_ENCODER_PLACEMENTS = ("resident", "offload", "cpu")
 
 def apply_text_encoder(pipe, profile: "Profile"):
     encoder = getattr(pipe, "text_encoder", None)
-    # A pipeline without a text encoder (prompts given as embeddings) has nothing to place.
-    if encoder is None or profile.text_encoder == "resident":
+    # A pipeline without a text encoder (prompts given as embeddings) has nothing to place; an encoder already
+    # placed so (the pool gave its pipeline a new transformer) is left as it is: group offloading cannot be
+    # applied twice.
+    if (encoder is None or profile.text_encoder == "resident"
+            or getattr(encoder, "_qwendoctor_placement", None) == profile.text_encoder):
         return pipe
     import torch
 
     device = target_device(pipe)
+    object.__setattr__(encoder, "_qwendoctor_placement", profile.text_encoder)
     if profile.text_encoder == "offload":
         from diffusers.hooks import apply_group_offloading
 
@@ -1243,6 +1247,11 @@ def fingerprint_fields(profile: "Profile") -> tuple[str, ...]:
 def is_lossy(profile: "Profile") -> bool:
     """Whether `profile` changes the image beyond rounding (levers' `lossy`)."""
     return any(lever.lossy(profile) for lever in LEVERS)
+
+
+def pipeline_wide_part(profile: "Profile") -> dict[str, Any]:
+    """The fields of the levers whose state lives beyond the transformer (`pipeline_wide`)."""
+    return {f.name: getattr(profile, f.name) for lever in LEVERS if lever.pipeline_wide for f in lever.fields}
 
 
 def baked_part(profile: "Profile") -> dict[str, Any] | None:

@@ -100,18 +100,16 @@ def check_placement(profile, workload) -> None:
     limit = workload.memory_limit_gib
     if limit is None or not memory_plan.applies_to(workload.model):
         return
-    fields = {name: getattr(profile, name) for name in PLACEMENT_FIELDS if getattr(profile, name) is not None}
-    placement = memory_plan.Placement("lock", {k: v for k, v in fields.items() if v != PLACEMENT_DEFAULTS[k]},
-                                      profile.describe())
+    # The memory levers' fields away from their defaults (a Profile leaves those out of its dict).
+    placed = {field: value for field, value in profile.to_dict().items() if field in PLACEMENT_FIELDS}
+    placement = memory_plan.Placement("lock", placed, profile.describe())
     need = memory_plan.estimate_gib(placement, workload.width, workload.height)
     if need > memory_plan.usable_gib(limit):
         raise UsageError(f"{OPTION} {limit:g}: the lock's placement ({placement.text}) needs about {need:.1f} GiB "
                          f"at {workload.width}x{workload.height}; tune again with {OPTION} {limit:g}")
 
 
-PLACEMENT_DEFAULTS = {"text_encoder": "resident", "vae_decode": "full", "weight_storage": "bf16", "offload": "none",
-                      "offload_blocks_per_group": None}
-PLACEMENT_FIELDS = tuple(PLACEMENT_DEFAULTS)
+PLACEMENT_FIELDS = ("text_encoder", "vae_decode", "weight_storage", "offload", "offload_blocks_per_group")
 
 
 def describe_placement(workload, placement: dict) -> str:

@@ -242,7 +242,7 @@ def build_synthetic_text_encoder(config: dict[str, Any], device: str, dtype, see
 
 
 def _no_init():
-    """transformers' init_empty-free way to skip weight initialisation where its version offers one."""
+    """transformers' context that skips weight initialisation, from whichever module its version keeps it in."""
     import contextlib
 
     try:

@@ -10,7 +10,8 @@ cannot be undone. The pool remembers what of the second kind its transformer car
 - the transformer is still bf16 and eager: apply the whole profile to it;
 - otherwise: a new transformer with the original weights (`models.pristine_transformer_source`), then apply;
   or, once a lever whose state spans the pipeline (offload hooks, the text encoder's placement: `pipeline_wide`)
-  was applied, a new pipeline.
+  was applied, a new pipeline, unless the placement is the same and leaves the transformer alone (not model or
+  sequential offload): then still a new transformer only.
 
 A compiled transformer's graph also depends on every other lever it traced (attention kernel, RoPE, batch
 size through CFG batching), so a compiled profile's baked-in part is the whole profile but its steps
@@ -48,6 +49,7 @@ class ModelPool:
         self.baked_into: dict[str, Any] | None = None
         self._pristine: Callable[[], Any] | None = None
         self._on_cpu: frozenset[str] = frozenset()  # what the loaded pipeline keeps in host memory
+        self._pipeline_wide_applied: dict[str, Any] = {}  # the pipeline-wide levers' fields last applied
         self.replaced = 0  # transformers made again from the original weights
         # A pipeline-wide lever was applied (or half-applied): the pipeline itself must be built again.
         self._pipeline_touched = False
@@ -70,7 +72,8 @@ class ModelPool:
             elif self.baked_into is not None and self.baked_into == wanted:
                 levers.optimize(self.model.pipe, profile, undoable_only=True, workload=self.workload)
                 return Prepared(self.model, "reused", time.perf_counter() - started)
-            elif self.baked_into is not None and self._pipeline_touched:
+            elif (self.baked_into is not None and self._pipeline_touched
+                  and not self._transformer_alone_changes(profile)):
                 self._reload(on_cpu)
                 how = "reloaded"
             elif self.baked_into is not None:
@@ -79,12 +82,15 @@ class ModelPool:
             else:
                 how = "re-applied"
             self.baked_into = UNKNOWN
+            self._pipeline_wide_applied = UNKNOWN  # until the levers are on: a half-applied placement is unknown
             self._pipeline_touched = self._pipeline_touched or any(
                 lever.pipeline_wide and lever.is_on(profile) for lever in levers.LEVERS)
             levers.optimize(self.model.pipe, profile, workload=self.workload)
+            self._pipeline_wide_applied = levers.pipeline_wide_part(profile)
             self.baked_into = wanted
         except BaseException:
             self.baked_into = UNKNOWN
+            self._pipeline_wide_applied = UNKNOWN
             raise
         return Prepared(self.model, how, time.perf_counter() - started)
 
@@ -98,11 +104,19 @@ class ModelPool:
         import torch
 
         self.model, self.baked_into, self._pristine = None, None, None
-        self._pipeline_touched = False
+        self._pipeline_touched, self._pipeline_wide_applied = False, {}
         torch._dynamo.reset()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    def _transformer_alone_changes(self, profile: Profile) -> bool:
+        """Whether a new transformer is all `profile` needs of a pipeline whose pipeline-wide levers were applied:
+        the same placement (a study's trials share the memory plan's), and none whose hooks chain the transformer
+        to the other components (model or sequential offload). Then the 8B text encoder is not loaded again for
+        every trial that changes what the transformer carries."""
+        return (levers.pipeline_wide_part(profile) == self._pipeline_wide_applied
+                and profile.offload not in ("model", "sequential"))
 
     def _load_with(self, on_cpu: frozenset[str]) -> None:
         self.model = self._load(self.workload.model, self.capabilities.device, self.workload.dtype, on_cpu=on_cpu)

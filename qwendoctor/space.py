@@ -75,9 +75,9 @@ def build_search_space(capabilities: Capabilities, workload: Workload, exhaustiv
                                        "torchao FP8 quantization: it starts from the bf16 transformer on the GPU, "
                                        "which the memory plan says does not fit (its FP8 weight storage does)")
     if placement.get("offload") == "sequential":
-        offers["compile"] = dataclasses.replace(
-            _only(offers["compile"], "compile", "none", "compile: sequential offload moves weights in at each call"),
-            values={"compile": ("none",), "compile_mode": ("default",)})
+        offers["compile"] = levers.Offer({"compile": ("none",), "compile_mode": ("default",)},
+                                         offers["compile"].left_out
+                                         + ("compile: sequential offload moves weights in at each call",))
     return SearchSpace(offers=offers, context=context, placement=placement)
 
 

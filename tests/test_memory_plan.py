@@ -272,3 +272,25 @@ def test_bench_runs_every_row_in_the_placement_and_skips_what_cannot_run_in_it(t
                                   out_dir=str(tmp_path / "fp8"))
     rows = bench.run_bench(options, Capabilities(device="cpu")).document["rows"]
     assert rows[1]["skipped"].startswith("not with the memory plan's placement: profile.weight_storage")
+
+
+def test_in_a_placement_the_pool_replaces_the_transformer_not_the_pipeline(tiny_workload):
+    """A study's trials share the plan's placement: a trial that changes what the transformer carries gets a new
+    transformer, and the text encoder stays where it was placed instead of loading again."""
+    loads = []
+
+    def load(model, device, dtype, on_cpu=frozenset()):
+        loads.append(on_cpu)
+        return models.load_model(model, "cpu", dtype)
+
+    the_pool = pool.ModelPool(tiny_workload, Capabilities(device="cuda"), load=load)
+    placed = the_pool.prepare(Profile(text_encoder="cpu"))
+    encoder = placed.model.pipe.text_encoder
+    stored = the_pool.prepare(Profile(text_encoder="cpu", weight_storage="fp8_storage"))
+    assert stored.how == "replaced" and len(loads) == 1 and stored.model.pipe.text_encoder is encoder
+    assert hasattr(encoder, "_hf_hook")  # still placed on the CPU, once
+    assert the_pool.prepare(Profile(text_encoder="cpu")).how == "replaced"
+    # Model offload chains the transformer to the other components: a new pipeline.
+    assert the_pool.prepare(Profile(offload="model")).how == "reloaded"
+    assert the_pool.prepare(Profile(offload="model", weight_storage="fp8_storage")).how == "reloaded"
+    assert len(loads) == 3
