@@ -1244,9 +1244,14 @@ def fingerprint_fields(profile: "Profile") -> tuple[str, ...]:
     return tuple(dict.fromkeys(field for lever in LEVERS for field in lever.packages(profile)))
 
 
-def is_lossy(profile: "Profile") -> bool:
-    """Whether `profile` changes the image beyond rounding (levers' `lossy`)."""
-    return any(lever.lossy(profile) for lever in LEVERS)
+def is_lossy(profile: "Profile", reference: "Profile | None" = None) -> bool:
+    """Whether `profile` changes the image beyond rounding (levers' `lossy`), against diffusers' default or, given
+    `reference`, against that profile's images: a lossy lever `reference` sets the same way (FP8 weight storage in
+    a memory plan's placement, say) changes nothing in the comparison."""
+    def same_as_reference(lever: Lever) -> bool:
+        return reference is not None and all(getattr(profile, f.name) == getattr(reference, f.name)
+                                             for f in lever.fields)
+    return any(lever.lossy(profile) and not same_as_reference(lever) for lever in LEVERS)
 
 
 def pipeline_wide_part(profile: "Profile") -> dict[str, Any]:

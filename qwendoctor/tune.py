@@ -267,11 +267,11 @@ def classify_failure(error: BaseException) -> str:
     return f"{type(error).__name__}: {line}"
 
 
-def quality_class(profile: Profile, model_id: str) -> str:
+def quality_class(profile: Profile, model_id: str, reference: Profile | None = None) -> str:
     """How far a profile's speed-up can be trusted to keep the image: `lossless` (rounding only, measured against
-    the reference), `verified` (lossy, judged on a model that draws), or `unverified` (lossy, and the model's
-    random weights draw noise: its PSNR/SSIM speak for numerical fidelity only)."""
-    if not levers.is_lossy(profile):
+    the reference, whose profile is `reference`), `verified` (lossy, judged on a model that draws), or `unverified`
+    (lossy, and the model's random weights draw noise: its PSNR/SSIM speak for numerical fidelity only)."""
+    if not levers.is_lossy(profile, reference):
         return "lossless"
     return "verified" if models.draws(model_id) else "unverified"
 
@@ -289,7 +289,7 @@ def check_held_out(options: TuneOptions, pool: ModelPool, optuna_study, best, lo
     candidate = best
     while candidate is not None and len(rejected) < HELD_OUT_TRIES:
         profile = Profile.from_dict(candidate.user_attrs["profile"])
-        if not levers.is_lossy(profile):
+        if not levers.is_lossy(profile, options.baseline):
             break  # rounding only: a new prompt has nothing to reveal
         images = runner.measure(pool.prepare(profile).model, options.workload, profile, prompts, seeds,
                                 warmup=0).images
@@ -304,9 +304,9 @@ def check_held_out(options: TuneOptions, pool: ModelPool, optuna_study, best, lo
                 **({"held_out_lpips": fidelity["lpips"]} if "lpips" in fidelity else {})}
         rejected.append(candidate.number)
         candidate = study.best_feasible(optuna_study, lambda trial: trial.number not in rejected)
-    if candidate is None or levers.is_lossy(Profile.from_dict(candidate.user_attrs["profile"])):
-        candidate = study.best_feasible(
-            optuna_study, lambda trial: not levers.is_lossy(Profile.from_dict(trial.user_attrs["profile"])))
+    if candidate is None or levers.is_lossy(Profile.from_dict(candidate.user_attrs["profile"]), options.baseline):
+        candidate = study.best_feasible(optuna_study, lambda trial: not levers.is_lossy(
+            Profile.from_dict(trial.user_attrs["profile"]), options.baseline))
     log(f"held-out check: {len(rejected)} lossy trial(s) missed the floor on new prompts; locking "
         f"trial #{candidate.number}, lossless")
     return candidate, {"held_out_images": len(references), "held_out_rejected": len(rejected)}
@@ -767,7 +767,8 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
                               f"in {counts['trials']} trials; lower --floor or raise --trials") from None
 
     held_out = {}
-    if models.draws(options.workload.model) and levers.is_lossy(Profile.from_dict(best.user_attrs["profile"])):
+    if models.draws(options.workload.model) and levers.is_lossy(Profile.from_dict(best.user_attrs["profile"]),
+                                                                options.baseline):
         started = time.perf_counter()
         best, held_out = check_held_out(options, pool, optuna_study, best, log)
         spent["held-out check"] = time.perf_counter() - started
@@ -776,9 +777,10 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
     baseline = {k: reference_summary[k] for k in study.RESULT_ATTRS if k in reference_summary}
     measured["speedup"] = baseline["latency_median_s"] / measured["latency_median_s"]
     profile = Profile.from_dict(best.user_attrs["profile"])
-    # The default profile is trial 0 and lossless, so a lossless figure always exists.
-    lossless = study.best_feasible(
-        optuna_study, lambda trial: not levers.is_lossy(Profile.from_dict(trial.user_attrs["profile"])))
+    # The default profile (in the placement) is trial 0 and lossless against itself, so a lossless figure always
+    # exists; FP8 weight storage, which a placement may impose on every trial, is in the reference's images too.
+    lossless = study.best_feasible(optuna_study, lambda trial: not levers.is_lossy(
+        Profile.from_dict(trial.user_attrs["profile"]), options.baseline))
     lock = lockfile.Lock(
         fingerprint=fingerprint.machine_fingerprint(options.workload.model, revision),
         workload=options.workload,
@@ -786,7 +788,7 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
         measured=measured,
         baseline=baseline,
         study={"name": name, "storage": shown, "trials": counts["trials"],
-               "quality": quality_class(profile, options.workload.model),
+               "quality": quality_class(profile, options.workload.model, options.baseline),
                "lossless_speedup": baseline["latency_median_s"] / lossless.value, "lossless_trial": lossless.number,
                "completed": counts["completed"], "failed": counts["failed"], "infeasible": counts["infeasible"],
                "slower": counts["slower"], "duplicates": counts["duplicates"],
@@ -800,10 +802,16 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
         lock.measured.update(confirmed)
         lock.study["confirm_rounds"] = rounds
         spent["confirmation"] = time.perf_counter() - started
+    # The lock is written once the choice is confirmed: what follows only adds figures, and a crash or a kill
+    # there (a cache reloads a 20B transformer per schedule under a memory plan) must not cost the tune.
+    lockfile.write_lock(options.lock_path, lock)
     if not models.draws(options.workload.model) and capabilities.has_cache_dit:
-        started = time.perf_counter()
-        lock.study.update(measure_fixed_caches(options, pool, profile, baseline["latency_median_s"], log))
-        spent["fixed-schedule caches"] = time.perf_counter() - started
+        if deadline is not None and time.monotonic() > deadline:
+            log("fixed-schedule caches not measured: --timeout has passed")
+        else:
+            started = time.perf_counter()
+            lock.study.update(measure_fixed_caches(options, pool, profile, baseline["latency_median_s"], log))
+            spent["fixed-schedule caches"] = time.perf_counter() - started
     strategy_rows = []
     if options.gpus > 1:
         started = time.perf_counter()

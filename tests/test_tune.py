@@ -7,7 +7,7 @@ import optuna
 import pytest
 
 from qwendoctor import capabilities as machine
-from qwendoctor import lockfile, quality, runner, space, tune
+from qwendoctor import levers, lockfile, quality, runner, space, tune
 from qwendoctor import study as coordination
 from qwendoctor.capabilities import capabilities_from_findings
 from qwendoctor.errors import QwendoctorError
@@ -449,6 +449,23 @@ def test_the_lock_says_how_far_its_speedup_keeps_the_image(options):
     assert tune.quality_class(Profile(cfg_batching=True, compile="regional"), "synthetic") == "lossless"
 
 
+def test_a_placement_that_stores_weights_in_fp8_still_has_a_lossless_figure(options, monkeypatch):
+    """Under FP8 weight storage (the 24 GiB plan) every trial and the reference store FP8 weights: trials are
+    lossless against that reference. An H200 tune at 24 GiB crashed here, finding no lossless trial."""
+    from qwendoctor import memory
+
+    monkeypatch.setattr(memory, "placement_for", lambda *args, **kwargs: {"weight_storage": "fp8_storage"})
+    monkeypatch.setattr(memory, "describe_placement", lambda *args: "FP8 transformer weights")
+    lock = tune.run_tune(options, capabilities=CPU).lock
+    assert lock.profile.weight_storage == "fp8_storage"
+    assert lock.study["quality"] == "lossless"
+    assert lock.study["lossless_speedup"] == pytest.approx(lock.measured["speedup"])
+    storage = Profile(weight_storage="fp8_storage")
+    assert levers.is_lossy(storage) and not levers.is_lossy(storage, reference=storage)
+    assert levers.is_lossy(Profile(weight_storage="fp8_storage", steps=20), reference=storage)
+    assert tune.quality_class(storage, "synthetic", reference=storage) == "lossless"
+
+
 def test_the_headline_of_a_lossy_lock_names_its_lossless_figure_and_never_leads_unverified(options):
     from qwendoctor import report
 
@@ -574,6 +591,30 @@ def test_on_random_weights_caches_are_timed_on_a_fixed_schedule_not_searched(opt
     assert "held_out_images" not in lock.study
     assert report.fixed_cache_line(lock).startswith("caches, speed only (unverified")
     assert lockfile.read_lock(options.lock_path).study["fixed_cache_70_speedup"] == lock.study["fixed_cache_70_speedup"]
+
+
+def test_the_lock_is_written_before_the_fixed_cache_figures_and_they_wait_for_no_timeout(options, monkeypatch):
+    """The cache figures come after the confirmed choice: a kill while they render leaves the lock, and once
+    --timeout has passed they are skipped (an H200 tune at 24 GiB lost its lock to a kill there)."""
+    from qwendoctor import models
+
+    monkeypatch.setattr(models, "RANDOM_WEIGHTS", ("synthetic", "tiny"))
+    options.trials = 2
+    capabilities = Capabilities(device="cpu", has_cache_dit=True, working_attention_backends=("native",))
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tune, "measure_fixed_caches", killed)
+    with pytest.raises(KeyboardInterrupt):
+        tune.run_tune(options, capabilities=capabilities)
+    assert lockfile.read_lock(options.lock_path).study["trials"] == 2
+
+    options.timeout_s = 1e-6
+    lines = []
+    result = tune.run_tune(options, capabilities=capabilities, log=lines.append)
+    assert "fixed-schedule caches not measured: --timeout has passed" in lines
+    assert not any(key.startswith("fixed_cache_") for key in result.lock.study)
 
 
 def test_a_fixed_cache_schedule_reuses_exactly_its_share_of_steps(tiny_workload):

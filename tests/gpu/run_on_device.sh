@@ -4,6 +4,7 @@
 #   bash tests/gpu/run_on_device.sh tests tests/gpu      # pytest tests/gpu (or some of its files)
 #   bash tests/gpu/run_on_device.sh smoke        # benchmarks/tools/gpu_smoke.py
 #   bash tests/gpu/run_on_device.sh memory ROWS.json [ARGS]   # benchmarks/tools/memory_bench.py
+#   bash tests/gpu/run_on_device.sh cli NAME ARGS...   # qwendoctor ARGS, its output in $OUT/NAME.log
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # What the machine lacks, and the version diffusers 0.42.1 requires of safetensors (>= 0.8); not huggingface_hub,
@@ -30,5 +31,6 @@ case "${1:-tests}" in
   smoke) python3 benchmarks/tools/gpu_smoke.py --out "$out/gpu_smoke_h100.json" "${@:2}" 2>&1 | tee "$out/gpu-smoke.log" ;;
   check) python3 -c "from qwendoctor.cli import main; main()" check -v 2>&1 | tee "$out/check.txt" ;;
   memory) python3 benchmarks/tools/memory_bench.py --out "$out" --rows "${@:2}" 2>&1 | tee "$out/memory-bench.log" ;;
+  cli) python3 -m qwendoctor "${@:3}" 2>&1 | tee "$out/$2.log" ;;
   doctor) python3 benchmarks/tools/check_h100.py --out "$out" 2>&1 | tee "$out/check-bench.log" ;;
 esac
