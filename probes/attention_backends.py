@@ -21,6 +21,8 @@ CANDIDATES = list(ATTENTION_BACKENDS)
 CPU_CANDIDATES = ["native", "_native_math"]
 B, S, H, D = 1, 256, 4, 64
 REL_ERR_LIMIT = {"bfloat16": 2e-2, "float32": 1e-4}
+# 8-bit attention quantizes q and k: its error is far above bf16 rounding, and a broken kernel's is order 1.
+LOSSY_REL_ERR_LIMIT = 1e-1
 
 
 def register_backends(ctx: ProbeContext) -> dict[str, str]:
@@ -104,15 +106,16 @@ def probe(ctx: ProbeContext) -> Finding:
         finally:
             seconds[name] = round(time.perf_counter() - started, 3)
         errors[name] = float(f"{err:.3g}")
-        if not err <= limit:  # also catches NaN
-            broken[name] = f"wrong result: relative error {err:.2e} > {limit:.0e}"
+        allowed = LOSSY_REL_ERR_LIMIT if name in BY_NAME and BY_NAME[name].lossy else limit
+        if not err <= allowed:  # also catches NaN
+            broken[name] = f"wrong result: relative error {err:.2e} > {allowed:.0e}"
         else:
             working.append(name)
 
     # Seconds per backend: a first call pays for loading its kernels (or compiling them, for flex).
     measured = {"working": working, "broken": broken, "device": device, "errors": errors, "seconds": seconds}
     details = [f"q/k/v [B={B}, S={S}, H={H}, D={D}] {dtype_name} on {device}, "
-               f"vs float64 reference, limit {limit:.0e}"]
+               f"vs float64 reference, limit {limit:.0e} (8-bit kernels {LOSSY_REL_ERR_LIMIT:.0e})"]
     details += [f"{n}: works (relative error {errors[n]:.1e})" for n in working]
     details += [f"{n}: {why}" for n, why in broken.items()]
     need_cuda = sum(why == "needs CUDA" for why in broken.values())

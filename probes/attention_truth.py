@@ -26,6 +26,9 @@ SETTLE_S = 1.0
 MATH_MAX_S = 4096  # the math backend materialises S x S scores per head: slow, and big beyond this
 GAIN_THRESHOLD = 0.05  # warn when another backend saves more than 5% of attention time
 REL_ERR_LIMIT = 2e-2  # bf16 output vs the default SDPA's
+# 8-bit attention (q and k quantized): a wrong kernel is off by order 1, so this catches it; how close a working
+# one comes is the figure reported, and whether the image survives it is tune's quality floor to judge.
+LOSSY_REL_ERR_LIMIT = 1e-1
 CALLS_PER_STEP = qs.PASSES_PER_STEP * qs.BLOCKS  # 120 attention calls per denoising step
 
 # SDPA's kernels in the order classify_kernels prefers them (cuDNN's kernel names contain "flash" too).
@@ -83,6 +86,8 @@ def summarize(shape: Mapping[str, int], ms: Mapping[str, float], failed: Mapping
                "before each call"]
     for k in sorted(ms, key=ms.get):
         extra = f", max rel. error vs native {errors[k]:.1e}" if k in errors else ""
+        if _lossy(k):
+            extra += ", 8-bit (lossy: tune judges it against the quality floor, never this finding)"
         details.append(f"{k}: {ms[k]:.3f} ms, {tflops[k]:.0f} TFLOP/s here{extra}")
     details += [f"{k}: {why}" for k, why in failed.items()]
     measured: dict[str, Any] = {"shape": dict(shape), "tflops": tflops, "ms": {k: round(v, 4) for k, v in ms.items()},
@@ -97,7 +102,9 @@ def summarize(shape: Mapping[str, int], ms: Mapping[str, float], failed: Mapping
                        fix="reinstall a torch build for this GPU and driver, then run "
                            "`python -m probes._worker attention_truth`")
 
-    correct = {k: v for k, v in ms.items() if k == "native" or errors.get(k, 0.0) <= REL_ERR_LIMIT}
+    # The finding recommends lossless kernels only: an 8-bit one changes the image, which only a render can judge.
+    correct = {k: v for k, v in ms.items()
+               if k == "native" or (not _lossy(k) and errors.get(k, 0.0) <= REL_ERR_LIMIT)}
     best = min(correct, key=correct.get)
     if correct[best] >= ms["native"]:
         best = "native"
@@ -145,6 +152,10 @@ def summarize(shape: Mapping[str, int], ms: Mapping[str, float], failed: Mapping
                    details=details, fix=fix, measured=measured)
 
 
+def _lossy(kernel: str) -> bool:
+    return kernel in BY_KERNEL and BY_KERNEL[kernel].lossy
+
+
 # --- the measuring part --------------------------------------------------------------------------------
 
 def _first(out):
@@ -186,13 +197,15 @@ def _candidates(ctx: ProbeContext, torch, q, k, v, s: int) -> tuple[dict[str, Ca
             calls["flex"] = lambda: compiled(qt, kt, vt)
         except Exception as exc:
             skipped["flex"] = f"not available: {exc_line(exc)}"
-    for name, module in ((b.kernel, b.module) for b in BACKENDS if b.module):
+    for backend in (b for b in BACKENDS if b.module):
         try:
-            fn = ctx.import_module(module).flash_attn_func
+            fn = getattr(ctx.import_module(backend.module), backend.function)
         except Exception as exc:  # ImportError, or an ABI error (OSError, undefined symbol)
-            skipped[name] = f"not importable ({module}): {exc_line(exc)}"
+            skipped[backend.kernel] = f"not importable ({backend.module}): {exc_line(exc)}"
             continue
-        calls[name] = (lambda fn=fn: _first(fn(q, k, v)).transpose(1, 2))  # [B, S, H, D] in and out
+        kwargs = dict(backend.kwargs)
+        # [B, S, H, D] in and out
+        calls[backend.kernel] = (lambda fn=fn, kwargs=kwargs: _first(fn(q, k, v, **kwargs)).transpose(1, 2))
     return calls, skipped
 
 

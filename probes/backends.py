@@ -21,7 +21,12 @@ class Backend:
     ring: bool
     description: str
     package: str | None = None  # the pip distribution that provides it; None: torch itself
-    module: str | None = None  # the module whose `flash_attn_func` attention_truth calls directly
+    module: str | None = None  # the module whose `function` attention_truth calls directly
+    function: str = "flash_attn_func"  # called as function(q, k, v, **kwargs) on [B, S, H, D] tensors
+    kwargs: tuple[tuple[str, object], ...] = ()
+    install: str | None = None  # the command that installs `package`, for the one-line refusal
+    # Quantizes q and k (8-bit attention): changes the image beyond rounding, checked against a looser limit.
+    lossy: bool = False
     sdpa_backend: str | None = None  # torch.nn.attention.SDPBackend member that restricts SDPA to this kernel
     # The slow exact reference (math materialises S x S scores): checked for correctness, never worth running.
     reference_only: bool = False
@@ -39,13 +44,22 @@ BACKENDS: tuple[Backend, ...] = (
     Backend("_native_math", "math", cuda_only=False, ulysses=False, ring=False, sdpa_backend="MATH",
             reference_only=True, description="torch SDPA's math backend, the exact reference"),
     Backend("flash", "fa2", cuda_only=True, ulysses=True, ring=True, package="flash-attn", module="flash_attn",
-            description="the flash-attn package (FA2)"),
+            install="./install_flash_attention.sh --which fa2", description="the flash-attn package (FA2)"),
     Backend("_flash_3", "fa3", cuda_only=True, ulysses=False, ring=False, package="flash-attn-3",
-            module="flash_attn_interface",
+            module="flash_attn_interface", install="./install_flash_attention.sh --which fa3 --source DIR",
             description="FA3 from flash-attention's hopper/ build (flash_attn_interface)"),
     Backend("fa4", "fa4", cuda_only=True, ulysses=False, ring=False, package="flash-attn-4", module="flash_attn.cute",
+            install="./install_flash_attention.sh --which fa4",
             description="flash-attn-4 (./install_flash_attention.sh --which fa4); diffusers has no local FA4 "
                         "backend, so register it first: qwendoctor.attention.register_fa4_backend()"),
+    # diffusers' own "sage" backends require sageattention >= 2.1.1, which PyPI does not carry (its newest is
+    # 1.0.6); `sageattn` is both versions' entry point: 1.x runs Triton kernels (INT8 Q.K, FP16 P.V), 2.x picks
+    # its fastest kernel for the GPU.
+    Backend("sageattn", "sage", cuda_only=True, ulysses=False, ring=False, package="sageattention",
+            module="sageattention", function="sageattn", kwargs=(("tensor_layout", "NHD"),),
+            install="pip install sageattention", lossy=True,
+            description="SageAttention's sageattn (pip install sageattention): 8-bit Q.K, lossy; registered "
+                        "first: qwendoctor.attention.register_sageattn_backend()"),
     Backend("flex", "flex", cuda_only=False, ulysses=False, ring=False,
             description="torch flex_attention, needs torch.compile"),
 )

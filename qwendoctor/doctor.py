@@ -43,7 +43,8 @@ from qwendoctor.errors import EXIT_FAILURE, EXIT_OK, UsageError
 
 SCHEMA_VERSION = 1
 # Attention backends qwendoctor adds to diffusers' dispatcher: the probes check and time them like diffusers' own.
-ATTENTION_REGISTRARS = {"fa4": "qwendoctor.attention:register_fa4_backend"}
+ATTENTION_REGISTRARS = {"fa4": "qwendoctor.attention:register_fa4_backend",
+                        "sageattn": "qwendoctor.attention:register_sageattn_backend"}
 # The directory holding the `probes` package: put on the worker's PYTHONPATH so it imports from any cwd.
 _PROBES_ROOT = str(Path(probes.__file__).resolve().parent.parent)
 

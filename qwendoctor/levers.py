@@ -18,21 +18,23 @@ Order of application (LEVERS), and why:
   1. tf32               process-wide matmul precision; first so everything after sees it
   2. attention backend  diffusers' dispatcher; before compile so the compiled graph traces the chosen kernel
   3. real RoPE          rotary embedding in real arithmetic; before compile, which cannot fuse complex ops
-  4. quantization       torchao swaps Linear weights; before compile so inductor fuses the activation quantization
-  5. weight storage     diffusers' layerwise casting (FP8 storage, upcast per layer); never with 4; before offload,
+  4. fused qkv          one q/k/v GEMM per stream (qwendoctor.fused_projections); before quantization and weight
+                        storage, so they see the fused Linears, and before compile
+  5. quantization       torchao swaps Linear weights; before compile so inductor fuses the activation quantization
+  6. weight storage     diffusers' layerwise casting (FP8 storage, upcast per layer); never with 5; before offload,
                         whose groups then move the FP8 copies, and before compile
-  6. cache              cache-dit's block cache or diffusers' FirstBlockCache around the blocks; before compile
-  7. offload            diffusers' group offloading of the transformer, or its model / sequential CPU offload of
+  7. cache              cache-dit's block cache or diffusers' FirstBlockCache around the blocks; before compile
+  8. offload            diffusers' group offloading of the transformer, or its model / sequential CPU offload of
                         the pipeline; after the levers that change the blocks, before compile, which traces its hooks
-  8. text encoder       where the text encoder lives (resident, offloaded, on the CPU); it runs once per call
-  9. context parallel   diffusers' Ulysses / ring hooks (qwendoctor.parallel); before compile, which traces them
- 10. compile            it traces whatever the steps above left
- 11. cfg batching       it intercepts the transformer's call, outside the compiled model
- 12. cfg parallel       the same interception with the two passes on two GPUs (never together with 11)
- 13. vae decode         tiled or sliced decoding; touches the VAE only
- 14. steps              not a change to the pipeline: an argument of each call (`qwendoctor.runner.call_arguments`)
+  9. text encoder       where the text encoder lives (resident, offloaded, on the CPU); it runs once per call
+ 10. context parallel   diffusers' Ulysses / ring hooks (qwendoctor.parallel); before compile, which traces them
+ 11. compile            it traces whatever the steps above left
+ 12. cfg batching       it intercepts the transformer's call, outside the compiled model
+ 13. cfg parallel       the same interception with the two passes on two GPUs (never together with 12)
+ 14. vae decode         tiled or sliced decoding; touches the VAE only
+ 15. steps              not a change to the pipeline: an argument of each call (`qwendoctor.runner.call_arguments`)
 
-Memory levers (5, 7, 8, 13) trade speed for memory: tune does not search them (they are not in SEARCH_ORDER and
+Memory levers (6, 8, 9, 14) trade speed for memory: tune does not search them (they are not in SEARCH_ORDER and
 offer their defaults only); a memory plan chooses them.
 
 A value at its field's default leaves the pipeline as diffusers built it. How to add a lever: README, "Adding a
@@ -54,7 +56,7 @@ from probes.backends import (
     ULYSSES_BACKENDS,
 )
 from probes.workload import MIN_STEPS
-from qwendoctor.errors import UnavailableLever, UsageError
+from qwendoctor.errors import EXIT_USAGE, UnavailableLever, UsageError
 
 if TYPE_CHECKING:
     from qwendoctor.capabilities import Capabilities
@@ -256,7 +258,7 @@ TF32 = Lever(
 # out: attention is about a third of a W1 step, so 15% slower attention costs about 5% of a step.
 ATTENTION_SLACK = 0.15
 # The kernels worth a bench row: SDPA's own choices plus the flash-attn packages where they import.
-FAST_ATTENTION = ("_native_cudnn", "_native_flash", "fa4", "_flash_3", "flash")
+FAST_ATTENTION = ("_native_cudnn", "_native_flash", "fa4", "_flash_3", "flash", "sageattn")
 
 
 def apply_attention_backend(pipe, profile: "Profile"):
@@ -270,13 +272,16 @@ def apply_attention_backend(pipe, profile: "Profile"):
 
 
 def _attention_runnable(profile, workload, capabilities) -> None:
+    # Exit 2: a lock or --profile naming a kernel this machine lacks is bad input here, like an unknown value.
     if profile.attention_backend in CUDA_ONLY_BACKENDS and capabilities.device != "cuda":
         raise UnavailableLever(f"attention backend {profile.attention_backend!r} needs a CUDA GPU; this machine runs "
-                               "on the CPU")
+                               "on the CPU", exit_code=EXIT_USAGE)
     working = capabilities.working_attention_backends
     if working is not None and profile.attention_backend not in working:
+        backend = BY_NAME[profile.attention_backend]
+        needs = f"; it needs {backend.package}: {backend.install}" if backend.install else ""
         raise UnavailableLever(f"attention backend {profile.attention_backend!r} did not pass the check here "
-                               f"(working: {', '.join(working)})")
+                               f"(working: {', '.join(working)}){needs}", exit_code=EXIT_USAGE)
 
 
 def _attention_offer(ctx: SpaceContext) -> Offer:
@@ -295,7 +300,8 @@ def _attention_offer(ctx: SpaceContext) -> Offer:
         left_out.append(f"attention {same_as_native} (the kernel `native` already runs here, measured by "
                         "attention_truth)")
     if slow:
-        fastest = min(timed, key=timed.get)
+        # A slow backend is exact: the only 8-bit one is never slower than the fastest of its kind, itself.
+        fastest = min((b for b in timed if not (b in BY_NAME and BY_NAME[b].lossy)), key=timed.get)
         left_out.append(f"attention {', '.join(f'{b} ({timed[b] / timed[fastest]:.2f}x)' for b in slow)}"
                         f" (more than {ATTENTION_SLACK:.0%} slower than {fastest} at this workload's shapes, "
                         "measured by attention_truth)")
@@ -304,12 +310,17 @@ def _attention_offer(ctx: SpaceContext) -> Offer:
 
 
 def _slower_than_slack(backends: tuple[str, ...], timed_ms: dict[str, float]) -> tuple[str, ...]:
-    """The backends measured more than ATTENTION_SLACK slower than the fastest; untimed ones stay."""
-    if not timed_ms:
-        return ()
-    fastest = min(timed_ms.values())
-    return tuple(b for b in backends if b != "native" and b in timed_ms
-                 and timed_ms[b] > (1 + ATTENTION_SLACK) * fastest)
+    """The backends measured more than ATTENTION_SLACK slower than the fastest of their kind; untimed ones stay.
+    Of their kind: an 8-bit kernel may miss the quality floor, so it never pushes an exact one out."""
+    def fastest(lossy: bool) -> float | None:
+        return min((ms for b, ms in timed_ms.items() if b in BY_NAME and BY_NAME[b].lossy == lossy), default=None)
+
+    slow = []
+    for b in backends:
+        bound = fastest(BY_NAME[b].lossy) if b in BY_NAME else None
+        if b != "native" and b in timed_ms and bound is not None and timed_ms[b] > (1 + ATTENTION_SLACK) * bound:
+            slow.append(b)
+    return tuple(slow)
 
 
 def _attention_bench(capabilities, workload) -> list[BenchRow]:
@@ -327,7 +338,12 @@ ATTENTION = Lever(
     sample=lambda trial, offer, chosen, ctx: {
         "attention_backend": trial.suggest_categorical("attention_backend", offer.values["attention_backend"])},
     describe=lambda p: f"attn={p.attention_backend}",
+    lossy=lambda p: BY_NAME[p.attention_backend].lossy,  # 8-bit attention
     bench_alone=_attention_bench,
+    # Last, on top of the FP8 tier: 8-bit attention is where that tier's bound lies, and it is lossy too.
+    ladder=(LadderStep(7, "stack:+sageattn", "+ 8-bit attention (SageAttention)",
+                       lambda p: dataclasses.replace(p, attention_backend="sageattn"),
+                       lambda c, w: "sageattn" in (c.working_attention_backends or ())),),
     # A backend from a flash-attn package; SDPA's own kernels come with torch.
     packages=lambda p: ("attention_packages",) if BY_NAME[p.attention_backend].package else (),
 )
@@ -372,7 +388,45 @@ REAL_ROPE = Lever(
 )
 
 
-# ---- 4. quantization ------------------------------------------------------------------------------------
+# ---- 4. fused projections -------------------------------------------------------------------------------
+
+def apply_fused_qkv(pipe, profile: "Profile"):
+    from qwendoctor import fused_projections
+
+    # At the default nothing is done: a fused transformer cannot be unfused (undoable=False), the pool replaces it.
+    if not profile.fused_qkv or not _has_transformer(pipe, profile, "fused_qkv", True):
+        return pipe
+    already = any(fused_projections.is_fused(module) for module in pipe.transformer.modules())
+    if fused_projections.fuse(pipe.transformer) == 0 and not already:
+        raise UsageError("profile.fused_qkv: this transformer has no Qwen-Image attention (diffusers' "
+                         "QwenDoubleStreamAttnProcessor2_0) to fuse")
+    return pipe
+
+
+FUSED_QKV = Lever(
+    name="fused_qkv", apply=apply_fused_qkv, undoable=False,
+    fields=(Field("fused_qkv", bool, False, omit_default=True),),
+    # Searched everywhere: what it saves (four GEMM launches and two reads of each stream per block) is measured,
+    # not assumed, and rounding is all it changes.
+    offer=lambda ctx: Offer({"fused_qkv": (False, True)}),
+    sample=lambda trial, offer, chosen, ctx: {
+        "fused_qkv": trial.suggest_categorical("fused_qkv", offer.values["fused_qkv"])
+        if len(offer.values["fused_qkv"]) > 1 else offer.values["fused_qkv"][0]},
+    describe=lambda p: "fused-qkv" if p.fused_qkv else None,
+    bench_alone=lambda c, w: [BenchRow("fused_qkv", "fused q/k/v projections (one GEMM per stream)",
+                                       _profile(fused_qkv=True))],
+    ladder=(LadderStep(4, "stack:+fused_qkv", "+ fused q/k/v projections",
+                       lambda p: dataclasses.replace(p, fused_qkv=True), lambda c, w: True),),
+)
+
+
+def _profile(**fields) -> "Profile":
+    from qwendoctor.profile import Profile
+
+    return Profile(**fields)
+
+
+# ---- 5. quantization ------------------------------------------------------------------------------------
 
 QUANTIZATIONS = ("none", "fp8_rowwise", "fp8_tensorwise", "fp8_weight_only")
 
@@ -506,12 +560,12 @@ QUANTIZATION = Lever(
     lossy=lambda p: p.quantization != "none", packages=lambda p: ("torchao",) if p.quantization != "none" else (),
     describe=lambda p: p.quantization if p.quantization != "none" else None,
     bench_alone=_quantization_bench,
-    ladder=(LadderStep(5, "stack:+fp8_rowwise", "+ FP8 row-wise",
+    ladder=(LadderStep(6, "stack:+fp8_rowwise", "+ FP8 row-wise",
                        lambda p: dataclasses.replace(p, quantization="fp8_rowwise"), lambda c, w: c.has_fp8),),
 )
 
 
-# ---- 5. weight storage ---------------------------------------------------------------------------------
+# ---- 6. weight storage ---------------------------------------------------------------------------------
 
 # bf16: the weights in the workload's dtype, as diffusers loads them. fp8_storage: diffusers' layerwise casting,
 # each layer's weights kept in float8_e4m3fn and cast up to the model's dtype for its own forward: half the weight
@@ -578,7 +632,7 @@ WEIGHT_STORAGE = Lever(
 )
 
 
-# ---- 6. cache ----------------------------------------------------------------------------------------------
+# ---- 7. cache ----------------------------------------------------------------------------------------------
 
 # first_block: diffusers' FirstBlockCache hooks, eager only. dbcache: cache-dit's block cache (compute the first Fn
 # and last Bn blocks, reuse the middle's residual while the first blocks' output changes less than the threshold),
@@ -793,7 +847,7 @@ CACHE = Lever(
 )
 
 
-# ---- 7. offload ----------------------------------------------------------------------------------------
+# ---- 8. offload ----------------------------------------------------------------------------------------
 
 # group: diffusers' group offloading of the transformer: its blocks live on the CPU and come to the GPU a group
 # at a time, the next group copied on a CUDA stream while the current one computes. model: diffusers' model CPU
@@ -868,7 +922,7 @@ OFFLOAD = Lever(
 )
 
 
-# ---- 8. text encoder -----------------------------------------------------------------------------------
+# ---- 9. text encoder -----------------------------------------------------------------------------------
 
 # resident: on the GPU with the rest, as diffusers builds it. offload: diffusers' group offloading of the text
 # encoder; its top level has no block list (Qwen2.5-VL's layers sit one module down), so block-level offloading
@@ -930,7 +984,7 @@ TEXT_ENCODER = Lever(
 )
 
 
-# ---- 9. context parallel (and the fields of both multi-GPU levers) --------------------------------------
+# ---- 10. context parallel (and the fields of both multi-GPU levers) --------------------------------------
 
 # cfg: true CFG's two passes on two GPUs; ulysses / ring: diffusers' context parallelism, the sequence split over
 # the GPUs; cfg+X: two groups of GPUs, one per CFG pass, X inside each. `tune --gpus` measures them after the
@@ -996,7 +1050,7 @@ CONTEXT_PARALLEL = Lever(
 )
 
 
-# ---- 10. compile ----------------------------------------------------------------------------------------
+# ---- 11. compile ----------------------------------------------------------------------------------------
 
 COMPILE_MODES = ("none", "regional", "full")
 # torch.compile's CUDA-graph mode ("reduce-overhead") is left out until it works here: on an H100 it failed with
@@ -1096,13 +1150,13 @@ COMPILE = Lever(
     bench_alone=_compile_bench,
     ladder=(LadderStep(2, "stack:+compile", "+ regional compile",
                        lambda p: dataclasses.replace(p, compile="regional"), _can_compile),
-            LadderStep(4, "stack:+max_autotune", "+ max-autotune (no CUDA graphs)",
+            LadderStep(5, "stack:+max_autotune", "+ max-autotune (no CUDA graphs)",
                        lambda p: dataclasses.replace(p, compile_mode="max-autotune-no-cudagraphs")
                        if p.compile != "none" else p, _can_compile)),
 )
 
 
-# ---- 11. CFG batching -----------------------------------------------------------------------------------
+# ---- 12. CFG batching -----------------------------------------------------------------------------------
 
 def apply_cfg_batching(pipe, profile: "Profile"):
     from qwendoctor import cfg_batching
@@ -1141,7 +1195,7 @@ CFG_BATCHING = Lever(
 )
 
 
-# ---- 12. CFG parallel -----------------------------------------------------------------------------------
+# ---- 13. CFG parallel -----------------------------------------------------------------------------------
 
 def apply_cfg_parallel(pipe, profile: "Profile"):
     from qwendoctor import parallel
@@ -1155,7 +1209,7 @@ def apply_cfg_parallel(pipe, profile: "Profile"):
 CFG_PARALLEL = Lever(name="cfg_parallel", apply=apply_cfg_parallel, undoable=False, captures_profile=True)
 
 
-# ---- 13. VAE decode ------------------------------------------------------------------------------------
+# ---- 14. VAE decode ------------------------------------------------------------------------------------
 
 # tiled: diffusers decodes the latents in overlapping tiles (256 px, stride 192) and blends the seams: peak memory
 # bounded by a tile instead of the image, the image close to the full decode but not equal (the seams are blended).
@@ -1186,7 +1240,7 @@ VAE_DECODE = Lever(
 )
 
 
-# ---- 14. steps ------------------------------------------------------------------------------------------
+# ---- 15. steps ------------------------------------------------------------------------------------------
 
 def _steps_offer(ctx: SpaceContext) -> Offer:
     """From the reference down to a fifth of it, in strides of a tenth: the floor, not the range, decides how
@@ -1216,12 +1270,12 @@ STEPS = Lever(
 )
 
 
-LEVERS = (TF32, ATTENTION, REAL_ROPE, QUANTIZATION, WEIGHT_STORAGE, CACHE, OFFLOAD, TEXT_ENCODER, CONTEXT_PARALLEL,
-          COMPILE, CFG_BATCHING, CFG_PARALLEL, VAE_DECODE, STEPS)
+LEVERS = (TF32, ATTENTION, REAL_ROPE, FUSED_QKV, QUANTIZATION, WEIGHT_STORAGE, CACHE, OFFLOAD, TEXT_ENCODER,
+          CONTEXT_PARALLEL, COMPILE, CFG_BATCHING, CFG_PARALLEL, VAE_DECODE, STEPS)
 # The order tune asks Optuna for values: compile first, since whether quantization, cache and real RoPE are
 # offered depends on it. (Changing it changes which profiles a seeded study proposes.)
 # The memory levers are not searched: they cost speed, and a memory plan chooses them.
-SEARCH_ORDER = (ATTENTION, COMPILE, QUANTIZATION, CACHE, TF32, CFG_BATCHING, REAL_ROPE, STEPS)
+SEARCH_ORDER = (ATTENTION, COMPILE, QUANTIZATION, CACHE, TF32, CFG_BATCHING, REAL_ROPE, STEPS, FUSED_QKV)
 FIELDS = tuple(field for lever in LEVERS for field in lever.fields)
 
 

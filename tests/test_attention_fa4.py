@@ -39,6 +39,10 @@ def fake_fa4(monkeypatch):
     cute.__spec__ = importlib.machinery.ModuleSpec("flash_attn.cute", None)
     monkeypatch.setitem(sys.modules, "flash_attn", package)
     monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    # set_attention_backend also sets diffusers' process-wide active backend, which a processor never given one
+    # uses: left at "fa4", a later test's fresh model would call the stand-in after it is gone.
+    registry = diffusers.models.attention_dispatch._AttentionBackendRegistry
+    monkeypatch.setattr(registry, "_active_backend", registry._active_backend)
     return calls
 
 

@@ -77,7 +77,7 @@ def test_tiers_pick_the_fastest_row_within_each_floor():
 def fake_gpu(monkeypatch):
     """A CUDA machine in miniature: every profile 'renders' with a step time set per lever, so the stack's
     keep-or-drop decisions can be checked without a GPU."""
-    step_ms = {"default": 640.0, "_native_cudnn": 660.0, "cfg_batching": 625.0, "regional": 505.0,
+    step_ms = {"default": 640.0, "_native_cudnn": 660.0, "sageattn": 640.0, "cfg_batching": 625.0, "regional": 505.0,
                "max-autotune-no-cudagraphs": 520.0, "fp8_rowwise": 380.0}
     built = []
 
@@ -97,9 +97,13 @@ def fake_gpu(monkeypatch):
             ms -= 135 if profile.compile_mode == "default" else 120
         if profile.real_rope and profile.compile != "none":
             ms -= 8
+        if profile.fused_qkv:
+            ms -= 3
+        if profile.attention_backend == "sageattn":
+            ms -= 60
         if profile.quantization != "none":
             ms -= 110
-        noise = 0.002 if profile.quantization != "none" else 0.0
+        noise = 0.002 * ((profile.quantization != "none") + (profile.attention_backend == "sageattn"))
         image = np.full((8, 8, 3), 0.5) + noise * np.random.default_rng(0).standard_normal((8, 8, 3))
         return runner.Measurement(images=[image], latencies_s=[profile.steps * ms / 1000 + 0.2],
                                   step_s=[ms / 1000] * profile.steps, warmup_s=1.0, peak_memory_gib=40.0)
@@ -118,19 +122,20 @@ def test_the_stack_keeps_a_lever_only_where_it_made_the_step_faster(fake_gpu, tm
     options = bench.BenchOptions(workload=workload, timed_steps=6, breakdown=False, out_dir=str(tmp_path))
     result = bench.run_bench(options, capabilities)
     rows = {r["id"]: r for r in result.document["rows"]}
-    assert list(rows) == ["default", "attn:_native_cudnn", "fp8_rowwise", "compile:regional", "cfg_batching",
-                          "stack:+cfg_batching", "stack:+compile", "stack:+real_rope", "stack:+max_autotune",
-                          "stack:+fp8_rowwise"]
+    assert list(rows) == ["default", "attn:_native_cudnn", "fused_qkv", "fp8_rowwise", "compile:regional",
+                          "cfg_batching", "stack:+cfg_batching", "stack:+compile", "stack:+real_rope",
+                          "stack:+fused_qkv", "stack:+max_autotune", "stack:+fp8_rowwise"]
     # cuDNN was slower than native here, so the stack starts from native and reuses the alone row for CFG
     assert result.document["stack_start"] == Profile().to_dict()
     assert rows["stack:+cfg_batching"]["same_as"] == "cfg_batching" and rows["stack:+cfg_batching"]["kept"]
     assert rows["stack:+compile"]["kept"] and rows["stack:+compile"]["step_ms"] == pytest.approx(490)
     assert rows["stack:+real_rope"]["kept"] and rows["stack:+real_rope"]["step_ms"] == pytest.approx(482)
-    assert not rows["stack:+max_autotune"]["kept"]  # 497 > 482: dropped
+    assert rows["stack:+fused_qkv"]["kept"] and rows["stack:+fused_qkv"]["step_ms"] == pytest.approx(479)
+    assert not rows["stack:+max_autotune"]["kept"]  # 494 > 479: dropped
     assert rows["stack:+fp8_rowwise"]["profile"] == Profile(cfg_batching=True, compile="regional", real_rope=True,
-                                                           quantization="fp8_rowwise").to_dict()
+                                                           fused_qkv=True, quantization="fp8_rowwise").to_dict()
     tiers = result.document["tiers"]
-    assert tiers["lossless"]["step_ms"] == pytest.approx(482) and tiers["fp8"]["step_ms"] == pytest.approx(372)
+    assert tiers["lossless"]["step_ms"] == pytest.approx(479) and tiers["fp8"]["step_ms"] == pytest.approx(369)
     # ratios, TFLOP/s against the 263 TFLOP step, the estimate of a 50-step image
     assert rows["stack:+compile"]["tflops"] == pytest.approx(result.document["flops_per_step"]["total"] / 0.49 / 1e12)
     assert rows["default"]["s_per_image"] == pytest.approx(0.2 + 50 * 0.64)
@@ -160,6 +165,27 @@ def test_a_failing_row_is_recorded_and_the_ladder_goes_on(fake_gpu, tmp_path, ti
     assert "failed: RuntimeError: CUDA out of memory" in open(result.path_md).read()
 
 
+def test_8bit_attention_is_the_ladders_last_step_never_its_start(fake_gpu, tmp_path, tiny_workload):
+    """SageAttention is the fastest kernel alone here, but lossy: the exact stack starts from native, and 8-bit
+    attention is tried last, on top of FP8, against the FP8 floor."""
+    capabilities = Capabilities(device="cuda", compute_capability=(9, 0), has_torchao=True, compile_works=True,
+                                working_attention_backends=("native", "sageattn"))
+    workload = dataclasses.replace(tiny_workload, model="synthetic", width=1328, height=1328, reference_steps=50,
+                                   dtype="bfloat16")
+    result = bench.run_bench(bench.BenchOptions(workload=workload, timed_steps=6, breakdown=False,
+                                                out_dir=str(tmp_path)), capabilities)
+    rows = {r["id"]: r for r in result.document["rows"]}
+    # Above even the exact floor here (40 dB): its lossiness, not its PSNR, keeps it from starting the stack.
+    assert rows["attn:sageattn"]["step_ms"] == pytest.approx(580) and rows["attn:sageattn"]["psnr_db"] > 40
+    assert result.document["stack_start"] == Profile().to_dict()
+    assert list(rows)[-1] == "stack:+sageattn" and rows["stack:+sageattn"]["kept"]
+    assert Profile.from_dict(rows["stack:+sageattn"]["profile"]) == Profile(
+        attention_backend="sageattn", cfg_batching=True, compile="regional", real_rope=True, fused_qkv=True,
+        quantization="fp8_rowwise")
+    tiers = result.document["tiers"]
+    assert tiers["lossless"]["id"] == "stack:+fused_qkv" and tiers["fp8"]["id"] == "stack:+sageattn"
+
+
 def test_rows_are_on_disk_as_they_finish(fake_gpu, tmp_path, tiny_workload, monkeypatch):
     real_measure = runner.measure
 
@@ -174,7 +200,7 @@ def test_rows_are_on_disk_as_they_finish(fake_gpu, tmp_path, tiny_workload, monk
     with pytest.raises(KeyboardInterrupt):
         bench.run_bench(options, Capabilities(device="cuda", compute_capability=(9, 0), compile_works=False))
     saved = json.loads((tmp_path / "bench-synthetic-128x128.json").read_text())
-    assert [r["id"] for r in saved["rows"]] == ["default"] and saved["rows"][0]["step_ms"] > 0
+    assert [r["id"] for r in saved["rows"]] == ["default", "fused_qkv"] and saved["rows"][0]["step_ms"] > 0
 
 
 def test_resume_keeps_finished_rows_and_measures_the_rest(fake_gpu, tmp_path, tiny_workload, monkeypatch):
@@ -197,10 +223,12 @@ def test_resume_keeps_finished_rows_and_measures_the_rest(fake_gpu, tmp_path, ti
     fake_gpu.clear()
     result = bench.run_bench(options, capabilities)
     rows = result.document["rows"]
-    assert [r["id"] for r in rows] == ["default", "cfg_batching", "stack:+cfg_batching"]
-    assert rows[0]["resumed"] and "resumed" not in rows[1]
-    assert fake_gpu == [Profile(cfg_batching=True)]  # the default was not built again
-    assert rows[1]["psnr_db"] > 40  # compared with the default's image the first run stored
+    assert [r["id"] for r in rows] == ["default", "fused_qkv", "cfg_batching", "stack:+cfg_batching",
+                                       "stack:+fused_qkv"]
+    assert rows[0]["resumed"] and rows[1]["resumed"] and "resumed" not in rows[2]
+    # the default and the fused row were not built again
+    assert fake_gpu == [Profile(cfg_batching=True), Profile(cfg_batching=True, fused_qkv=True)]
+    assert rows[2]["psnr_db"] > 40  # compared with the default's image the first run stored
     # Another workload does not resume from this file: everything is measured again.
     other = dataclasses.replace(options, workload=dataclasses.replace(workload, true_cfg_scale=3.0))
     fake_gpu.clear()

@@ -97,6 +97,22 @@ def test_generate_refuses_a_lock_from_another_setup(tiny_lock, tmp_path, capsys)
     assert done.value.code == 0
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("attention_backend", "sageattn", "attention backend 'sageattn' needs a CUDA GPU; this machine runs on the CPU"),
+    ("attention_backend", "fa4", "attention backend 'fa4' needs a CUDA GPU; this machine runs on the CPU"),
+])
+def test_a_lock_asking_for_a_kernel_this_machine_lacks_is_one_line_and_exit_2(tiny_lock, tmp_path, capsys, field,
+                                                                               value, message):
+    lock = lockfile.read_lock(tiny_lock)
+    lock.profile = Profile.from_dict({**lock.profile.to_dict(), field: value})
+    lockfile.write_lock(tiny_lock, lock)
+    with pytest.raises(SystemExit) as done:
+        cli.main(["generate", "x", "--lock", str(tiny_lock), "--out", str(tmp_path / "o")])
+    assert done.value.code == 2
+    assert capsys.readouterr().err == f"qwendoctor: error: {message}\n"
+    assert not (tmp_path / "o").exists()
+
+
 def test_claim_path_is_exclusive(tmp_path):
     first, handle = claim_path(str(tmp_path), "img")
     handle.close()

@@ -119,8 +119,8 @@ def test_steps_are_a_call_argument(tiny_workload):
 
 def test_optimize_applies_levers_in_the_documented_order():
     names = [lever.apply.__name__ for lever in levers.LEVERS if lever.apply is not None]
-    assert names == ["apply_tf32", "apply_attention_backend", "apply_real_rope", "apply_quantization",
-                     "apply_weight_storage", "apply_cache", "apply_offload", "apply_text_encoder",
+    assert names == ["apply_tf32", "apply_attention_backend", "apply_real_rope", "apply_fused_qkv",
+                     "apply_quantization", "apply_weight_storage", "apply_cache", "apply_offload", "apply_text_encoder",
                      "apply_context_parallel", "apply_compile", "apply_cfg_batching", "apply_cfg_parallel",
                      "apply_vae_decode"]
 
@@ -406,8 +406,9 @@ def test_the_search_draws_dbcache_under_compile_with_cfg_batching(tiny_workload)
                                      "quantization": "fp8_rowwise", "cache_compiled": "dbcache",
                                      "cache_threshold": 0.1, "cache_fn": 2, "cache_bn": 0, "cache_warmup": 4,
                                      "cache_max_run": 3, "taylorseer_order": 1, "tf32": False, "real_rope": True,
-                                     "cfg_batching": True, "steps": 40})
+                                     "cfg_batching": True, "steps": 40, "fused_qkv": True})
     profile = space.sample_profile(trial, search)
+    assert profile.fused_qkv
     assert (profile.cache, profile.cache_fn, profile.taylorseer_order, profile.cfg_batching) == ("dbcache", 2, 1, True)
     assert levers.is_lossy(profile)
     no_cache_dit = space.build_search_space(dataclasses.replace(h100, has_cache_dit=False), drawing)

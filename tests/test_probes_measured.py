@@ -134,18 +134,23 @@ def test_nearest_prefers_this_card_and_labels_another():
 
 def test_backend_table_derives_the_tuples_qwendoctor_uses():
     assert backends.ATTENTION_BACKENDS == ("native", "_native_cudnn", "_native_flash", "_native_efficient",
-                                           "_native_math", "flash", "_flash_3", "fa4", "flex")
-    assert backends.CUDA_ONLY_BACKENDS == ("_native_cudnn", "_native_efficient", "flash", "_flash_3", "fa4")
+                                           "_native_math", "flash", "_flash_3", "fa4", "sageattn", "flex")
+    assert backends.CUDA_ONLY_BACKENDS == ("_native_cudnn", "_native_efficient", "flash", "_flash_3", "fa4",
+                                           "sageattn")
     assert backends.ULYSSES_BACKENDS == ("native", "_native_cudnn", "_native_flash", "flash")
     assert backends.RING_BACKENDS == ("_native_cudnn", "_native_flash", "flash")
     assert set(backends.RING_BACKENDS) <= set(backends.ULYSSES_BACKENDS)
     assert backends.BACKEND_BY_KERNEL == {"native": "native", "cudnn": "_native_cudnn", "flash": "_native_flash",
                                           "efficient": "_native_efficient", "flex": "flex", "fa2": "flash",
-                                          "fa3": "_flash_3", "fa4": "fa4"}
+                                          "fa3": "_flash_3", "fa4": "fa4", "sage": "sageattn"}
     assert backends.BACKEND_BY_NATIVE_PICK == {"cudnn": "_native_cudnn", "flash": "_native_flash",
                                                "efficient": "_native_efficient", "math": "_native_math"}
     assert backends.REFERENCE_ONLY_BACKENDS == ("_native_math",)
-    assert {b.package for b in backends.BACKENDS if b.package} == {"flash-attn", "flash-attn-3", "flash-attn-4"}
+    assert {b.package for b in backends.BACKENDS if b.package} == {"flash-attn", "flash-attn-3", "flash-attn-4",
+                                                                   "sageattention"}
+    # Every package backend says how to install it, for the one-line refusal; only 8-bit attention is lossy.
+    assert all(b.install for b in backends.BACKENDS if b.package)
+    assert [b.name for b in backends.BACKENDS if b.lossy] == ["sageattn"]
 
 
 def test_the_probes_use_the_table():

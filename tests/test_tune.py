@@ -119,7 +119,7 @@ def test_a_compiled_profile_gets_real_rope_without_it_being_a_search_dimension(t
     w1 = dataclasses.replace(tiny_workload, reference_steps=50, dtype="bfloat16")
     measured = space.build_search_space(h100, w1, evidence=measured_on_h100)
     base = {"attention_backend": "native", "quantization": "none", "cache": "none", "tf32": False,
-            "cfg_batching": True, "steps": 50}
+            "cfg_batching": True, "steps": 50, "fused_qkv": False}
     compiled = space.sample_profile(optuna.trial.FixedTrial({**base, "compile": "regional"}), measured)
     eager = space.sample_profile(optuna.trial.FixedTrial({**base, "compile": "none"}), measured)
     assert compiled.real_rope and not eager.real_rope
@@ -426,6 +426,8 @@ def test_a_profile_proposed_again_costs_nothing_and_does_not_count(options, draw
     from qwendoctor import levers
 
     monkeypatch.setattr(levers, "CACHES", ("none",))
+    monkeypatch.setattr(levers, "SEARCH_ORDER", tuple(lever for lever in levers.SEARCH_ORDER
+                                                      if lever is not levers.FUSED_QKV))
     only_native = Capabilities(device="cpu", working_attention_backends=("native",))
     options.workload = dataclasses.replace(options.workload, true_cfg_scale=1.0)
     options.trials = 5
