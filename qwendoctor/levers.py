@@ -257,7 +257,8 @@ TF32 = Lever(
 # A backend measured (attention_truth, at this workload's shapes) this much slower than the fastest is left
 # out: attention is about a third of a W1 step, so 15% slower attention costs about 5% of a step.
 ATTENTION_SLACK = 0.15
-# The kernels worth a bench row: SDPA's own choices plus the flash-attn packages where they import.
+# The kernels worth a bench row: SDPA's own choices plus the flash-attn and SageAttention packages where they
+# import.
 FAST_ATTENTION = ("_native_cudnn", "_native_flash", "fa4", "_flash_3", "flash", "sageattn")
 
 
