@@ -190,6 +190,14 @@ def step_breakdown(model: models.LoadedModel, workload: Workload, profile: Profi
     }
 
 
+def removed_ms(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+    """What a stack step took out of one step, kind by kind and idle, from two step breakdowns (ms; negative:
+    it added time there)."""
+    removed = {kind: round(before["kernel_ms"][kind] - after["kernel_ms"][kind], 2) for kind in KINDS}
+    removed["idle"] = round(before["idle_ms"] - after["idle_ms"], 2)
+    return removed
+
+
 # ---- running the ladder ---------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -277,7 +285,8 @@ def run_bench(options: BenchOptions, capabilities: Capabilities,
             return rows[-1]
         earlier = next((r for r in rows if r["profile"] == row["profile"] and "step_ms" in r), None)
         if earlier is not None:  # the stack reached a profile measured alone: its numbers, not a second build
-            row.update({k: v for k, v in earlier.items() if k not in row and k not in ("kept",)}, same_as=earlier["id"])
+            row.update({k: v for k, v in earlier.items()
+                        if k not in row and k not in ("kept", "stack_base", "removed_ms")}, same_as=earlier["id"])
             rows.append(row)
             save()
             return row
@@ -337,24 +346,28 @@ def run_bench(options: BenchOptions, capabilities: Capabilities,
         # An exact kernel only: 8-bit attention waits for the FP8 tier, at the ladder's end.
         attention_rows = [r for r in alone if r["id"].startswith("attn:") and "step_ms" in r
                           and r["psnr_db"] >= LOSSLESS_PSNR_DB
-                          and not levers.is_lossy(Profile.from_dict(r["profile"]), Profile.from_dict(default["profile"]))]
-        current, current_ms = Profile(), default["step_ms"]
+                          and not levers.is_lossy(Profile.from_dict(r["profile"]),
+                                                  Profile.from_dict(default["profile"]))]
+        current, current_ms, current_row = Profile(), default["step_ms"], default
         for row in attention_rows:
             if row["step_ms"] < current_ms:
-                current, current_ms = Profile.from_dict(row["profile"]), row["step_ms"]
+                current, current_ms, current_row = Profile.from_dict(row["profile"]), row["step_ms"], row
         document["stack_start"] = current.to_dict()
         for step in STACK:
             candidate = step.change(current)
             if not selected(step.id) or not step.applies(capabilities, workload) or candidate == current:
                 continue
             row = run(Rung(step.id, "stack", step.label, candidate))
+            row["stack_base"] = current_row["id"]
+            if "breakdown" in row and "breakdown" in current_row:
+                row["removed_ms"] = removed_ms(current_row["breakdown"], row["breakdown"])
             # Against the default's profile: a memory plan's placement (FP8 storage, tiled decode) is in both.
             lossy = levers.is_lossy(candidate, Profile.from_dict(default["profile"]))
             floor = FP8_PSNR_DB if lossy else LOSSLESS_PSNR_DB
             kept = "step_ms" in row and row["step_ms"] < current_ms and row["psnr_db"] >= floor
             row["kept"] = kept
             if kept:
-                current, current_ms = candidate, row["step_ms"]
+                current, current_ms, current_row = candidate, row["step_ms"], row
             save()
     for label, profile in options.given:
         run(Rung(f"given:{label}", "given", label, profile))
@@ -514,6 +527,18 @@ def markdown(document: dict[str, Any]) -> str:
             b = row["breakdown"]
             lines.append(f"| {row['label']} | {row['step_ms']:.1f} | "
                          + " | ".join(f"{b['kernel_ms'][k]:.1f}" for k in KINDS) + f" | {b['idle_ms']:.1f} |")
+    stepped = [r for r in rows if "removed_ms" in r]
+    if stepped:
+        lines += ["", "What each stack step removed from one step, against the stack it was tried on (ms; negative: "
+                      "it added time there):", "",
+                  "| step | tried on | " + " | ".join(KINDS) + " | idle | kept |",
+                  "|---|---|" + "---|" * (len(KINDS) + 2)]
+        labels = {r["id"]: r["label"] for r in rows}
+        for row in stepped:
+            removed = row["removed_ms"]
+            lines.append(f"| {row['label']} | {labels.get(row['stack_base'], row['stack_base'])} | "
+                         + " | ".join(f"{removed[k]:.1f}" for k in (*KINDS, "idle"))
+                         + f" | {'yes' if row.get('kept') else 'no'} |")
     if document.get("flops_per_step"):
         f = document["flops_per_step"]
         lines += ["", f"FLOPs per step: {f['total'] / 1e12:.4g} T (linear {f['linear'] / 1e12:.4g}, attention "

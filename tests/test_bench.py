@@ -186,6 +186,39 @@ def test_8bit_attention_is_the_ladders_last_step_never_its_start(fake_gpu, tmp_p
     assert tiers["lossless"]["id"] == "stack:+fused_qkv" and tiers["fp8"]["id"] == "stack:+sageattn"
 
 
+def test_each_stack_step_says_what_it_removed_from_the_step_it_was_tried_on(fake_gpu, tmp_path, tiny_workload,
+                                                                            monkeypatch):
+    """Breakdowns stand in for the profiler's: compile takes elementwise time out, CFG batching idle time, fused
+    q/k/v GEMM time. Each stack row's removed_ms is against the row it was built on, kept or not."""
+    def fake_breakdown(model, workload, profile, prompt, seed, step_ms):
+        elementwise = 150.0 - (100 if profile.compile != "none" else 0)
+        gemm = 300.0 - (2 if profile.fused_qkv else 0) - (110 if profile.quantization != "none" else 0)
+        idle = 20.0 - (12 if profile.cfg_batching else 0)
+        return {"kernel_ms": {"gemm": gemm, "attention": 120.0, "elementwise": elementwise, "memory": 10.0,
+                              "other": 5.0}, "idle_ms": idle, "busy_ms": 0.0, "profiled_step_ms": step_ms,
+                "source": "fake", "top": []}
+
+    monkeypatch.setattr(bench, "step_breakdown", fake_breakdown)
+    capabilities = Capabilities(device="cuda", compute_capability=(9, 0), has_torchao=True, compile_works=True,
+                                working_attention_backends=("native",))
+    workload = dataclasses.replace(tiny_workload, model="synthetic", width=1328, height=1328, reference_steps=50,
+                                   dtype="bfloat16")
+    result = bench.run_bench(bench.BenchOptions(workload=workload, timed_steps=6, breakdown=True,
+                                                out_dir=str(tmp_path)), capabilities)
+    rows = {r["id"]: r for r in result.document["rows"]}
+    assert rows["stack:+cfg_batching"]["stack_base"] == "default"
+    assert rows["stack:+cfg_batching"]["removed_ms"] == {"gemm": 0.0, "attention": 0.0, "elementwise": 0.0,
+                                                         "memory": 0.0, "other": 0.0, "idle": 12.0}
+    assert rows["stack:+compile"]["stack_base"] == "stack:+cfg_batching"
+    assert rows["stack:+compile"]["removed_ms"]["elementwise"] == 100.0
+    assert rows["stack:+fused_qkv"]["removed_ms"]["gemm"] == 2.0
+    # max-autotune was dropped: FP8 is tried on the stack before it, and says so
+    assert not rows["stack:+max_autotune"]["kept"] and rows["stack:+fp8_rowwise"]["stack_base"] == "stack:+fused_qkv"
+    assert rows["stack:+fp8_rowwise"]["removed_ms"]["gemm"] == 110.0
+    table = open(result.path_md).read()
+    assert "| + regional compile | + CFG batching | 0.0 | 0.0 | 100.0 | 0.0 | 0.0 | 0.0 | yes |" in table
+
+
 def test_rows_are_on_disk_as_they_finish(fake_gpu, tmp_path, tiny_workload, monkeypatch):
     real_measure = runner.measure
 
