@@ -133,8 +133,10 @@ def kernel_kind(name: str) -> str:
         return "gemm"
     if any(key in lowered for key in ("memcpy", "memset", "copy_", "aten::to", "aten::contiguous")):
         return "memory"
+    # "quant": activation quantization before an 8-bit kernel (SageAttention's quant_per_block_int8_kernel).
     if any(key in lowered for key in ("elementwise", "vectorized", "reduce", "triton_poi", "triton_red",
-                                      "triton_per", "norm", "gelu", "silu", "softmax", "aten::", "unrolled")):
+                                      "triton_per", "norm", "gelu", "silu", "softmax", "aten::", "unrolled",
+                                      "quant")):
         return "elementwise"
     return "other"
 
