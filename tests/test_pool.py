@@ -101,3 +101,24 @@ def test_time_steps_times_each_step_after_a_warm_up(tiny_model, tiny_workload):
     assert len(timing.step_s) == 3 and all(s > 0 for s in timing.step_s)
     assert timing.warmup_s > 0 and timing.step_median_s == sorted(timing.step_s)[1]
     assert timing.peak_memory_gib is None  # no allocator to ask on the CPU
+
+
+def test_fusion_gets_a_new_transformer_both_ways_and_the_unfused_one_has_its_weights(tiny_pool, tiny_workload):
+    """Fused q/k/v cannot be taken off a transformer: the pool fuses a pristine one in place, and replaces it when
+    a later trial turns fusion off, with diffusers' six projections and the original weights."""
+    from qwendoctor import fused_projections
+
+    the_pool, loads = tiny_pool
+    plain = the_pool.prepare(Profile())
+    original = models.pristine_transformer_source(plain.model)()
+    before = runner.render(plain.model, tiny_workload, Profile(), "a red fox in the snow", 0)
+    fused = the_pool.prepare(Profile(fused_qkv=True))
+    assert fused.how == "re-applied"  # nothing baked in yet: fused where it stands
+    assert any(fused_projections.is_fused(m) for m in fused.model.pipe.transformer.modules())
+    assert the_pool.prepare(Profile(fused_qkv=True, cfg_batching=True)).how == "reused"  # fusion stays
+    unfused = the_pool.prepare(Profile())
+    assert unfused.how == "replaced" and len(loads) == 1
+    assert not any(fused_projections.is_fused(m) for m in unfused.model.pipe.transformer.modules())
+    assert _same_weights(unfused.model.pipe.transformer, original)
+    after = runner.render(unfused.model, tiny_workload, Profile(), "a red fox in the snow", 0)
+    np.testing.assert_array_equal(before, after)
