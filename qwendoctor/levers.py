@@ -456,9 +456,24 @@ def apply_quantization(pipe, profile: "Profile"):
         "fp8_weight_only": lambda: Float8WeightOnlyConfig(set_inductor_config=False),
     }[profile.quantization]()
 
-    quantize_(pipe.transformer.transformer_blocks, config, filter_fn=_is_block_linear)
+    blocks = pipe.transformer.transformer_blocks
+    kept = profile.quantization_bf16_blocks
+    if 2 * kept >= len(blocks):
+        raise UsageError(f"profile.quantization_bf16_blocks: {kept} at each end of {len(blocks)} blocks leaves none "
+                         "to quantize")
+    quantize_(blocks, config, filter_fn=_block_linear_between(kept, len(blocks) - kept))
     _keep_quantized_weights_as_they_are(pipe, f"quantization {profile.quantization!r}", "FP8")
     return pipe
+
+
+def _block_linear_between(first: int, end: int):
+    """The filter for blocks[first:end]: the blocks at either end stay bf16. tune searches how many to keep
+    against the quality floor."""
+    def quantizable(module, fqn: str) -> bool:
+        # torchao passes names relative to the ModuleList it was given: "<block>.attn.to_q".
+        return _is_block_linear(module, fqn) and first <= int(fqn.split(".", 1)[0]) < end
+
+    return quantizable
 
 
 def _is_block_linear(module, _fqn) -> bool:
@@ -532,18 +547,42 @@ def _quantization_runnable(profile, workload, capabilities) -> None:
         raise UsageError(f"{profile.quantization} quantizes a bfloat16 model, workload dtype is {workload.dtype}")
 
 
+# How many blocks at each end tune may keep in bf16 under FP8. Which of Qwen-Image's blocks FP8 hurts most has not
+# been measured here; the ends are what this lever can keep, and the floor decides whether keeping any pays.
+BF16_END_BLOCKS = (0, 1, 2)
+
+
+def _quantization_check(profile) -> None:
+    if profile.quantization_bf16_blocks and profile.quantization == "none":
+        raise UsageError(f"profile.quantization_bf16_blocks: {profile.quantization_bf16_blocks} keeps blocks out of "
+                         "FP8, and quantization is 'none'")
+
+
 def _quantization_offer(ctx: SpaceContext) -> Offer:
     if not ctx.capabilities.has_fp8:
-        return Offer({"quantization": ("none",)}, options={"eager": True})
+        return Offer({"quantization": ("none",), "quantization_bf16_blocks": (0,)}, options={"eager": True})
     measured = None if ctx.exhaustive or not ctx.can_compile else ctx.evidence("eager-fp8")
     left_out = (f"FP8 without compile: {measured}",) if measured else ()
-    return Offer({"quantization": QUANTIZATIONS}, left_out, options={"eager": not measured})
+    ends = tuple(n for n in BF16_END_BLOCKS if ctx.blocks is None or 2 * n < ctx.blocks)
+    return Offer({"quantization": QUANTIZATIONS, "quantization_bf16_blocks": ends}, left_out,
+                 options={"eager": not measured})
 
 
 def _quantization_sample(trial, offer: Offer, chosen: dict[str, Any], ctx: SpaceContext) -> dict[str, Any]:
     if chosen["compile"] == "none" and not offer.options["eager"]:
         return {"quantization": "none"}
-    return {"quantization": trial.suggest_categorical("quantization", offer.values["quantization"])}
+    quantization = trial.suggest_categorical("quantization", offer.values["quantization"])
+    ends = offer.values["quantization_bf16_blocks"]
+    if quantization == "none" or len(ends) < 2:
+        return {"quantization": quantization}
+    return {"quantization": quantization,
+            "quantization_bf16_blocks": trial.suggest_categorical("quantization_bf16_blocks", ends)}
+
+
+def _describe_quantization(p) -> str | None:
+    if p.quantization == "none":
+        return None
+    return p.quantization + (f"(bf16 ends {p.quantization_bf16_blocks})" if p.quantization_bf16_blocks else "")
 
 
 def _quantization_bench(capabilities, workload) -> list[BenchRow]:
@@ -556,10 +595,13 @@ def _quantization_bench(capabilities, workload) -> list[BenchRow]:
 
 QUANTIZATION = Lever(
     name="quantization", apply=apply_quantization, undoable=False,
-    fields=(Field("quantization", str, "none", choices=QUANTIZATIONS),),
+    fields=(Field("quantization", str, "none", choices=QUANTIZATIONS),
+            # Blocks at each end of the transformer left in bf16 under FP8.
+            Field("quantization_bf16_blocks", int, 0, low=0, omit_default=True)),
+    check=_quantization_check,
     runnable=_quantization_runnable, offer=_quantization_offer, sample=_quantization_sample,
     lossy=lambda p: p.quantization != "none", packages=lambda p: ("torchao",) if p.quantization != "none" else (),
-    describe=lambda p: p.quantization if p.quantization != "none" else None,
+    describe=_describe_quantization,
     bench_alone=_quantization_bench,
     ladder=(LadderStep(6, "stack:+fp8_rowwise", "+ FP8 row-wise",
                        lambda p: dataclasses.replace(p, quantization="fp8_rowwise"), lambda c, w: c.has_fp8),),

@@ -62,6 +62,33 @@ def test_fp8_leaves_inductor_settings_alone(fresh_tiny, monkeypatch, quantizatio
     assert config.set_inductor_config is False
 
 
+def test_fp8_can_leave_the_blocks_at_either_end_in_bf16(fresh_tiny, monkeypatch):
+    """The filter torchao is given quantizes blocks[n:-n] only (names relative to the block list, as torchao
+    passes them); on tiny's eight blocks four at each end leave none, which is refused in one line."""
+    torchao_quantization = pytest.importorskip("torchao.quantization")
+    filters = []
+    monkeypatch.setattr(torchao_quantization, "quantize_",
+                        lambda module, config, filter_fn=None, **kw: filters.append(filter_fn))
+    linear = torch.nn.Linear(32, 32)
+    select = levers._block_linear_between(2, 58)
+    assert [select(linear, f"{block}.attn.to_q") for block in (0, 1, 2, 57, 58, 59)] == [False, False, True, True,
+                                                                                         False, False]
+    assert not select(torch.nn.Linear(30, 32), "10.attn.to_q")  # FP8 GEMMs need dimensions divisible by 16
+    levers.apply_quantization(fresh_tiny.pipe, Profile(quantization="fp8_rowwise"))
+    assert filters[0](linear, "1.img_mlp.net.2")  # the default quantizes every block
+    levers.apply_quantization(fresh_tiny.pipe, Profile(quantization="fp8_rowwise", quantization_bf16_blocks=3))
+    assert [filters[1](linear, f"{block}.attn.to_q") for block in range(8)] == [False] * 3 + [True] * 2 + [False] * 3
+    with pytest.raises(levers.UsageError, match=r"^profile\.quantization_bf16_blocks: 4 at each end of 8 blocks "
+                                                r"leaves none to quantize$"):
+        levers.apply_quantization(fresh_tiny.pipe, Profile(quantization="fp8_rowwise", quantization_bf16_blocks=4))
+    with pytest.raises(levers.UsageError, match=r"^profile\.quantization_bf16_blocks: 2 keeps blocks out of FP8, and "
+                                                r"quantization is 'none'$"):
+        Profile(quantization_bf16_blocks=2).validate()
+    assert Profile(quantization="fp8_rowwise", quantization_bf16_blocks=2).describe() == \
+        "attn=native fp8_rowwise(bf16 ends 2)"
+    assert "quantization_bf16_blocks" not in Profile(quantization="fp8_rowwise").to_dict()  # older locks unchanged
+
+
 def test_fp8_is_refused_on_this_cpu_before_the_model_loads(tiny_workload, monkeypatch):
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the profile was checked")
@@ -295,7 +322,8 @@ def test_the_search_draws_every_field_of_the_levers_it_searches(tiny_workload):
 
 def test_what_a_transformer_carries_follows_the_levers_that_cannot_be_undone():
     assert levers.baked_part(Profile(tf32=False, cfg_batching=True, steps=3)) is None
-    assert levers.baked_part(Profile(quantization="fp8_weight_only")) == {"quantization": "fp8_weight_only"}
+    assert levers.baked_part(Profile(quantization="fp8_weight_only")) == {"quantization": "fp8_weight_only",
+                                                                         "quantization_bf16_blocks": 0}
     # A compiled graph froze every lever it traced in; steps are an argument of each call.
     compiled = levers.baked_part(Profile(compile="regional", real_rope=True, steps=3))
     assert compiled == Profile(compile="regional", real_rope=True).to_dict()
@@ -406,9 +434,11 @@ def test_the_search_draws_dbcache_under_compile_with_cfg_batching(tiny_workload)
                                      "quantization": "fp8_rowwise", "cache_compiled": "dbcache",
                                      "cache_threshold": 0.1, "cache_fn": 2, "cache_bn": 0, "cache_warmup": 4,
                                      "cache_max_run": 3, "taylorseer_order": 1, "tf32": False, "real_rope": True,
-                                     "cfg_batching": True, "steps": 40, "fused_qkv": True})
+                                     "cfg_batching": True, "steps": 40, "fused_qkv": True,
+                                     "quantization_bf16_blocks": 2})
     profile = space.sample_profile(trial, search)
-    assert profile.fused_qkv
+    assert profile.fused_qkv and profile.quantization_bf16_blocks == 2
+    assert search.values("quantization_bf16_blocks") == (0, 1, 2)
     assert (profile.cache, profile.cache_fn, profile.taylorseer_order, profile.cfg_batching) == ("dbcache", 2, 1, True)
     assert levers.is_lossy(profile)
     no_cache_dit = space.build_search_space(dataclasses.replace(h100, has_cache_dit=False), drawing)

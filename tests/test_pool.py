@@ -34,7 +34,8 @@ def tiny_pool(tiny_workload):
 def test_baked_part_is_what_cannot_be_undone():
     assert levers.baked_part(Profile()) is None
     assert levers.baked_part(Profile(cfg_batching=True, attention_backend="_native_math", steps=3)) is None
-    assert levers.baked_part(Profile(quantization="fp8_rowwise", cfg_batching=True)) == {"quantization": "fp8_rowwise"}
+    assert levers.baked_part(Profile(quantization="fp8_rowwise", cfg_batching=True)) == {
+        "quantization": "fp8_rowwise", "quantization_bf16_blocks": 0}
     # A compiled graph traced every lever: only the step count may change under it.
     compiled = Profile(compile="regional", cfg_batching=True)
     assert levers.baked_part(compiled) == levers.baked_part(Profile(compile="regional", cfg_batching=True, steps=3))
