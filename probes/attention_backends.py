@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import warnings
 
-from probes.backends import ATTENTION_BACKENDS, BY_NAME
+from probes.backends import ATTENTION_BACKENDS, BY_NAME, LOSSY_REL_ERR_LIMIT
 from probes.context import ProbeContext, exc_line, mark
 from probes.finding import Finding
 from probes.imports import import_or_block
@@ -21,8 +21,6 @@ CANDIDATES = list(ATTENTION_BACKENDS)
 CPU_CANDIDATES = ["native", "_native_math"]
 B, S, H, D = 1, 256, 4, 64
 REL_ERR_LIMIT = {"bfloat16": 2e-2, "float32": 1e-4}
-# 8-bit attention quantizes q and k: its error is far above bf16 rounding, and a broken kernel's is order 1.
-LOSSY_REL_ERR_LIMIT = 1e-1
 
 
 def register_backends(ctx: ProbeContext) -> dict[str, str]:

@@ -8,7 +8,7 @@ any other. torch 2.11's own route (`activate_flash_attention_impl("FA4")`) fails
 
 diffusers' SageAttention backends ("sage" and the rest) require sageattention >= 2.1.1, which is not on PyPI
 (its newest there is 1.0.6). `register_sageattn_backend` adds "sageattn", which calls the package's `sageattn`,
-the entry point of both versions. Both backends are torch custom ops, so regional compile keeps
+which 1.x has and which diffusers' "sage" backend calls in 2.x. Both backends are torch custom ops, so regional compile keeps
 `fullgraph=True`: dynamo cannot trace the CuTe DSL's JIT or SageAttention's Python around its Triton kernels,
 but it keeps an opaque op in its graph.
 """

@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("sageattention", reason="carry the sageattention wheel in .whl/ (pip install sageattention)")
 
-from probes.attention_backends import LOSSY_REL_ERR_LIMIT  # noqa: E402
+from probes.backends import LOSSY_REL_ERR_LIMIT  # noqa: E402
 from qwendoctor import attention, levers, models, runner  # noqa: E402
 from qwendoctor.profile import Profile, Workload  # noqa: E402
 
