@@ -588,8 +588,12 @@ def test_on_random_weights_caches_are_timed_on_a_fixed_schedule_not_searched(opt
     assert lock.profile.cache == "none" and lock.profile.steps is None
     assert not any("cache" in row["profile"] for row in result.trials)
     assert set(lock.study) >= {"fixed_cache_50_speedup", "fixed_cache_70_speedup"}
-    # half the steps or more skip the blocks: faster than the default, whatever the timing noise
-    assert lock.study["fixed_cache_50_speedup"] > 1 and lock.study["fixed_cache_70_speedup"] > 1
+    # the figures are timings, so only their form is asserted here: a two-core CI machine once timed the 50%
+    # schedule at 0.77x of the default on `tiny`, whose blocks cost less than the cache's bookkeeping; that the
+    # schedule skips its share of steps is asserted without a clock in
+    # test_a_fixed_cache_schedule_reuses_exactly_its_share_of_steps
+    assert all(math.isfinite(lock.study[key]) and lock.study[key] > 0
+               for key in ("fixed_cache_50_speedup", "fixed_cache_70_speedup"))
     assert "held_out_images" not in lock.study
     assert report.fixed_cache_line(lock).startswith("caches, speed only (unverified")
     assert lockfile.read_lock(options.lock_path).study["fixed_cache_70_speedup"] == lock.study["fixed_cache_70_speedup"]
