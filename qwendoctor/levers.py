@@ -20,21 +20,23 @@ Order of application (LEVERS), and why:
   3. real RoPE          rotary embedding in real arithmetic; before compile, which cannot fuse complex ops
   4. fused qkv          one q/k/v GEMM per stream (qwendoctor.fused_projections); before quantization and weight
                         storage, so they see the fused Linears, and before compile
-  5. quantization       torchao swaps Linear weights; before compile so inductor fuses the activation quantization
-  6. weight storage     diffusers' layerwise casting (FP8 storage, upcast per layer); never with 5; before offload,
+  5. gelu epilogue     the MLP's GELU in its first GEMM's cuBLASLt epilogue (qwendoctor.gelu_epilogue); before
+                        weight storage and offload, whose hooks then wrap the fused Linear, and before compile
+  6. quantization       torchao swaps Linear weights; before compile so inductor fuses the activation quantization
+  7. weight storage     diffusers' layerwise casting (FP8 storage, upcast per layer); never with 6; before offload,
                         whose groups then move the FP8 copies, and before compile
-  7. cache              cache-dit's block cache or diffusers' FirstBlockCache around the blocks; before compile
-  8. offload            diffusers' group offloading of the transformer, or its model / sequential CPU offload of
+  8. cache              cache-dit's block cache or diffusers' FirstBlockCache around the blocks; before compile
+  9. offload            diffusers' group offloading of the transformer, or its model / sequential CPU offload of
                         the pipeline; after the levers that change the blocks, before compile, which traces its hooks
-  9. text encoder       where the text encoder lives (resident, offloaded, on the CPU); it runs once per call
- 10. context parallel   diffusers' Ulysses / ring hooks (qwendoctor.parallel); before compile, which traces them
- 11. compile            it traces whatever the steps above left
- 12. cfg batching       it intercepts the transformer's call, outside the compiled model
- 13. cfg parallel       the same interception with the two passes on two GPUs (never together with 12)
- 14. vae decode         tiled or sliced decoding; touches the VAE only
- 15. steps              not a change to the pipeline: an argument of each call (`qwendoctor.runner.call_arguments`)
+ 10. text encoder       where the text encoder lives (resident, offloaded, on the CPU); it runs once per call
+ 11. context parallel   diffusers' Ulysses / ring hooks (qwendoctor.parallel); before compile, which traces them
+ 12. compile            it traces whatever the steps above left
+ 13. cfg batching       it intercepts the transformer's call, outside the compiled model
+ 14. cfg parallel       the same interception with the two passes on two GPUs (never together with 13)
+ 15. vae decode         tiled or sliced decoding; touches the VAE only
+ 16. steps              not a change to the pipeline: an argument of each call (`qwendoctor.runner.call_arguments`)
 
-Memory levers (6, 8, 9, 14) trade speed for memory: tune does not search them (they are not in SEARCH_ORDER and
+Memory levers (7, 9, 10, 15) trade speed for memory: tune does not search them (they are not in SEARCH_ORDER and
 offer their defaults only); a memory plan chooses them.
 
 A value at its field's default leaves the pipeline as diffusers built it. How to add a lever: README, "Adding a
@@ -342,7 +344,7 @@ ATTENTION = Lever(
     lossy=lambda p: BY_NAME[p.attention_backend].lossy,  # 8-bit attention
     bench_alone=_attention_bench,
     # Last, on top of the FP8 tier: 8-bit attention is where that tier's bound lies, and it is lossy too.
-    ladder=(LadderStep(7, "stack:+sageattn", "+ 8-bit attention (SageAttention)",
+    ladder=(LadderStep(8, "stack:+sageattn", "+ 8-bit attention (SageAttention)",
                        lambda p: dataclasses.replace(p, attention_backend="sageattn"),
                        lambda c, w: "sageattn" in (c.working_attention_backends or ())),),
     # A backend from a flash-attn package; SDPA's own kernels come with torch.
@@ -427,7 +429,65 @@ def _profile(**fields) -> "Profile":
     return Profile(**fields)
 
 
-# ---- 5. quantization ------------------------------------------------------------------------------------
+# ---- 5. GELU epilogue -----------------------------------------------------------------------------------
+
+def apply_gelu_epilogue(pipe, profile: "Profile"):
+    from qwendoctor import gelu_epilogue
+
+    # At the default nothing is done: the fused modules are not swapped back (undoable=False), the pool replaces
+    # the transformer.
+    if not profile.gelu_epilogue or not _has_transformer(pipe, profile, "gelu_epilogue", True):
+        return pipe
+    already = any(gelu_epilogue.is_fused(module) for module in pipe.transformer.modules())
+    if gelu_epilogue.fuse(pipe.transformer) == 0 and not already:
+        raise UsageError("profile.gelu_epilogue: this transformer has no MLP with a biased projection and a tanh "
+                         "GELU (diffusers' GELU block) to fuse")
+    return pipe
+
+
+def _gelu_epilogue_check(profile) -> None:
+    if not profile.gelu_epilogue:
+        return
+    if profile.quantization != "none":
+        raise UsageError(f"profile.gelu_epilogue: quantization={profile.quantization} replaces the MLP's weights by "
+                         "torchao tensors, which have no GELU epilogue; use one of the two")
+    if profile.weight_storage == "int8_weight_only":
+        raise UsageError("profile.gelu_epilogue: weight_storage=int8_weight_only replaces the MLP's weights by "
+                         "torchao int8 tensors, which have no GELU epilogue; use one of the two")
+
+
+def _gelu_epilogue_runnable(profile, workload, capabilities) -> None:
+    if profile.gelu_epilogue and capabilities.device != "cuda":
+        raise UnavailableLever("gelu_epilogue needs a CUDA GPU (cuBLASLt's GELU epilogue); on the CPU torch's fused "
+                               "op computes the exact GELU, not the tanh approximation Qwen-Image's MLP uses",
+                               exit_code=EXIT_USAGE)
+
+
+def _gelu_epilogue_sample(trial, offer: Offer, chosen: dict[str, Any], ctx: SpaceContext) -> dict[str, Any]:
+    values = offer.values["gelu_epilogue"]
+    if chosen.get("quantization", "none") != "none":
+        return {"gelu_epilogue": False}  # refused with torchao's weights (_gelu_epilogue_check)
+    return {"gelu_epilogue": trial.suggest_categorical("gelu_epilogue", values) if len(values) > 1 else values[0]}
+
+
+GELU_EPILOGUE = Lever(
+    name="gelu_epilogue", apply=apply_gelu_epilogue, undoable=False,
+    fields=(Field("gelu_epilogue", bool, False, omit_default=True),),
+    check=_gelu_epilogue_check, runnable=_gelu_epilogue_runnable,
+    # Searched wherever a GPU is: whether cuBLASLt's epilogue kernel beats its plain GEMM plus Inductor's GELU
+    # kernel is measured, not assumed; rounding is all it changes.
+    offer=lambda ctx: Offer({"gelu_epilogue": (False, True) if ctx.on_gpu else (False,)}),
+    sample=_gelu_epilogue_sample,
+    describe=lambda p: "gelu-epilogue" if p.gelu_epilogue else None,
+    bench_alone=lambda c, w: [BenchRow("gelu_epilogue", "MLP GELU in the GEMM epilogue (cuBLASLt)",
+                                       _profile(gelu_epilogue=True))] if c.device == "cuda" else [],
+    ladder=(LadderStep(5, "stack:+gelu_epilogue", "+ MLP GELU in the GEMM epilogue",
+                       lambda p: dataclasses.replace(p, gelu_epilogue=True) if p.quantization == "none" else p,
+                       lambda c, w: c.device == "cuda"),),
+)
+
+
+# ---- 6. quantization ------------------------------------------------------------------------------------
 
 QUANTIZATIONS = ("none", "fp8_rowwise", "fp8_tensorwise", "fp8_weight_only")
 
@@ -603,12 +663,14 @@ QUANTIZATION = Lever(
     lossy=lambda p: p.quantization != "none", packages=lambda p: ("torchao",) if p.quantization != "none" else (),
     describe=_describe_quantization,
     bench_alone=_quantization_bench,
-    ladder=(LadderStep(6, "stack:+fp8_rowwise", "+ FP8 row-wise",
-                       lambda p: dataclasses.replace(p, quantization="fp8_rowwise"), lambda c, w: c.has_fp8),),
+    ladder=(LadderStep(7, "stack:+fp8_rowwise", "+ FP8 row-wise",
+                       # torchao's FP8 weights have no GELU epilogue: the GELU goes back to its own kernel.
+                       lambda p: dataclasses.replace(p, quantization="fp8_rowwise", gelu_epilogue=False),
+                       lambda c, w: c.has_fp8),),
 )
 
 
-# ---- 6. weight storage ---------------------------------------------------------------------------------
+# ---- 7. weight storage ---------------------------------------------------------------------------------
 
 # bf16: the weights in the workload's dtype, as diffusers loads them. fp8_storage: diffusers' layerwise casting,
 # each layer's weights kept in float8_e4m3fn and cast up to the model's dtype for its own forward: half the weight
@@ -675,7 +737,7 @@ WEIGHT_STORAGE = Lever(
 )
 
 
-# ---- 7. cache ----------------------------------------------------------------------------------------------
+# ---- 8. cache ----------------------------------------------------------------------------------------------
 
 # first_block: diffusers' FirstBlockCache hooks, eager only. dbcache: cache-dit's block cache (compute the first Fn
 # and last Bn blocks, reuse the middle's residual while the first blocks' output changes less than the threshold),
@@ -890,7 +952,7 @@ CACHE = Lever(
 )
 
 
-# ---- 8. offload ----------------------------------------------------------------------------------------
+# ---- 9. offload ----------------------------------------------------------------------------------------
 
 # group: diffusers' group offloading of the transformer: its blocks live on the CPU and come to the GPU a group
 # at a time, the next group copied on a CUDA stream while the current one computes. model: diffusers' model CPU
@@ -965,7 +1027,7 @@ OFFLOAD = Lever(
 )
 
 
-# ---- 9. text encoder -----------------------------------------------------------------------------------
+# ---- 10. text encoder -----------------------------------------------------------------------------------
 
 # resident: on the GPU with the rest, as diffusers builds it. offload: diffusers' group offloading of the text
 # encoder; its top level has no block list (Qwen2.5-VL's layers sit one module down), so block-level offloading
@@ -1027,7 +1089,7 @@ TEXT_ENCODER = Lever(
 )
 
 
-# ---- 10. context parallel (and the fields of both multi-GPU levers) --------------------------------------
+# ---- 11. context parallel (and the fields of both multi-GPU levers) --------------------------------------
 
 # cfg: true CFG's two passes on two GPUs; ulysses / ring: diffusers' context parallelism, the sequence split over
 # the GPUs; cfg+X: two groups of GPUs, one per CFG pass, X inside each. `tune --gpus` measures them after the
@@ -1093,7 +1155,7 @@ CONTEXT_PARALLEL = Lever(
 )
 
 
-# ---- 11. compile ----------------------------------------------------------------------------------------
+# ---- 12. compile ----------------------------------------------------------------------------------------
 
 COMPILE_MODES = ("none", "regional", "full")
 # torch.compile's CUDA-graph mode ("reduce-overhead") is left out until it works here: on an H100 it failed with
@@ -1193,13 +1255,13 @@ COMPILE = Lever(
     bench_alone=_compile_bench,
     ladder=(LadderStep(2, "stack:+compile", "+ regional compile",
                        lambda p: dataclasses.replace(p, compile="regional"), _can_compile),
-            LadderStep(5, "stack:+max_autotune", "+ max-autotune (no CUDA graphs)",
+            LadderStep(6, "stack:+max_autotune", "+ max-autotune (no CUDA graphs)",
                        lambda p: dataclasses.replace(p, compile_mode="max-autotune-no-cudagraphs")
                        if p.compile != "none" else p, _can_compile)),
 )
 
 
-# ---- 12. CFG batching -----------------------------------------------------------------------------------
+# ---- 13. CFG batching -----------------------------------------------------------------------------------
 
 def apply_cfg_batching(pipe, profile: "Profile"):
     from qwendoctor import cfg_batching
@@ -1238,7 +1300,7 @@ CFG_BATCHING = Lever(
 )
 
 
-# ---- 13. CFG parallel -----------------------------------------------------------------------------------
+# ---- 14. CFG parallel -----------------------------------------------------------------------------------
 
 def apply_cfg_parallel(pipe, profile: "Profile"):
     from qwendoctor import parallel
@@ -1252,7 +1314,7 @@ def apply_cfg_parallel(pipe, profile: "Profile"):
 CFG_PARALLEL = Lever(name="cfg_parallel", apply=apply_cfg_parallel, undoable=False, captures_profile=True)
 
 
-# ---- 14. VAE decode ------------------------------------------------------------------------------------
+# ---- 15. VAE decode ------------------------------------------------------------------------------------
 
 # tiled: diffusers decodes the latents in overlapping tiles (256 px, stride 192) and blends the seams: peak memory
 # bounded by a tile instead of the image, the image close to the full decode but not equal (the seams are blended).
@@ -1283,7 +1345,7 @@ VAE_DECODE = Lever(
 )
 
 
-# ---- 15. steps ------------------------------------------------------------------------------------------
+# ---- 16. steps ------------------------------------------------------------------------------------------
 
 def _steps_offer(ctx: SpaceContext) -> Offer:
     """From the reference down to a fifth of it, in strides of a tenth: the floor, not the range, decides how
@@ -1313,12 +1375,13 @@ STEPS = Lever(
 )
 
 
-LEVERS = (TF32, ATTENTION, REAL_ROPE, FUSED_QKV, QUANTIZATION, WEIGHT_STORAGE, CACHE, OFFLOAD, TEXT_ENCODER,
-          CONTEXT_PARALLEL, COMPILE, CFG_BATCHING, CFG_PARALLEL, VAE_DECODE, STEPS)
+LEVERS = (TF32, ATTENTION, REAL_ROPE, FUSED_QKV, GELU_EPILOGUE, QUANTIZATION, WEIGHT_STORAGE, CACHE, OFFLOAD,
+          TEXT_ENCODER, CONTEXT_PARALLEL, COMPILE, CFG_BATCHING, CFG_PARALLEL, VAE_DECODE, STEPS)
 # The order tune asks Optuna for values: compile first, since whether quantization, cache and real RoPE are
 # offered depends on it. (Changing it changes which profiles a seeded study proposes.)
 # The memory levers are not searched: they cost speed, and a memory plan chooses them.
-SEARCH_ORDER = (ATTENTION, COMPILE, QUANTIZATION, CACHE, TF32, CFG_BATCHING, REAL_ROPE, STEPS, FUSED_QKV)
+SEARCH_ORDER = (ATTENTION, COMPILE, QUANTIZATION, CACHE, TF32, CFG_BATCHING, REAL_ROPE, STEPS, FUSED_QKV,
+                GELU_EPILOGUE)
 FIELDS = tuple(field for lever in LEVERS for field in lever.fields)
 
 

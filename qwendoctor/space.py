@@ -74,6 +74,9 @@ def build_search_space(capabilities: Capabilities, workload: Workload, exhaustiv
         offers["quantization"] = _only(offers["quantization"], "quantization", "none",
                                        "torchao FP8 quantization: it starts from the bf16 transformer on the GPU, "
                                        "which the memory plan says does not fit (its FP8 weight storage does)")
+    if placement.get("weight_storage") == "int8_weight_only":
+        offers["gelu_epilogue"] = _only(offers["gelu_epilogue"], "gelu_epilogue", False,
+                                        "GELU epilogue: the memory plan's int8 weights have none")
     if placement.get("offload") == "sequential":
         offers["compile"] = levers.Offer({"compile": ("none",), "compile_mode": ("default",)},
                                          offers["compile"].left_out

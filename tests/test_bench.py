@@ -102,6 +102,8 @@ def fake_gpu(monkeypatch):
             ms -= 8
         if profile.fused_qkv:
             ms -= 3
+        if profile.gelu_epilogue:
+            ms -= 4
         if profile.attention_backend == "sageattn":
             ms -= 60
         if profile.quantization != "none":
@@ -125,20 +127,24 @@ def test_the_stack_keeps_a_lever_only_where_it_made_the_step_faster(fake_gpu, tm
     options = bench.BenchOptions(workload=workload, timed_steps=6, breakdown=False, out_dir=str(tmp_path))
     result = bench.run_bench(options, capabilities)
     rows = {r["id"]: r for r in result.document["rows"]}
-    assert list(rows) == ["default", "attn:_native_cudnn", "fused_qkv", "fp8_rowwise", "compile:regional",
+    assert list(rows) == ["default", "attn:_native_cudnn", "fused_qkv", "gelu_epilogue", "fp8_rowwise",
+                          "compile:regional",
                           "cfg_batching", "stack:+cfg_batching", "stack:+compile", "stack:+real_rope",
-                          "stack:+fused_qkv", "stack:+max_autotune", "stack:+fp8_rowwise"]
+                          "stack:+fused_qkv", "stack:+gelu_epilogue", "stack:+max_autotune",
+                          "stack:+fp8_rowwise"]
     # cuDNN was slower than native here, so the stack starts from native and reuses the alone row for CFG
     assert result.document["stack_start"] == Profile().to_dict()
     assert rows["stack:+cfg_batching"]["same_as"] == "cfg_batching" and rows["stack:+cfg_batching"]["kept"]
     assert rows["stack:+compile"]["kept"] and rows["stack:+compile"]["step_ms"] == pytest.approx(490)
     assert rows["stack:+real_rope"]["kept"] and rows["stack:+real_rope"]["step_ms"] == pytest.approx(482)
     assert rows["stack:+fused_qkv"]["kept"] and rows["stack:+fused_qkv"]["step_ms"] == pytest.approx(479)
-    assert not rows["stack:+max_autotune"]["kept"]  # 494 > 479: dropped
+    assert rows["stack:+gelu_epilogue"]["kept"] and rows["stack:+gelu_epilogue"]["step_ms"] == pytest.approx(475)
+    assert not rows["stack:+max_autotune"]["kept"]  # 490 > 475: dropped
+    # torchao's FP8 weights have no GELU epilogue: the FP8 step takes it out again
     assert rows["stack:+fp8_rowwise"]["profile"] == Profile(cfg_batching=True, compile="regional", real_rope=True,
                                                            fused_qkv=True, quantization="fp8_rowwise").to_dict()
     tiers = result.document["tiers"]
-    assert tiers["lossless"]["step_ms"] == pytest.approx(479) and tiers["fp8"]["step_ms"] == pytest.approx(369)
+    assert tiers["lossless"]["step_ms"] == pytest.approx(475) and tiers["fp8"]["step_ms"] == pytest.approx(369)
     # ratios, TFLOP/s against the 263 TFLOP step, the estimate of a 50-step image
     assert rows["stack:+compile"]["tflops"] == pytest.approx(result.document["flops_per_step"]["total"] / 0.49 / 1e12)
     assert rows["default"]["s_per_image"] == pytest.approx(0.2 + 50 * 0.64)
@@ -186,7 +192,7 @@ def test_8bit_attention_is_the_ladders_last_step_never_its_start(fake_gpu, tmp_p
         attention_backend="sageattn", cfg_batching=True, compile="regional", real_rope=True, fused_qkv=True,
         quantization="fp8_rowwise")
     tiers = result.document["tiers"]
-    assert tiers["lossless"]["id"] == "stack:+fused_qkv" and tiers["fp8"]["id"] == "stack:+sageattn"
+    assert tiers["lossless"]["id"] == "stack:+gelu_epilogue" and tiers["fp8"]["id"] == "stack:+sageattn"
 
 
 def test_each_stack_step_says_what_it_removed_from_the_step_it_was_tried_on(fake_gpu, tmp_path, tiny_workload,
@@ -216,7 +222,7 @@ def test_each_stack_step_says_what_it_removed_from_the_step_it_was_tried_on(fake
     assert rows["stack:+compile"]["removed_ms"]["elementwise"] == 100.0
     assert rows["stack:+fused_qkv"]["removed_ms"]["gemm"] == 2.0
     # max-autotune was dropped: FP8 is tried on the stack before it, and says so
-    assert not rows["stack:+max_autotune"]["kept"] and rows["stack:+fp8_rowwise"]["stack_base"] == "stack:+fused_qkv"
+    assert not rows["stack:+max_autotune"]["kept"] and rows["stack:+fp8_rowwise"]["stack_base"] == "stack:+gelu_epilogue"
     assert rows["stack:+fp8_rowwise"]["removed_ms"]["gemm"] == 110.0
     table = open(result.path_md).read()
     assert "| + regional compile | + CFG batching | 0.0 | 0.0 | 100.0 | 0.0 | 0.0 | 0.0 | yes |" in table
@@ -236,7 +242,8 @@ def test_rows_are_on_disk_as_they_finish(fake_gpu, tmp_path, tiny_workload, monk
     with pytest.raises(KeyboardInterrupt):
         bench.run_bench(options, Capabilities(device="cuda", compute_capability=(9, 0), compile_works=False))
     saved = json.loads((tmp_path / "bench-synthetic-128x128.json").read_text())
-    assert [r["id"] for r in saved["rows"]] == ["default", "fused_qkv"] and saved["rows"][0]["step_ms"] > 0
+    assert [r["id"] for r in saved["rows"]] == ["default", "fused_qkv", "gelu_epilogue"]
+    assert saved["rows"][0]["step_ms"] > 0
 
 
 def test_resume_keeps_finished_rows_and_measures_the_rest(fake_gpu, tmp_path, tiny_workload, monkeypatch):
@@ -259,12 +266,13 @@ def test_resume_keeps_finished_rows_and_measures_the_rest(fake_gpu, tmp_path, ti
     fake_gpu.clear()
     result = bench.run_bench(options, capabilities)
     rows = result.document["rows"]
-    assert [r["id"] for r in rows] == ["default", "fused_qkv", "cfg_batching", "stack:+cfg_batching",
-                                       "stack:+fused_qkv"]
-    assert rows[0]["resumed"] and rows[1]["resumed"] and "resumed" not in rows[2]
-    # the default and the fused row were not built again
-    assert fake_gpu == [Profile(cfg_batching=True), Profile(cfg_batching=True, fused_qkv=True)]
-    assert rows[2]["psnr_db"] > 40  # compared with the default's image the first run stored
+    assert [r["id"] for r in rows] == ["default", "fused_qkv", "gelu_epilogue", "cfg_batching", "stack:+cfg_batching",
+                                       "stack:+fused_qkv", "stack:+gelu_epilogue"]
+    assert rows[0]["resumed"] and rows[1]["resumed"] and rows[2]["resumed"] and "resumed" not in rows[3]
+    # the default and the two fusion rows were not built again
+    assert fake_gpu == [Profile(cfg_batching=True), Profile(cfg_batching=True, fused_qkv=True),
+                        Profile(cfg_batching=True, fused_qkv=True, gelu_epilogue=True)]
+    assert rows[3]["psnr_db"] > 40  # compared with the default's image the first run stored
     # Another workload does not resume from this file: everything is measured again.
     other = dataclasses.replace(options, workload=dataclasses.replace(workload, true_cfg_scale=3.0))
     fake_gpu.clear()

@@ -100,6 +100,8 @@ def test_generate_refuses_a_lock_from_another_setup(tiny_lock, tmp_path, capsys)
 @pytest.mark.parametrize("field, value, message", [
     ("attention_backend", "sageattn", "attention backend 'sageattn' needs a CUDA GPU; this machine runs on the CPU"),
     ("attention_backend", "fa4", "attention backend 'fa4' needs a CUDA GPU; this machine runs on the CPU"),
+    ("gelu_epilogue", True, "gelu_epilogue needs a CUDA GPU (cuBLASLt's GELU epilogue); on the CPU torch's fused op "
+                            "computes the exact GELU, not the tanh approximation Qwen-Image's MLP uses"),
 ])
 def test_a_lock_asking_for_a_kernel_this_machine_lacks_is_one_line_and_exit_2(tiny_lock, tmp_path, capsys, field,
                                                                                value, message):

@@ -119,7 +119,7 @@ def test_a_compiled_profile_gets_real_rope_without_it_being_a_search_dimension(t
     w1 = dataclasses.replace(tiny_workload, reference_steps=50, dtype="bfloat16")
     measured = space.build_search_space(h100, w1, evidence=measured_on_h100)
     base = {"attention_backend": "native", "quantization": "none", "cache": "none", "tf32": False,
-            "cfg_batching": True, "steps": 50, "fused_qkv": False}
+            "cfg_batching": True, "steps": 50, "fused_qkv": False, "gelu_epilogue": False}
     compiled = space.sample_profile(optuna.trial.FixedTrial({**base, "compile": "regional"}), measured)
     eager = space.sample_profile(optuna.trial.FixedTrial({**base, "compile": "none"}), measured)
     assert compiled.real_rope and not eager.real_rope

@@ -1,0 +1,81 @@
+"""Qwen-Image's MLP activation computed in the epilogue of the GEMM before it.
+
+Each of the 60 blocks runs two MLPs, one per stream: `Linear(3072, 12288)`, GELU (tanh approximation), then
+`Linear(12288, 3072)`. Under regional compile Inductor leaves the first GEMM to cuBLAS and runs the GELU as a kernel
+of its own, which reads and writes the block's widest activation once more: `triton_poi_fused_gelu_view_13`, 15.3 ms
+of a 479 ms step in the H100 bench of benchmarks/bench/bench-synthetic-1328x1328-real-rope.json.
+
+torch's `_addmm_activation(bias, input, weight.t(), use_gelu=True)` asks cuBLASLt for its GELU_BIAS epilogue: the
+bias and the GELU are applied to the float32 accumulator, and the GEMM writes the activated result. Inductor keeps
+the op whole: its lowering registers it as a fallback (`make_fallback(aten._addmm_activation)` in
+torch/_inductor/lowering.py) rather than decomposing it into a GEMM and a pointwise kernel.
+
+The op's GELU depends on the device: on CUDA it is the tanh approximation Qwen-Image's MLP uses (torch's own
+decomposition, `_addmm_activation` in torch/_decomp/decompositions.py, says so), on the CPU the exact GELU, another
+function. So the lever needs a CUDA GPU.
+
+The swap keeps the modules and their parameters: `proj` stays an `nn.Linear` (a subclass), called as a module, so
+hooks registered on it later run as before (diffusers' layerwise casting casts its FP8-stored weight up before its
+forward, accelerate's offload moves it in), and the state dict is diffusers'. Quantized weights (torchao's FP8 and
+int8 tensors) have no such epilogue: `profile.check` refuses those combinations.
+"""
+
+from __future__ import annotations
+
+import functools
+
+
+def _activations():
+    from diffusers.models import activations
+
+    return activations
+
+
+@functools.cache  # one class each: torch.compile guards on a module's type
+def _classes():
+    import torch
+
+    diffusers_gelu = _activations().GELU
+
+    class LinearGELU(torch.nn.Linear):
+        """A Linear whose output is GELU(tanh)(x @ W.T + b), from one cuBLASLt GEMM with a GELU_BIAS epilogue."""
+
+        def forward(self, hidden_states):
+            flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+            # At call time: a test may stand in for the op on a machine without cuBLASLt.
+            out = torch._addmm_activation(self.bias, flat, self.weight.t(), use_gelu=True)
+            return out.view(*hidden_states.shape[:-1], self.out_features)
+
+    class EpilogueGELU(diffusers_gelu):
+        """diffusers' GELU block whose activation already happened in its projection's epilogue."""
+
+        def forward(self, hidden_states):
+            return self.proj(hidden_states)
+
+    return LinearGELU, EpilogueGELU
+
+
+def is_fused(module) -> bool:
+    return type(module) is _classes()[1]
+
+
+def fusable(module) -> bool:
+    """A diffusers GELU block this lever can fuse: the tanh approximation (the epilogue's) and a projection with
+    a bias (GELU_BIAS; Qwen-Image's have one)."""
+    import torch
+
+    return (type(module) is _activations().GELU and module.approximate == "tanh"
+            and type(module.proj) is torch.nn.Linear and module.proj.bias is not None)
+
+
+def fuse(transformer) -> int:
+    """Move the activation of every fusable GELU block of `transformer` into its GEMM (in place, idempotent);
+    returns how many were fused now."""
+    linear_gelu, epilogue_gelu = _classes()
+    fused = 0
+    for module in transformer.modules():
+        if fusable(module):
+            module.proj.__class__ = linear_gelu
+            module.__class__ = epilogue_gelu
+            fused += 1
+    return fused
