@@ -344,7 +344,7 @@ ATTENTION = Lever(
     lossy=lambda p: BY_NAME[p.attention_backend].lossy,  # 8-bit attention
     bench_alone=_attention_bench,
     # Last, on top of the FP8 tier: 8-bit attention is where that tier's bound lies, and it is lossy too.
-    ladder=(LadderStep(8, "stack:+sageattn", "+ 8-bit attention (SageAttention)",
+    ladder=(LadderStep(9, "stack:+sageattn", "+ 8-bit attention (SageAttention)",
                        lambda p: dataclasses.replace(p, attention_backend="sageattn"),
                        lambda c, w: "sageattn" in (c.working_attention_backends or ())),),
     # A backend from a flash-attn package; SDPA's own kernels come with torch.
@@ -663,7 +663,7 @@ QUANTIZATION = Lever(
     lossy=lambda p: p.quantization != "none", packages=lambda p: ("torchao",) if p.quantization != "none" else (),
     describe=_describe_quantization,
     bench_alone=_quantization_bench,
-    ladder=(LadderStep(7, "stack:+fp8_rowwise", "+ FP8 row-wise",
+    ladder=(LadderStep(8, "stack:+fp8_rowwise", "+ FP8 row-wise",
                        # torchao's FP8 weights have no GELU epilogue: the GELU goes back to its own kernel.
                        lambda p: dataclasses.replace(p, quantization="fp8_rowwise", gelu_epilogue=False),
                        lambda c, w: c.has_fp8),),
@@ -1158,11 +1158,19 @@ CONTEXT_PARALLEL = Lever(
 # ---- 12. compile ----------------------------------------------------------------------------------------
 
 COMPILE_MODES = ("none", "regional", "full")
-# torch.compile's CUDA-graph mode ("reduce-overhead") is left out until it works here: on an H100 it failed with
-# "accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run" (benchmarks/README.md,
-# "GPU tests"); the cause (the 60 blocks sharing one captured graph, or the cond output outliving the uncond
-# pass) is not established yet.
-COMPILE_OPTIONS = ("default", "max-autotune-no-cudagraphs", "coordinate-descent")
+# torch.compile's CUDA-graph mode ("reduce-overhead"). On an H100, under regional compile, it failed with
+# "accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run", the tensor being a block's
+# output (`hidden_states + img_gate2 * img_mlp_output`; benchmarks/README.md, "GPU tests"). The cause is CUDA Graph
+# Trees' rule for inference: "A new iteration is started on each invocation of torch.compile"
+# (torch.compiler.cudagraph_mark_step_begin's documentation), and a new iteration frees the tensors of the one
+# before. Regional compile makes each of the 60 block calls an invocation, so each block's replay may overwrite the
+# previous block's outputs, which are its own inputs. A whole-transformer compile makes one invocation per
+# transformer call; there the one output a pipeline keeps across calls is the cond pass's noise prediction, which
+# the uncond pass would overwrite, so true CFG needs CFG batching (one call per step). Not searched by tune until
+# the bench has measured it (ladder step `stack:+cuda_graphs`); the lever refuses the combinations above.
+CUDA_GRAPHS = "reduce-overhead"
+COMPILE_OPTIONS = ("default", "max-autotune-no-cudagraphs", "coordinate-descent", CUDA_GRAPHS)
+# (The caches are refused with a whole-transformer compile by the cache lever already.)
 # Compile modes that are inductor settings rather than torch.compile modes.
 COMPILE_OPTION_CONFIG = {
     # Tunes each generated Triton kernel's block sizes by benchmarking neighbours at its first run (what
@@ -1198,6 +1206,21 @@ def apply_compile(pipe, profile: "Profile"):
 def _compile_check(profile) -> None:
     if profile.compile == "none" and profile.compile_mode != "default":
         raise UsageError(f"profile.compile_mode: {profile.compile_mode!r} needs compile = regional or full")
+    if profile.compile_mode != CUDA_GRAPHS:
+        return
+    if profile.compile != "full":
+        raise UsageError(f"profile.compile_mode: {CUDA_GRAPHS} needs compile = full: under regional compile each "
+                         "block's call starts a new CUDA-graph iteration, whose replay overwrites the previous "
+                         "block's outputs")
+    if profile.offload != "none":
+        raise UsageError(f"profile.compile_mode: {CUDA_GRAPHS} with offload={profile.offload}: offload moves the "
+                         "weights to new addresses at each call, and a CUDA graph replays the recorded ones")
+
+
+def _compile_runnable(profile, workload, capabilities) -> None:
+    if profile.compile_mode == CUDA_GRAPHS and workload.does_cfg and not profile.cfg_batching:
+        raise UsageError(f"profile.compile_mode: {CUDA_GRAPHS} with true CFG needs cfg_batching = true: the "
+                         "pipeline keeps the cond pass's output while the uncond pass replays the graph over it")
 
 
 def _compile_offer(ctx: SpaceContext) -> Offer:
@@ -1205,7 +1228,9 @@ def _compile_offer(ctx: SpaceContext) -> Offer:
     # what this tool tunes for: compile is searched where it pays, on CUDA.
     if not ctx.can_compile:
         return Offer({"compile": ("none",), "compile_mode": ("default",)})
-    left_out, modes = [], ["default"]
+    # CUDA graphs wait for the bench's measurement (see CUDA_GRAPHS); the sampler never draws them.
+    left_out, modes = [f"{CUDA_GRAPHS} (CUDA graphs): not yet measured here; qwendoctor bench's stack:+cuda_graphs "
+                       "row measures it"], ["default"]
     for mode, rule in MODE_RULES.items():
         measured = None if ctx.exhaustive else ctx.evidence(rule)
         if measured:
@@ -1251,13 +1276,18 @@ COMPILE = Lever(
     name="compile", apply=apply_compile, undoable=False, captures_profile=True,
     fields=(Field("compile", str, "none", choices=COMPILE_MODES),
             Field("compile_mode", str, "default", choices=COMPILE_OPTIONS)),
-    check=_compile_check, offer=_compile_offer, sample=_compile_sample, describe=_describe_compile,
+    check=_compile_check, runnable=_compile_runnable, offer=_compile_offer, sample=_compile_sample,
+    describe=_describe_compile,
     bench_alone=_compile_bench,
     ladder=(LadderStep(2, "stack:+compile", "+ regional compile",
                        lambda p: dataclasses.replace(p, compile="regional"), _can_compile),
             LadderStep(6, "stack:+max_autotune", "+ max-autotune (no CUDA graphs)",
                        lambda p: dataclasses.replace(p, compile_mode="max-autotune-no-cudagraphs")
-                       if p.compile != "none" else p, _can_compile)),
+                       if p.compile != "none" else p, _can_compile),
+            # The whole transformer as one CUDA graph per call (see CUDA_GRAPHS); after the ladder's CFG batching.
+            LadderStep(7, "stack:+cuda_graphs", "+ CUDA graphs (whole-transformer compile, reduce-overhead)",
+                       lambda p: dataclasses.replace(p, compile="full", compile_mode=CUDA_GRAPHS)
+                       if p.compile != "none" and p.cache == "none" and p.offload == "none" else p, _can_compile)),
 )
 
 

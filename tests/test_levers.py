@@ -493,3 +493,23 @@ def test_first_block_cache_stacks_with_cfg_batching(fresh_tiny, tiny_workload):
     assert cfg_batching.interception(fresh_tiny.pipe.transformer) is None
     assert not fresh_tiny.pipe.transformer.is_cache_enabled
     np.testing.assert_array_equal(runner.render(fresh_tiny, workload, Profile(), "a fox", 0), reference)
+
+
+def test_cuda_graphs_need_cfg_batching_under_true_cfg_and_are_never_sampled(tiny_workload):
+    """compile_mode = reduce-overhead (levers.CUDA_GRAPHS): refused where its cause applies, measured by the bench
+    before tune searches it."""
+    from qwendoctor import space
+    from qwendoctor.errors import UsageError
+
+    gpu = Capabilities(device="cuda", compute_capability=(9, 0), compile_works=True,
+                       working_attention_backends=("native",))
+    graphs = Profile(compile="full", compile_mode="reduce-overhead")
+    assert tiny_workload.does_cfg
+    with pytest.raises(UsageError, match=r"^profile\.compile_mode: reduce-overhead with true CFG needs "
+                                         r"cfg_batching = true: the pipeline keeps the cond pass's output"):
+        check_runnable(graphs, tiny_workload, gpu)
+    check_runnable(dataclasses.replace(graphs, cfg_batching=True), tiny_workload, gpu)
+    check_runnable(graphs, dataclasses.replace(tiny_workload, true_cfg_scale=1.0), gpu)  # one pass per step
+    searched = space.build_search_space(gpu, tiny_workload, exhaustive=True, evidence=lambda rule: None)
+    assert "reduce-overhead" not in searched.values("compile_mode")
+    assert any(line.startswith("reduce-overhead (CUDA graphs): not yet measured") for line in searched.left_out)
