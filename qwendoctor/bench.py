@@ -15,6 +15,7 @@ import json
 import math
 import os
 import platform
+import re
 import time
 from typing import Any, Callable
 
@@ -202,6 +203,30 @@ def removed_ms(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float
     return removed
 
 
+KERNEL_CHANGES = 5  # per direction and stack step: the heaviest kernels that went and came
+
+
+def kernel_name_key(name: str) -> str:
+    """A kernel's name without Inductor's running number (`triton_poi_fused_gelu_view_13` and `..._11` are one
+    kernel in two compiles of the same block)."""
+    return re.sub(r"_\d+$", "", name) if name.startswith("triton_") else name
+
+
+def kernel_changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The kernels a stack step took away ("gone": in the breakdown it was tried on, not in its own) and brought
+    ("new"), heaviest first, by name: which GELU or copy kernel a fusion removed is read here, not guessed."""
+    def by_key(breakdown):
+        found: dict[str, dict[str, Any]] = {}
+        for kernel in breakdown.get("top", []):
+            entry = found.setdefault(kernel_name_key(kernel["name"]), {**kernel, "ms": 0.0})
+            entry["ms"] = round(entry["ms"] + kernel["ms"], 2)
+        return found
+
+    old, new = by_key(before), by_key(after)
+    return {"gone": sorted((old[k] for k in old.keys() - new.keys()), key=lambda k: -k["ms"])[:KERNEL_CHANGES],
+            "new": sorted((new[k] for k in new.keys() - old.keys()), key=lambda k: -k["ms"])[:KERNEL_CHANGES]}
+
+
 # ---- running the ladder ---------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -290,7 +315,8 @@ def run_bench(options: BenchOptions, capabilities: Capabilities,
         earlier = next((r for r in rows if r["profile"] == row["profile"] and "step_ms" in r), None)
         if earlier is not None:  # the stack reached a profile measured alone: its numbers, not a second build
             row.update({k: v for k, v in earlier.items()
-                        if k not in row and k not in ("kept", "stack_base", "removed_ms")}, same_as=earlier["id"])
+                        if k not in row and k not in ("kept", "stack_base", "removed_ms", "kernel_changes")},
+                       same_as=earlier["id"])
             rows.append(row)
             save()
             return row
@@ -365,6 +391,7 @@ def run_bench(options: BenchOptions, capabilities: Capabilities,
             row["stack_base"] = current_row["id"]
             if "breakdown" in row and "breakdown" in current_row:
                 row["removed_ms"] = removed_ms(current_row["breakdown"], row["breakdown"])
+                row["kernel_changes"] = kernel_changes(current_row["breakdown"], row["breakdown"])
             # Against the default's profile: a memory plan's placement (FP8 storage, tiled decode) is in both.
             lossy = levers.is_lossy(candidate, Profile.from_dict(default["profile"]))
             floor = FP8_PSNR_DB if lossy else LOSSLESS_PSNR_DB
@@ -543,6 +570,15 @@ def markdown(document: dict[str, Any]) -> str:
             lines.append(f"| {row['label']} | {labels.get(row['stack_base'], row['stack_base'])} | "
                          + " | ".join(f"{removed[k]:.1f}" for k in (*KINDS, "idle"))
                          + f" | {'yes' if row.get('kept') else 'no'} |")
+    changed = [r for r in stepped if r.get("kernel_changes", {}).get("gone") or r.get("kernel_changes", {}).get("new")]
+    if changed:
+        lines += ["", f"Kernels each stack step took away and brought, by name (the {KERNEL_CHANGES} heaviest each way "
+                      f"among the {TOP_KERNELS} heaviest of a step; ms per step):", "",
+                  "| step | gone | new |", "|---|---|---|"]
+        for row in changed:
+            cells = [", ".join(f"`{k['name'][:60]}` {k['ms']:.1f}" for k in row["kernel_changes"][way]) or "none"
+                     for way in ("gone", "new")]
+            lines.append(f"| {row['label']} | {cells[0]} | {cells[1]} |")
     if document.get("flops_per_step"):
         f = document["flops_per_step"]
         lines += ["", f"FLOPs per step: {f['total'] / 1e12:.4g} T (linear {f['linear'] / 1e12:.4g}, attention "

@@ -208,9 +208,15 @@ def test_each_stack_step_says_what_it_removed_from_the_step_it_was_tried_on(fake
         elementwise = 150.0 - (100 if profile.compile != "none" else 0)
         gemm = 300.0 - (2 if profile.fused_qkv else 0) - (110 if profile.quantization != "none" else 0)
         idle = 20.0 - (12 if profile.cfg_batching else 0)
+        top = [{"name": "nvjet_sm90_tst_192x192_bias_TNN", "kind": "gemm", "ms": gemm}]
+        if profile.gelu_epilogue:
+            top.append({"name": "nvjet_sm90_tst_192x192_gelu_bias_TNN", "kind": "gemm", "ms": 1.0})
+        elif profile.compile != "none":  # Inductor numbers its kernels: real RoPE's compile numbers this one anew
+            top.append({"name": f"triton_poi_fused_gelu_view_{13 if profile.real_rope else 11}",
+                        "kind": "elementwise", "ms": 15.3})
         return {"kernel_ms": {"gemm": gemm, "attention": 120.0, "elementwise": elementwise, "memory": 10.0,
                               "other": 5.0}, "idle_ms": idle, "busy_ms": 0.0, "profiled_step_ms": step_ms,
-                "source": "fake", "top": []}
+                "source": "fake", "top": top}
 
     monkeypatch.setattr(bench, "step_breakdown", fake_breakdown)
     capabilities = Capabilities(device="cuda", compute_capability=(9, 0), has_torchao=True, compile_works=True,
@@ -229,8 +235,18 @@ def test_each_stack_step_says_what_it_removed_from_the_step_it_was_tried_on(fake
     # max-autotune was dropped: FP8 is tried on the stack before it, and says so
     assert not rows["stack:+max_autotune"]["kept"] and rows["stack:+fp8_rowwise"]["stack_base"] == "stack:+gelu_epilogue"
     assert rows["stack:+fp8_rowwise"]["removed_ms"]["gemm"] == 110.0
+    # by name: the GELU kernel the epilogue took away, the cuBLASLt kernel it brought; a renumbered kernel is not
+    # a change
+    changes = rows["stack:+gelu_epilogue"]["kernel_changes"]
+    assert [k["name"] for k in changes["gone"]] == ["triton_poi_fused_gelu_view_13"]
+    assert [k["name"] for k in changes["new"]] == ["nvjet_sm90_tst_192x192_gelu_bias_TNN"]
+    assert rows["stack:+real_rope"]["kernel_changes"] == {"gone": [], "new": []}
+    assert [k["name"] for k in rows["stack:+compile"]["kernel_changes"]["new"]] == ["triton_poi_fused_gelu_view"
+                                                                                    "_11"]
     table = open(result.path_md).read()
     assert "| + regional compile | + CFG batching | 0.0 | 0.0 | 100.0 | 0.0 | 0.0 | 0.0 | yes |" in table
+    assert ("| + MLP GELU in the GEMM epilogue | `triton_poi_fused_gelu_view_13` 15.3 | "
+            "`nvjet_sm90_tst_192x192_gelu_bias_TNN` 1.0 |") in table
 
 
 def test_rows_are_on_disk_as_they_finish(fake_gpu, tmp_path, tiny_workload, monkeypatch):
