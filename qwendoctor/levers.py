@@ -393,17 +393,22 @@ REAL_ROPE = Lever(
 
 # ---- 4. fused projections -------------------------------------------------------------------------------
 
+def _fuse_modules(pipe, profile: "Profile", field: str, fusion, what: str):
+    """A fusion lever's apply (`fusion`: a module with `fuse(transformer) -> count` and `is_fused(module)`). At the
+    default nothing is done: fused modules are not unfused (undoable=False), the pool replaces the transformer."""
+    if not getattr(profile, field) or not _has_transformer(pipe, profile, field, True):
+        return pipe
+    already = any(fusion.is_fused(module) for module in pipe.transformer.modules())
+    if fusion.fuse(pipe.transformer) == 0 and not already:
+        raise UsageError(f"profile.{field}: this transformer has no {what} to fuse")
+    return pipe
+
+
 def apply_fused_qkv(pipe, profile: "Profile"):
     from qwendoctor import fused_projections
 
-    # At the default nothing is done: a fused transformer cannot be unfused (undoable=False), the pool replaces it.
-    if not profile.fused_qkv or not _has_transformer(pipe, profile, "fused_qkv", True):
-        return pipe
-    already = any(fused_projections.is_fused(module) for module in pipe.transformer.modules())
-    if fused_projections.fuse(pipe.transformer) == 0 and not already:
-        raise UsageError("profile.fused_qkv: this transformer has no Qwen-Image attention (diffusers' "
-                         "QwenDoubleStreamAttnProcessor2_0) to fuse")
-    return pipe
+    return _fuse_modules(pipe, profile, "fused_qkv", fused_projections,
+                         "Qwen-Image attention (diffusers' QwenDoubleStreamAttnProcessor2_0)")
 
 
 FUSED_QKV = Lever(
@@ -434,15 +439,8 @@ def _profile(**fields) -> "Profile":
 def apply_gelu_epilogue(pipe, profile: "Profile"):
     from qwendoctor import gelu_epilogue
 
-    # At the default nothing is done: the fused modules are not swapped back (undoable=False), the pool replaces
-    # the transformer.
-    if not profile.gelu_epilogue or not _has_transformer(pipe, profile, "gelu_epilogue", True):
-        return pipe
-    already = any(gelu_epilogue.is_fused(module) for module in pipe.transformer.modules())
-    if gelu_epilogue.fuse(pipe.transformer) == 0 and not already:
-        raise UsageError("profile.gelu_epilogue: this transformer has no MLP with a biased projection and a tanh "
-                         "GELU (diffusers' GELU block) to fuse")
-    return pipe
+    return _fuse_modules(pipe, profile, "gelu_epilogue", gelu_epilogue,
+                         "MLP with a biased projection and a tanh GELU (diffusers' GELU block)")
 
 
 def _gelu_epilogue_check(profile) -> None:
