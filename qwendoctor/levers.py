@@ -344,7 +344,7 @@ ATTENTION = Lever(
     lossy=lambda p: BY_NAME[p.attention_backend].lossy,  # 8-bit attention
     bench_alone=_attention_bench,
     # Last, on top of the FP8 tier: 8-bit attention is where that tier's bound lies, and it is lossy too.
-    ladder=(LadderStep(9, "stack:+sageattn", "+ 8-bit attention (SageAttention)",
+    ladder=(LadderStep(10, "stack:+sageattn", "+ 8-bit attention (SageAttention)",
                        lambda p: dataclasses.replace(p, attention_backend="sageattn"),
                        lambda c, w: "sageattn" in (c.working_attention_backends or ())),),
     # A backend from a flash-attn package; SDPA's own kernels come with torch.
@@ -1263,6 +1263,14 @@ def _can_compile(capabilities, workload) -> bool:
     return capabilities.device == "cuda" and capabilities.compile_works is not False
 
 
+def _with_cuda_graphs(p):
+    """The ladder's CUDA-graph step: the stack's compile made whole-transformer with reduce-overhead, where the
+    lever allows it (an unchanged profile is not tried)."""
+    if p.compile == "none" or p.cache != "none" or p.offload != "none":
+        return p
+    return dataclasses.replace(p, compile="full", compile_mode=CUDA_GRAPHS)
+
+
 def _compile_bench(capabilities, workload) -> list[BenchRow]:
     from qwendoctor.profile import Profile
 
@@ -1283,9 +1291,12 @@ COMPILE = Lever(
                        lambda p: dataclasses.replace(p, compile_mode="max-autotune-no-cudagraphs")
                        if p.compile != "none" else p, _can_compile),
             # The whole transformer as one CUDA graph per call (see CUDA_GRAPHS); after the ladder's CFG batching.
+            # Tried on both tiers: graphs remove GPU idle time, and the committed H100 compiled steps idle 0 to 12 ms
+            # in bf16 (1328x1328 and 1024x1024) and 17 to 20 ms under FP8 (1328x1328).
             LadderStep(7, "stack:+cuda_graphs", "+ CUDA graphs (whole-transformer compile, reduce-overhead)",
-                       lambda p: dataclasses.replace(p, compile="full", compile_mode=CUDA_GRAPHS)
-                       if p.compile != "none" and p.cache == "none" and p.offload == "none" else p, _can_compile)),
+                       _with_cuda_graphs, _can_compile),
+            LadderStep(9, "stack:+cuda_graphs_fp8", "+ CUDA graphs on the FP8 stack", _with_cuda_graphs,
+                       _can_compile)),
 )
 
 

@@ -131,7 +131,7 @@ def test_the_stack_keeps_a_lever_only_where_it_made_the_step_faster(fake_gpu, tm
                           "compile:regional",
                           "cfg_batching", "stack:+cfg_batching", "stack:+compile", "stack:+real_rope",
                           "stack:+fused_qkv", "stack:+gelu_epilogue", "stack:+max_autotune",
-                          "stack:+cuda_graphs", "stack:+fp8_rowwise"]
+                          "stack:+cuda_graphs", "stack:+fp8_rowwise", "stack:+cuda_graphs_fp8"]
     # cuDNN was slower than native here, so the stack starts from native and reuses the alone row for CFG
     assert result.document["stack_start"] == Profile().to_dict()
     assert rows["stack:+cfg_batching"]["same_as"] == "cfg_batching" and rows["stack:+cfg_batching"]["kept"]
@@ -145,6 +145,11 @@ def test_the_stack_keeps_a_lever_only_where_it_made_the_step_faster(fake_gpu, tm
         cfg_batching=True, compile="full", compile_mode="reduce-overhead", real_rope=True, fused_qkv=True,
         gelu_epilogue=True)
     assert not rows["stack:+cuda_graphs"]["kept"]
+    # and again on the FP8 stack, where compiled steps idle most
+    assert Profile.from_dict(rows["stack:+cuda_graphs_fp8"]["profile"]) == Profile(
+        cfg_batching=True, compile="full", compile_mode="reduce-overhead", real_rope=True, fused_qkv=True,
+        quantization="fp8_rowwise")
+    assert not rows["stack:+cuda_graphs_fp8"]["kept"]
     # torchao's FP8 weights have no GELU epilogue: the FP8 step takes it out again
     assert rows["stack:+fp8_rowwise"]["profile"] == Profile(cfg_batching=True, compile="regional", real_rope=True,
                                                            fused_qkv=True, quantization="fp8_rowwise").to_dict()
