@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # install_flash_attention.sh: pick the flash-attention package that fits this machine (FA2, FA3 or FA4),
-# install it without touching the installed torch, and prove it works. Run with --help for the details.
+# install it without touching the installed torch, and prove it works; or, asked for, build SageAttention 2 (8-bit
+# attention) from its source. Run with --help for the details.
 #
 # Every external fact comes from a command on PATH or a path an environment variable can override, so the
 # tests can drive detection without a GPU: $PYTHON (default python3), nvidia-smi, nvcc, ninja, nproc, df,
@@ -24,11 +25,12 @@ MIN_RAM_KB_SOURCE=8388608    # 8 GiB free RAM for any source build
 MIN_DISK_KB_SOURCE=10485760  # 10 GiB free disk for a source build
 MIN_DISK_KB_FA4=2097152      # 2 GiB free disk for FA4 (wheels only)
 FA4_REQUIREMENT='flash-attn-4>=4.0.0b1'   # FA4 exists only as pre-releases: the specifier admits them
+SAGE2_CCS="80 86 89 90 100 120 121"       # the compute capabilities SageAttention 2.2's setup.py builds for
 ROUTE_TIMEOUT_S=30
 
 usage() {
     cat <<'EOF'
-Usage: install_flash_attention.sh [--which auto|fa2|fa3|fa4] [--source DIR] [--wheel PATH]
+Usage: install_flash_attention.sh [--which auto|fa2|fa3|fa4|sage2] [--source DIR] [--wheel PATH]
                                   [--wheelhouse DIR] [--dry-run] [--help]
 
 Detects Python/pip, torch (version, CUDA, C++11 ABI), the GPU's compute capability, nvcc, ninja, cores, free
@@ -41,8 +43,12 @@ RAM and disk; plans which flash-attention package fits; prints the plan; install
                  (~5 GiB a job) and cores, only this GPU's arch (TORCH_CUDA_ARCH_LIST, FLASH_ATTN_CUDA_ARCHS).
   --which fa3    FA3 (flash_attn_interface) built from a flash-attention checkout: needs --source DIR; Hopper only.
   --which fa4    flash-attn-4 and its CuTe DSL wheels (cc >= 9.0); on a CUDA 13 torch adds nvidia-cutlass-dsl[cu13].
-  --source DIR   a flash-attention source tree (FA3 builds DIR/hopper; FA2 builds DIR).
-  --wheel PATH   install this prebuilt wheel (kind read from its name: flash_attn-, flash_attn_3-, flash_attn_4-);
+  --which sage2  SageAttention 2 (8-bit attention: INT8 QK, FP8 PV on cc 8.9 and newer), built from a checkout of
+                 github.com/thu-ml/SageAttention (--source DIR) or installed from a wheel built so (--wheel). Never
+                 chosen by auto: it is lossy (qwendoctor's FP8 tier, backend "sageattn"). PyPI has 1.0.6 only.
+  --source DIR   a flash-attention source tree (FA3 builds DIR/hopper; FA2 builds DIR), or SageAttention's.
+  --wheel PATH   install this prebuilt wheel (kind read from its name: flash_attn-, flash_attn_3-, flash_attn_4-,
+                 sageattention-2);
                  an FA2 wheel tagged +cuXXtorchX.YcxxabiTRUE/FALSE must match the installed torch.
   --wheelhouse DIR
                  offline: every pip call gets --no-index --find-links DIR (all wheels must be in DIR; for
@@ -54,7 +60,8 @@ RAM and disk; plans which flash-attention package fits; prints the plan; install
 Safety: the installed torch is never changed: every pip call gets -c FILE with FILE = "torch==<installed>".
 Idempotent: if the chosen package already imports and passes the numerical check, nothing is installed.
 Verification (fresh python process): import, bf16 q/k/v [1, 256, 4, 64] against float64 SDPA (relative
-error < 2e-2), then `qwendoctor check --only flash_attn` when `qwendoctor` is on PATH.
+error < 2e-2), then `qwendoctor check --only flash_attn` when `qwendoctor` is on PATH. SageAttention 2: q/k/v
+[1, 1024, 4, 128] within 0.1 (qwendoctor's limit for 8-bit kernels), then `--only attention_backends`.
 
 Environment: PYTHON (default python3) is the interpreter whose environment gets the package;
 QWENDOCTOR_MEMINFO (default /proc/meminfo); MAX_JOBS, if set, caps the computed job count.
@@ -64,8 +71,8 @@ Exit codes:
   1  install or verification failed
   2  usage error
   3  no NVIDIA GPU (nvidia-smi missing or shows no GPU)
-  4  unsupported compute capability (< 8.0; FA3 on non-Hopper; FA4 below 9.0)
-  5  no nvcc (or one whose CUDA major differs from torch's) for a source build
+  4  unsupported compute capability (< 8.0; FA3 on non-Hopper; FA4 below 9.0; SageAttention 2 not built for it)
+  5  no nvcc (or one whose CUDA major differs from torch's, or too old for SageAttention 2 here) for a source build
   6  not enough free RAM (8 GiB, source build) or disk (10 GiB source build, 2 GiB FA4)
   7  no route to the package index (skipped with --wheelhouse or --wheel)
   8  torch/pip problem: python, pip or CUDA torch missing, or a wheel built for another torch/CUDA/ABI/Python
@@ -110,6 +117,28 @@ fa_archs() {
 
 gib() { awk -v kb="$1" 'BEGIN { printf "%.1f GiB", kb / 1048576 }'; }
 
+# version_at_least "12.4" "12.3": whether the first MAJOR.MINOR is at or above the second.
+version_at_least() {
+    local a_major=${1%%.*} a_minor=${1#*.} b_major=${2%%.*} b_minor=${2#*.}
+    a_minor=${a_minor%%.*} b_minor=${b_minor%%.*}
+    ((a_major > b_major || (a_major == b_major && a_minor >= b_minor)))
+}
+
+# sage2_min_nvcc CC: the oldest CUDA SageAttention 2.2's setup.py accepts for this compute capability.
+sage2_min_nvcc() {
+    case "$1" in
+    8.9) echo 12.4 ;;
+    9.0) echo 12.3 ;;
+    12.*) echo 12.8 ;;
+    *) echo 12.0 ;;
+    esac
+}
+
+# check_id KIND: the `qwendoctor check` probe that sees this package.
+check_id() {
+    if [[ $1 == sage2 ]]; then echo attention_backends; else echo flash_attn; fi
+}
+
 # free_kb PATH: available KB on PATH's filesystem (nearest existing parent), via df -Pk.
 free_kb() {
     local p=$1
@@ -118,7 +147,7 @@ free_kb() {
     df -Pk "$p" 2>/dev/null | awk 'NR > 1 && $4 ~ /^[0-9]+$/ { kb = $4 } END { if (kb != "") print kb }'
 }
 
-# wheel_kind FILE -> fa2|fa3|fa4 from the wheel's distribution name.
+# wheel_kind FILE -> fa2|fa3|fa4|sage2 from the wheel's distribution name.
 wheel_kind() {
     local base
     base=$(basename "$1")
@@ -126,6 +155,7 @@ wheel_kind() {
     flash_attn_4-* | flash-attn-4-*) echo fa4 ;;
     flash_attn_3-* | flash-attn-3-* | flashattn_hopper-*) echo fa3 ;;
     flash_attn-* | flash-attn-*) echo fa2 ;;
+    sageattention-2.*) echo sage2 ;;
     *) echo unknown ;;
     esac
 }
@@ -181,7 +211,7 @@ print("scripts=" + sysconfig.get_paths()["scripts"])
 missing = [m for m in ("setuptools", "wheel", "packaging", "psutil") if importlib.util.find_spec(m) is None]
 print("build_missing=" + ",".join(missing))'
 
-# Verification, in a fresh process: argv = [-c, verify, fa2|fa3|fa4]. Prints one "version=" line and one
+# Verification, in a fresh process: argv = [-c, verify, fa2|fa3|fa4|sage2]. Prints one "version=" line and one
 # result line; exit 0 only when it imports and matches float64 SDPA.
 VERIFY_PY='import importlib, importlib.metadata as md, sys
 kind = sys.argv[2]
@@ -189,7 +219,10 @@ mod_name, dists = {
     "fa2": ("flash_attn", ("flash-attn",)),
     "fa3": ("flash_attn_interface", ("flash_attn_3", "flash-attn-3", "flashattn-hopper")),
     "fa4": ("flash_attn.cute", ("flash-attn-4",)),
+    "sage2": ("sageattention", ("sageattention",)),
 }[kind]
+# SageAttention quantizes q and k to 8 bits: held to the 8-bit limit qwendoctor checks its kernels against.
+limit, shape = (0.1, (1, 1024, 4, 128)) if kind == "sage2" else (2e-2, (1, 256, 4, 64))
 version = "unknown"
 for d in dists:
     try:
@@ -198,16 +231,22 @@ for d in dists:
     except md.PackageNotFoundError:
         pass
 print("version=" + version)
+if kind == "sage2" and not version.startswith("2."):
+    print("sageattention %s is not SageAttention 2 (PyPI has 1.x only): build it with --source DIR" % version)
+    sys.exit(1)
 try:
     import torch
     mod = importlib.import_module(mod_name)
-    fn = getattr(mod, "flash_attn_func")
+    if kind == "sage2":
+        fn = lambda q, k, v: mod.sageattn(q, k, v, tensor_layout="NHD")
+    else:
+        fn = getattr(mod, "flash_attn_func")
 except Exception as exc:
     print("import failed: %s: %s" % (type(exc).__name__, str(exc).splitlines()[0] if str(exc) else ""))
     sys.exit(1)
 try:
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 256, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    q, k, v = (torch.randn(*shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     out = fn(q, k, v)
     if isinstance(out, (tuple, list)):
         out = out[0]
@@ -217,10 +256,10 @@ try:
 except Exception as exc:
     print("attention call failed: %s: %s" % (type(exc).__name__, str(exc).splitlines()[0] if str(exc) else ""))
     sys.exit(1)
-if not err < 2e-2:
-    print("wrong numbers: relative error %.3g vs float64 SDPA (limit 2e-2)" % err)
+if not err < limit:
+    print("wrong numbers: relative error %.3g vs float64 SDPA (limit %g)" % (err, limit))
     sys.exit(1)
-print("%s imports and matches float64 SDPA: relative error %.2e (bf16 q/k/v [1, 256, 4, 64])" % (mod_name, err))'
+print("%s imports and matches float64 SDPA: relative error %.2e (bf16 q/k/v %s)" % (mod_name, err, list(shape)))'
 
 detect_torch() {
     local out line key
@@ -335,7 +374,7 @@ make_plan() {
         local wk
         wk=$(wheel_kind "$WHEEL")
         if [[ $WHICH == auto ]]; then
-            [[ $wk != unknown ]] || die $EXIT_USAGE "cannot tell FA2/FA3/FA4 from the wheel's name $(basename "$WHEEL"); add --which fa2|fa3|fa4"
+            [[ $wk != unknown ]] || die $EXIT_USAGE "cannot tell FA2/FA3/FA4/SageAttention 2 from the wheel's name $(basename "$WHEEL"); add --which fa2|fa3|fa4|sage2"
             PLAN_KIND=$wk
         elif [[ $wk != unknown && $wk != "$WHICH" ]]; then
             die $EXIT_USAGE "--which $WHICH but $(basename "$WHEEL") is an $wk wheel"
@@ -357,6 +396,9 @@ make_plan() {
     fa4)
         ((cci >= 90)) || die $EXIT_CC "FA4 needs cc 9.0 or newer (Hopper/Blackwell); this GPU ($GPU_NAME) is cc $cc: use --which fa2"
         ;;
+    sage2)
+        [[ " $SAGE2_CCS " == *" $cci "* ]] || die $EXIT_CC "SageAttention 2's setup.py builds for cc 8.0, 8.6, 8.9, 9.0, 10.0, 12.0 and 12.1; this GPU ($GPU_NAME) is cc $cc"
+        ;;
     esac
 
     if [[ -n $WHEEL ]]; then
@@ -368,6 +410,10 @@ make_plan() {
         if [[ $PLAN_KIND == fa3 ]]; then
             [[ -n $SOURCE ]] || die $EXIT_USAGE "FA3 is built from a flash-attention checkout: pass --source DIR (DIR/hopper/setup.py)"
             [[ -f $SOURCE/hopper/setup.py ]] || die $EXIT_USAGE "--source $SOURCE has no hopper/setup.py (FA3 builds from DIR/hopper)"
+        fi
+        if [[ $PLAN_KIND == sage2 ]]; then
+            [[ -n $SOURCE ]] || die $EXIT_USAGE "SageAttention 2 is not on PyPI: pass --source DIR (a checkout of github.com/thu-ml/SageAttention) or --wheel PATH"
+            [[ -f $SOURCE/setup.py && -f $SOURCE/sageattention/__init__.py ]] || die $EXIT_USAGE "--source $SOURCE is not a SageAttention checkout (no setup.py and sageattention/__init__.py)"
         fi
     fi
 }
@@ -395,7 +441,7 @@ fill_plan_commands() {
             PLAN_TARGETS+=("nvidia-cutlass-dsl[cu13]")
         fi
         ;;
-    fa2 | fa3)
+    fa2 | fa3 | sage2)
         if [[ $PLAN_MODE == wheel ]]; then
             PLAN_TARGETS+=("$WHEEL")
         else
@@ -407,14 +453,17 @@ fill_plan_commands() {
                 PLAN_TARGETS+=(flash-attn)
             fi
             PLAN_BUILD_FLAGS=(--no-build-isolation)
+            # SageAttention needs nothing but torch: with no dependency to resolve, an offline machine builds it.
+            [[ $PLAN_KIND == sage2 ]] && PLAN_BUILD_FLAGS+=(--no-deps)
             [[ -n $NINJA_VERSION ]] || PLAN_PREP+=(ninja)
             local m
             IFS=, read -r -a _missing <<<"$T_BUILD_MISSING"
             for m in "${_missing[@]}"; do [[ -n $m ]] && PLAN_PREP+=("$m"); done
             JOBS=$(max_jobs "$RAM_KB" "$CORES")
             if is_uint "${MAX_JOBS:-x}" && ((MAX_JOBS >= 1 && MAX_JOBS < JOBS)); then JOBS=$MAX_JOBS; fi
-            PLAN_ENV=("MAX_JOBS=$JOBS" "NVCC_THREADS=${NVCC_THREADS:-1}" "TORCH_CUDA_ARCH_LIST=$GPU_CC"
-                "FLASH_ATTN_CUDA_ARCHS=$(fa_archs "$GPU_CC")")
+            PLAN_ENV=("MAX_JOBS=$JOBS" "NVCC_THREADS=${NVCC_THREADS:-1}" "TORCH_CUDA_ARCH_LIST=$GPU_CC")
+            # SageAttention's setup.py reads TORCH_CUDA_ARCH_LIST only (and runs nvcc with --threads=8 itself).
+            [[ $PLAN_KIND == sage2 ]] || PLAN_ENV+=("FLASH_ATTN_CUDA_ARCHS=$(fa_archs "$GPU_CC")")
             # Offline: stop flash-attn's setup.py from trying to fetch a prebuilt wheel from GitHub.
             [[ -n $WHEELHOUSE ]] && PLAN_ENV+=("FLASH_ATTENTION_FORCE_BUILD=TRUE")
         fi
@@ -445,6 +494,7 @@ print_plan() {
     fa2) label="FA2 (flash-attn, import flash_attn)" ;;
     fa3) label="FA3 (flash_attn_interface)" ;;
     fa4) label="FA4 (flash-attn-4, CuTe DSL, import flash_attn.cute)" ;;
+    sage2) label="SageAttention 2 (8-bit attention, import sageattention; qwendoctor backend sageattn)" ;;
     esac
     say "== plan"
     say "package:  $label"
@@ -461,7 +511,7 @@ print_plan() {
         say "step:     $(shell_words "$PYTHON" -m pip install "${PIP_ARGS_COMMON[@]}" "${PLAN_PREP[@]}")"
     fi
     say "step:     $(shell_words "${PLAN_ENV[@]}" "$PYTHON" -m pip install "${PLAN_BUILD_FLAGS[@]}" "${PIP_ARGS_COMMON[@]}" "${PLAN_TARGETS[@]}")"
-    say "verify:   fresh-process import + bf16 check vs float64 SDPA; then qwendoctor check --only flash_attn"
+    say "verify:   fresh-process import + bf16 check vs float64 SDPA; then qwendoctor check --only $(check_id "$PLAN_KIND")"
 }
 
 check_resources() {
@@ -470,6 +520,11 @@ check_resources() {
         [[ -n $NVCC ]] || die $EXIT_NO_NVCC "no nvcc on PATH (or \$CUDA_HOME/bin) for the $PLAN_KIND source build: install the CUDA $T_CUDA toolkit, or use --wheel PATH"
         local cuda_major=${T_CUDA%%.*} nvcc_major=${NVCC_VERSION%%.*}
         [[ $cuda_major == "$nvcc_major" ]] || die $EXIT_NO_NVCC "nvcc is CUDA $NVCC_VERSION but torch is built with CUDA $T_CUDA: the majors must match for the source build"
+        if [[ $PLAN_KIND == sage2 ]]; then
+            local need
+            need=$(sage2_min_nvcc "$GPU_CC")
+            version_at_least "$NVCC_VERSION" "$need" || die $EXIT_NO_NVCC "SageAttention 2 for cc $GPU_CC needs nvcc $need or newer; this one is CUDA $NVCC_VERSION"
+        fi
         ((RAM_KB >= MIN_RAM_KB_SOURCE)) || die $EXIT_RESOURCES "only $(gib "$RAM_KB") RAM free; the $PLAN_KIND source build needs 8 GiB (nvcc jobs take ~5 GiB each)"
         need_disk=$MIN_DISK_KB_SOURCE
     elif [[ $PLAN_KIND == fa4 ]]; then
@@ -484,6 +539,7 @@ check_resources() {
 
 check_route() {
     [[ -n $WHEELHOUSE || $PLAN_MODE == wheel ]] && return 0
+    [[ $PLAN_KIND == sage2 && ${#PLAN_PREP[@]} -eq 0 ]] && return 0  # a local checkout, nothing to fetch
     local tmp rc
     tmp=$(mktemp -d "${TMPDIR:-/tmp}/fa-route.XXXXXX") || die $EXIT_FAILED "cannot create a temporary directory"
     local t=()
@@ -506,15 +562,17 @@ verify() {
         return 1
     fi
     [[ -n $quiet ]] || printf '%s\n' "$out" | grep -v '^version=' | tail -n 1
+    local probe
+    probe=$(check_id "$kind")
     if command -v qwendoctor >/dev/null 2>&1; then
-        [[ -n $quiet ]] || say "+ qwendoctor check --only flash_attn"
+        [[ -n $quiet ]] || say "+ qwendoctor check --only $probe"
         if [[ -n $quiet ]]; then
-            qwendoctor check --only flash_attn >/dev/null 2>&1 || return 1
+            qwendoctor check --only "$probe" >/dev/null 2>&1 || return 1
         else
-            qwendoctor check --only flash_attn || return 1
+            qwendoctor check --only "$probe" || return 1
         fi
     else
-        [[ -n $quiet ]] || say "qwendoctor not on PATH: skipped 'qwendoctor check --only flash_attn'"
+        [[ -n $quiet ]] || say "qwendoctor not on PATH: skipped 'qwendoctor check --only $probe'"
     fi
     return 0
 }
@@ -532,7 +590,7 @@ parse_args() {
             (($# >= 2)) || die $EXIT_USAGE "$1 needs a value (see --help)"
             case "$1" in
             --which)
-                case "$2" in auto | fa2 | fa3 | fa4) WHICH=$2 ;; *) die $EXIT_USAGE "--which takes auto, fa2, fa3 or fa4, not '$2'" ;; esac
+                case "$2" in auto | fa2 | fa3 | fa4 | sage2) WHICH=$2 ;; *) die $EXIT_USAGE "--which takes auto, fa2, fa3, fa4 or sage2, not '$2'" ;; esac
                 ;;
             --source)
                 [[ -d $2 ]] || die $EXIT_USAGE "--source $2: not a directory"

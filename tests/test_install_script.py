@@ -429,3 +429,89 @@ def test_real_machine_without_gpu_exits_3():
     assert proc.returncode == 3
     assert "no NVIDIA GPU" in one_line_error(proc)
     assert "== detection" in proc.stdout and "GPU:      none" in proc.stdout
+
+
+# ---- SageAttention 2 (--which sage2) ---------------------------------------------------------------------
+
+def _sage_checkout(tmp_path: Path) -> Path:
+    src = tmp_path / "SageAttention"
+    (src / "sageattention").mkdir(parents=True)
+    (src / "setup.py").write_text("")
+    (src / "sageattention" / "__init__.py").write_text("")
+    return src
+
+
+def test_sage2_builds_from_a_checkout_offline_for_this_gpu_and_checks_the_attention_backends(tmp_path):
+    src = _sage_checkout(tmp_path)
+    env = Env(tmp_path, cc="9.0", name="NVIDIA H200")
+    _write(env.bin / "qwendoctor", '#!/bin/bash\necho "qwendoctor $*" >> "$FAKE_LOG.qd"\n')
+    proc = env.run("--which", "sage2", "--source", str(src), FAKE_VERSION="2.2.0", FAKE_NO_ROUTE="1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # no index probe: a checkout with nothing to resolve builds on a machine with no route (the lent GPU's)
+    (build,) = env.calls()
+    assert build["argv"][0] == "install" and build["argv"][-1] == str(src)
+    assert "--no-build-isolation" in build["argv"] and "--no-deps" in build["argv"]
+    assert build["constraint"] == "torch==2.11.0+cu130"
+    assert build["env"]["TORCH_CUDA_ARCH_LIST"] == "9.0" and build["env"]["FLASH_ATTN_CUDA_ARCHS"] == ""
+    assert "SageAttention 2 (8-bit attention" in proc.stdout
+    assert (tmp_path / "pip.log.verify").read_text().split() == ["verify", "sage2", "verify", "sage2"]
+    assert (tmp_path / "pip.log.qd").read_text().strip() == "qwendoctor check --only attention_backends"
+
+
+def test_sage2_wheel_is_recognised_by_its_name(tmp_path):
+    wheel = tmp_path / "sageattention-2.2.0-cp312-cp312-linux_x86_64.whl"
+    wheel.write_bytes(b"")
+    env = Env(tmp_path, cc="8.9", name="NVIDIA L40S", nvcc=None)
+    proc = env.run("--wheel", str(wheel), FAKE_VERSION="2.2.0")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [c["argv"][-1] for c in env.calls()] == [str(wheel)]
+    assert (tmp_path / "pip.log.verify").read_text().split()[1] == "sage2"
+
+
+@pytest.mark.parametrize("cc, nvcc, code, words", [
+    ("7.5", "13.0", 4, "below 8.0"),
+    ("8.7", "13.0", 4, "SageAttention 2's setup.py builds for cc 8.0, 8.6, 8.9, 9.0"),
+    ("9.0", "12.2", 5, None),  # nvcc's major differs from torch's 13 first
+], ids=["turing", "orin", "old-nvcc"])
+def test_sage2_refusals(tmp_path, cc, nvcc, code, words):
+    proc = Env(tmp_path, cc=cc, nvcc=nvcc).run("--dry-run", "--which", "sage2", "--source",
+                                               str(_sage_checkout(tmp_path)))
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    line = one_line_error(proc)
+    assert words is None or words in line, line
+
+
+def test_sage2_needs_nvcc_12_4_on_ada():
+    helpers = f"QWENDOCTOR_SOURCE_ONLY=1 . {SCRIPT}; "
+    answers = []
+    for cc, nvcc in (("8.9", "12.3"), ("8.9", "12.4"), ("9.0", "12.3"), ("12.0", "12.6"), ("12.0", "13.0")):
+        proc = subprocess.run([BASH, "-c", helpers + f'version_at_least "{nvcc}" "$(sage2_min_nvcc {cc})" && echo yes'
+                               " || echo no"], capture_output=True, text=True, check=False, timeout=30)
+        answers.append(proc.stdout.strip())
+    assert answers == ["no", "yes", "yes", "no", "yes"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--which", "sage2"], "SageAttention 2 is not on PyPI: pass --source DIR"),
+    (["--which", "sage2", "--source", "."], "is not a SageAttention checkout"),
+], ids=["no-source", "not-a-checkout"])
+def test_sage2_usage_errors_exit_2(tmp_path, args, words):
+    proc = Env(tmp_path, cc="9.0").run("--dry-run", *args)
+    assert proc.returncode == 2
+    assert words in one_line_error(proc)
+
+
+def test_a_sage1_install_is_not_taken_for_sage2(tmp_path):
+    """PyPI's sageattention 1.0.6 imports as `sageattention` too: the verification names it and fails."""
+    env = dict(os.environ, QWENDOCTOR_SOURCE_ONLY="1")
+    code = subprocess.run([BASH, "-c", f'. {SCRIPT}; printf "%s" "$VERIFY_PY"'], capture_output=True, text=True,
+                          env=env, check=True, timeout=30).stdout
+    fake_md = tmp_path / "fake_md"
+    fake_md.mkdir()
+    (fake_md / "sitecustomize.py").write_text(
+        "import importlib.metadata as md\n_real = md.version\n"
+        "md.version = lambda name: '1.0.6' if name == 'sageattention' else _real(name)\n")
+    proc = subprocess.run([sys.executable, "-c", code, "verify", "sage2"], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(fake_md)), check=False, timeout=60)
+    assert proc.returncode == 1
+    assert "version=1.0.6" in proc.stdout and "is not SageAttention 2" in proc.stdout
