@@ -1213,6 +1213,12 @@ def _compile_check(profile) -> None:
     if profile.offload != "none":
         raise UsageError(f"profile.compile_mode: {CUDA_GRAPHS} with offload={profile.offload}: offload moves the "
                          "weights to new addresses at each call, and a CUDA graph replays the recorded ones")
+    # Layerwise casting breaks the transformer's graph (apply_compile's fullgraph=False) into pieces, each its own
+    # compiled function and so its own CUDA-graph iteration: regional compile's failure again. (Context parallelism,
+    # the other graph breaker, takes regional compile only.)
+    if profile.weight_storage != "bf16":
+        raise UsageError(f"profile.compile_mode: {CUDA_GRAPHS} with weight_storage={profile.weight_storage}: it breaks "
+                         "the compiled graph into pieces, and each piece's call starts a new CUDA-graph iteration")
 
 
 def _compile_runnable(profile, workload, capabilities) -> None:

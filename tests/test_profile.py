@@ -25,6 +25,8 @@ def test_default_profile_is_valid_and_describes_itself():
      "profile.compile_mode: reduce-overhead needs compile = full: under regional compile each block's call starts"),
     ({"compile": "full", "compile_mode": "reduce-overhead", "offload": "model"},
      "profile.compile_mode: reduce-overhead with offload=model: offload moves the weights"),
+    ({"compile": "full", "compile_mode": "reduce-overhead", "weight_storage": "fp8_storage"},
+     "profile.compile_mode: reduce-overhead with weight_storage=fp8_storage: it breaks the compiled graph"),
     ({"cache": "first_block"}, "profile.cache_threshold: must be in (0, 1]"),
     ({"cache": "first_block", "cache_threshold": 1.5}, "profile.cache_threshold"),
     ({"cache_threshold": 0.1}, "set without a cache"),
