@@ -6,7 +6,8 @@ of its own, which reads and writes the block's widest activation once more: `tri
 of a 479 ms step in the H100 bench of benchmarks/bench/bench-synthetic-1328x1328-real-rope.json.
 
 torch's `_addmm_activation(bias, input, weight.t(), use_gelu=True)` asks cuBLASLt for its GELU_BIAS epilogue: the
-bias and the GELU are applied to the float32 accumulator, and the GEMM writes the activated result. Inductor keeps
+bias and the GELU are applied before the GEMM writes, and it writes the activated result (where cuBLASLt declines,
+torch runs the GEMM and then its own GELU kernel; tests/gpu/test_gelu_epilogue_gpu.py checks which). Inductor keeps
 the op whole: its lowering registers it as a fallback (`make_fallback(aten._addmm_activation)` in
 torch/_inductor/lowering.py) rather than decomposing it into a GEMM and a pointwise kernel.
 
@@ -16,7 +17,8 @@ function. So the lever needs a CUDA GPU.
 
 The swap keeps the modules and their parameters: `proj` stays an `nn.Linear` (a subclass), called as a module, so
 hooks registered on it later run as before (diffusers' layerwise casting casts its FP8-stored weight up before its
-forward, accelerate's offload moves it in), and the state dict is diffusers'. Quantized weights (torchao's FP8 and
+forward: tested on the CPU; offload's hooks are registered the same way, untested with this lever), and the state
+dict is diffusers'. Quantized weights (torchao's FP8 and
 int8 tensors) have no such epilogue: `profile.check` refuses those combinations.
 """
 

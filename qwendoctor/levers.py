@@ -1158,17 +1158,18 @@ CONTEXT_PARALLEL = Lever(
 COMPILE_MODES = ("none", "regional", "full")
 # torch.compile's CUDA-graph mode ("reduce-overhead"). On an H100, under regional compile, it failed with
 # "accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run", the tensor being a block's
-# output (`hidden_states + img_gate2 * img_mlp_output`; benchmarks/README.md, "GPU tests"). The cause is CUDA Graph
-# Trees' rule for inference: "A new iteration is started on each invocation of torch.compile"
-# (torch.compiler.cudagraph_mark_step_begin's documentation), and a new iteration frees the tensors of the one
-# before. Regional compile makes each of the 60 block calls an invocation, so each block's replay may overwrite the
-# previous block's outputs, which are its own inputs. A whole-transformer compile makes one invocation per
-# transformer call; there the one output a pipeline keeps across calls is the cond pass's noise prediction, which
-# the uncond pass would overwrite, so true CFG needs CFG batching (one call per step). Not searched by tune until
-# the bench has measured it (ladder step `stack:+cuda_graphs`); the lever refuses the combinations above.
+# output (`hidden_states + img_gate2 * img_mlp_output`; benchmarks/README.md, "GPU tests"). The explanation
+# followed here, from PyTorch's documentation and not yet confirmed on a GPU (tests/gpu/test_cuda_graphs_gpu.py
+# reproduces the failure first): CUDA Graph Trees start "a new iteration ... on each invocation of torch.compile"
+# (torch.compiler.cudagraph_mark_step_begin), and a new iteration frees the tensors of the one before. Regional
+# compile makes each of the 60 block calls an invocation, so a block's replay may overwrite the previous block's
+# outputs, which are its own inputs. A whole-transformer compile makes one invocation per transformer call; there
+# the one output the pipeline keeps across calls is the cond pass's noise prediction, which the uncond pass's
+# replay may overwrite, so true CFG needs CFG batching (one call per step). Not searched by tune until the bench
+# has measured it (ladder steps `stack:+cuda_graphs*`); the lever refuses the combinations above. (The caches are
+# refused with a whole-transformer compile by the cache lever already.)
 CUDA_GRAPHS = "reduce-overhead"
 COMPILE_OPTIONS = ("default", "max-autotune-no-cudagraphs", "coordinate-descent", CUDA_GRAPHS)
-# (The caches are refused with a whole-transformer compile by the cache lever already.)
 # Compile modes that are inductor settings rather than torch.compile modes.
 COMPILE_OPTION_CONFIG = {
     # Tunes each generated Triton kernel's block sizes by benchmarking neighbours at its first run (what
@@ -1208,7 +1209,7 @@ def _compile_check(profile) -> None:
         return
     if profile.compile != "full":
         raise UsageError(f"profile.compile_mode: {CUDA_GRAPHS} needs compile = full: under regional compile each "
-                         "block's call starts a new CUDA-graph iteration, whose replay overwrites the previous "
+                         "block's call starts a new CUDA-graph iteration, whose replay can overwrite the previous "
                          "block's outputs")
     if profile.offload != "none":
         raise UsageError(f"profile.compile_mode: {CUDA_GRAPHS} with offload={profile.offload}: offload moves the "
@@ -1224,7 +1225,7 @@ def _compile_check(profile) -> None:
 def _compile_runnable(profile, workload, capabilities) -> None:
     if profile.compile_mode == CUDA_GRAPHS and workload.does_cfg and not profile.cfg_batching:
         raise UsageError(f"profile.compile_mode: {CUDA_GRAPHS} with true CFG needs cfg_batching = true: the "
-                         "pipeline keeps the cond pass's output while the uncond pass replays the graph over it")
+                         "pipeline keeps the cond pass's output, which the uncond pass's replay can overwrite")
 
 
 def _compile_offer(ctx: SpaceContext) -> Offer:

@@ -1,6 +1,7 @@
 """CUDA graphs (compile_mode = reduce-overhead) on the GPU: the failure recorded on an H100 under regional compile
-is reproduced (its cause: each block call is a new CUDA-graph iteration, levers.CUDA_GRAPHS), and the combination
-the lever allows, the whole transformer compiled with CFG batching, replays graphs and draws the eager image.
+is reproduced (the explanation levers.CUDA_GRAPHS follows: each block call is a new CUDA-graph iteration), and the
+combination the lever allows, the whole transformer compiled with CFG batching, replays graphs and draws the eager
+image.
 Speed is the bench's (row `stack:+cuda_graphs`), never asserted here."""
 
 import numpy as np
