@@ -1,0 +1,109 @@
+"""Why FP8 row-wise fails on the 20B transformer (issue 28: CUBLAS_STATUS_NOT_SUPPORTED in
+cublasLtMatmulAlgoGetHeuristic on an H100, 1024x1024, while the same lever ran on `tiny`).
+
+Three layers, cheapest first, each row written to OUT/fp8_diagnose.jsonl the moment it lands:
+1. torch._scaled_mm with row-wise scales at Qwen-Image's GEMM shapes, for token counts M that are and are not
+   multiples of 16 (a prompt through the text encoder gives any M; the old random embeddings gave 128);
+2. torchao's Float8DynamicActivationFloat8WeightConfig(PerRow) on one Linear, 2-D and 3-D inputs, batch 1 and 2;
+3. the `synthetic` pipeline at 1024x1024 with the lever, two steps, its traceback kept.
+
+    python3 benchmarks/tools/fp8_diagnose.py --out $OUT [--skip-pipeline]
+"""
+
+import argparse
+import json
+import os
+import time
+import traceback
+
+import torch
+
+SHAPES = ((3072, 3072), (3072, 12288), (12288, 3072), (3072, 18432))  # (K, N) of the blocks' Linears
+TOKENS = (4096, 4096 + 37, 37, 48, 4096 + 48, 1, 7)
+
+
+def record(out, row):
+    print(json.dumps(row), flush=True)
+    with open(os.path.join(out, "fp8_diagnose.jsonl"), "a") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+def first_line(error):
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+
+
+def scaled_mm_rows(out):
+    for m in TOKENS:
+        for k, n in SHAPES:
+            a = torch.randn(m, k, device="cuda").to(torch.float8_e4m3fn)
+            b = torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn).t()
+            scale_a = torch.rand(m, 1, device="cuda") + 0.5
+            scale_b = torch.rand(1, n, device="cuda") + 0.5
+            try:
+                torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
+                torch.cuda.synchronize()
+                status = "ok"
+            except Exception as error:  # noqa: BLE001 - each failure is the finding
+                status = first_line(error)
+            record(out, {"layer": "scaled_mm_rowwise", "m": m, "k": k, "n": n, "status": status})
+
+
+def torchao_rows(out):
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    for shape in ((4096 + 37, 3072), (1, 4096 + 37, 3072), (2, 4096 + 37, 3072), (1, 37, 3072), (2, 37, 3072),
+                  (1, 4096, 3072), (1, 48, 3072)):
+        linear = torch.nn.Linear(3072, 3072, device="cuda", dtype=torch.bfloat16)
+        quantize_(linear, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False))
+        x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+        for compiled in (False, True):
+            fn = torch.compile(linear) if compiled else linear
+            try:
+                fn(x)
+                torch.cuda.synchronize()
+                status = "ok"
+            except Exception as error:  # noqa: BLE001
+                status = first_line(error)
+            record(out, {"layer": "torchao_linear", "shape": list(shape), "compiled": compiled, "status": status})
+
+
+def pipeline_rows(out):
+    from qwendoctor import runner
+    from qwendoctor.capabilities import detect_capabilities
+    from qwendoctor.profile import Profile, Workload
+
+    workload = Workload(model="synthetic", width=1024, height=1024, reference_steps=2, dtype="bfloat16")
+    capabilities = detect_capabilities()
+    for text in ("quantization=fp8_rowwise", "quantization=fp8_rowwise,cfg_batching=true"):
+        profile = Profile.from_text(text)
+        started = time.perf_counter()
+        try:
+            model = runner.build(workload, profile, capabilities)
+            measurement = runner.measure(model, workload, profile, ["a red fox in the snow"], [0])
+            status = "ok"
+            extra = measurement.summary()
+        except Exception as error:  # noqa: BLE001
+            status = first_line(error)
+            extra = {"traceback": traceback.format_exc()[-6000:]}
+        record(out, {"layer": "pipeline", "profile": text, "status": status, "s": time.perf_counter() - started,
+                     **{k: v for k, v in extra.items() if isinstance(v, (int, float, str))}})
+        model = None
+        torch.cuda.empty_cache()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--skip-pipeline", action="store_true")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    record(args.out, {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(),
+                      "cublaslt_env": {k: v for k, v in os.environ.items() if "CUBLAS" in k}})
+    scaled_mm_rows(args.out)
+    torchao_rows(args.out)
+    if not args.skip_pipeline:
+        pipeline_rows(args.out)
+
+
+if __name__ == "__main__":
+    main()
