@@ -48,18 +48,38 @@ def scaled_mm_rows(out):
             record(out, {"layer": "scaled_mm_rowwise", "m": m, "k": k, "n": n, "status": status})
 
 
+def scaled_mm_bias_rows(out):
+    # The first run failed only in txt_mlp's down projection (K=12288, N=3072, M = the prompt's tokens) with a bias;
+    # raw row-wise products without a bias passed at every M.
+    for m in (1, 7, 20, 37, 48, 128, 4096):
+        for k, n in ((12288, 3072), (3072, 3072), (3072, 12288)):
+            a = torch.randn(m, k, device="cuda").to(torch.float8_e4m3fn)
+            b = torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn).t()
+            scale_a = torch.rand(m, 1, device="cuda") + 0.5
+            scale_b = torch.rand(1, n, device="cuda") + 0.5
+            bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+            try:
+                torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=torch.bfloat16)
+                torch.cuda.synchronize()
+                status = "ok"
+            except Exception as error:  # noqa: BLE001
+                status = first_line(error)
+            record(out, {"layer": "scaled_mm_rowwise_bias", "m": m, "k": k, "n": n, "status": status})
+
+
 def torchao_rows(out):
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-    for shape in ((4096 + 37, 3072), (1, 4096 + 37, 3072), (2, 4096 + 37, 3072), (1, 37, 3072), (2, 37, 3072),
-                  (1, 4096, 3072), (1, 48, 3072)):
-        linear = torch.nn.Linear(3072, 3072, device="cuda", dtype=torch.bfloat16)
+    for shape in ((1, 4096 + 37, 3072), (2, 37, 3072), (1, 37, 12288), (1, 20, 12288), (1, 48, 12288),
+                  (1, 128, 12288), (1, 4096, 12288)):
+        linear = torch.nn.Linear(shape[-1], 3072, device="cuda", dtype=torch.bfloat16)
         quantize_(linear, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False))
         x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
         for compiled in (False, True):
             fn = torch.compile(linear) if compiled else linear
             try:
-                fn(x)
+                with torch.no_grad():
+                    fn(x)
                 torch.cuda.synchronize()
                 status = "ok"
             except Exception as error:  # noqa: BLE001
@@ -67,25 +87,39 @@ def torchao_rows(out):
             record(out, {"layer": "torchao_linear", "shape": list(shape), "compiled": compiled, "status": status})
 
 
-def pipeline_rows(out):
-    from qwendoctor import runner
+TEXT_STREAM = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "txt_mlp")
+
+
+def pipeline_rows(out, variants):
+    from qwendoctor import levers, runner
     from qwendoctor.capabilities import detect_capabilities
     from qwendoctor.profile import Profile, Workload
 
-    workload = Workload(model="synthetic", width=1024, height=1024, reference_steps=2, dtype="bfloat16")
+    workload = Workload(model="synthetic", width=1024, height=1024, reference_steps=4, dtype="bfloat16")
     capabilities = detect_capabilities()
-    for text in ("quantization=fp8_rowwise", "quantization=fp8_rowwise,cfg_batching=true"):
-        profile = Profile.from_text(text)
+    block_linear = levers._is_block_linear
+    reference = None
+    for variant, text in variants:
+        profile = Profile.from_text(text) if text else Profile()
         started = time.perf_counter()
+        # txt_bf16: the text stream's Linears (M = the prompt's tokens) left out of torchao's quantization.
+        levers._is_block_linear = block_linear if variant != "txt_bf16" else (
+            lambda module, fqn: block_linear(module, fqn) and not any(part in fqn for part in TEXT_STREAM))
+        torch._dynamo.reset()
         try:
             model = runner.build(workload, profile, capabilities)
+            tokens = model.pipe.encode_prompt(prompt="a red fox in the snow", device="cuda")[0].shape
             measurement = runner.measure(model, workload, profile, ["a red fox in the snow"], [0])
             status = "ok"
-            extra = measurement.summary()
+            extra = {**measurement.summary(), "text_tokens": str(tuple(tokens))}
+            if reference is None:
+                reference = measurement.images
+            from qwendoctor import quality
+            extra["psnr_db_vs_first"] = quality.compare(measurement.images, reference)["psnr_db"]
         except Exception as error:  # noqa: BLE001
             status = first_line(error)
             extra = {"traceback": traceback.format_exc()[-6000:]}
-        record(out, {"layer": "pipeline", "profile": text, "status": status, "s": time.perf_counter() - started,
+        record(out, {"layer": "pipeline", "variant": variant, "profile": text, "status": status, "s": time.perf_counter() - started,
                      **{k: v for k, v in extra.items() if isinstance(v, (int, float, str))}})
         model = None
         torch.cuda.empty_cache()
@@ -95,14 +129,18 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--skip-pipeline", action="store_true")
+    parser.add_argument("--skip-kernels", action="store_true")
+    parser.add_argument("--variants", default="as_is:,as_is:quantization=fp8_rowwise",
+                        help="VARIANT:PROFILE;... with VARIANT as_is or txt_bf16")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     record(args.out, {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(),
                       "cublaslt_env": {k: v for k, v in os.environ.items() if "CUBLAS" in k}})
-    scaled_mm_rows(args.out)
-    torchao_rows(args.out)
+    if not args.skip_kernels:
+        scaled_mm_bias_rows(args.out)
+        torchao_rows(args.out)
     if not args.skip_pipeline:
-        pipeline_rows(args.out)
+        pipeline_rows(args.out, [tuple(v.split(":", 1)) for v in args.variants.split(";")])
 
 
 if __name__ == "__main__":
