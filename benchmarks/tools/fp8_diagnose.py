@@ -103,11 +103,17 @@ def pipeline_rows(out, variants):
         profile = Profile.from_text(text) if text else Profile()
         started = time.perf_counter()
         # txt_bf16: the text stream's Linears (M = the prompt's tokens) left out of torchao's quantization.
-        levers._is_block_linear = block_linear if variant != "txt_bf16" else (
+        levers._is_block_linear = block_linear if variant == "as_is" else (
             lambda module, fqn: block_linear(module, fqn) and not any(part in fqn for part in TEXT_STREAM))
         torch._dynamo.reset()
         try:
             model = runner.build(workload, profile, capabilities)
+            if variant == "txt_wo":  # the text stream's Linears FP8 weight-only: FP8's memory, bf16 products
+                from torchao.quantization import Float8WeightOnlyConfig, quantize_
+
+                quantize_(model.pipe.transformer.transformer_blocks, Float8WeightOnlyConfig(set_inductor_config=False),
+                          filter_fn=lambda module, fqn: block_linear(module, fqn) and any(
+                              part in fqn for part in TEXT_STREAM))
             tokens = model.pipe.encode_prompt(prompt="a red fox in the snow", device="cuda")[0].shape
             measurement = runner.measure(model, workload, profile, ["a red fox in the snow"], [0])
             status = "ok"
@@ -131,7 +137,7 @@ def main():
     parser.add_argument("--skip-pipeline", action="store_true")
     parser.add_argument("--skip-kernels", action="store_true")
     parser.add_argument("--variants", default="as_is:,as_is:quantization=fp8_rowwise",
-                        help="VARIANT:PROFILE;... with VARIANT as_is or txt_bf16")
+                        help="VARIANT:PROFILE;... with VARIANT as_is, txt_bf16 or txt_wo")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     record(args.out, {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(),
