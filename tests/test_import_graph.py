@@ -110,3 +110,12 @@ def test_each_module_imports_alone_in_a_fresh_interpreter(module):
     result = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True,
                             cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_every_package_is_shipped():
+    """pyproject names its packages one by one: a new one (as levers/ was) must be named there too."""
+    import tomllib
+
+    shipped = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {_module_name(path) for path in PACKAGE.rglob("__init__.py")}
+    assert packages <= shipped
