@@ -51,7 +51,7 @@ BACKENDS: tuple[Backend, ...] = (
     Backend("fa4", "fa4", cuda_only=True, ulysses=False, ring=False, package="flash-attn-4", module="flash_attn.cute",
             install="./install_flash_attention.sh --which fa4",
             description="flash-attn-4 (./install_flash_attention.sh --which fa4); diffusers has no local FA4 "
-                        "backend, so register it first: qwendoctor.attention.register_fa4_backend()"),
+                        "backend, so register it first: qwendoctor.levers.attention.register_fa4_backend()"),
     # diffusers' own "sage" backends require sageattention >= 2.1.1, which PyPI does not carry (its newest is
     # 1.0.6); `sageattn` is both versions' entry point (1.x runs Triton kernels, INT8 Q.K and FP16 P.V; diffusers'
     # "sage" backend calls the 2.x one with the same arguments).
@@ -59,7 +59,7 @@ BACKENDS: tuple[Backend, ...] = (
             module="sageattention", function="sageattn", kwargs=(("tensor_layout", "NHD"),),
             install="pip install sageattention", lossy=True,
             description="SageAttention's sageattn (pip install sageattention): 8-bit Q.K, lossy; registered "
-                        "first: qwendoctor.attention.register_sageattn_backend()"),
+                        "first: qwendoctor.levers.attention.register_sageattn_backend()"),
     Backend("flex", "flex", cuda_only=False, ulysses=False, ring=False,
             description="torch flex_attention, needs torch.compile"),
 )

@@ -20,7 +20,8 @@ import time
 from typing import Any, Callable
 
 from probes import qwen_shapes, timing
-from qwendoctor import files, fingerprint, levers, memory, models, quality, runner
+from qwendoctor import files, fingerprint, levers, models, quality, runner
+from qwendoctor.levers import memory
 from qwendoctor.capabilities import Capabilities
 from qwendoctor.errors import QwendoctorError, UnavailableLever, UsageError
 from qwendoctor.profile import Profile, Workload, check_runnable

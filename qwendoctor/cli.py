@@ -45,7 +45,8 @@ def _workload(model: str, width: int | None, height: int | None, steps: int, tru
               negative_prompt: str, memory_limit: float | None = None):
     import dataclasses
 
-    from qwendoctor import memory, models
+    from qwendoctor import models
+    from qwendoctor.levers import memory
     from qwendoctor.profile import Workload
 
     size = models.default_side(model)
@@ -187,7 +188,7 @@ def generate(prompt, lock_path, seed, num_images, out_dir, ignore_fingerprint, g
                          f"its index), got {seed}")
     if not prompt.strip():
         raise UsageError("the prompt is empty")
-    from qwendoctor import memory
+    from qwendoctor.levers import memory
 
     memory.check_value(memory_limit)
     from qwendoctor.files import writable_directory
@@ -298,7 +299,7 @@ def bench(model, width, height, steps, true_cfg_scale, timed_steps, full_image, 
     # The numbers first, before torch decides the default model: a typo is answered at once.
     Workload(model=model or "tiny", width=width or 128, height=height or 128, true_cfg_scale=true_cfg_scale,
              reference_steps=steps, dtype="float32").validate()
-    from qwendoctor import memory
+    from qwendoctor.levers import memory
 
     memory.check_value(memory_limit)
     model = model or ("synthetic" if models.default_device() == "cuda" else "tiny")

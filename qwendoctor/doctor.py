@@ -43,8 +43,8 @@ from qwendoctor.errors import EXIT_FAILURE, EXIT_OK, UsageError
 
 SCHEMA_VERSION = 1
 # Attention backends qwendoctor adds to diffusers' dispatcher: the probes check and time them like diffusers' own.
-ATTENTION_REGISTRARS = {"fa4": "qwendoctor.attention:register_fa4_backend",
-                        "sageattn": "qwendoctor.attention:register_sageattn_backend"}
+ATTENTION_REGISTRARS = {"fa4": "qwendoctor.levers.attention:register_fa4_backend",
+                        "sageattn": "qwendoctor.levers.attention:register_sageattn_backend"}
 # The directory holding the `probes` package: put on the worker's PYTHONPATH so it imports from any cwd.
 _PROBES_ROOT = str(Path(probes.__file__).resolve().parent.parent)
 
@@ -549,7 +549,7 @@ def check(as_json: bool, only: tuple[str, ...], list_probes: bool, verbose: bool
         if value is not None and (value <= 0 or value % 16):
             raise UsageError(f"--{name} must be a positive multiple of 16, got {value}")
     if memory_limit is not None:
-        from qwendoctor import memory
+        from qwendoctor.levers import memory
 
         memory.check_against_card(memory_limit, memory.card_total_gib())
     model = model or ("Qwen/Qwen-Image" if _has_nvidia_gpu() else "tiny")

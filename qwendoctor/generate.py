@@ -65,7 +65,7 @@ def build_tuned(lock: lockfile.Lock, lock_path: str, ignore_fingerprint: bool = 
     """The lock's pipeline, with `profile` instead of the lock's where given (the lock's on more GPUs), under the
     lock's GPU memory limit unless `memory_limit_gib` says otherwise. The fingerprint is checked before anything
     loads, the model revision once the model is built."""
-    from qwendoctor import memory
+    from qwendoctor.levers import memory
 
     profile = profile or lock.profile
     if not ignore_fingerprint:

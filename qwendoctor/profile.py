@@ -4,6 +4,9 @@ The tuner samples a Profile, the lockfile stores it, `generate` applies it. Its 
 (qwendoctor.levers: each lever declares its fields, checks and needs there); this module makes the frozen
 dataclass from them and runs every check, so a bad configuration is refused before any weights load. What is
 being generated is the Workload (probes.workload), re-exported here.
+
+The dependency runs one way: this module imports the lever table, and no lever module imports this one at import
+time (tests/test_import_graph.py).
 """
 
 from __future__ import annotations

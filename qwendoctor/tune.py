@@ -679,7 +679,7 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
     from qwendoctor import storage as storages
 
     options.validate()
-    from qwendoctor import memory
+    from qwendoctor.levers import memory
 
     memory.apply(options.workload.memory_limit_gib)  # before the reference loads the model
     # Where the components go, chosen (or no placement fitting refused) before anything is probed or loaded.

@@ -13,6 +13,7 @@ gloo, and ulysses_graph traces with aot_eager (no C++ compile).
 import sys
 
 from qwendoctor import cli, parallel
+from qwendoctor.levers import parallel as parallel_levers
 from qwendoctor.capabilities import detect_capabilities
 from qwendoctor.errors import QwendoctorError
 from qwendoctor.profile import Profile, Workload
@@ -46,11 +47,11 @@ def render(out_dir: str, profiles: list[str]) -> None:
 
 
 def _size_exchanges() -> int | None:
-    """How many sequence-length exchanges Ulysses made (qwendoctor.parallel.SizesOncePerForward), if it ran."""
+    """How many sequence-length exchanges Ulysses made (qwendoctor.levers.parallel.SizesOncePerForward), if it ran."""
     from diffusers.models import attention_dispatch
 
     sizes = attention_dispatch.gather_size_by_comm
-    return sizes.exchanges if isinstance(sizes, parallel.SizesOncePerForward) else None
+    return sizes.exchanges if isinstance(sizes, parallel_levers.SizesOncePerForward) else None
 
 
 def ulysses_graph(out_dir: str) -> None:
@@ -61,9 +62,9 @@ def ulysses_graph(out_dir: str) -> None:
 
     device = _device()
     parallel.init_process_group(device)
-    mesh = parallel.device_mesh(Profile.from_text("parallel=ulysses,gpus=2"))
+    mesh = parallel_levers.device_mesh(Profile.from_text("parallel=ulysses,gpus=2"))
     text_tokens, image_tokens, heads, dim = 5, 8, 4, 8  # 5 = 3 + 2 and 8 = 4 + 4: shares of 7 and 6 tokens
-    split = parallel._ulysses_in_compiled_graphs(torch.nn.Linear(1, 1), mesh)
+    split = parallel_levers._ulysses_in_compiled_graphs(torch.nn.Linear(1, 1), mesh)
     split.before_pass(None, (), {"hidden_states": torch.zeros(1, image_tokens, 1),
                                  "encoder_hidden_states": torch.zeros(1, text_tokens, 1)})
     generator = torch.Generator().manual_seed(0)
@@ -78,8 +79,9 @@ def ulysses_graph(out_dir: str) -> None:
         ring_degree=1, ulysses_degree=2, _ulysses_mesh=mesh["ulysses"]))
 
     def attention(q, k, v):
-        return parallel.context_parallel_attention(q, k, v, None, 0.0, False, None, False, False,
-                                                   _native_attention_forward_op, None, _parallel_config=config)
+        return parallel_levers.context_parallel_attention(q, k, v, None, 0.0, False, None, False, False,
+                                                          _native_attention_forward_op, None,
+                                                          _parallel_config=config)
 
     backend = "inductor" if device == "cuda" else "aot_eager"
     out = torch.compile(attention, fullgraph=True, backend=backend)(*(t.to(device) for t in local)).cpu()

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from qwendoctor import attention, levers, models, runner
+from qwendoctor import levers, models, runner
+from qwendoctor.levers import attention
 from qwendoctor.profile import Profile
 
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from qwendoctor import attention, levers, models, runner
+from qwendoctor import levers, models, runner
+from qwendoctor.levers import attention
 from qwendoctor.errors import UnavailableLever
 from qwendoctor.profile import Capabilities, Profile, check_runnable
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from qwendoctor import fused_projections, levers, models, runner
+from qwendoctor import levers, models, runner
+from qwendoctor.levers import fused_qkv as fused_projections
 from qwendoctor.errors import UsageError
 from qwendoctor.profile import Profile
 
@@ -57,7 +58,7 @@ def test_the_attention_backend_and_real_rope_still_reach_the_fused_processor(fre
     its module. The fused processor keeps the one and looks the other up at call time."""
     from diffusers.models.transformers import transformer_qwenimage
 
-    from qwendoctor import rope
+    from qwendoctor.levers import real_rope as rope
 
     levers.apply_attention_backend(fresh_tiny.pipe, Profile(attention_backend="_native_math"))
     levers.apply_fused_qkv(fresh_tiny.pipe, Profile(fused_qkv=True))

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from qwendoctor import gelu_epilogue, levers, models, runner, space
+from qwendoctor import levers, models, runner, space
+from qwendoctor.levers import gelu_epilogue
 from qwendoctor.errors import UnavailableLever, UsageError
 from qwendoctor.profile import Capabilities, Profile
 

@@ -155,7 +155,7 @@ def test_optimize_applies_levers_in_the_documented_order():
 def test_apply_real_rope_rotates_like_the_complex_path_and_is_undone(fresh_tiny, tiny_workload):
     from diffusers.models.transformers import transformer_qwenimage
 
-    from qwendoctor import rope
+    from qwendoctor.levers import real_rope as rope
 
     original = transformer_qwenimage.apply_rotary_emb_qwen
     x = torch.randn(2, 7, 3, 8, dtype=torch.bfloat16)
@@ -248,7 +248,7 @@ def test_cfg_batching_without_cfg_is_refused_before_loading(tiny_workload):
 
 
 def test_text_pair_padding_masks_only_what_it_pads():
-    from qwendoctor.cfg_batching import _pad_text_pair
+    from qwendoctor.levers.cfg_batching import _pad_text_pair
 
     a, b = torch.randn(1, 5, 8), torch.randn(1, 3, 8)
     text, mask = _pad_text_pair(a, None, b, None)
@@ -374,7 +374,7 @@ def test_dbcache_reuses_blocks_and_is_undone(fresh_tiny, tiny_workload):
 
 def test_dbcache_stacks_with_regional_compile_and_cfg_batching(fresh_tiny, tiny_workload, recorded_compiles):
     pytest.importorskip("cache_dit")
-    from qwendoctor import cfg_batching
+    from qwendoctor.levers import cfg_batching
 
     workload = dataclasses.replace(tiny_workload, reference_steps=8)
     profile = Profile(**DBCACHE, compile="regional")
@@ -473,7 +473,7 @@ def test_dbcache_leaves_blocks_to_reuse(fresh_tiny, tiny_workload):
 def test_first_block_cache_stacks_with_cfg_batching(fresh_tiny, tiny_workload):
     """diffusers' hooks see one batch-2 call a step under CFG batching; taking the profile off leaves the plain
     transformer with no hooks."""
-    from qwendoctor import cfg_batching
+    from qwendoctor.levers import cfg_batching
 
     workload = dataclasses.replace(tiny_workload, reference_steps=8)
     reference = runner.render(fresh_tiny, workload, Profile(), "a fox", 0)

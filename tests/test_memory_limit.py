@@ -8,7 +8,8 @@ import torch
 
 from probes import memory_plan
 from probes.workload import Workload, WorkloadError
-from qwendoctor import lockfile, memory, runner, study, tune
+from qwendoctor import lockfile, runner, study, tune
+from qwendoctor.levers import memory
 from qwendoctor.errors import UsageError
 from qwendoctor.profile import Capabilities, Profile
 

@@ -11,7 +11,8 @@ import pytest
 from probes import memory_plan
 from probes.context import ProbeContext
 from probes.workload import Workload
-from qwendoctor import levers, lockfile, memory, models, pool, space, tune
+from qwendoctor import levers, lockfile, models, pool, space, tune
+from qwendoctor.levers import memory
 from qwendoctor.errors import UsageError
 from qwendoctor.profile import Capabilities, Profile
 from tests.fakes import FakeNvml

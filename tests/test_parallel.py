@@ -14,6 +14,7 @@ from probes import topology
 from probes.backends import RING_BACKENDS, ULYSSES_BACKENDS
 from probes.context import ProbeContext
 from qwendoctor import cli, lockfile, parallel
+from qwendoctor.levers import parallel as parallel_levers
 from qwendoctor.errors import QwendoctorError, UnavailableLever, UsageError
 from qwendoctor.profile import Capabilities, Profile, Workload, check_runnable
 from tests.fakes import fake_import
@@ -88,8 +89,8 @@ def test_context_parallel_attention_runs_outside_compiled_graphs():
     around it. Checked end to end by hand on 2 CPU ranks (ulysses + regional compile, PSNR 140 dB vs 1 rank)."""
     from diffusers.models import attention_dispatch
 
-    parallel._attention_outside_compiled_graphs()
-    parallel._attention_outside_compiled_graphs()  # idempotent
+    parallel_levers._attention_outside_compiled_graphs()
+    parallel_levers._attention_outside_compiled_graphs()  # idempotent
     function = attention_dispatch._templated_context_parallel_attention
     assert function._qwendoctor_eager and not getattr(function.__wrapped__, "_qwendoctor_eager", False)
 
@@ -205,8 +206,9 @@ def test_split_sizes_follow_tensor_split_and_ulysses_adds_text_and_image_shares(
     import torch
 
     for length, parts in ((6889, 2), (6889, 4), (128, 4), (7, 2), (3, 4)):
-        assert parallel.split_sizes(length, parts) == [len(c) for c in torch.arange(length).tensor_split(parts)]
-    split = parallel.UlyssesSplit(degree=4, rank=1)
+        expected = [len(c) for c in torch.arange(length).tensor_split(parts)]
+        assert parallel_levers.split_sizes(length, parts) == expected
+    split = parallel_levers.UlyssesSplit(degree=4, rank=1)
     split.before_pass(None, (), {"hidden_states": torch.zeros(1, 6889, 1), "encoder_hidden_states": torch.zeros(1, 13, 1)})
     assert split.sizes == [1723 + 4, 1722 + 3, 1722 + 3, 1722 + 3] and sum(split.sizes) == 6889 + 13
     split.before_pass(None, (torch.zeros(2, 10, 1),), {})  # no text: diffusers' own path takes the pass
@@ -216,14 +218,14 @@ def test_split_sizes_follow_tensor_split_and_ulysses_adds_text_and_image_shares(
 def test_ulysses_length_that_differs_from_the_shapes_raises_rather_than_leaving_its_peers_waiting(monkeypatch):
     import torch
 
-    split = parallel.UlyssesSplit(degree=2, rank=1)
+    split = parallel_levers.UlyssesSplit(degree=2, rank=1)
     split.sizes = [7, 6]
-    monkeypatch.setattr(parallel, "_ulysses", split)
+    monkeypatch.setattr(parallel_levers, "_ulysses", split)
     config = SimpleNamespace(context_parallel_config=SimpleNamespace(ring_degree=1, ulysses_degree=2))
     q = torch.zeros(1, 7, 4, 8)  # rank 1 should hold 6
     with pytest.raises(RuntimeError, match="holds 7 tokens, but the transformer's input shapes give it 6"):
-        parallel.context_parallel_attention(q, q, q, None, 0.0, False, None, False, False, None, None,
-                                            _parallel_config=config)
+        parallel_levers.context_parallel_attention(q, q, q, None, 0.0, False, None, False, False, None, None,
+                                                   _parallel_config=config)
 
 
 def test_sizes_are_exchanged_once_per_pass_and_a_changed_length_raises():
@@ -233,7 +235,7 @@ def test_sizes_are_exchanged_once_per_pass_and_a_changed_length_raises():
         calls.append(size)
         return [size, size - 1]
 
-    sizes = parallel.SizesOncePerForward(exchange)
+    sizes = parallel_levers.SizesOncePerForward(exchange)
     group = object()
     assert sizes(5, group) == [5, 4] and sizes(5, group) == [5, 4] and calls == [5]
     with pytest.raises(RuntimeError, match="changed within a pass"):

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from qwendoctor import cfg_batching, levers, models, rope
+from qwendoctor import levers, models
+from qwendoctor.levers import cfg_batching
+from qwendoctor.levers import real_rope as rope
 from qwendoctor.errors import UsageError
 from qwendoctor.profile import Profile, Workload
 

@@ -107,7 +107,7 @@ def test_time_steps_times_each_step_after_a_warm_up(tiny_model, tiny_workload):
 def test_fusion_gets_a_new_transformer_both_ways_and_the_unfused_one_has_its_weights(tiny_pool, tiny_workload):
     """Fused q/k/v cannot be taken off a transformer: the pool fuses a pristine one in place, and replaces it when
     a later trial turns fusion off, with diffusers' six projections and the original weights."""
-    from qwendoctor import fused_projections
+    from qwendoctor.levers import fused_qkv as fused_projections
 
     the_pool, loads = tiny_pool
     plain = the_pool.prepare(Profile())

@@ -427,7 +427,7 @@ def test_a_profile_proposed_again_costs_nothing_and_does_not_count(options, draw
     measurement, are not counted, and the study ends once the sampler has nothing new to offer."""
     from qwendoctor import levers
 
-    monkeypatch.setattr(levers, "CACHES", ("none",))
+    monkeypatch.setattr(levers.cache, "CACHES", ("none",))
     monkeypatch.setattr(levers, "SEARCH_ORDER", tuple(lever for lever in levers.SEARCH_ORDER
                                                       if lever is not levers.FUSED_QKV))
     only_native = Capabilities(device="cpu", working_attention_backends=("native",))
@@ -456,7 +456,7 @@ def test_the_lock_says_how_far_its_speedup_keeps_the_image(options):
 def test_a_placement_that_stores_weights_in_fp8_still_has_a_lossless_figure(options, monkeypatch):
     """Under FP8 weight storage (the 24 GiB plan) every trial and the reference store FP8 weights: trials are
     lossless against that reference. An H200 tune at 24 GiB crashed here, finding no lossless trial."""
-    from qwendoctor import memory
+    from qwendoctor.levers import memory
 
     monkeypatch.setattr(memory, "placement_for", lambda *args, **kwargs: {"weight_storage": "fp8_storage"})
     monkeypatch.setattr(memory, "describe_placement", lambda *args: "FP8 transformer weights")

@@ -18,7 +18,8 @@ import time
 import torch
 import triton.testing
 
-from qwendoctor import attention, fingerprint, quality, runner
+from qwendoctor import fingerprint, quality, runner
+from qwendoctor.levers import attention
 from qwendoctor.capabilities import detect_capabilities
 from qwendoctor.profile import Profile, Workload
 

@@ -8,7 +8,8 @@ import torch
 pytest.importorskip("sageattention", reason="carry the sageattention wheel in .whl/ (pip install sageattention)")
 
 from probes.backends import LOSSY_REL_ERR_LIMIT  # noqa: E402
-from qwendoctor import attention, levers, models, runner  # noqa: E402
+from qwendoctor import levers, models, runner  # noqa: E402
+from qwendoctor.levers import attention  # noqa: E402
 from qwendoctor.profile import Profile, Workload  # noqa: E402
 
 

@@ -66,7 +66,7 @@ def test_bench_rows_on_synthetic_break_a_step_down_into_cuda_kernels(tmp_path):
 
 
 def test_real_rope_under_regional_compile_keeps_the_image():
-    from qwendoctor import rope
+    from qwendoctor.levers import real_rope as rope
 
     _free()
     torch._dynamo.reset()

@@ -5,7 +5,8 @@ is under test), and the big model's batch-2 pass with one negative for several p
 import numpy as np
 import torch
 
-from qwendoctor import cfg_batching, levers, models
+from qwendoctor import levers, models
+from qwendoctor.levers import cfg_batching
 from qwendoctor.profile import Profile, Workload
 
 TINY = Workload(model="tiny", width=128, height=128, reference_steps=4, dtype="bfloat16")

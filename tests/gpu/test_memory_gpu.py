@@ -8,7 +8,8 @@ import gc
 import pytest
 import torch
 
-from qwendoctor import levers, memory, models, quality, runner
+from qwendoctor import levers, models, quality, runner
+from qwendoctor.levers import memory
 from qwendoctor.capabilities import detect_capabilities
 from qwendoctor.profile import Profile, Workload
 

@@ -1,4 +1,4 @@
-"""Qwen-Image's MLP activation computed in the epilogue of the GEMM before it.
+"""GELU epilogue: Qwen-Image's MLP activation computed in the epilogue of the GEMM before it.
 
 Each of the 60 blocks runs two MLPs, one per stream: `Linear(3072, 12288)`, GELU (tanh approximation), then
 `Linear(12288, 3072)`. Under regional compile Inductor leaves the first GEMM to cuBLAS and runs the GELU as a kernel
@@ -19,12 +19,21 @@ The swap keeps the modules and their parameters: `proj` stays an `nn.Linear` (a 
 hooks registered on it later run as before (diffusers' layerwise casting casts its FP8-stored weight up before its
 forward: tested on the CPU; offload's hooks are registered the same way, untested with this lever), and the state
 dict is diffusers'. Quantized weights (torchao's FP8 and
-int8 tensors) have no such epilogue: `profile.check` refuses those combinations.
+int8 tensors) have no such epilogue: `profile.check` refuses those combinations. Applied before weight storage
+and offload, whose hooks then wrap the fused Linear, and before compile.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import TYPE_CHECKING, Any
+
+from qwendoctor.errors import EXIT_USAGE, UnavailableLever, UsageError
+from qwendoctor.levers.base import BenchRow, Field, LadderStep, Lever, Offer, SpaceContext, fuse_modules
+
+if TYPE_CHECKING:
+    from qwendoctor.profile import Profile
 
 
 def _activations():
@@ -81,3 +90,52 @@ def fuse(transformer) -> int:
             module.__class__ = epilogue_gelu
             fused += 1
     return fused
+
+
+# ---- the lever ------------------------------------------------------------------------------------------
+
+def apply_gelu_epilogue(pipe, profile: "Profile"):
+    return fuse_modules(pipe, profile, "gelu_epilogue", fuse, is_fused,
+                        "MLP with a biased projection and a tanh GELU (diffusers' GELU block)")
+
+
+def _gelu_epilogue_check(profile) -> None:
+    if not profile.gelu_epilogue:
+        return
+    if profile.quantization != "none":
+        raise UsageError(f"profile.gelu_epilogue: quantization={profile.quantization} replaces the MLP's weights by "
+                         "torchao tensors, which have no GELU epilogue; use one of the two")
+    if profile.weight_storage == "int8_weight_only":
+        raise UsageError("profile.gelu_epilogue: weight_storage=int8_weight_only replaces the MLP's weights by "
+                         "torchao int8 tensors, which have no GELU epilogue; use one of the two")
+
+
+def _gelu_epilogue_runnable(profile, workload, capabilities) -> None:
+    if profile.gelu_epilogue and capabilities.device != "cuda":
+        raise UnavailableLever("gelu_epilogue needs a CUDA GPU (cuBLASLt's GELU epilogue); on the CPU torch's fused "
+                               "op computes the exact GELU, not the tanh approximation Qwen-Image's MLP uses",
+                               exit_code=EXIT_USAGE)
+
+
+def _gelu_epilogue_sample(trial, offer: Offer, chosen: dict[str, Any], ctx: SpaceContext) -> dict[str, Any]:
+    values = offer.values["gelu_epilogue"]
+    if chosen.get("quantization", "none") != "none":
+        return {"gelu_epilogue": False}  # refused with torchao's weights (_gelu_epilogue_check)
+    return {"gelu_epilogue": trial.suggest_categorical("gelu_epilogue", values) if len(values) > 1 else values[0]}
+
+
+GELU_EPILOGUE = Lever(
+    name="gelu_epilogue", apply=apply_gelu_epilogue, undoable=False,
+    fields=(Field("gelu_epilogue", bool, False, omit_default=True),),
+    check=_gelu_epilogue_check, runnable=_gelu_epilogue_runnable,
+    # Searched wherever a GPU is: whether cuBLASLt's epilogue kernel beats its plain GEMM plus Inductor's GELU
+    # kernel is measured, not assumed; rounding is all it changes.
+    offer=lambda ctx: Offer({"gelu_epilogue": (False, True) if ctx.on_gpu else (False,)}),
+    sample=_gelu_epilogue_sample,
+    describe=lambda p: "gelu-epilogue" if p.gelu_epilogue else None,
+    bench_alone=lambda c, w: [BenchRow("gelu_epilogue", "MLP GELU in the GEMM epilogue (cuBLASLt)",
+                                       {"gelu_epilogue": True})] if c.device == "cuda" else [],
+    ladder=(LadderStep(5, "stack:+gelu_epilogue", "+ MLP GELU in the GEMM epilogue",
+                       lambda p: dataclasses.replace(p, gelu_epilogue=True) if p.quantization == "none" else p,
+                       lambda c, w: c.device == "cuda"),),
+)

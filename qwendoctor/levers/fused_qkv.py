@@ -1,4 +1,4 @@
-"""Qwen-Image's q/k/v projections as one GEMM per stream.
+"""Fused q/k/v: Qwen-Image's q/k/v projections as one GEMM per stream.
 
 diffusers' Qwen-Image processor runs six projections in every block: to_q, to_k and to_v on the image stream,
 add_q_proj, add_k_proj and add_v_proj on the text stream. Each one reads its stream's activations again and is
@@ -12,11 +12,21 @@ The unfused Linears are deleted once fused. Kept, they would hold a second copy 
 in bf16 for the 20B transformer (60 blocks x 6 x 3072 x 3072 x 2 bytes). `state_dict()` splits the fused weights
 back into diffusers' keys, and `load_state_dict()` accepts those keys, so `save_pretrained` writes a checkpoint
 plain diffusers loads.
+
+Applied before quantization and weight storage, so they see the fused Linears, and before compile. It cannot be
+undone (the pool replaces the transformer); rounding is all it changes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import TYPE_CHECKING
+
+from qwendoctor.levers.base import BenchRow, Field, LadderStep, Lever, Offer, fuse_modules
+
+if TYPE_CHECKING:
+    from qwendoctor.profile import Profile
 
 # Each fused Linear and the three it replaces, in the order their weights are concatenated.
 FUSED = {"to_qkv": ("to_q", "to_k", "to_v"), "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
@@ -130,3 +140,26 @@ def fuse(transformer) -> int:
         attention._qwendoctor_fused = True
         fused += 1
     return fused
+
+
+# ---- the lever ------------------------------------------------------------------------------------------
+
+def apply_fused_qkv(pipe, profile: "Profile"):
+    return fuse_modules(pipe, profile, "fused_qkv", fuse, is_fused,
+                        "Qwen-Image attention (diffusers' QwenDoubleStreamAttnProcessor2_0)")
+
+FUSED_QKV = Lever(
+    name="fused_qkv", apply=apply_fused_qkv, undoable=False,
+    fields=(Field("fused_qkv", bool, False, omit_default=True),),
+    # Searched everywhere: what it saves (four GEMM launches and two reads of each stream per block) is measured,
+    # not assumed, and rounding is all it changes.
+    offer=lambda ctx: Offer({"fused_qkv": (False, True)}),
+    sample=lambda trial, offer, chosen, ctx: {
+        "fused_qkv": trial.suggest_categorical("fused_qkv", offer.values["fused_qkv"])
+        if len(offer.values["fused_qkv"]) > 1 else offer.values["fused_qkv"][0]},
+    describe=lambda p: "fused-qkv" if p.fused_qkv else None,
+    bench_alone=lambda c, w: [BenchRow("fused_qkv", "fused q/k/v projections (one GEMM per stream)",
+                                       {"fused_qkv": True})],
+    ladder=(LadderStep(4, "stack:+fused_qkv", "+ fused q/k/v projections",
+                       lambda p: dataclasses.replace(p, fused_qkv=True), lambda c, w: True),),
+)

@@ -1,5 +1,8 @@
 """CFG batching: the cond and uncond transformer passes of a true-CFG step as one batch-2 call.
 
+Applied after compile: it intercepts the transformer's call, outside the compiled model. CFG parallel
+(qwendoctor.levers.parallel) shares its interception with the two passes on two GPUs.
+
 QwenImagePipeline calls its transformer twice a step (prompt, then negative prompt) with the same latents. Two
 batch-1 passes read every weight twice and launch every kernel twice; one batch-2 pass reads them once and
 gives the GEMMs twice the rows. The pipeline's loop is left untouched: the transformer's call runs both passes
@@ -36,8 +39,15 @@ only while the batched pass runs: torch.compile guards on its value, as it alrea
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from qwendoctor.errors import UsageError
+from qwendoctor.levers.base import BenchRow, Field, LadderStep, Lever, Offer, has_transformer
+
+if TYPE_CHECKING:
+    from qwendoctor.profile import Profile
 
 _ATTRIBUTE = "_qwendoctor_cfg_batching"  # where the transformer keeps its CFGBatching
 # Each batch row's text length while a batched pass with right-padded, unmasked text runs; None otherwise.
@@ -230,13 +240,13 @@ def _intercepting_class(plain: type) -> type:
 
 
 def interception(transformer) -> CFGBatching | None:
-    """The CFGBatching (or a subclass: qwendoctor.parallel's) a transformer's call goes through, if any."""
+    """The CFGBatching (or a subclass: qwendoctor.levers.parallel's) a transformer's call goes through, if any."""
     return None if transformer is None else vars(transformer).get(_ATTRIBUTE)
 
 
 def enable(pipe, wrap=CFGBatching) -> CFGBatching:
     """Send the pipeline transformer's call through `wrap(transformer)`: CFG batching's interception, or one
-    that shares it, such as qwendoctor.parallel's CFG-parallel one."""
+    that shares it, such as qwendoctor.levers.parallel's CFG-parallel one."""
     transformer = pipe.transformer
     if transformer is None:
         raise ValueError("CFG batching needs the pipeline's transformer; this pipeline has none")
@@ -273,3 +283,38 @@ def disable(pipe) -> None:
 def _forget_encode_prompt(pipe) -> None:
     if hasattr(vars(pipe).get("encode_prompt"), "_qwendoctor_records_for"):
         del vars(pipe)["encode_prompt"]
+
+
+# ---- the lever ------------------------------------------------------------------------------------------
+
+def apply_cfg_batching(pipe, profile: "Profile"):
+    if profile.cfg_batching and has_transformer(pipe, profile, "cfg_batching", True):
+        enable(pipe)
+    else:
+        disable(pipe)
+    return pipe
+
+
+def _cfg_batching_runnable(profile, workload, capabilities) -> None:
+    if profile.cfg_batching and not workload.does_cfg:
+        raise UsageError("profile.cfg_batching batches true CFG's two passes; this workload has no CFG "
+                         f"(true_cfg_scale {workload.true_cfg_scale:g})")
+
+
+def _cfg_batching_bench(capabilities, workload) -> list[BenchRow]:
+    return [BenchRow("cfg_batching", "CFG batching (batch-2 pass)", {"cfg_batching": True})] if (
+        workload.does_cfg) else []
+
+
+CFG_BATCHING = Lever(
+    name="cfg_batching", apply=apply_cfg_batching, undoable=True,
+    fields=(Field("cfg_batching", bool, False),),
+    runnable=_cfg_batching_runnable,
+    offer=lambda ctx: Offer({"cfg_batching": (False, True) if ctx.workload.does_cfg else (False,)}),
+    sample=lambda trial, offer, chosen, ctx: {
+        "cfg_batching": trial.suggest_categorical("cfg_batching", offer.values["cfg_batching"])},
+    describe=lambda p: "cfg-batch" if p.cfg_batching else None,
+    bench_alone=_cfg_batching_bench,
+    ladder=(LadderStep(1, "stack:+cfg_batching", "+ CFG batching",
+                       lambda p: dataclasses.replace(p, cfg_batching=True), lambda c, w: w.does_cfg),),
+)

@@ -1,16 +1,24 @@
-"""`--memory-limit GIB`: the GPU memory this process may use, so that a plan for a 24, 32 or 48 GB card is tuned
+"""What the memory levers (weight storage, offload, text encoder placement, VAE decode) share: where a pipeline's
+components live, and the memory plan that chooses these levers for a card.
+
+`--memory-limit GIB`: the GPU memory this process may use, so that a plan for a 24, 32 or 48 GB card is tuned
 and tested on a larger one, and a user can leave room for another process.
 
 The limit is torch's own cap (`torch.cuda.set_per_process_memory_fraction`): an allocation past it raises
 torch.OutOfMemoryError as a full card would. It is part of the workload, so a lock records the limit it was tuned
-under and `generate` applies it again.
+under and `generate` applies it again. The placement levers themselves live in their own modules
+(weight_storage, offload, text_encoder, vae_decode); they are never searched by tune.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from qwendoctor.errors import UsageError
+
+if TYPE_CHECKING:
+    from qwendoctor.profile import Profile
 
 GIB = 2**30
 OPTION = "--memory-limit"
@@ -123,3 +131,34 @@ def describe_placement(workload, placement: dict) -> str:
     limit = workload.memory_limit_gib
     where = f"{OPTION} {limit:g}" if limit is not None else "this GPU"
     return f"{shown}, for {where} (the default and every other profile run in it)"
+
+
+def target_device(pipe):
+    """Where the pipeline runs: the loader's device (models.load_model records it), else the first CUDA device a
+    component's weights are on, else diffusers' execution device. A placement lever may find its component in
+    host memory (load_on_cpu) and must still know where it is to run."""
+    import torch
+
+    recorded = getattr(pipe, "_qwendoctor_device", None)
+    if recorded is not None:
+        return torch.device(recorded)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            parameter = next(component.parameters(), None)
+            if parameter is not None and parameter.device.type == "cuda":
+                return parameter.device
+    return pipe._execution_device
+
+
+def load_on_cpu(profile: "Profile") -> frozenset[str]:
+    """The components a profile's placement keeps in host memory at load (models.load_model's `on_cpu`): those
+    it offloads, and a transformer whose weights go to 8 bits before they reach the GPU. A card that can only
+    hold the placed pipeline must never receive the whole one."""
+    if profile.offload in ("model", "sequential"):
+        return frozenset({"transformer", "text_encoder", "vae"})
+    on_cpu = set()
+    if profile.offload == "group" or profile.weight_storage != "bf16":
+        on_cpu.add("transformer")
+    if profile.text_encoder != "resident":
+        on_cpu.add("text_encoder")
+    return frozenset(on_cpu)
