@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from qwendoctor import cfg_batching, models, runner
+from qwendoctor import models, runner
+from qwendoctor.levers import cfg_batching
 from qwendoctor.profile import Profile
 
 

@@ -91,19 +91,20 @@ TEXT_STREAM = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "txt_mlp"
 
 
 def pipeline_rows(out, variants):
-    from qwendoctor import levers, runner
+    from qwendoctor import runner
+    from qwendoctor.levers import quantization
     from qwendoctor.capabilities import detect_capabilities
     from qwendoctor.profile import Profile, Workload
 
     workload = Workload(model="synthetic", width=1024, height=1024, reference_steps=4, dtype="bfloat16")
     capabilities = detect_capabilities()
-    block_linear = levers._is_block_linear
+    block_linear = quantization.is_block_linear
     reference = None
     for variant, text in variants:
         profile = Profile.from_text(text) if text else Profile()
         started = time.perf_counter()
         # txt_bf16: the text stream's Linears (M = the prompt's tokens) left out of torchao's quantization.
-        levers._is_block_linear = block_linear if variant == "as_is" else (
+        quantization.is_block_linear = block_linear if variant == "as_is" else (
             lambda module, fqn: block_linear(module, fqn) and not any(part in fqn for part in TEXT_STREAM))
         torch._dynamo.reset()
         try:
