@@ -58,8 +58,25 @@ def test_fp8_leaves_inductor_settings_alone(fresh_tiny, monkeypatch, quantizatio
     configs = []
     monkeypatch.setattr(torchao_quantization, "quantize_", lambda module, config, **kw: configs.append(config))
     levers.apply_quantization(fresh_tiny.pipe, Profile(quantization=quantization))
-    [config] = configs
-    assert config.set_inductor_config is False
+    assert configs and all(config.set_inductor_config is False for config in configs)
+
+
+@pytest.mark.parametrize("quantization", ["fp8_rowwise", "fp8_tensorwise"])
+def test_fp8_text_stream_keeps_fp8_weights_and_multiplies_in_bf16(fresh_tiny, monkeypatch, quantization):
+    """The text stream's rows are the prompt's tokens: cuBLASLt refused the row-wise product there on an H100
+    (issue 28), so its Linears get torchao's weight-only config and the image stream the dynamic one."""
+    torchao_quantization = pytest.importorskip("torchao.quantization")
+    calls = []
+    monkeypatch.setattr(torchao_quantization, "quantize_",
+                        lambda module, config, filter_fn=None, **kw: calls.append((type(config).__name__, filter_fn)))
+    levers.apply_quantization(fresh_tiny.pipe, Profile(quantization=quantization))
+    linear = torch.nn.Linear(32, 32)
+    chosen = {kind: [name for name in ("attn.to_q", "attn.add_q_proj", "attn.to_add_out", "img_mlp.net.2",
+                                       "txt_mlp.net.2", "txt_mlp.net.0.proj", "attn.to_added_qkv", "img_mod.1")
+                     if chosen_filter(linear, f"3.{name}")] for kind, chosen_filter in calls}
+    assert chosen == {"Float8DynamicActivationFloat8WeightConfig": ["attn.to_q", "img_mlp.net.2", "img_mod.1"],
+                      "Float8WeightOnlyConfig": ["attn.add_q_proj", "attn.to_add_out", "txt_mlp.net.2",
+                                                 "txt_mlp.net.0.proj", "attn.to_added_qkv"]}
 
 
 def test_fp8_can_leave_the_blocks_at_either_end_in_bf16(fresh_tiny, monkeypatch):
@@ -77,7 +94,9 @@ def test_fp8_can_leave_the_blocks_at_either_end_in_bf16(fresh_tiny, monkeypatch)
     levers.apply_quantization(fresh_tiny.pipe, Profile(quantization="fp8_rowwise"))
     assert filters[0](linear, "1.img_mlp.net.2")  # the default quantizes every block
     levers.apply_quantization(fresh_tiny.pipe, Profile(quantization="fp8_rowwise", quantization_bf16_blocks=3))
-    assert [filters[1](linear, f"{block}.attn.to_q") for block in range(8)] == [False] * 3 + [True] * 2 + [False] * 3
+    assert [filters[2](linear, f"{block}.attn.to_q") for block in range(8)] == [False] * 3 + [True] * 2 + [False] * 3
+    assert [filters[3](linear, f"{block}.txt_mlp.net.2") for block in range(8)] == [False] * 3 + [True] * 2 + [
+        False] * 3
     with pytest.raises(levers.UsageError, match=r"^profile\.quantization_bf16_blocks: 4 at each end of 8 blocks "
                                                 r"leaves none to quantize$"):
         levers.apply_quantization(fresh_tiny.pipe, Profile(quantization="fp8_rowwise", quantization_bf16_blocks=4))

@@ -50,7 +50,13 @@ def apply_quantization(pipe, profile: "Profile"):
     if 2 * kept >= len(blocks):
         raise UsageError(f"profile.quantization_bf16_blocks: {kept} at each end of {len(blocks)} blocks leaves none "
                          "to quantize")
-    quantize_(blocks, config, filter_fn=_block_linear_between(kept, len(blocks) - kept))
+    between = _block_linear_between(kept, len(blocks) - kept)
+    if profile.quantization == "fp8_weight_only":
+        quantize_(blocks, config, filter_fn=between)
+    else:
+        quantize_(blocks, config, filter_fn=lambda module, fqn: between(module, fqn) and not in_text_stream(fqn))
+        quantize_(blocks, Float8WeightOnlyConfig(set_inductor_config=False),
+                  filter_fn=lambda module, fqn: between(module, fqn) and in_text_stream(fqn))
     keep_quantized_weights_as_they_are(pipe, f"quantization {profile.quantization!r}", "FP8")
     return pipe
 
@@ -63,6 +69,17 @@ def _block_linear_between(first: int, end: int):
         return is_block_linear(module, fqn) and first <= int(fqn.split(".", 1)[0]) < end
 
     return quantizable
+
+
+# The text stream's Linears in a Qwen-Image block. Their rows are the prompt's tokens (tens, any count), so an FP8
+# product gains nothing there, and on an H100 (torch 2.11, cuBLAS 13.1) cuBLASLt refused the row-wise product of
+# the text MLP's down projection at such a count (CUBLAS_STATUS_NOT_SUPPORTED, issue 28): every FP8 profile of the
+# 20B transformer failed. They keep FP8 weights (the memory FP8 promises) and multiply in bf16.
+TEXT_STREAM = ("add_q_proj", "add_k_proj", "add_v_proj", "to_added_qkv", "to_add_out", "txt_mlp")
+
+
+def in_text_stream(fqn: str) -> bool:
+    return any(part in TEXT_STREAM for part in fqn.split("."))
 
 
 def is_block_linear(module, _fqn) -> bool:
