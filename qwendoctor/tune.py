@@ -134,10 +134,11 @@ def read_prompts(path: str | None, count: int, model_id: str = "tiny") -> list[s
     if path is None:
         return default_prompts(model_id)[:count]
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
+        text = files.read_bounded(path, "--prompts")
     except OSError as error:
         raise UsageError(f"--prompts {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--prompts {path}: not UTF-8 text") from None
     prompts = _prompt_lines(text)
     if not prompts:
         raise UsageError(f"--prompts {path}: no prompts in the file")
