@@ -87,10 +87,21 @@ def check(field: str, value: Any, label: str | None = None, range_: Range | None
         ok = False
     else:
         ok = (value > limit.low if limit.low_open else value >= limit.low) and value <= limit.high \
-            and value % limit.multiple == 0
+            and (limit.multiple == 1 or value % limit.multiple == 0)
+    if not ok and limit.multiple > 1:
+        # Worded by what is wrong: a size off the grid, or one too large (the messages users have long seen).
+        if ok_type(value) and value > limit.high:
+            raise RangeError(f"{label} must be at most {_number(limit.high)} (a multiple of {limit.multiple}), "
+                             f"got {value!r}")
+        raise RangeError(f"{label} must be a positive multiple of {limit.multiple}, got {value!r} (at most "
+                         f"{_number(limit.high)})")
     if not ok:
         raise RangeError(f"{label} must be {limit.rule()}{limit.why}, got {value!r}")
     return value
+
+
+def ok_type(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def table() -> list[tuple[str, str]]:

@@ -233,7 +233,6 @@ def generate(prompt, lock_path, seed, num_images, out_dir, ignore_fingerprint, g
     if num_images < 1:
         raise UsageError(f"--num-images must be at least 1, got {num_images}")
     _in_range("num_images", num_images, "--num-images")  # before --seed's range, which depends on it
-    _in_range("gpus", gpus, "--gpus")
     # Image i uses seed + i, and torch's generators take 0 .. 2**64 - 1: checked before minutes of loading.
     if not 0 <= seed <= 2**64 - num_images:
         raise UsageError(f"--seed must be in 0..{2**64 - num_images} for {num_images} image(s) (each uses seed + "
@@ -251,6 +250,7 @@ def generate(prompt, lock_path, seed, num_images, out_dir, ignore_fingerprint, g
     lock = lockfile.read_lock(lock_path)
     if gpus is not None and gpus < 1:
         raise UsageError(f"--gpus must be at least 1, got {gpus}")
+    _in_range("gpus", gpus, "--gpus")
     profile = parallel.with_gpus(lock.profile, lock.profile.gpus if gpus is None else gpus, strategy,
                                  lock.workload.does_cfg)
     if profile.gpus > 1 and not parallel.in_rank():
@@ -354,15 +354,20 @@ def bench(model, width, height, steps, true_cfg_scale, timed_steps, full_image, 
     Workload(model=model or "tiny", width=width or 128, height=height or 128, true_cfg_scale=true_cfg_scale,
              reference_steps=steps, dtype="float32").validate()
     from qwendoctor import memory
+    from qwendoctor.files import writable_directory
 
     memory.check_value(memory_limit)
-    model = model or ("synthetic" if models.default_device() == "cuda" else "tiny")
-    workload = _workload(model, width, height, steps, true_cfg_scale, " ", memory_limit)
+    writable_directory(out_dir, "--out")  # as generate does: before the ladder, not after it
     given = []
     for path in lock_paths:
         given.append((f"lock {os.path.basename(path)}", lockfile.read_lock(path).profile))
     for text in profile_texts:
         given.append((text, Profile.from_text(text)))
+    bench_module.BenchOptions(workload=Workload(model="tiny", width=128, height=128, dtype="float32"),
+                              timed_steps=timed_steps, given=tuple(given), name=name).validate()
+    _check_cache_dir()
+    model = model or ("synthetic" if models.default_device() == "cuda" else "tiny")
+    workload = _workload(model, width, height, steps, true_cfg_scale, " ", memory_limit)
 
     def log(message: str) -> None:
         click.echo(f"qwendoctor: {message}", err=True)
