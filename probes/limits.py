@@ -68,7 +68,7 @@ RANGES: dict[str, Range] = {
     "timed_steps": Range(2, MAX_STEPS),
     "gpus": Range(1, 1_024),
     "memory_limit": Range(0, 1_048_576, integer=False, low_open=True, why=" GiB"),
-    "floor": Range(0, 1_000, integer=False, why=""),
+    "floor": Range(0, 1_000, integer=False, why=" dB"),  # the PSNR part of --floor (SSIM, LPIPS: their own)
     "profile_int": Range(0, 1_000_000),
     "profile_float": Range(-1e6, 1e6, integer=False, text="a finite number"),
 }

@@ -156,6 +156,7 @@ def tune(model, width, height, steps, true_cfg_scale, negative_prompt, trials, t
         whose = f"--storage {storage}" if given_storage else "the default study database"
         raise UsageError(f"--lock {lock_path}: is the study's own file ({whose}); name another lock file")
     parsed_floor = quality.parse_floor(floor)
+    _in_range("floor", parsed_floor.psnr_db, "--floor psnr")  # nan would pass every comparison, inf none
     _check_cache_dir()
     workload = _workload(model, width, height, steps, true_cfg_scale, negative_prompt, memory_limit)
     from qwendoctor import report

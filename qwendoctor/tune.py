@@ -763,6 +763,10 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
     try:
         best = optuna_study.best_trial
     except ValueError:
+        if deadline is not None and time.monotonic() >= deadline and not counts["completed"]:
+            # The clock, not the floor, stopped it: blaming --floor would send the user the wrong way.
+            raise QwendoctorError(f"--timeout {options.timeout_s:g}: the time ran out before any trial finished "
+                                  f"({counts['trials']} ended, none complete); raise --timeout") from None
         raise QwendoctorError(f"no trial met the quality floor {options.floor.name} "
                               f"({options.floor.describe()}) "
                               f"in {counts['trials']} trials; lower --floor or raise --trials") from None
