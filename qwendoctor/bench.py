@@ -15,9 +15,12 @@ import json
 import math
 import os
 import platform
+import contextlib
 import re
+import sys
+import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from probes import qwen_shapes, timing
 from qwendoctor import files, fingerprint, levers, memory, models, quality, runner
@@ -159,6 +162,35 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
+# Kineto's own progress lines, written by native code straight to file descriptor 2 (no variable turns them off):
+# `USDT:2026-12-07 19:49:33 9374:9374 SyncActivityProfilerHandler.cpp:52] profiler_start`.
+PROFILER_CHATTER = re.compile(r"^[A-Z]+:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \d+:\d+ \w+\.cpp:\d+\] ")
+
+
+@contextlib.contextmanager
+def _without_profiler_chatter() -> Iterator[None]:
+    """Hold back what is written to stderr (fd 2) meanwhile, and pass on all of it but the profiler's chatter."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (a test capturing it): nothing native can reach the user
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            for line in held.read().decode("utf-8", "replace").splitlines(keepends=True):
+                if not PROFILER_CHATTER.match(line):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+
+
 def step_breakdown(model: models.LoadedModel, workload: Workload, profile: Profile, prompt: str, seed: int,
                    unprofiled_step_ms: float) -> dict[str, Any]:
     """Where one denoising step's time goes: kernel time by kind, and what is left of the step when the GPU
@@ -172,7 +204,7 @@ def step_breakdown(model: models.LoadedModel, workload: Workload, profile: Profi
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     clock = timing.StepClock(model.device)
     # Step 1 warms the profiler up and step 3 stays outside: the recorded window is exactly step 2.
-    with torch_profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=1, repeat=1)) as prof:
+    with _without_profiler_chatter(), torch_profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=1, repeat=1)) as prof:
         def on_step(pipe, step, timestep, kwargs):
             clock(pipe, step, timestep, kwargs)
             prof.step()
