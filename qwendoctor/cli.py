@@ -136,6 +136,8 @@ def tune(model, width, height, steps, true_cfg_scale, negative_prompt, trials, t
         raise UsageError("--num-prompts and --seeds must be at least 1")
     if trials < 1:
         raise UsageError(f"--trials must be at least 1, got {trials}")
+    if gpus is not None and gpus < 1:
+        raise UsageError(f"--gpus must be at least 1, got {gpus}")  # as generate says it
     for field, value, option in (("num_prompts", num_prompts, "--num-prompts"), ("seeds", seeds, "--seeds"),
                                  ("trials", trials, "--trials"), ("timeout", timeout, "--timeout"),
                                  ("heartbeat", heartbeat, "--heartbeat"), ("timed_steps", timed_steps,
@@ -192,8 +194,8 @@ def _check_lock_destination(lock_path: str) -> None:
         raise UsageError("--lock is empty; name the lock file, e.g. --lock qwendoctor.lock")
     if os.path.isdir(lock_path):
         raise UsageError(f"--lock {lock_path}: is a directory; name the lock file, e.g. {lock_path}/qwendoctor.lock")
+    check_replaceable(lock_path, "--lock")  # a device or a link is named as such, whatever its folder allows
     writable_directory(os.path.dirname(os.path.abspath(lock_path)), "--lock")
-    check_replaceable(lock_path, "--lock")
 
 
 def _tune_gpus(asked: int | None) -> int:
@@ -257,8 +259,10 @@ def generate(prompt, lock_path, seed, num_images, out_dir, ignore_fingerprint, g
     if profile.gpus > 1 and not parallel.in_rank():
         if not ignore_fingerprint:
             check_fingerprint(lock, lock_path)
-        _launch_generate(profile, lock, [prompt, "--lock", os.path.abspath(lock_path), "--seed", str(seed),
-                                         "--num-images", str(num_images), "--out", out_dir]
+        source = "--gpus" if gpus is not None else f"{lock_path}: profile.gpus"
+        _launch_generate(profile, lock, source,
+                         [prompt, "--lock", os.path.abspath(lock_path), "--seed", str(seed),
+                          "--num-images", str(num_images), "--out", out_dir]
                          + ["--ignore-fingerprint"] * ignore_fingerprint + ["--json"] * as_json
                          + (["--memory-limit", str(memory_limit)] if memory_limit is not None else []))
         return
@@ -305,14 +309,15 @@ def _note_tiny_grammar(prompt: str) -> None:
                    "this prompt is not one, so the image will not show it", err=True)
 
 
-def _launch_generate(profile, lock, arguments: list[str]) -> None:
-    """Check what can be checked here (GPU count, the profile on this machine), then start the ranks."""
+def _launch_generate(profile, lock, option: str, arguments: list[str]) -> None:
+    """Check what can be checked here (GPU count, the profile on this machine), then start the ranks. `option`:
+    what set the GPU count, for the error."""
     import torch
 
     from qwendoctor import models, parallel, runner
 
     device = models.default_device()
-    parallel.check_gpu_count(profile.gpus, device, torch.cuda.device_count())
+    parallel.check_gpu_count(profile.gpus, device, torch.cuda.device_count(), option)
     runner.check_runnable(profile, lock.workload, detect_capabilities())
     parallel.launch(profile.gpus, ["qwendoctor", "generate", *arguments, "--gpus", str(profile.gpus),
                                    "--parallel", profile.parallel],

@@ -40,7 +40,7 @@ def check_replaceable(path: str | os.PathLike, option: str | None = None) -> Non
     path = os.fspath(path)
     try:
         mode = os.lstat(path).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # nothing there to replace; the folder is checked elsewhere
         return
     except OSError as error:
         raise UsageError(f"{option + ' ' if option else ''}{path}: {error.strerror or error}") from None

@@ -106,16 +106,17 @@ def dist_timeout_s() -> float:
     return value
 
 
-def check_gpu_count(gpus: int, device: str, visible: int) -> None:
+def check_gpu_count(gpus: int, device: str, visible: int, option: str = "--gpus") -> None:
+    """`option`: what set the count (`--gpus`, or a lock's profile.gpus), named in the error."""
     from probes.limits import MAX_CPU_RANKS
 
     if gpus < 1:
-        raise UsageError(f"--gpus must be at least 1, got {gpus}")
+        raise UsageError(f"{option} must be at least 1, got {gpus}")
     if device != "cuda" and gpus > MAX_CPU_RANKS:
         # Each CPU rank holds the whole pipeline: a million of them filled 23 GB and left orphans behind.
-        raise UsageError(f"--gpus {gpus}: no GPU here; at most {MAX_CPU_RANKS} CPU ranks (gloo)")
+        raise UsageError(f"{option} {gpus}: no GPU here; at most {MAX_CPU_RANKS} CPU ranks (gloo)")
     if device == "cuda" and gpus > visible:
-        raise UsageError(f"--gpus {gpus}: only {visible} GPU{'s' if visible != 1 else ''} visible here "
+        raise UsageError(f"{option} {gpus}: only {visible} GPU{'s' if visible != 1 else ''} visible here "
                          "(CUDA_VISIBLE_DEVICES, nvidia-smi)")
 
 

@@ -19,6 +19,7 @@ import re
 import resource
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -88,7 +89,7 @@ BAD_INPUTS = [
      "--seed must be in 0..18446744073709551614 for 2 image(s) (each uses seed + its index), got "
      "18446744073709551615", True),
     (["generate", "x", "--lock", "{lock}", "--gpus", "0"], "--gpus must be at least 1, got 0", True),
-    (["tune", "--width", "1000"], "width must be a positive multiple of 16, got 1000", True),
+    (["tune", "--width", "1000"], "width must be a positive multiple of 16, got 1000 (at most 4096)", True),
     (["tune", "--width", "abc"], "Invalid value for '--width'", True),
     (["tune", "--steps", "0"], "steps must be an integer >= 2", True),
     (["tune", "--steps", "-5"], "steps must be an integer >= 2", True),
@@ -100,14 +101,14 @@ BAD_INPUTS = [
     (["tune", "--trials", "0"], "--trials must be at least 1, got 0", True),
     (["tune", "--num-prompts", "0"], "--num-prompts and --seeds must be at least 1", True),
     (["tune", "--seeds", "0"], "--num-prompts and --seeds must be at least 1", True),
-    (["tune", "--timeout", "-1"], "--timeout must be positive", False),
+    (["tune", "--timeout", "-1"], "--timeout must be a finite number > 0 and <= 2592000 seconds, got -1.0", True),
     (["tune", "--heartbeat", "0"], "Invalid value for '--heartbeat'", True),
-    (["tune", "--timed-steps", "1"], "--timed-steps must be a whole number, at least 2, got 1", False),
+    (["tune", "--timed-steps", "1"], "--timed-steps must be an integer >= 2 and <= 1000, got 1", True),
     (["tune", "--prompts", "{tmp}/missing.txt"], "--prompts {tmp}/missing.txt: No such file or directory", False),
     (["tune", "--prompts", "{tmp}/empty.txt"], "no prompts in the file", False),
     (["tune", "--lock", "{tmp}"], "is a directory; name the lock file", True),
     (["tune", "--lock", "{tmp}/garbage.lock/qwendoctor.lock"], "garbage.lock: is a file, not a directory", True),
-    (["tune", "--gpus", "0"], "--gpus must be at least 1, got 0", False),
+    (["tune", "--gpus", "0"], "--gpus must be at least 1, got 0", True),
     (["tune", "--gpus", "2", "--storage", "journal:///{tmp}/j.log"],
      "--gpus > 1 measures the multi-GPU strategies in one process", False),
     (["tune", "--storage", "bogus://x"], "--storage bogus://x: Can't load plugin: sqlalchemy.dialects:bogus", True),
@@ -128,6 +129,70 @@ BAD_INPUTS = [
     (["frobnicate"], "No such command 'frobnicate'", True),
     (["generate", "x", "--lock", "{lock}", "--env", "DIFFUSERS_ATTN_BACKEND=bogus"],
      "DIFFUSERS_ATTN_BACKEND='bogus': diffusers refuses it", False),
+    # ---- issue 31: nothing may harm the machine or the user's files --------------------------------------------
+    # {tmp}/device is a character device node made for the test (/dev/null's numbers) where this runs as root, a
+    # FIFO elsewhere; no real device is ever named.
+    (["generate", "x", "--lock", "{tmp}/fifo"], "--lock {tmp}/fifo: is a FIFO, not a regular file", True),
+    (["generate", "x", "--lock", "{tmp}/device"], "--lock {tmp}/device: is a ", True),
+    (["generate", "x", "--lock", "{tmp}/big.lock"], "big.lock: larger than 1 MiB", True),
+    (["tune", "--prompts", "{tmp}/device"], "not a regular file", False),
+    (["tune", "--prompts", "{tmp}/fifo"], "--prompts {tmp}/fifo: is a FIFO, not a regular file", False),
+    (["tune", "--prompts", "{tmp}/big.lock"], "big.lock: larger than 1 MiB", False),
+    (["tune", "--lock", "{tmp}/device"], "qwendoctor only replaces regular files", True),
+    (["tune", "--lock", "{tmp}/fifo"], "--lock {tmp}/fifo: is a FIFO; qwendoctor only replaces regular files", True),
+    (["tune", "--lock", "{tmp}/link.lock"], "link.lock: is a symbolic link; qwendoctor only replaces", True),
+    (["tune", "--lock", "{tmp}/qwendoctor-study.db"], "is the study's own file (the default study database)", True),
+    (["tune", "--storage", "sqlite:///{tmp}/s.db", "--lock", "{tmp}/s.db"],
+     "is the study's own file (--storage sqlite:///{tmp}/s.db)", True),
+    (["tune", "--storage", "journal:///{tmp}/j.log", "--lock", "{tmp}/j.log"], "is the study's own file", True),
+    (["generate", "x", "--lock", "{lock}", "--gpus", "9"], "--gpus 9: no GPU here; at most 8 CPU ranks", False),
+    (["generate", "x", "--lock", "{tmp}/many-ranks.lock"], "many-ranks.lock: profile.gpus 64: no GPU here; at most 8 CPU ranks",
+     False),
+    (["tune", "--gpus", "1000000"], "--gpus must be an integer >= 1 and <= 1024, got 1000000", True),
+    (["generate", "x", "--lock", "{lock}", "--gpus", "1000000"], "--gpus must be an integer >= 1 and <= 1024", True),
+    # ---- every size, count and duration in its range, before any model loads ------------------------------------
+    (["tune", "--width", "16384", "--height", "16384"], "width must be at most 4096 (a multiple of 16), got 16384",
+     True),
+    (["bench", "--height", "8192"], "height must be at most 4096", True),
+    (["tune", "--steps", "1000000000"], "steps must be an integer >= 2 and <= 1000", True),
+    (["bench", "--steps", "1000000000"], "steps must be an integer >= 2 and <= 1000", True),
+    (["generate", "x", "--lock", "{tmp}/huge-steps.lock"], "workload.steps must be an integer >= 2 and <= 1000", True),
+    (["generate", "x", "--lock", "{tmp}/huge-profile-steps.lock"], "profile.steps: must be an integer >= 2 and <= 1000",
+     True),
+    (["generate", "x", "--lock", "{tmp}/huge-width.lock"], "workload.width must be at most 4096", True),
+    (["tune", "--true-cfg-scale", "inf"], "true_cfg_scale must be >= 1 and <= 100, a finite number", True),
+    (["tune", "--true-cfg-scale", "nan"], "true_cfg_scale must be >= 1 and <= 100, a finite number", True),
+    (["generate", "x", "--lock", "{tmp}/inf-cfg.lock"], "workload.true_cfg_scale must be >= 1 and <= 100", True),
+    (["generate", "x", "--lock", "{tmp}/nan-cfg.lock"], "got nan", True),
+    (["generate", "x", "--lock", "{tmp}/nan-threshold.lock"], "profile.cache_threshold: must be a finite number",
+     True),
+    (["bench", "--profile", "cache=first_block,cache_threshold=nan"],
+     "profile.cache_threshold: must be a finite number, got nan", True),
+    (["tune", "--timeout", "nan"], "--timeout must be a finite number > 0", True),
+    (["tune", "--timeout", "inf"], "--timeout must be a finite number > 0", True),
+    (["tune", "--heartbeat", "10000000000"], "--heartbeat must be an integer >= 1 and <= 86400 seconds", True),
+    (["tune", "--trials", "100000000"], "--trials must be an integer >= 1 and <= 100000", True),
+    (["tune", "--num-prompts", "100000"], "--num-prompts must be an integer >= 1 and <= 1000", True),
+    (["tune", "--seeds", "100000"], "--seeds must be an integer >= 1 and <= 1000", True),
+    (["tune", "--timed-steps", "100000"], "--timed-steps must be an integer >= 2 and <= 1000", True),
+    (["tune", "--floor", "psnr=nan"], "--floor psnr must be a finite number >= 0 and <= 1000 dB, got nan", True),
+    (["generate", "a fox", "--num-images", "100000000000000000000"],
+     "--num-images must be an integer >= 1 and <= 10000, got 100000000000000000000", True),
+    (["bench", "--timed-steps", "100000"], "--timed-steps must be an integer >= 2 and <= 1000", True),
+    # ---- every error names its cause and the option or variable that set it -------------------------------------
+    (["tune", "--lock", ""], "--lock is empty; name the lock file", True),
+    (["generate", "x", "--lock", ""], "--lock is empty; name the lock file", True),
+    (["bench", "--out", "{tmp}/garbage.lock"], "--out {tmp}/garbage.lock: is a file, not a directory", True),
+    (["bench", "--name", "../escape"], "--name '../escape': a file stem, without path separators", True),
+    (["bench", "--profile", "parallel=cfg,gpus=2"], "bench measures one process on one GPU; gpus=2", True),
+    (["tune", "--env", "QWENDOCTOR_CACHE={tmp}/garbage.lock"],
+     "QWENDOCTOR_CACHE {tmp}/garbage.lock: is a file, not a directory", True),
+    (["bench", "--env", "QWENDOCTOR_CACHE={tmp}/garbage.lock/cache"], "QWENDOCTOR_CACHE {tmp}/garbage.lock/cache: ",
+     True),
+    (["check", "--only", "system", "--env", "QWENDOCTOR_CHECK_TRACE={tmp}/garbage.lock/trace"],
+     "QWENDOCTOR_CHECK_TRACE={tmp}/garbage.lock/trace: Not a directory; unset it", False),
+    (["check", "--only", "system", "--env", "QWENDOCTOR_CHECK_TRACE={tmp}/fifo"],
+     "QWENDOCTOR_CHECK_TRACE={tmp}/fifo: No such device or address", False),
 ]
 
 # All the bad inputs in one process, in order (a process per case cost two minutes of imports on two cores): those
@@ -169,6 +234,23 @@ def bad_input_dir(tmp_path_factory):
     (directory / "half.lock").write_text(text[: len(text) // 2].rsplit("\n", 1)[0] + "\n")
     (directory / "bad-field.lock").write_text(text.replace('compile = "none"', 'compile = "turbo"'))
     (directory / "empty.txt").write_text("\n \n")
+    # issue 31: what a hostile user names, every one made here, none a real device.
+    os.mkfifo(directory / "fifo")
+    try:
+        os.mknod(directory / "device", 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # /dev/null's numbers
+    except PermissionError:
+        os.mkfifo(directory / "device")
+    (directory / "link.lock").symlink_to(directory / "valid.lock")
+    (directory / "big.lock").write_text(text + "#" * (1 << 20))
+    for name, old, new in (("huge-steps", "reference_steps = 3", "reference_steps = 1000000000"),
+                           ("huge-profile-steps", "steps = 2\n", "steps = 1000000000\n"),
+                           ("huge-width", "width = 128", "width = 16384"),
+                           ("inf-cfg", "true_cfg_scale = 4.0", "true_cfg_scale = inf"),
+                           ("nan-cfg", "true_cfg_scale = 4.0", "true_cfg_scale = nan"),
+                           ("nan-threshold", 'cache = "none"', 'cache = "first_block"\ncache_threshold = nan'),
+                           ("many-ranks", 'cache = "none"', 'cache = "none"\nparallel = "ulysses"\ngpus = 64')):
+        assert old in text, old
+        (directory / f"{name}.lock").write_text(text.replace(old, new, 1))
     return directory
 
 
@@ -330,7 +412,10 @@ def test_a_corrupt_study_file_is_one_line_and_the_lock_survives(tmp_path):
     (tmp_path / "qwendoctor-study.db").write_bytes(b"\x00not a database" * 100)
     refused = cli(*TUNE, "--trials", "1", cwd=tmp_path, env=env)
     assert refused.returncode == 2
-    one_error_line(refused, "--storage sqlite:///", "file is not a database")
+    # No --storage was given: the error names the default study file, not an option the user never typed.
+    line = one_error_line(refused, f"the study database {tmp_path}/qwendoctor-study.db (the default beside --lock",
+                          "file is not a database")
+    assert "--storage sqlite" not in line
     assert (tmp_path / "qwendoctor.lock").read_text() == "kept"
 
 
