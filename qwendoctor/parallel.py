@@ -38,6 +38,7 @@ from qwendoctor.profile import Profile
 # cluster node's environment must not make `generate` believe it is a non-writing rank and write nothing.
 ERROR_DIR_ENV = "QWENDOCTOR_RANK_ERRORS"
 RANK_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+SCRATCH_PREFIX = "qwendoctor-ranks-"  # + the launcher's pid: a folder of a launcher killed outright is found again
 TIMEOUT_ENV = "QWENDOCTOR_DIST_TIMEOUT_S"
 # A collective that waits longer than this fails instead of hanging. Generous: a rank may be compiling (FP8
 # compiles take ~165 s on an H100) while the others already wait in the first collective.
@@ -449,7 +450,8 @@ def launch(gpus: int, module_argv: list[str], echo=None) -> int:
     if not 1 <= gpus <= max(RANGES["gpus"].high, MAX_CPU_RANKS):  # callers check against the machine first
         raise UsageError(f"--gpus {gpus}: out of range")
     dist_timeout_s()  # a bad variable named here, not in every rank
-    scratch = tempfile.mkdtemp(prefix="qwendoctor-ranks-")
+    remove_stale_scratch()
+    scratch = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
     errors = os.path.join(scratch, "errors")
     os.mkdir(errors)
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
@@ -492,6 +494,22 @@ def launch(gpus: int, module_argv: list[str], echo=None) -> int:
     finally:
         _stop(proc)
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def remove_stale_scratch() -> list[str]:
+    """The temporary folders of launchers that were killed outright (no cleanup could run): those whose process
+    is gone. Returns their paths."""
+    import glob
+
+    import psutil
+
+    removed = []
+    for path in glob.glob(os.path.join(glob.escape(tempfile.gettempdir()), f"{SCRATCH_PREFIX}*-*")):
+        pid = os.path.basename(path)[len(SCRATCH_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)) and os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def _stop(proc: subprocess.Popen, grace_s: float = 30) -> None:

@@ -568,6 +568,204 @@ def test_check_reports_an_import_that_hangs_and_finishes(tmp_path):
     assert "transformers hangs" not in result.stdout and "diffusers hangs" not in result.stdout
 
 
+# ---- faults: hostile environments (issue 31) --------------------------------------------------------------------
+
+def _launcher_env(tmp_path: Path) -> dict[str, str]:
+    """The launcher's and its ranks' environment: the repository importable (the ranks run tests' modules), the
+    system temporary folder replaced by one of the test's own, to see what is left in it."""
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    return {**os.environ, "TMPDIR": str(tmp_path / "tmp"),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
+def _left_in_temp(tmp_path: Path) -> list[str]:
+    return sorted(p.name for p in (tmp_path / "tmp").iterdir()
+                  if p.name.startswith(("qwendoctor-ranks-", "torchelastic_")))
+
+
+def _wait_for(condition, limit_s: float = 180) -> bool:
+    """Poll `condition` until it holds or `limit_s` passes (a bound on a hang, not a timing assertion)."""
+    import time
+
+    end = time.monotonic() + limit_s
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return condition()
+
+
+@fault("kill -9 of the launcher while its ranks run", "the temporary folder of a launcher killed outright")
+def test_ranks_die_with_a_killed_launcher_and_its_folder_goes_with_the_next_launch(tmp_path, monkeypatch):
+    """A launcher killed outright (the OOM killer, kill -9) can clean nothing up: torchrun dies with it and the
+    ranks with torchrun (PR_SET_PDEATHSIG), and the next launch removes the folder it left."""
+    import psutil
+
+    from qwendoctor import parallel
+
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom qwendoctor import parallel\n"
+         "parallel.launch(2, ['tests.hostile_ranks', 'sleep', sys.argv[1]])", str(pids)],
+        cwd=ROOT, env=_launcher_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert _wait_for(lambda: len(list(pids.glob("*.pid"))) == 2 or launcher.poll() is not None)
+        assert launcher.poll() is None, "the launcher ended before its ranks started"
+        ranks = [int(p.read_text()) for p in pids.glob("*.pid")]
+    finally:
+        launcher.kill()
+        launcher.wait()
+
+    def ours_gone() -> bool:  # torchrun and the ranks both carry the pid folder in their command lines
+        alive = []
+        for process in psutil.process_iter(["cmdline", "status"]):
+            if str(pids) in " ".join(process.info["cmdline"] or []) and process.info["status"] != "zombie":
+                alive.append(process.pid)
+        return not alive
+
+    assert _wait_for(ours_gone, 60), "ranks or torchrun outlived their launcher"
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in ranks)
+    assert [name.startswith("qwendoctor-ranks-") for name in _left_in_temp(tmp_path)] == [True]
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    assert len(parallel.remove_stale_scratch()) == 1 and _left_in_temp(tmp_path) == []
+
+
+@fault("the logs of a multi-rank run", "a QWENDOCTOR_DIST_TIMEOUT_S that is not a number")
+def test_a_multi_rank_run_leaves_nothing_in_the_temporary_folder(tmp_path, monkeypatch):
+    """torchrun writes a log tree per run into the system temporary folder unless told otherwise (a million of
+    them filled 3.9 GB): the launcher keeps them in its own folder and removes it, failing ranks or not."""
+    from qwendoctor import parallel
+    from qwendoctor.errors import QwendoctorError
+
+    for name, value in _launcher_env(tmp_path).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv(parallel.TIMEOUT_ENV, "soon")
+    with pytest.raises(QwendoctorError) as refused:  # named before any rank starts
+        parallel.launch(2, ["tests.parallel_ranks", "fail"])
+    assert str(refused.value).startswith("QWENDOCTOR_DIST_TIMEOUT_S='soon': must be a number of seconds")
+    monkeypatch.delenv(parallel.TIMEOUT_ENV)
+    with pytest.raises(QwendoctorError) as failed:
+        parallel.launch(2, ["tests.parallel_ranks", "fail"])
+    assert str(failed.value) == "rank 1: rank one gave up on purpose"
+    assert _left_in_temp(tmp_path) == []
+
+
+@fault("RANK=1, WORLD_SIZE=2 and LOCAL_RANK=1 left in the environment")
+def test_stray_rank_variables_do_not_silence_generate(tmp_path, valid_lock, monkeypatch, capsys):
+    """Cluster nodes often export these: only ranks our own launcher started are ranks (it sets its marker)."""
+    from qwendoctor import cli as cli_module
+
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as done:
+        cli_module.main(["generate", TIGHT, "--lock", str(valid_lock), "--out", str(tmp_path / "out")])
+    assert done.value.code == 0, capsys.readouterr().err
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1
+
+
+def _stopped_generate(tmp_path, valid_lock, monkeypatch, capsys, stop: BaseException) -> tuple[int, str]:
+    from qwendoctor import cli as cli_module
+    from qwendoctor import generate
+
+    def stopped(*args, **kwargs):
+        raise stop
+
+    monkeypatch.setattr(generate, "build_tuned", stopped)  # as if the signal came while loading
+    with pytest.raises(SystemExit) as done:
+        cli_module.main(["generate", TIGHT, "--lock", str(valid_lock), "--out", str(tmp_path / "out")])
+    return done.value.code, capsys.readouterr().err.strip()  # click writes a newline of its own first
+
+
+@fault("Ctrl-C in generate", "SIGTERM in generate")
+def test_an_interrupted_generate_does_not_promise_to_resume(tmp_path, valid_lock, monkeypatch, capsys):
+    from qwendoctor import cli as cli_module
+
+    assert _stopped_generate(tmp_path, valid_lock, monkeypatch, capsys, KeyboardInterrupt()) == (
+        130, "qwendoctor: interrupted")
+    assert _stopped_generate(tmp_path, valid_lock, monkeypatch, capsys, cli_module.Terminated()) == (
+        143, "qwendoctor: terminated")
+
+
+@fault("a bench row that fails after it was timed")
+def test_a_bench_row_failing_after_its_timing_is_reported_as_that_failure(tmp_path, monkeypatch, capsys):
+    """The given row's comparison fails after its steps were timed: the row says why, the report is written (it
+    crashed with KeyError: 'psnr_db', hiding the error)."""
+    from qwendoctor import bench, cli as cli_module
+
+    real = bench.quality.compare
+    calls = []
+
+    def second_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the comparison broke on purpose")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench.quality, "compare", second_fails)
+    monkeypatch.setenv("QWENDOCTOR_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(SystemExit) as done:
+        cli_module.main(["bench", "--no-ladder", "--no-breakdown", "--timed-steps", "3", "--steps", "4",
+                         "--profile", "steps=3", "--out", str(tmp_path / "b"), "--json"])
+    captured = capsys.readouterr()
+    assert done.value.code == 0, captured.err
+    rows = json.loads(captured.out)["rows"]
+    assert rows[1]["failed"].endswith("the comparison broke on purpose") and "step_ms" not in rows[1]
+    assert "the comparison broke on purpose" in (tmp_path / "b" / "bench-tiny-128x128.md").read_text()
+
+
+@fault("a --timeout that ends the study before any trial")
+def test_a_timeout_before_any_trial_is_named_not_the_floor(tmp_path, monkeypatch):
+    from qwendoctor import tune
+
+    real = tune.TuneOptions.validate
+
+    def tiny_timeout(options):
+        options.timeout_s = 1e-9
+        return real(options)
+
+    monkeypatch.setattr(tune.TuneOptions, "validate", tiny_timeout)
+    with pytest.raises(tune.QwendoctorError) as stopped:
+        _tune_in_process(tmp_path)
+    assert str(stopped.value).startswith("--timeout 1e-09: the time ran out before any trial finished")
+    assert "floor" not in str(stopped.value)
+
+
+@fault("a tune whose lock goes into a folder that does not exist yet")
+def test_a_lock_in_a_new_folder_gets_its_default_study_beside_it(tmp_path, monkeypatch):
+    """The default study sits beside the lock; its folder is made before the study opens (the error used to
+    blame --storage, which the user never gave)."""
+    from qwendoctor import cli as cli_module
+    from qwendoctor import report, storage
+
+    opened = []
+
+    def open_only(options, as_json):
+        storage.open_storage(options.storage, 60)
+        opened.append(options.storage)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "run_tune_with_progress", open_only)
+    monkeypatch.chdir(tmp_path)
+    lock = tmp_path / "new" / "folder" / "q.lock"
+    with pytest.raises(SystemExit) as done:
+        cli_module.main(["tune", "--lock", str(lock)])
+    assert done.value.code == 130
+    assert opened == [f"sqlite:///{lock.parent}/qwendoctor-study.db"] and (lock.parent / "qwendoctor-study.db").exists()
+
+
+@fault("a DIFFUSERS_ATTN_BACKEND that diffusers refuses, in check")
+def test_check_names_a_refused_attention_variable_instead_of_a_reinstall(tmp_path):
+    result = cli("check", "--only", "imports", cwd=tmp_path, env={"DIFFUSERS_ATTN_BACKEND": "bogus"}, timeout=240)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "imports: diffusers does not import: DIFFUSERS_ATTN_BACKEND='bogus' is refused by diffusers" \
+        in result.stdout, result.stdout
+    assert "fix: unset DIFFUSERS_ATTN_BACKEND" in result.stdout and "reinstall" not in result.stdout
+
+
 # ---- the counts ------------------------------------------------------------------------------------------------
 
 def test_the_readme_states_what_the_suite_tries():
