@@ -61,7 +61,6 @@ RANGES: dict[str, Range] = {
     "num_images": Range(1, 10_000),
     "num_prompts": Range(1, 1_000),
     "seeds": Range(1, 1_000),
-    "seed": Range(0, 2**64 - 1),
     "trials": Range(1, 100_000),
     "timeout": Range(0, 30 * 86_400, integer=False, low_open=True, why=" seconds"),
     "heartbeat": Range(1, 86_400, why=" seconds"),

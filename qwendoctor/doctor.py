@@ -554,9 +554,14 @@ def check(as_json: bool, only: tuple[str, ...], list_probes: bool, verbose: bool
         for spec in PROBES:
             click.echo(f"{spec.id:<{id_width}}  {spec.title}" + ("  [--bench]" if spec.tier == "bench" else ""))
         return
+    from probes import limits
+
     for name, value in (("width", width), ("height", height)):
-        if value is not None and (value <= 0 or value % 16):
-            raise UsageError(f"--{name} must be a positive multiple of 16, got {value}")
+        if value is not None:
+            try:
+                limits.check(name, value, label=f"--{name}")  # the ranges tune, bench and locks use
+            except limits.RangeError as error:
+                raise UsageError(str(error)) from None
     if memory_limit is not None:
         from qwendoctor import memory
 

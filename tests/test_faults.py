@@ -120,6 +120,7 @@ BAD_INPUTS = [
     (["bench", "--height", "8"], "height must be a positive multiple of 16, got 8", True),
     (["bench", "--profile", "compile=turbo"], "profile.compile: 'turbo' is not one of none, regional, full", False),
     (["check", "--only", "nope"], "unknown probe 'nope'", True),
+    (["check", "--only", "system", "--width", "16384"], "--width must be at most 4096 (a multiple of 16)", True),
     (["tune", "--memory-limit", "0"], "--memory-limit must be a positive number of GiB, got 0.0", True),
     (["generate", "x", "--lock", "{lock}", "--memory-limit", "-1"],
      "--memory-limit must be a positive number of GiB, got -1.0", True),
