@@ -460,7 +460,8 @@ def launch(gpus: int, module_argv: list[str], echo=None) -> int:
     env = {**os.environ, ERROR_DIR_ENV: errors}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // gpus)))
     try:
-        proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env,
+                                preexec_fn=_parent_death_signal(signal.SIGTERM))
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
@@ -524,17 +525,25 @@ def _stop(proc: subprocess.Popen, grace_s: float = 30) -> None:
         proc.wait()
 
 
-def _die_with_parent(sig: int = signal.SIGTERM) -> None:
-    """In a child before it runs: `sig` when its parent dies, however it dies (Linux only; elsewhere a no-op)."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
+def _parent_death_signal(sig: int):
+    """A function that asks the kernel to send `sig` to the calling process when its parent dies, however it dies
+    (Linux's PR_SET_PDEATHSIG; elsewhere a no-op). Resolved here, in the parent: between fork and exec a child may
+    call it, but must not import anything (another thread may have held the import lock at the fork)."""
+    prctl = None
+    if sys.platform.startswith("linux"):
+        import ctypes
 
+        try:
+            prctl = ctypes.CDLL(None, use_errno=True).prctl
+        except (OSError, AttributeError):
+            prctl = None
     pr_set_pdeathsig = 1
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(sig), 0, 0, 0)
-    except (OSError, AttributeError):
-        return
+
+    def request() -> None:
+        if prctl is not None:
+            prctl(pr_set_pdeathsig, int(sig), 0, 0, 0)
+
+    return request
 
 
 def die_with_launcher() -> None:
@@ -542,7 +551,7 @@ def die_with_launcher() -> None:
     outright (the OOM killer, kill -9) would leave its ranks waiting in a collective for up to the timeout."""
     if not in_rank():
         return
-    _die_with_parent(signal.SIGKILL)
+    _parent_death_signal(signal.SIGKILL)()
     if os.getppid() == 1:  # torchrun was gone before the request took effect
         os._exit(1)
 
