@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import signal
 import sys
@@ -346,6 +347,20 @@ def _has_gpu(ctx: ProbeContext) -> bool:
             pass
 
 
+# Variables a library reads when imported and refuses with an import error (its value in the message).
+IMPORT_TIME_ENV = ("DIFFUSERS_ATTN_BACKEND",)
+
+
+def _refused_env(result: dict) -> str | None:
+    """`NAME='value'` if the import failed over a variable of IMPORT_TIME_ENV (its value is in the error)."""
+    text = " ".join([str(result.get("error") or "")] + [str(line) for line in result.get("chain") or []])
+    for name in IMPORT_TIME_ENV:
+        value = os.environ.get(name)
+        if value and (repr(value) in text or f"'{value}'" in text or "AttentionBackendName" in text):
+            return f"{name}={value!r}"
+    return None
+
+
 def _fix(target: Target, state: str, pip: str | None) -> str:
     if pip:
         return pip
@@ -405,6 +420,13 @@ def probe(ctx: ProbeContext) -> Finding:
         details += [f"  caused by {line}" for line in result.get("chain") or []]
         if result.get("at"):
             details.append(f"  failed at {result['at']}")
+        refused_env = _refused_env(result)
+        if refused_env is not None:
+            # Not a broken install: a variable diffusers reads at import. Reinstalling would change nothing.
+            problems.append((target, f"{target.key} does not import: {refused_env} is refused by diffusers",
+                             f"unset {refused_env.split('=', 1)[0]} (qwendoctor sets the tuned attention backend "
+                             "itself)"))
+            continue
         signature = (result.get("missing"), result.get("cannot_import"), result.get("at"))
         same = first_of.get(signature) if any(signature) else None
         first_of.setdefault(signature, target.key)

@@ -7,13 +7,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-PIXELS_MULTIPLE = 16  # VAE downsamples by 8, then the transformer packs 2x2 patches
-# Qwen-Image's scheduler stretches sigmas to shift_terminal with (1 - sigma) / (1 - last sigma): 0/0 at one step.
-MIN_STEPS = 2
+from probes import limits
+from probes.limits import PIXELS_MULTIPLE, RangeError
+
+MIN_STEPS = int(limits.RANGES["steps"].low)
 DTYPES = ("bfloat16", "float32")
 
 
-class WorkloadError(ValueError):
+class WorkloadError(RangeError):
     """A workload value out of range; the message names the field. The CLI reports it as a usage error."""
 
 
@@ -35,22 +36,21 @@ class Workload:
     def validate(self) -> "Workload":
         if not isinstance(self.model, str) or not self.model:
             raise WorkloadError("workload.model: must be a non-empty string")
-        for name in ("width", "height"):
-            value = getattr(self, name)
-            if not _is_int(value) or value <= 0 or value % PIXELS_MULTIPLE:
-                raise WorkloadError(f"{name} must be a positive multiple of {PIXELS_MULTIPLE}, got {value!r}")
-        if not _is_int(self.reference_steps) or self.reference_steps < MIN_STEPS:
-            raise WorkloadError(f"steps must be an integer >= {MIN_STEPS} (the scheduler yields NaN at 1), "
-                                f"got {self.reference_steps!r}")
-        if not _is_number(self.true_cfg_scale) or self.true_cfg_scale < 1:
-            raise WorkloadError(f"true_cfg_scale must be >= 1 (1 turns CFG off), got {self.true_cfg_scale!r}")
+        try:
+            # A lock's numbers get the same ranges as the options that wrote them (probes.limits).
+            for name in ("width", "height"):
+                limits.check(name, getattr(self, name))
+            limits.check("steps", self.reference_steps)
+            limits.check("true_cfg_scale", self.true_cfg_scale)
+        except RangeError as error:
+            raise WorkloadError(str(error)) from None
         if not isinstance(self.negative_prompt, str):
             raise WorkloadError("workload.negative_prompt: must be a string")
         if self.dtype not in DTYPES:
             raise WorkloadError(f"workload.dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.memory_limit_gib is not None and (not _is_number(self.memory_limit_gib)
-                                                  or not self.memory_limit_gib > 0
-                                                  or self.memory_limit_gib == float("inf")):
+                                                  or not 0 < self.memory_limit_gib
+                                                  <= limits.RANGES["memory_limit"].high):
             raise WorkloadError(f"workload.memory_limit_gib: must be a positive number of GiB, got "
                                 f"{self.memory_limit_gib!r}")
         if self.loras:
@@ -89,9 +89,6 @@ class Workload:
             fields["loras"] = tuple(fields["loras"])
         return cls(**fields).validate()
 
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:

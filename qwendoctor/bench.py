@@ -15,9 +15,12 @@ import json
 import math
 import os
 import platform
+import contextlib
 import re
+import sys
+import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from probes import qwen_shapes, timing
 from qwendoctor import files, fingerprint, levers, models, quality, runner
@@ -55,9 +58,24 @@ class BenchOptions:
     resume: bool = False  # keep the rows of an earlier, interrupted run of the same bench on this setup
 
     def validate(self) -> "BenchOptions":
+        from probes import limits
+
         self.workload.validate()
         if self.timed_steps < 3:
             raise UsageError(f"--timed-steps must be at least 3 (2 warm up the row), got {self.timed_steps}")
+        try:
+            limits.check("timed_steps", self.timed_steps, label="--timed-steps")
+        except limits.RangeError as error:
+            raise UsageError(str(error)) from None
+        if self.name is not None and (not self.name.strip() or self.name in (".", "..")
+                                      or any(c in self.name for c in ("/", "\\", os.sep, "\0"))):
+            # The stem names files in --out and in the cache: a path would write outside both.
+            raise UsageError(f"--name {self.name!r}: a file stem, without path separators")
+        for label, profile in self.given:
+            if profile.gpus > 1:
+                # Refused now, not after the whole ladder ran: the rows are measured in this one process.
+                raise UsageError(f"--profile {label}: bench measures one process on one GPU; gpus={profile.gpus} "
+                                 "is for `qwendoctor generate --gpus` or `tune --gpus`")
         return self
 
     @property
@@ -145,6 +163,35 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
+# Kineto's own progress lines, written by native code straight to file descriptor 2 (no variable turns them off):
+# `USDT:2026-12-07 19:49:33 9374:9374 SyncActivityProfilerHandler.cpp:52] profiler_start`.
+PROFILER_CHATTER = re.compile(r"^[A-Z]+:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \d+:\d+ \w+\.cpp:\d+\] ")
+
+
+@contextlib.contextmanager
+def _without_profiler_chatter() -> Iterator[None]:
+    """Hold back what is written to stderr (fd 2) meanwhile, and pass on all of it but the profiler's chatter."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (a test capturing it): nothing native can reach the user
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            for line in held.read().decode("utf-8", "replace").splitlines(keepends=True):
+                if not PROFILER_CHATTER.match(line):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+
+
 def step_breakdown(model: models.LoadedModel, workload: Workload, profile: Profile, prompt: str, seed: int,
                    unprofiled_step_ms: float) -> dict[str, Any]:
     """Where one denoising step's time goes: kernel time by kind, and what is left of the step when the GPU
@@ -158,7 +205,7 @@ def step_breakdown(model: models.LoadedModel, workload: Workload, profile: Profi
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     clock = timing.StepClock(model.device)
     # Step 1 warms the profiler up and step 3 stays outside: the recorded window is exactly step 2.
-    with torch_profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=1, repeat=1)) as prof:
+    with _without_profiler_chatter(), torch_profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=1, repeat=1)) as prof:
         def on_step(pipe, step, timestep, kwargs):
             clock(pipe, step, timestep, kwargs)
             prof.step()
@@ -353,6 +400,10 @@ def run_bench(options: BenchOptions, capabilities: Capabilities,
         except Exception as error:  # an OOM or a compile failure is a result of this row, not of the bench
             from qwendoctor.tune import classify_failure
 
+            # A failure after the timing (the comparison, the breakdown) must not leave a half row: the report
+            # reads a row with step_ms as a whole one.
+            for key in [key for key in row if key not in ("id", "group", "label", "profile", "describe")]:
+                del row[key]
             row["failed"] = classify_failure(error)
         finally:
             del model
@@ -426,11 +477,12 @@ def _resumable(path_json: str, document: dict[str, Any], reference_path: str) ->
     import numpy as np
 
     try:
-        with open(path_json, encoding="utf-8") as handle:
-            earlier = json.load(handle)
+        earlier = json.loads(files.read_bounded(path_json, "--resume", limit=64 * files.MAX_READ_BYTES))
         with np.load(reference_path) as stored:
             images = [stored[f"image{i}"] for i in range(len(stored.files))]
-    except (OSError, ValueError):
+    except (OSError, ValueError, UsageError):
+        return None
+    if not _well_formed(earlier):  # a file edited by hand, or another tool's: measured again, not trusted
         return None
     if any(earlier.get(key) != _finite(document[key]) for key in RESUME_KEYS):
         return None
@@ -443,6 +495,26 @@ def _resumable(path_json: str, document: dict[str, Any], reference_path: str) ->
         if row.get("psnr_db", 0) is None:
             row["psnr_db"] = math.inf
     return {**earlier, "rows": rows, "reference_images": images}
+
+
+def _well_formed(earlier: Any) -> bool:
+    """The structure run_bench reads back from an earlier document: rows of the shape it writes."""
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("rows"), list):
+        return False
+    if not isinstance(earlier.get("fingerprint", {}), dict) or not isinstance(earlier.get("gemm_ceiling", {}), dict):
+        return False
+    for row in earlier["rows"]:
+        if not isinstance(row, dict) or not isinstance(row.get("id"), str) or not isinstance(row.get("profile"), dict):
+            return False
+        try:
+            Profile.from_dict(row["profile"])
+        except UsageError:
+            return False
+        if "step_ms" in row and not all(key in row and (isinstance(row[key], (int, float)) or row[key] is None)
+                                        for key in ("step_ms", "s_per_image", "warmup_s", "tflops", "psnr_db",
+                                                    "ssim")):
+            return False
+    return True
 
 
 def _timing(measurement: runner.Measurement, workload: Workload, flops: dict[str, float],
@@ -476,7 +548,7 @@ def tiers(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any] | None]:
     default = next(r for r in rows if r["id"] == "default")
 
     def best(condition) -> dict[str, Any] | None:
-        candidates = [r for r in rows if "step_ms" in r and condition(r)]
+        candidates = [r for r in rows if "step_ms" in r and "psnr_db" in r and condition(r)]
         if not candidates:
             return None
         row = min(candidates, key=lambda r: r["step_ms"])

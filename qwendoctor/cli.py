@@ -1,8 +1,8 @@
 """The `qwendoctor` command: check, tune, generate.
 
-Exit codes: 0 success; 1 the job failed (a check failed or crashed, no profile met the floor, a lock from
-another setup); 2 bad input (unknown option, invalid value, missing or invalid lock); 130 interrupted (Ctrl-C);
-143 terminated (SIGTERM).
+Exit codes: 0 success (and `qwendoctor` alone, which prints the help); 1 the job failed (a check failed or
+crashed, no profile met the floor, a lock from another setup); 2 bad input (unknown option, invalid value, missing
+or invalid lock, a number outside its range in probes.limits); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM).
 Errors are one line on stderr, `qwendoctor: error: ...`; set QWENDOCTOR_DEBUG=1 for tracebacks.
 """
 
@@ -15,8 +15,8 @@ import threading
 
 import click
 
+from probes import limits
 from probes.context import exc_line
-from probes.workload import WorkloadError
 from qwendoctor.capabilities import detect_capabilities, probe_capabilities
 from qwendoctor.errors import EXIT_FAILURE, EXIT_USAGE, QwendoctorError, UsageError
 from qwendoctor.noise import quiet_import_noise
@@ -24,12 +24,36 @@ from qwendoctor.levers import PARALLEL_STRATEGIES
 from qwendoctor.tune import DEFAULT_HEARTBEAT_S  # light: tune imports torch and optuna only when it runs
 
 DEFAULT_LOCK = "qwendoctor.lock"
+# Set by tune: an interrupted tune resumes when rerun, an interrupted generate or bench has nothing to resume.
+_resumable = False
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _in_range(field: str, value, option: str) -> None:
+    """An option's number against its range in probes.limits (the lock's and --profile's fields get the same)."""
+    if value is None:
+        return
+    try:
+        limits.check(field, value, label=option)
+    except limits.RangeError as error:
+        raise UsageError(str(error)) from None
+
+
+def _check_cache_dir() -> None:
+    """Reference renders are cached after minutes of rendering: an unusable $QWENDOCTOR_CACHE is named first."""
+    from qwendoctor.files import CACHE_ENV, writable_directory
+
+    if os.environ.get(CACHE_ENV):
+        writable_directory(os.environ[CACHE_ENV], CACHE_ENV)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, invoke_without_command=True)
 @click.version_option(package_name="qwendoctor")
-def cli():
+@click.pass_context
+def cli(context):
     """Measure, tune and run Qwen-Image as fast as this machine allows."""
+    if context.invoked_subcommand is None:
+        # A bare `qwendoctor` asks what the tool does: the help, on stdout, exit 0 (not a usage error).
+        click.echo(context.get_help())
 
 
 def _register_check() -> None:
@@ -107,29 +131,56 @@ def tune(model, width, height, steps, true_cfg_scale, negative_prompt, trials, t
     from qwendoctor import quality
     from qwendoctor.tune import TuneOptions, read_prompts
 
+    global _resumable
     # Everything that can be checked without torch, first: a usage error in well under two seconds.
     if num_prompts < 1 or seeds < 1:
         raise UsageError("--num-prompts and --seeds must be at least 1")
     if trials < 1:
         raise UsageError(f"--trials must be at least 1, got {trials}")
-    if storage is not None:
-        from qwendoctor.storage import check_url
+    if gpus is not None and gpus < 1:
+        raise UsageError(f"--gpus must be at least 1, got {gpus}")  # as generate says it
+    for field, value, option in (("num_prompts", num_prompts, "--num-prompts"), ("seeds", seeds, "--seeds"),
+                                 ("trials", trials, "--trials"), ("timeout", timeout, "--timeout"),
+                                 ("heartbeat", heartbeat, "--heartbeat"), ("timed_steps", timed_steps,
+                                                                           "--timed-steps"), ("gpus", gpus, "--gpus")):
+        _in_range(field, value, option)
+    from qwendoctor.storage import check_url, file_of
 
+    if storage is not None:
         check_url(storage)
     _check_lock_destination(lock_path)
-    parsed_floor = quality.parse_floor(floor)
-    workload = _workload(model, width, height, steps, true_cfg_scale, negative_prompt, memory_limit)
-    from qwendoctor import report
-
+    given_storage = storage is not None
     if storage is None:
         directory = os.path.dirname(os.path.abspath(lock_path))
         storage = f"sqlite:///{os.path.join(directory, 'qwendoctor-study.db')}"
+    study_file = file_of(storage)
+    if study_file is not None and os.path.realpath(study_file) == os.path.realpath(lock_path):
+        # Replacing the study with the lock would lose every trial: the next run finds "not a database".
+        whose = f"--storage {storage}" if given_storage else "the default study database"
+        raise UsageError(f"--lock {lock_path}: is the study's own file ({whose}); name another lock file")
+    parsed_floor = quality.parse_floor(floor)
+    _in_range("floor", parsed_floor.psnr_db, "--floor psnr")  # nan would pass every comparison, inf none
+    _check_cache_dir()
+    workload = _workload(model, width, height, steps, true_cfg_scale, negative_prompt, memory_limit)
+    from qwendoctor import report
+
+    if not given_storage:
+        # The default study sits beside the lock, whose folder may not exist yet (the lock's write would make it).
+        os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
     options = TuneOptions(workload=workload, prompts=read_prompts(prompts_file, num_prompts, workload.model),
                           seeds=list(range(seeds)), floor=parsed_floor, lock_path=lock_path,
                           storage=storage, trials=trials, timeout_s=timeout, heartbeat_s=heartbeat,
                           timed_steps=timed_steps, exhaustive=exhaustive, gpus=_tune_gpus(gpus))
     options.validate()
-    result = report.run_tune_with_progress(options, as_json=as_json)
+    _resumable = True
+    try:
+        result = report.run_tune_with_progress(options, as_json=as_json)
+    except UsageError as error:
+        if given_storage or not str(error).startswith(f"--storage {storage}"):
+            raise
+        # The user gave no --storage: the error is about the default study file, named as such.
+        raise UsageError(str(error).replace(f"--storage {storage}", f"the study database {study_file} (the "
+                                            "default beside --lock; --storage names another)", 1)) from None
     if as_json:
         click.echo(report.tune_json(result))
     else:
@@ -138,10 +189,13 @@ def tune(model, width, height, steps, true_cfg_scale, negative_prompt, trials, t
 
 def _check_lock_destination(lock_path: str) -> None:
     """The lock is written last, after minutes of trials: a path it cannot be written to is refused first."""
-    from qwendoctor.files import writable_directory
+    from qwendoctor.files import check_replaceable, writable_directory
 
+    if not lock_path.strip():
+        raise UsageError("--lock is empty; name the lock file, e.g. --lock qwendoctor.lock")
     if os.path.isdir(lock_path):
         raise UsageError(f"--lock {lock_path}: is a directory; name the lock file, e.g. {lock_path}/qwendoctor.lock")
+    check_replaceable(lock_path, "--lock")  # a device or a link is named as such, whatever its folder allows
     writable_directory(os.path.dirname(os.path.abspath(lock_path)), "--lock")
 
 
@@ -182,6 +236,7 @@ def generate(prompt, lock_path, seed, num_images, out_dir, ignore_fingerprint, g
 
     if num_images < 1:
         raise UsageError(f"--num-images must be at least 1, got {num_images}")
+    _in_range("num_images", num_images, "--num-images")  # before --seed's range, which depends on it
     # Image i uses seed + i, and torch's generators take 0 .. 2**64 - 1: checked before minutes of loading.
     if not 0 <= seed <= 2**64 - num_images:
         raise UsageError(f"--seed must be in 0..{2**64 - num_images} for {num_images} image(s) (each uses seed + "
@@ -194,16 +249,21 @@ def generate(prompt, lock_path, seed, num_images, out_dir, ignore_fingerprint, g
     from qwendoctor.files import writable_directory
 
     writable_directory(out_dir, "--out")  # before minutes of loading and rendering, not after
+    if not lock_path.strip():
+        raise UsageError("--lock is empty; name the lock file, e.g. --lock qwendoctor.lock")
     lock = lockfile.read_lock(lock_path)
     if gpus is not None and gpus < 1:
         raise UsageError(f"--gpus must be at least 1, got {gpus}")
+    _in_range("gpus", gpus, "--gpus")
     profile = parallel.with_gpus(lock.profile, lock.profile.gpus if gpus is None else gpus, strategy,
                                  lock.workload.does_cfg)
     if profile.gpus > 1 and not parallel.in_rank():
         if not ignore_fingerprint:
             check_fingerprint(lock, lock_path)
-        _launch_generate(profile, lock, [prompt, "--lock", os.path.abspath(lock_path), "--seed", str(seed),
-                                         "--num-images", str(num_images), "--out", out_dir]
+        source = "--gpus" if gpus is not None else f"{lock_path}: profile.gpus"
+        _launch_generate(profile, lock, source,
+                         [prompt, "--lock", os.path.abspath(lock_path), "--seed", str(seed),
+                          "--num-images", str(num_images), "--out", out_dir]
                          + ["--ignore-fingerprint"] * ignore_fingerprint + ["--json"] * as_json
                          + (["--memory-limit", str(memory_limit)] if memory_limit is not None else []))
         return
@@ -250,14 +310,15 @@ def _note_tiny_grammar(prompt: str) -> None:
                    "this prompt is not one, so the image will not show it", err=True)
 
 
-def _launch_generate(profile, lock, arguments: list[str]) -> None:
-    """Check what can be checked here (GPU count, the profile on this machine), then start the ranks."""
+def _launch_generate(profile, lock, option: str, arguments: list[str]) -> None:
+    """Check what can be checked here (GPU count, the profile on this machine), then start the ranks. `option`:
+    what set the GPU count, for the error."""
     import torch
 
     from qwendoctor import models, parallel, runner
 
     device = models.default_device()
-    parallel.check_gpu_count(profile.gpus, device, torch.cuda.device_count())
+    parallel.check_gpu_count(profile.gpus, device, torch.cuda.device_count(), option)
     runner.check_runnable(profile, lock.workload, detect_capabilities())
     parallel.launch(profile.gpus, ["qwendoctor", "generate", *arguments, "--gpus", str(profile.gpus),
                                    "--parallel", profile.parallel],
@@ -299,16 +360,21 @@ def bench(model, width, height, steps, true_cfg_scale, timed_steps, full_image, 
     # The numbers first, before torch decides the default model: a typo is answered at once.
     Workload(model=model or "tiny", width=width or 128, height=height or 128, true_cfg_scale=true_cfg_scale,
              reference_steps=steps, dtype="float32").validate()
+    from qwendoctor.files import writable_directory
     from qwendoctor.levers import memory
 
     memory.check_value(memory_limit)
-    model = model or ("synthetic" if models.default_device() == "cuda" else "tiny")
-    workload = _workload(model, width, height, steps, true_cfg_scale, " ", memory_limit)
+    writable_directory(out_dir, "--out")  # as generate does: before the ladder, not after it
     given = []
     for path in lock_paths:
         given.append((f"lock {os.path.basename(path)}", lockfile.read_lock(path).profile))
     for text in profile_texts:
         given.append((text, Profile.from_text(text)))
+    bench_module.BenchOptions(workload=Workload(model="tiny", width=128, height=128, dtype="float32"),
+                              timed_steps=timed_steps, given=tuple(given), name=name).validate()
+    _check_cache_dir()
+    model = model or ("synthetic" if models.default_device() == "cuda" else "tiny")
+    workload = _workload(model, width, height, steps, true_cfg_scale, " ", memory_limit)
 
     def log(message: str) -> None:
         click.echo(f"qwendoctor: {message}", err=True)
@@ -376,14 +442,14 @@ def main(argv: list[str] | None = None) -> None:
     except (click.Abort, KeyboardInterrupt) as stop:
         # click turns Ctrl-C (and Terminated, a KeyboardInterrupt) into Abort, keeping it as the cause.
         terminated = isinstance(stop, Terminated) or isinstance(stop.__cause__, Terminated)
-        click.echo(f"qwendoctor: {'terminated' if terminated else 'interrupted'}; a tune resumes where it stopped "
-                   "when rerun", err=True)
+        resumes = "; a tune resumes where it stopped when rerun" if _resumable else ""
+        click.echo(f"qwendoctor: {'terminated' if terminated else 'interrupted'}{resumes}", err=True)
         code = 128 + signal.SIGTERM if terminated else 130
     except QwendoctorError as error:
         if debug:
             raise
         code = _fail(str(error), error.exit_code)
-    except WorkloadError as error:  # a size, step count or CFG scale out of range
+    except limits.RangeError as error:  # a size, step count or CFG scale out of range (a WorkloadError too)
         if debug:
             raise
         code = _fail(str(error), EXIT_USAGE)

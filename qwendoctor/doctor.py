@@ -125,8 +125,11 @@ _T0 = time.perf_counter()
 def _trace(event: str, **fields) -> None:
     path = os.environ.get(TRACE_ENV)
     if path:
-        with open(path, "a") as fh:
-            fh.write(json.dumps({"t": round(time.perf_counter() - _T0, 3), "event": event, **fields}) + "\n")
+        try:
+            with open(path, "a") as fh:
+                fh.write(json.dumps({"t": round(time.perf_counter() - _T0, 3), "event": event, **fields}) + "\n")
+        except OSError:
+            pass  # checked writable at the start (run_probes); a disk filling up later costs the trace, not the report
 
 
 WARM_UP_TIMEOUT_S = 120.0  # a timing worker's torch import and CUDA context, before its first probe
@@ -323,6 +326,12 @@ def run_probes(ids: Sequence[str] | None = None, ctx: ProbeContext | None = None
     _T0 = time.perf_counter()
     _ON_FINDING = on_finding
     if os.environ.get(TRACE_ENV):
+        try:
+            # O_NONBLOCK: a FIFO nobody reads is refused (ENXIO) instead of blocking the check forever.
+            os.close(os.open(os.environ[TRACE_ENV], os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o666))
+        except OSError as error:
+            raise UsageError(f"{TRACE_ENV}={os.environ[TRACE_ENV]}: {error.strerror or error}; unset it or name a "
+                             "file that can be written") from None
         os.environ[TRACE_T0_ENV] = repr(_T0)  # the workers' clock origin (they inherit the environment)
     registry = list(PROBES if registry is None else registry)
     known = [spec.id for spec in registry]
@@ -545,9 +554,14 @@ def check(as_json: bool, only: tuple[str, ...], list_probes: bool, verbose: bool
         for spec in PROBES:
             click.echo(f"{spec.id:<{id_width}}  {spec.title}" + ("  [--bench]" if spec.tier == "bench" else ""))
         return
+    from probes import limits
+
     for name, value in (("width", width), ("height", height)):
-        if value is not None and (value <= 0 or value % 16):
-            raise UsageError(f"--{name} must be a positive multiple of 16, got {value}")
+        if value is not None:
+            try:
+                limits.check(name, value, label=f"--{name}")  # the ranges tune, bench and locks use
+            except limits.RangeError as error:
+                raise UsageError(str(error)) from None
     if memory_limit is not None:
         from qwendoctor.levers import memory
 

@@ -1,5 +1,11 @@
 """Files qwendoctor writes: atomically, so a crash, a full disk or Ctrl-C leaves the old file or the new one,
-never half of one and never a temporary file behind; and the cache directory where reference renders live."""
+never half of one and never a temporary file behind; and the cache directory where reference renders live.
+
+Also what qwendoctor may touch at all. A rename replaces whatever the name points at: named a device node it would
+replace the node with a regular file (as root, against /dev/sda, a broken machine), named a symlink it would cut
+the link and leave the target stale. So writes replace only regular files or create new ones. And every file a
+user names is read with a bound: /dev/zero as a prompts file would otherwise fill the memory, a FIFO would block.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +13,57 @@ import contextlib
 import glob
 import os
 import socket
+import stat
 import tempfile
 from typing import IO, Iterator
 
 from qwendoctor.errors import UsageError
 
 CACHE_ENV = "QWENDOCTOR_CACHE"
+# Prompts files, locks, bench documents: text a person writes or a run leaves, kilobytes. 1 MiB is far above any.
+MAX_READ_BYTES = 1 << 20
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def check_replaceable(path: str | os.PathLike, option: str | None = None) -> None:
+    """Refuse, in one line, to replace anything but a regular file: a device, FIFO, socket or directory, and a
+    symbolic link (replacing it would cut the link and leave its target stale; writing through it would write
+    wherever it points). A path that does not exist yet is fine."""
+    path = os.fspath(path)
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):  # nothing there to replace; the folder is checked elsewhere
+        return
+    except OSError as error:
+        raise UsageError(f"{option + ' ' if option else ''}{path}: {error.strerror or error}") from None
+    if not stat.S_ISREG(mode):
+        raise UsageError(f"{option + ' ' if option else ''}{path}: is {_kind(mode)}; qwendoctor only replaces "
+                         "regular files (name a regular file or a new one)")
+
+
+def read_bounded(path: str | os.PathLike, option: str, limit: int = MAX_READ_BYTES, binary: bool = False):
+    """The contents of a user-named file, refused in one line if it is not a regular file (a device or FIFO never
+    ends, or blocks) or is over `limit` bytes. Errors name `option`; OSError and UnicodeDecodeError are the
+    caller's to word (a missing file is worded differently by each)."""
+    path = os.fspath(path)
+    # O_NONBLOCK: opening a FIFO with no writer would otherwise wait forever before fstat could refuse it.
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with open(descriptor, "rb", closefd=True) as handle:
+        mode = os.fstat(descriptor).st_mode
+        if not stat.S_ISREG(mode):
+            raise UsageError(f"{option} {path}: is {_kind(mode)}, not a regular file")
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise UsageError(f"{option} {path}: larger than {limit // (1 << 20)} MiB; not a file qwendoctor reads")
+    return data if binary else data.decode("utf-8")
 
 
 @contextlib.contextmanager
@@ -25,6 +76,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", durable: bool = False
     False: leave the finished temporary file for the caller to link and remove (a name that must not replace an
     existing file); on an error it is removed all the same."""
     path = os.fspath(path)
+    check_replaceable(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     stem, suffix = os.path.splitext(os.path.basename(path))

@@ -110,8 +110,9 @@ def read_lock(path: str | os.PathLike) -> Lock:
     if not os.path.exists(path):
         raise LockfileError(f"{path}: no such lock file; run `qwendoctor tune` to create one")
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
+        text = files.read_bounded(path, "--lock")
+    except UsageError as error:
+        raise LockfileError(str(error)) from None
     except (OSError, UnicodeDecodeError) as error:
         raise LockfileError(f"{path}: cannot read: {error}") from None
     return parse_lock(text, path)
@@ -153,7 +154,7 @@ def parse_lock(text: str, path: str = "<lock>") -> Lock:
     try:
         workload = Workload.from_dict(data["workload"])
         profile = Profile.from_dict(data["profile"])
-    except (UsageError, WorkloadError) as error:
+    except (UsageError, WorkloadError) as error:  # WorkloadError: a number out of probes.limits' range
         message = str(error)
         section = "workload" if "workload" in message or not message.startswith("profile") else "profile"
         raise LockfileError(f"{path}: {message if message.startswith(section) else section + '.' + message}") \

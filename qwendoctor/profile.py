@@ -97,7 +97,20 @@ def _check_field(field: levers.Field, value: Any) -> None:
     elif field.kind is int:
         if not isinstance(value, int) or isinstance(value, bool) or (field.low is not None and value < field.low):
             raise UsageError(f"{name}: must be an integer >= {field.low:g}, got {value!r}")
-    # Other numbers are the owning lever's to check: their ranges depend on other fields (cache_threshold).
+        _in_range(name, field.name if field.name in ("steps", "gpus") else "profile_int", value)
+    elif field.kind is float:
+        # The finer ranges are the owning lever's (cache_threshold's depends on other fields); NaN and inf, which
+        # pass every comparison or none, are refused here for all of them.
+        _in_range(name, "profile_float", value)
+
+
+def _in_range(name: str, limit: str, value: Any) -> None:
+    from probes import limits
+
+    try:
+        limits.check(limit, value, label=name + ":")
+    except limits.RangeError as error:
+        raise UsageError(str(error)) from None
 
 
 def _parse_value(field: levers.Field, value: str) -> Any:

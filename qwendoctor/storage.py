@@ -65,6 +65,16 @@ def check_url(url: str) -> None:
                          "name a file: sqlite:///PATH")
 
 
+def file_of(url: str) -> str | None:
+    """The local file a sqlite or journal URL keeps the study in (None for a server's database): the lock must
+    never be written over it."""
+    if url.startswith(JOURNAL_SCHEME):
+        return url[len(JOURNAL_SCHEME):] or None
+    if url.startswith("sqlite:///"):
+        return url[len("sqlite:///"):].split("?", 1)[0] or None
+    return None
+
+
 def is_shared(url: str) -> bool:
     """Storages meant for several workers at once (SQLite serialises writers and lives on one disk)."""
     return not url.startswith("sqlite:")

@@ -134,10 +134,11 @@ def read_prompts(path: str | None, count: int, model_id: str = "tiny") -> list[s
     if path is None:
         return default_prompts(model_id)[:count]
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
+        text = files.read_bounded(path, "--prompts")
     except OSError as error:
         raise UsageError(f"--prompts {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--prompts {path}: not UTF-8 text") from None
     prompts = _prompt_lines(text)
     if not prompts:
         raise UsageError(f"--prompts {path}: no prompts in the file")
@@ -762,6 +763,10 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
     try:
         best = optuna_study.best_trial
     except ValueError:
+        if deadline is not None and time.monotonic() >= deadline and not counts["completed"]:
+            # The clock, not the floor, stopped it: blaming --floor would send the user the wrong way.
+            raise QwendoctorError(f"--timeout {options.timeout_s:g}: the time ran out before any trial finished "
+                                  f"({counts['trials']} ended, none complete); raise --timeout") from None
         raise QwendoctorError(f"no trial met the quality floor {options.floor.name} "
                               f"({options.floor.describe()}) "
                               f"in {counts['trials']} trials; lower --floor or raise --trials") from None

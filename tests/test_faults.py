@@ -19,6 +19,7 @@ import re
 import resource
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -88,7 +89,7 @@ BAD_INPUTS = [
      "--seed must be in 0..18446744073709551614 for 2 image(s) (each uses seed + its index), got "
      "18446744073709551615", True),
     (["generate", "x", "--lock", "{lock}", "--gpus", "0"], "--gpus must be at least 1, got 0", True),
-    (["tune", "--width", "1000"], "width must be a positive multiple of 16, got 1000", True),
+    (["tune", "--width", "1000"], "width must be a positive multiple of 16, got 1000 (at most 4096)", True),
     (["tune", "--width", "abc"], "Invalid value for '--width'", True),
     (["tune", "--steps", "0"], "steps must be an integer >= 2", True),
     (["tune", "--steps", "-5"], "steps must be an integer >= 2", True),
@@ -100,14 +101,14 @@ BAD_INPUTS = [
     (["tune", "--trials", "0"], "--trials must be at least 1, got 0", True),
     (["tune", "--num-prompts", "0"], "--num-prompts and --seeds must be at least 1", True),
     (["tune", "--seeds", "0"], "--num-prompts and --seeds must be at least 1", True),
-    (["tune", "--timeout", "-1"], "--timeout must be positive", False),
+    (["tune", "--timeout", "-1"], "--timeout must be a finite number > 0 and <= 2592000 seconds, got -1.0", True),
     (["tune", "--heartbeat", "0"], "Invalid value for '--heartbeat'", True),
-    (["tune", "--timed-steps", "1"], "--timed-steps must be a whole number, at least 2, got 1", False),
+    (["tune", "--timed-steps", "1"], "--timed-steps must be an integer >= 2 and <= 1000, got 1", True),
     (["tune", "--prompts", "{tmp}/missing.txt"], "--prompts {tmp}/missing.txt: No such file or directory", False),
     (["tune", "--prompts", "{tmp}/empty.txt"], "no prompts in the file", False),
     (["tune", "--lock", "{tmp}"], "is a directory; name the lock file", True),
     (["tune", "--lock", "{tmp}/garbage.lock/qwendoctor.lock"], "garbage.lock: is a file, not a directory", True),
-    (["tune", "--gpus", "0"], "--gpus must be at least 1, got 0", False),
+    (["tune", "--gpus", "0"], "--gpus must be at least 1, got 0", True),
     (["tune", "--gpus", "2", "--storage", "journal:///{tmp}/j.log"],
      "--gpus > 1 measures the multi-GPU strategies in one process", False),
     (["tune", "--storage", "bogus://x"], "--storage bogus://x: Can't load plugin: sqlalchemy.dialects:bogus", True),
@@ -119,6 +120,7 @@ BAD_INPUTS = [
     (["bench", "--height", "8"], "height must be a positive multiple of 16, got 8", True),
     (["bench", "--profile", "compile=turbo"], "profile.compile: 'turbo' is not one of none, regional, full", False),
     (["check", "--only", "nope"], "unknown probe 'nope'", True),
+    (["check", "--only", "system", "--width", "16384"], "--width must be at most 4096 (a multiple of 16)", True),
     (["tune", "--memory-limit", "0"], "--memory-limit must be a positive number of GiB, got 0.0", True),
     (["generate", "x", "--lock", "{lock}", "--memory-limit", "-1"],
      "--memory-limit must be a positive number of GiB, got -1.0", True),
@@ -128,6 +130,70 @@ BAD_INPUTS = [
     (["frobnicate"], "No such command 'frobnicate'", True),
     (["generate", "x", "--lock", "{lock}", "--env", "DIFFUSERS_ATTN_BACKEND=bogus"],
      "DIFFUSERS_ATTN_BACKEND='bogus': diffusers refuses it", False),
+    # ---- issue 31: nothing may harm the machine or the user's files --------------------------------------------
+    # {tmp}/device is a character device node made for the test (/dev/null's numbers) where this runs as root, a
+    # FIFO elsewhere; no real device is ever named.
+    (["generate", "x", "--lock", "{tmp}/fifo"], "--lock {tmp}/fifo: is a FIFO, not a regular file", True),
+    (["generate", "x", "--lock", "{tmp}/device"], "--lock {tmp}/device: is a ", True),
+    (["generate", "x", "--lock", "{tmp}/big.lock"], "big.lock: larger than 1 MiB", True),
+    (["tune", "--prompts", "{tmp}/device"], "not a regular file", False),
+    (["tune", "--prompts", "{tmp}/fifo"], "--prompts {tmp}/fifo: is a FIFO, not a regular file", False),
+    (["tune", "--prompts", "{tmp}/big.lock"], "big.lock: larger than 1 MiB", False),
+    (["tune", "--lock", "{tmp}/device"], "qwendoctor only replaces regular files", True),
+    (["tune", "--lock", "{tmp}/fifo"], "--lock {tmp}/fifo: is a FIFO; qwendoctor only replaces regular files", True),
+    (["tune", "--lock", "{tmp}/link.lock"], "link.lock: is a symbolic link; qwendoctor only replaces", True),
+    (["tune", "--lock", "{tmp}/qwendoctor-study.db"], "is the study's own file (the default study database)", True),
+    (["tune", "--storage", "sqlite:///{tmp}/s.db", "--lock", "{tmp}/s.db"],
+     "is the study's own file (--storage sqlite:///{tmp}/s.db)", True),
+    (["tune", "--storage", "journal:///{tmp}/j.log", "--lock", "{tmp}/j.log"], "is the study's own file", True),
+    (["generate", "x", "--lock", "{lock}", "--gpus", "9"], "--gpus 9: no GPU here; at most 8 CPU ranks", False),
+    (["generate", "x", "--lock", "{tmp}/many-ranks.lock"], "many-ranks.lock: profile.gpus 64: no GPU here; at most 8 CPU ranks",
+     False),
+    (["tune", "--gpus", "1000000"], "--gpus must be an integer >= 1 and <= 1024, got 1000000", True),
+    (["generate", "x", "--lock", "{lock}", "--gpus", "1000000"], "--gpus must be an integer >= 1 and <= 1024", True),
+    # ---- every size, count and duration in its range, before any model loads ------------------------------------
+    (["tune", "--width", "16384", "--height", "16384"], "width must be at most 4096 (a multiple of 16), got 16384",
+     True),
+    (["bench", "--height", "8192"], "height must be at most 4096", True),
+    (["tune", "--steps", "1000000000"], "steps must be an integer >= 2 and <= 1000", True),
+    (["bench", "--steps", "1000000000"], "steps must be an integer >= 2 and <= 1000", True),
+    (["generate", "x", "--lock", "{tmp}/huge-steps.lock"], "workload.steps must be an integer >= 2 and <= 1000", True),
+    (["generate", "x", "--lock", "{tmp}/huge-profile-steps.lock"], "profile.steps: must be an integer >= 2 and <= 1000",
+     True),
+    (["generate", "x", "--lock", "{tmp}/huge-width.lock"], "workload.width must be at most 4096", True),
+    (["tune", "--true-cfg-scale", "inf"], "true_cfg_scale must be >= 1 and <= 100, a finite number", True),
+    (["tune", "--true-cfg-scale", "nan"], "true_cfg_scale must be >= 1 and <= 100, a finite number", True),
+    (["generate", "x", "--lock", "{tmp}/inf-cfg.lock"], "workload.true_cfg_scale must be >= 1 and <= 100", True),
+    (["generate", "x", "--lock", "{tmp}/nan-cfg.lock"], "got nan", True),
+    (["generate", "x", "--lock", "{tmp}/nan-threshold.lock"], "profile.cache_threshold: must be a finite number",
+     True),
+    (["bench", "--profile", "cache=first_block,cache_threshold=nan"],
+     "profile.cache_threshold: must be a finite number, got nan", True),
+    (["tune", "--timeout", "nan"], "--timeout must be a finite number > 0", True),
+    (["tune", "--timeout", "inf"], "--timeout must be a finite number > 0", True),
+    (["tune", "--heartbeat", "10000000000"], "--heartbeat must be an integer >= 1 and <= 86400 seconds", True),
+    (["tune", "--trials", "100000000"], "--trials must be an integer >= 1 and <= 100000", True),
+    (["tune", "--num-prompts", "100000"], "--num-prompts must be an integer >= 1 and <= 1000", True),
+    (["tune", "--seeds", "100000"], "--seeds must be an integer >= 1 and <= 1000", True),
+    (["tune", "--timed-steps", "100000"], "--timed-steps must be an integer >= 2 and <= 1000", True),
+    (["tune", "--floor", "psnr=nan"], "--floor psnr must be a finite number >= 0 and <= 1000 dB, got nan", True),
+    (["generate", "a fox", "--num-images", "100000000000000000000"],
+     "--num-images must be an integer >= 1 and <= 10000, got 100000000000000000000", True),
+    (["bench", "--timed-steps", "100000"], "--timed-steps must be an integer >= 2 and <= 1000", True),
+    # ---- every error names its cause and the option or variable that set it -------------------------------------
+    (["tune", "--lock", ""], "--lock is empty; name the lock file", True),
+    (["generate", "x", "--lock", ""], "--lock is empty; name the lock file", True),
+    (["bench", "--out", "{tmp}/garbage.lock"], "--out {tmp}/garbage.lock: is a file, not a directory", True),
+    (["bench", "--name", "../escape"], "--name '../escape': a file stem, without path separators", True),
+    (["bench", "--profile", "parallel=cfg,gpus=2"], "bench measures one process on one GPU; gpus=2", True),
+    (["tune", "--env", "QWENDOCTOR_CACHE={tmp}/garbage.lock"],
+     "QWENDOCTOR_CACHE {tmp}/garbage.lock: is a file, not a directory", True),
+    (["bench", "--env", "QWENDOCTOR_CACHE={tmp}/garbage.lock/cache"], "QWENDOCTOR_CACHE {tmp}/garbage.lock/cache: ",
+     True),
+    (["check", "--only", "system", "--env", "QWENDOCTOR_CHECK_TRACE={tmp}/garbage.lock/trace"],
+     "QWENDOCTOR_CHECK_TRACE={tmp}/garbage.lock/trace: Not a directory; unset it", False),
+    (["check", "--only", "system", "--env", "QWENDOCTOR_CHECK_TRACE={tmp}/fifo"],
+     "QWENDOCTOR_CHECK_TRACE={tmp}/fifo: No such device or address", False),
 ]
 
 # All the bad inputs in one process, in order (a process per case cost two minutes of imports on two cores): those
@@ -169,6 +235,23 @@ def bad_input_dir(tmp_path_factory):
     (directory / "half.lock").write_text(text[: len(text) // 2].rsplit("\n", 1)[0] + "\n")
     (directory / "bad-field.lock").write_text(text.replace('compile = "none"', 'compile = "turbo"'))
     (directory / "empty.txt").write_text("\n \n")
+    # issue 31: what a hostile user names, every one made here, none a real device.
+    os.mkfifo(directory / "fifo")
+    try:
+        os.mknod(directory / "device", 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # /dev/null's numbers
+    except PermissionError:
+        os.mkfifo(directory / "device")
+    (directory / "link.lock").symlink_to(directory / "valid.lock")
+    (directory / "big.lock").write_text(text + "#" * (1 << 20))
+    for name, old, new in (("huge-steps", "reference_steps = 3", "reference_steps = 1000000000"),
+                           ("huge-profile-steps", "steps = 2\n", "steps = 1000000000\n"),
+                           ("huge-width", "width = 128", "width = 16384"),
+                           ("inf-cfg", "true_cfg_scale = 4.0", "true_cfg_scale = inf"),
+                           ("nan-cfg", "true_cfg_scale = 4.0", "true_cfg_scale = nan"),
+                           ("nan-threshold", 'cache = "none"', 'cache = "first_block"\ncache_threshold = nan'),
+                           ("many-ranks", 'cache = "none"', 'cache = "none"\nparallel = "ulysses"\ngpus = 64')):
+        assert old in text, old
+        (directory / f"{name}.lock").write_text(text.replace(old, new, 1))
     return directory
 
 
@@ -330,7 +413,10 @@ def test_a_corrupt_study_file_is_one_line_and_the_lock_survives(tmp_path):
     (tmp_path / "qwendoctor-study.db").write_bytes(b"\x00not a database" * 100)
     refused = cli(*TUNE, "--trials", "1", cwd=tmp_path, env=env)
     assert refused.returncode == 2
-    one_error_line(refused, "--storage sqlite:///", "file is not a database")
+    # No --storage was given: the error names the default study file, not an option the user never typed.
+    line = one_error_line(refused, f"the study database {tmp_path}/qwendoctor-study.db (the default beside --lock",
+                          "file is not a database")
+    assert "--storage sqlite" not in line
     assert (tmp_path / "qwendoctor.lock").read_text() == "kept"
 
 
@@ -481,6 +567,204 @@ def test_check_reports_an_import_that_hangs_and_finishes(tmp_path):
     assert re.search(r"imports: importing optuna hangs: no answer within the limit of 20 s, stuck at "
                      r".*optuna/__init__.py:2", result.stdout), result.stdout
     assert "transformers hangs" not in result.stdout and "diffusers hangs" not in result.stdout
+
+
+# ---- faults: hostile environments (issue 31) --------------------------------------------------------------------
+
+def _launcher_env(tmp_path: Path) -> dict[str, str]:
+    """The launcher's and its ranks' environment: the repository importable (the ranks run tests' modules), the
+    system temporary folder replaced by one of the test's own, to see what is left in it."""
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    return {**os.environ, "TMPDIR": str(tmp_path / "tmp"),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
+def _left_in_temp(tmp_path: Path) -> list[str]:
+    return sorted(p.name for p in (tmp_path / "tmp").iterdir()
+                  if p.name.startswith(("qwendoctor-ranks-", "torchelastic_")))
+
+
+def _wait_for(condition, limit_s: float = 180) -> bool:
+    """Poll `condition` until it holds or `limit_s` passes (a bound on a hang, not a timing assertion)."""
+    import time
+
+    end = time.monotonic() + limit_s
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return condition()
+
+
+@fault("kill -9 of the launcher while its ranks run", "the temporary folder of a launcher killed outright")
+def test_ranks_die_with_a_killed_launcher_and_its_folder_goes_with_the_next_launch(tmp_path, monkeypatch):
+    """A launcher killed outright (the OOM killer, kill -9) can clean nothing up: torchrun dies with it and the
+    ranks with torchrun (PR_SET_PDEATHSIG), and the next launch removes the folder it left."""
+    import psutil
+
+    from qwendoctor import parallel
+
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom qwendoctor import parallel\n"
+         "parallel.launch(2, ['tests.hostile_ranks', 'sleep', sys.argv[1]])", str(pids)],
+        cwd=ROOT, env=_launcher_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert _wait_for(lambda: len(list(pids.glob("*.pid"))) == 2 or launcher.poll() is not None)
+        assert launcher.poll() is None, "the launcher ended before its ranks started"
+        ranks = [int(p.read_text()) for p in pids.glob("*.pid")]
+    finally:
+        launcher.kill()
+        launcher.wait()
+
+    def ours_gone() -> bool:  # torchrun and the ranks both carry the pid folder in their command lines
+        alive = []
+        for process in psutil.process_iter(["cmdline", "status"]):
+            if str(pids) in " ".join(process.info["cmdline"] or []) and process.info["status"] != "zombie":
+                alive.append(process.pid)
+        return not alive
+
+    assert _wait_for(ours_gone, 60), "ranks or torchrun outlived their launcher"
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in ranks)
+    assert [name.startswith("qwendoctor-ranks-") for name in _left_in_temp(tmp_path)] == [True]
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    assert len(parallel.remove_stale_scratch()) == 1 and _left_in_temp(tmp_path) == []
+
+
+@fault("the logs of a multi-rank run", "a QWENDOCTOR_DIST_TIMEOUT_S that is not a number")
+def test_a_multi_rank_run_leaves_nothing_in_the_temporary_folder(tmp_path, monkeypatch):
+    """torchrun writes a log tree per run into the system temporary folder unless told otherwise (a million of
+    them filled 3.9 GB): the launcher keeps them in its own folder and removes it, failing ranks or not."""
+    from qwendoctor import parallel
+    from qwendoctor.errors import QwendoctorError
+
+    for name, value in _launcher_env(tmp_path).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv(parallel.TIMEOUT_ENV, "soon")
+    with pytest.raises(QwendoctorError) as refused:  # named before any rank starts
+        parallel.launch(2, ["tests.parallel_ranks", "fail"])
+    assert str(refused.value).startswith("QWENDOCTOR_DIST_TIMEOUT_S='soon': must be a number of seconds")
+    monkeypatch.delenv(parallel.TIMEOUT_ENV)
+    with pytest.raises(QwendoctorError) as failed:
+        parallel.launch(2, ["tests.parallel_ranks", "fail"])
+    assert str(failed.value) == "rank 1: rank one gave up on purpose"
+    assert _left_in_temp(tmp_path) == []
+
+
+@fault("RANK=1, WORLD_SIZE=2 and LOCAL_RANK=1 left in the environment")
+def test_stray_rank_variables_do_not_silence_generate(tmp_path, valid_lock, monkeypatch, capsys):
+    """Cluster nodes often export these: only ranks our own launcher started are ranks (it sets its marker)."""
+    from qwendoctor import cli as cli_module
+
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as done:
+        cli_module.main(["generate", TIGHT, "--lock", str(valid_lock), "--out", str(tmp_path / "out")])
+    assert done.value.code == 0, capsys.readouterr().err
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1
+
+
+def _stopped_generate(tmp_path, valid_lock, monkeypatch, capsys, stop: BaseException) -> tuple[int, str]:
+    from qwendoctor import cli as cli_module
+    from qwendoctor import generate
+
+    def stopped(*args, **kwargs):
+        raise stop
+
+    monkeypatch.setattr(generate, "build_tuned", stopped)  # as if the signal came while loading
+    with pytest.raises(SystemExit) as done:
+        cli_module.main(["generate", TIGHT, "--lock", str(valid_lock), "--out", str(tmp_path / "out")])
+    return done.value.code, capsys.readouterr().err.strip()  # click writes a newline of its own first
+
+
+@fault("Ctrl-C in generate", "SIGTERM in generate")
+def test_an_interrupted_generate_does_not_promise_to_resume(tmp_path, valid_lock, monkeypatch, capsys):
+    from qwendoctor import cli as cli_module
+
+    assert _stopped_generate(tmp_path, valid_lock, monkeypatch, capsys, KeyboardInterrupt()) == (
+        130, "qwendoctor: interrupted")
+    assert _stopped_generate(tmp_path, valid_lock, monkeypatch, capsys, cli_module.Terminated()) == (
+        143, "qwendoctor: terminated")
+
+
+@fault("a bench row that fails after it was timed")
+def test_a_bench_row_failing_after_its_timing_is_reported_as_that_failure(tmp_path, monkeypatch, capsys):
+    """The given row's comparison fails after its steps were timed: the row says why, the report is written (it
+    crashed with KeyError: 'psnr_db', hiding the error)."""
+    from qwendoctor import bench, cli as cli_module
+
+    real = bench.quality.compare
+    calls = []
+
+    def second_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the comparison broke on purpose")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench.quality, "compare", second_fails)
+    monkeypatch.setenv("QWENDOCTOR_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(SystemExit) as done:
+        cli_module.main(["bench", "--no-ladder", "--no-breakdown", "--timed-steps", "3", "--steps", "4",
+                         "--profile", "steps=3", "--out", str(tmp_path / "b"), "--json"])
+    captured = capsys.readouterr()
+    assert done.value.code == 0, captured.err
+    rows = json.loads(captured.out)["rows"]
+    assert rows[1]["failed"].endswith("the comparison broke on purpose") and "step_ms" not in rows[1]
+    assert "the comparison broke on purpose" in (tmp_path / "b" / "bench-tiny-128x128.md").read_text()
+
+
+@fault("a --timeout that ends the study before any trial")
+def test_a_timeout_before_any_trial_is_named_not_the_floor(tmp_path, monkeypatch):
+    from qwendoctor import tune
+
+    real = tune.TuneOptions.validate
+
+    def tiny_timeout(options):
+        options.timeout_s = 1e-9
+        return real(options)
+
+    monkeypatch.setattr(tune.TuneOptions, "validate", tiny_timeout)
+    with pytest.raises(tune.QwendoctorError) as stopped:
+        _tune_in_process(tmp_path)
+    assert str(stopped.value).startswith("--timeout 1e-09: the time ran out before any trial finished")
+    assert "floor" not in str(stopped.value)
+
+
+@fault("a tune whose lock goes into a folder that does not exist yet")
+def test_a_lock_in_a_new_folder_gets_its_default_study_beside_it(tmp_path, monkeypatch):
+    """The default study sits beside the lock; its folder is made before the study opens (the error used to
+    blame --storage, which the user never gave)."""
+    from qwendoctor import cli as cli_module
+    from qwendoctor import report, storage
+
+    opened = []
+
+    def open_only(options, as_json):
+        storage.open_storage(options.storage, 60)
+        opened.append(options.storage)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "run_tune_with_progress", open_only)
+    monkeypatch.chdir(tmp_path)
+    lock = tmp_path / "new" / "folder" / "q.lock"
+    with pytest.raises(SystemExit) as done:
+        cli_module.main(["tune", "--lock", str(lock)])
+    assert done.value.code == 130
+    assert opened == [f"sqlite:///{lock.parent}/qwendoctor-study.db"] and (lock.parent / "qwendoctor-study.db").exists()
+
+
+@fault("a DIFFUSERS_ATTN_BACKEND that diffusers refuses, in check")
+def test_check_names_a_refused_attention_variable_instead_of_a_reinstall(tmp_path):
+    result = cli("check", "--only", "imports", cwd=tmp_path, env={"DIFFUSERS_ATTN_BACKEND": "bogus"}, timeout=240)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "imports: diffusers does not import: DIFFUSERS_ATTN_BACKEND='bogus' is refused by diffusers" \
+        in result.stdout, result.stdout
+    assert "fix: unset DIFFUSERS_ATTN_BACKEND" in result.stdout and "reinstall" not in result.stdout
 
 
 # ---- the counts ------------------------------------------------------------------------------------------------
