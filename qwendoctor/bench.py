@@ -15,23 +15,31 @@ import json
 import math
 import os
 import platform
-import contextlib
-import re
-import sys
-import tempfile
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from probes import qwen_shapes, timing
 from qwendoctor import files, fingerprint, levers, models, quality, runner
 from qwendoctor.levers import memory
 from qwendoctor.capabilities import Capabilities
 from qwendoctor.errors import QwendoctorError, UnavailableLever, UsageError
+from qwendoctor.bench_report import (  # noqa: F401  (bench.markdown, bench.tiers)
+    FP8_PSNR_DB,
+    LOSSLESS_PSNR_DB,
+    _finite,
+    _row_line,
+    markdown,
+    tiers,
+)
 from qwendoctor.profile import Profile, Workload, check_runnable
+from qwendoctor.step_profile import (  # noqa: F401  (bench.kernel_kind)
+    gemm_ceiling,
+    kernel_changes,
+    kernel_kind,
+    removed_ms,
+    step_breakdown,
+)
 
-# Fidelity floors of the two tiers, against the default's image on the same seed.
-LOSSLESS_PSNR_DB = 40.0
-FP8_PSNR_DB = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,173 +114,6 @@ def text_tokens(model: models.LoadedModel, prompt: str) -> int:
     with torch.inference_mode():
         embeds, _ = model.pipe.encode_prompt(prompt=prompt, device=model.device)
     return int(embeds.shape[1])
-
-
-def gemm_ceiling(device: str) -> dict[str, float | None]:
-    """bf16 (and FP8) GEMM TFLOP/s measured now, on this card, at a size that reaches its ceiling."""
-    if device != "cuda":
-        return {"bf16_tflops": None, "fp8_tflops": None}
-    import torch
-
-    from probes.timing import time_ms
-
-    n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    flops = 2.0 * n**3
-    result: dict[str, float | None] = {"bf16_tflops": flops / time_ms(torch, lambda: a @ b, 50, 30) / 1e9,
-                                       "fp8_tflops": None}
-    if torch.cuda.get_device_capability() >= (8, 9):
-        a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t()
-        one = torch.tensor(1.0, device="cuda")
-        result["fp8_tflops"] = flops / time_ms(
-            torch, lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16), 50, 30) / 1e9
-    return result
-
-
-# ---- one step, by kernel kind ---------------------------------------------------------------------------
-
-KINDS = ("gemm", "attention", "elementwise", "memory", "other")
-# Enough for every distinct kernel of a compiled step (about 15 per block, plus the eager ones around the blocks):
-# which elementwise kernels a lever left, by name, is what the next lever is chosen on.
-TOP_KERNELS = 40
-
-
-def kernel_kind(name: str) -> str:
-    """The kind of a CUDA kernel or a CPU aten op, from its name (attention before GEMM: FA kernels are
-    CUTLASS kernels too)."""
-    lowered = name.lower()
-    if lowered.startswith("triton_"):
-        # Inductor names its kernels after the ops they fuse, so a layout copy feeding attention is
-        # "triton_poi_fused_..._attention_...": only its templates are matmul or attention.
-        if lowered.startswith("triton_tem"):
-            return "attention" if "flex" in lowered or "attention" in lowered else "gemm"
-        return "elementwise"
-    if any(key in lowered for key in ("flash", "fmha", "attention", "sdpa", "attn")):
-        return "attention"
-    if any(key in lowered for key in ("gemm", "xmma", "cutlass", "nvjet", "matmul", "cublas", "scaled_mm",
-                                      "triton_tem", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear")):
-        return "gemm"
-    if any(key in lowered for key in ("memcpy", "memset", "copy_", "aten::to", "aten::contiguous")):
-        return "memory"
-    # "quant": activation quantization before an 8-bit kernel (SageAttention's quant_per_block_int8_kernel).
-    if any(key in lowered for key in ("elementwise", "vectorized", "reduce", "triton_poi", "triton_red",
-                                      "triton_per", "norm", "gelu", "silu", "softmax", "aten::", "unrolled",
-                                      "quant")):
-        return "elementwise"
-    return "other"
-
-
-# Kineto's own progress lines, written by native code straight to file descriptor 2 (no variable turns them off):
-# `USDT:2026-12-07 19:49:33 9374:9374 SyncActivityProfilerHandler.cpp:52] profiler_start`.
-PROFILER_CHATTER = re.compile(r"^[A-Z]+:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \d+:\d+ \w+\.cpp:\d+\] ")
-
-
-@contextlib.contextmanager
-def _without_profiler_chatter() -> Iterator[None]:
-    """Hold back what is written to stderr (fd 2) meanwhile, and pass on all of it but the profiler's chatter."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no real stderr (a test capturing it): nothing native can reach the user
-        yield
-        return
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            held.seek(0)
-            for line in held.read().decode("utf-8", "replace").splitlines(keepends=True):
-                if not PROFILER_CHATTER.match(line):
-                    sys.stderr.write(line)
-            sys.stderr.flush()
-
-
-def step_breakdown(model: models.LoadedModel, workload: Workload, profile: Profile, prompt: str, seed: int,
-                   unprofiled_step_ms: float) -> dict[str, Any]:
-    """Where one denoising step's time goes: kernel time by kind, and what is left of the step when the GPU
-    is idle (launch gaps, host work). The profiler slows the host, so idle time is taken against the step time
-    measured without it."""
-    import torch
-    from torch.profiler import ProfilerActivity, schedule
-    from torch.profiler import profile as torch_profile
-
-    on_cuda = model.device == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
-    clock = timing.StepClock(model.device)
-    # Step 1 warms the profiler up and step 3 stays outside: the recorded window is exactly step 2.
-    with _without_profiler_chatter(), torch_profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=1, repeat=1)) as prof:
-        def on_step(pipe, step, timestep, kwargs):
-            clock(pipe, step, timestep, kwargs)
-            prof.step()
-            return {}
-
-        clock.start()
-        runner.render(model, workload, dataclasses.replace(profile, steps=3), prompt, seed, clock=on_step)
-    by_kind = {kind: 0.0 for kind in KINDS}
-    by_name: dict[str, float] = {}
-    for event in prof.events():
-        if event.name.startswith("ProfilerStep") or getattr(event, "is_user_annotation", False):
-            continue  # the step's own marker spans the whole window, on the GPU timeline too
-        if on_cuda:
-            if event.device_type != torch.autograd.DeviceType.CUDA:
-                continue
-            duration_us = event.time_range.elapsed_us()
-        else:
-            parent = event.cpu_parent
-            top_level = parent is None or parent.name.startswith("ProfilerStep")
-            if not event.name.startswith("aten::") or not top_level:
-                continue  # top-level aten ops only: their children's time is inside theirs
-            duration_us = event.cpu_time_total
-        by_kind[kernel_kind(event.name)] += duration_us / 1000
-        by_name[event.name] = by_name.get(event.name, 0.0) + duration_us / 1000
-    busy = sum(by_kind.values())
-    top = sorted(by_name.items(), key=lambda item: -item[1])[:TOP_KERNELS]
-    return {
-        "profiled_step_ms": round(1000 * clock.step_seconds[1], 2),
-        "kernel_ms": {k: round(v, 2) for k, v in by_kind.items()},
-        "busy_ms": round(busy, 2),
-        # On the CPU, "busy" is the host's top-level op time; idle is then Python and hook overhead.
-        "idle_ms": round(max(unprofiled_step_ms - busy, 0.0), 2),
-        "source": "CUDA kernels" if on_cuda else "CPU aten ops",
-        "top": [{"name": name[:160], "kind": kernel_kind(name), "ms": round(ms, 2)} for name, ms in top],
-    }
-
-
-def removed_ms(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
-    """What a stack step took out of one step, kind by kind and idle, from two step breakdowns (ms; negative:
-    it added time there)."""
-    removed = {kind: round(before["kernel_ms"][kind] - after["kernel_ms"][kind], 2) for kind in KINDS}
-    removed["idle"] = round(before["idle_ms"] - after["idle_ms"], 2)
-    return removed
-
-
-KERNEL_CHANGES = 5  # per direction and stack step: the heaviest kernels that went and came
-
-
-def kernel_name_key(name: str) -> str:
-    """A kernel's name without Inductor's running number (`triton_poi_fused_gelu_view_13` and `..._11` are one
-    kernel in two compiles of the same block)."""
-    return re.sub(r"_\d+$", "", name) if name.startswith("triton_") else name
-
-
-def kernel_changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """The kernels a stack step took away ("gone": in the breakdown it was tried on, not in its own) and brought
-    ("new"), heaviest first, by name: which GELU or copy kernel a fusion removed is read here, not guessed."""
-    def by_key(breakdown):
-        found: dict[str, dict[str, Any]] = {}
-        for kernel in breakdown.get("top", []):
-            entry = found.setdefault(kernel_name_key(kernel["name"]), {**kernel, "ms": 0.0})
-            entry["ms"] = round(entry["ms"] + kernel["ms"], 2)
-        return found
-
-    old, new = by_key(before), by_key(after)
-    return {"gone": sorted((old[k] for k in old.keys() - new.keys()), key=lambda k: -k["ms"])[:KERNEL_CHANGES],
-            "new": sorted((new[k] for k in new.keys() - old.keys()), key=lambda k: -k["ms"])[:KERNEL_CHANGES]}
 
 
 # ---- running the ladder ---------------------------------------------------------------------------------
@@ -540,143 +381,6 @@ def _timing(measurement: runner.Measurement, workload: Workload, flops: dict[str
     if profile.quantization != "none" and ceiling.get("fp8_tflops"):
         result["pct_of_fp8_gemm"] = 100 * result["tflops"] / ceiling["fp8_tflops"]
     return result
-
-
-def tiers(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any] | None]:
-    """The fastest row of each tier: lossless (no lossy lever beyond the default's, PSNR >= 40 dB against the
-    default) and FP8 (PSNR >= 30 dB)."""
-    default = next(r for r in rows if r["id"] == "default")
-
-    def best(condition) -> dict[str, Any] | None:
-        candidates = [r for r in rows if "step_ms" in r and "psnr_db" in r and condition(r)]
-        if not candidates:
-            return None
-        row = min(candidates, key=lambda r: r["step_ms"])
-        return {"id": row["id"], "describe": row["describe"], "step_ms": row["step_ms"],
-                "speedup": default["step_ms"] / row["step_ms"], "psnr_db": row["psnr_db"],
-                "s_per_image": row["s_per_image"]}
-
-    reference = Profile.from_dict(default["profile"])  # the placement's default under a memory plan
-
-    def lossless(row) -> bool:
-        return (not levers.is_lossy(Profile.from_dict(row["profile"]), reference)
-                and row["psnr_db"] >= LOSSLESS_PSNR_DB)
-
-    def fp8(row) -> bool:
-        return row["profile"].get("quantization", "none").startswith("fp8") and row["psnr_db"] >= FP8_PSNR_DB
-
-    return {"lossless": best(lossless), "fp8": best(fp8)}
-
-
-def _row_line(row: dict[str, Any]) -> str:
-    if "skipped" in row:
-        return f"skipped ({row['skipped']})"
-    if "failed" in row:
-        return f"failed ({row['failed']})"
-    return (f"{row['step_ms']:.1f} ms/step, {row['s_per_image']:.2f} s/image, warm-up {row['warmup_s']:.1f} s, "
-            f"PSNR {_db(row['psnr_db'])}")
-
-
-def _db(value: float) -> str:
-    return "exact" if math.isinf(value) else f"{value:.1f} dB"
-
-
-def markdown(document: dict[str, Any]) -> str:
-    w = document["workload"]
-    rows = document["rows"]
-    default = next((r for r in rows if r["id"] == "default" and "step_ms" in r), None)
-    ceiling = document.get("gemm_ceiling") or {}
-    lines = [
-        f"# qwendoctor bench: {w['model']} {w['width']}x{w['height']}, {w['reference_steps']} steps, "
-        f"true CFG {w['true_cfg_scale']:g}",
-        "",
-        f"Command: `{document.get('command')}`  ",
-        f"Device: {document['fingerprint'].get('gpu_name') or 'CPU'}; torch {document['fingerprint'].get('torch')}, "
-        f"diffusers {document['fingerprint'].get('diffusers')}; {document['date']}  ",
-        f"Rendered {document['render_steps']} steps per row; bf16 GEMM ceiling measured in this run: "
-        + (f"{ceiling['bf16_tflops']:.0f} TFLOP/s" if ceiling.get("bf16_tflops") else "not measured (no CUDA)")
-        + (f", FP8 {ceiling['fp8_tflops']:.0f} TFLOP/s" if ceiling.get("fp8_tflops") else ""),
-        "",
-        "| row | profile | ms / step | vs default | s / image | warm-up s | TFLOP/s | % bf16 GEMM | peak GiB "
-        "| PSNR dB | SSIM |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        if "step_ms" not in row:
-            reason = row.get("skipped") or row.get("failed")
-            lines.append(f"| {row['label']} | {row['describe']} | {'skipped' if 'skipped' in row else 'failed'}: "
-                         f"{reason} | | | | | | | | |")
-            continue
-        label = row["label"] + ("" if row.get("kept", True) else " (not kept)")
-        speedup = f"{default['step_ms'] / row['step_ms']:.2f}x" if default else ""
-        lines.append(
-            f"| {label} | {row['describe']} | {row['step_ms']:.1f} | {speedup} | {row['s_per_image']:.2f} "
-            f"| {row['warmup_s']:.1f} | {row['tflops']:.3g} | {_pct(row.get('pct_of_bf16_gemm'))} "
-            f"| {_num(row.get('peak_memory_gib'))} | {_db(row['psnr_db'])} | {row['ssim']:.4f} |")
-    tier_rows = document.get("tiers") or {}
-    if tier_rows:
-        lines += ["", "| tier | fastest row | ms / step | vs default | s / image | PSNR dB |",
-                  "|---|---|---|---|---|---|"]
-        for name, tier in tier_rows.items():
-            if tier is None:
-                lines.append(f"| {name} | none measured | | | | |")
-            else:
-                lines.append(f"| {name} | {tier['describe']} | {tier['step_ms']:.1f} | {tier['speedup']:.2f}x "
-                             f"| {tier['s_per_image']:.2f} | {_db(tier['psnr_db'])} |")
-    broken_down = [r for r in rows if "breakdown" in r]
-    if broken_down:
-        lines += ["", "One step by kernel kind (torch.profiler, ms):", "",
-                  "| row | step | " + " | ".join(KINDS) + " | idle |", "|---|---|" + "---|" * (len(KINDS) + 1)]
-        for row in broken_down:
-            b = row["breakdown"]
-            lines.append(f"| {row['label']} | {row['step_ms']:.1f} | "
-                         + " | ".join(f"{b['kernel_ms'][k]:.1f}" for k in KINDS) + f" | {b['idle_ms']:.1f} |")
-    stepped = [r for r in rows if "removed_ms" in r]
-    if stepped:
-        lines += ["", "What each stack step removed from one step, against the stack it was tried on (ms; negative: "
-                      "it added time there):", "",
-                  "| step | tried on | " + " | ".join(KINDS) + " | idle | kept |",
-                  "|---|---|" + "---|" * (len(KINDS) + 2)]
-        labels = {r["id"]: r["label"] for r in rows}
-        for row in stepped:
-            removed = row["removed_ms"]
-            lines.append(f"| {row['label']} | {labels.get(row['stack_base'], row['stack_base'])} | "
-                         + " | ".join(f"{removed[k]:.1f}" for k in (*KINDS, "idle"))
-                         + f" | {'yes' if row.get('kept') else 'no'} |")
-    changed = [r for r in stepped if r.get("kernel_changes", {}).get("gone") or r.get("kernel_changes", {}).get("new")]
-    if changed:
-        lines += ["", f"Kernels each stack step took away and brought, by name (the {KERNEL_CHANGES} heaviest each way "
-                      f"among the {TOP_KERNELS} heaviest of a step; ms per step):", "",
-                  "| step | gone | new |", "|---|---|---|"]
-        for row in changed:
-            cells = [", ".join(f"`{k['name'][:60]}` {k['ms']:.1f}" for k in row["kernel_changes"][way]) or "none"
-                     for way in ("gone", "new")]
-            lines.append(f"| {row['label']} | {cells[0]} | {cells[1]} |")
-    if document.get("flops_per_step"):
-        f = document["flops_per_step"]
-        lines += ["", f"FLOPs per step: {f['total'] / 1e12:.4g} T (linear {f['linear'] / 1e12:.4g}, attention "
-                      f"{f['attention'] / 1e12:.4g})."]
-    lines += [f"Note: {note}." for note in document.get("notes", [])]
-    return "\n".join(lines) + "\n"
-
-
-def _pct(value) -> str:
-    return "" if value is None else f"{value:.0f}%"
-
-
-def _num(value) -> str:
-    return "" if value is None else f"{value:.1f}"
-
-
-def _finite(value):
-    """JSON has no infinity: an exact match (PSNR inf) is written as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _release(device: str) -> None:
