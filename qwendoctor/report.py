@@ -182,6 +182,8 @@ def fixed_cache_line(lock) -> str | None:
 def held_out_note(study: dict) -> str:
     if "held_out_images" not in study:
         return ""
+    if not study["held_out_images"]:
+        return "; no held-out check: the study used every built-in prompt, none was left to hold out"
     rejected = study.get("held_out_rejected", 0)
     skipped = f"; {rejected} faster trial(s) missed the floor there" if rejected else ""
     if "held_out_psnr_db" not in study:

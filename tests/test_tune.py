@@ -35,13 +35,13 @@ def drawing_tiny(monkeypatch):
 
 @pytest.fixture
 def measured_profiles(monkeypatch):
-    """Every profile the study renders and times, in order (what runs after the study, the held-out check, the
-    confirmation and the fixed-schedule caches, is not counted here)."""
+    """Every profile the study renders and times, in order (the default's timing in each run, and what runs after
+    the study, the held-out check, the confirmation and the fixed-schedule caches, are not counted here)."""
     import inspect
 
     seen = []
     real_measure = runner.measure
-    after_the_study = {"check_held_out", "confirm_speedup", "measure_fixed_caches"}
+    after_the_study = {"time_baseline", "check_held_out", "confirm_speedup", "measure_fixed_caches"}
 
     def spy(model, workload, profile, *args, **kwargs):
         if not after_the_study & {frame.function for frame in inspect.stack()}:
@@ -136,11 +136,13 @@ def test_tune_writes_a_valid_lock_that_meets_the_floor(options, measured_profile
     assert lock == result.lock
     assert lock.measured["psnr_db"] >= options.floor.psnr_db and lock.measured["ssim"] >= options.floor.ssim
     assert lock.baseline["latency_median_s"] > 0
-    assert lock.measured["speedup"] == pytest.approx(lock.baseline["latency_median_s"]
-                                                     / lock.measured["latency_median_s"])
+    assert lock.measured["study_speedup"] == pytest.approx(lock.baseline["latency_median_s"]
+                                                           / lock.measured["latency_median_s"])
+    # The headline is the side-by-side confirmation's figure; the default's is 1 by definition.
+    assert lock.measured["speedup"] == lock.measured.get("confirmed_speedup", 1.0)
     assert lock.study["trials"] == 4 == result.counts["trials"]
     assert lock.fingerprint["model_id"] == "tiny" and lock.fingerprint["model_revision"].startswith("trained-")
-    # The first trial is the default profile; its numbers come from the reference renders, measured once.
+    # The first trial is the default profile; its images come from the reference renders, rendered once.
     assert result.trials[0]["profile"] == "attn=native"
     assert measured_profiles[0] == Profile()
     assert Profile() not in measured_profiles[1:]
@@ -170,13 +172,14 @@ def test_tune_plot_draws_each_state_and_an_exact_match(tmp_path):
 
 
 def test_lock_respects_a_floor_only_exact_renders_meet(options):
-    options.floor = quality.Floor("exact", psnr_db=1000.0, ssim=1.0)
+    # An identical image counts at the finite ceiling, so a floor at the ceiling is met by identical renders only.
+    options.floor = quality.Floor("exact", psnr_db=quality.PSNR_CEILING_DB, ssim=1.0)
     options.trials = 5
     result = tune.run_tune(options, capabilities=CPU)
     # Only renders identical to the reference (the default, or a cache that never skipped) are feasible.
-    assert lockfile.read_lock(options.lock_path).measured["psnr_db"] == float("inf")
+    assert lockfile.read_lock(options.lock_path).measured["psnr_db"] == quality.PSNR_CEILING_DB
     for row in result.trials:
-        assert (row["state"] == "complete") == (row.get("psnr_db") == float("inf")), row
+        assert (row["state"] == "complete") == (row.get("psnr_db_min") == quality.PSNR_CEILING_DB), row
 
 
 def test_a_trial_that_raises_is_recorded_and_the_study_goes_on(options, monkeypatch):
