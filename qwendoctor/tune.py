@@ -965,6 +965,9 @@ def _multi_gpu_stage(options: TuneOptions, lock: lockfile.Lock, pool: ModelPool,
         # One image (the first prompt and seed) rendered in full: its figures stand for the median and worst.
         measured.update(latency_p90_s=measured["latency_median_s"], psnr_db_min=measured["psnr_db"],
                         ssim_min=measured["ssim"])
-        measured["speedup"] = lock.baseline["latency_median_s"] / measured["latency_median_s"]
+        measured["speedup"] = measured["study_speedup"] = (lock.baseline["latency_median_s"]
+                                                           / measured["latency_median_s"])
         lock.measured = measured
+        # The one-GPU confirmation was of another profile: its rounds must not stand beside these figures.
+        lock.study.pop("confirm_rounds", None)
     return [row.to_dict() for row in rows]
