@@ -505,7 +505,8 @@ def _row_line(row: dict[str, Any]) -> str:
 
 
 def _db(value: float) -> str:
-    return "exact" if math.isinf(value) else f"{value:.1f} dB"
+    # quality.compare counts an identical image at PSNR_CEILING_DB (older results: infinity)
+    return "exact" if value >= quality.PSNR_CEILING_DB else f"{value:.1f} dB"
 
 
 def markdown(document: dict[str, Any]) -> str:
