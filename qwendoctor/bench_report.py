@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from qwendoctor import levers
+from qwendoctor import levers, quality
 from qwendoctor.profile import Profile
 from qwendoctor.step_profile import KERNEL_CHANGES, KINDS, TOP_KERNELS
 
@@ -52,7 +52,8 @@ def _row_line(row: dict[str, Any]) -> str:
 
 
 def _db(value: float) -> str:
-    return "exact" if math.isinf(value) else f"{value:.1f} dB"
+    # quality.compare counts an identical image at PSNR_CEILING_DB (older results: infinity)
+    return "exact" if value >= quality.PSNR_CEILING_DB else f"{value:.1f} dB"
 
 
 def markdown(document: dict[str, Any]) -> str:

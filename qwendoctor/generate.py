@@ -109,12 +109,20 @@ def png_metadata(tuned: TunedPipeline, prompt: str, seed: int) -> dict[str, str]
     }
 
 
-def warm_up(tuned: TunedPipeline) -> float | None:
-    """Compile and autotune before the timed images, so the first image's time is not mostly compilation (50 s
-    of 50.4 s for a compiled profile on an H100). None when nothing needs it."""
-    if tuned.profile.compile == "none" and tuned.profile.quantization == "none":
-        return None
+def warm_up(tuned: TunedPipeline) -> float:
+    """Pay the one-time costs before the first image, whatever the profile: compile and autotuning (50 s of a
+    compiled profile's 50.4 s first image on an H100), and for every profile the first call's lazy
+    initialisation of the text encoder, transformer and VAE (on the CPU with tiny an eager lock's first image took
+    2.62 s against its 1.39 s warm median). The seconds it took, which generate reports apart from the images."""
     return runner.warm_up(tuned.model, tuned.workload, tuned.profile, "warm-up", 0)
+
+
+def first_image_extra_s(seconds: list[float]) -> float | None:
+    """What the first image cost over the median of the others: one-time costs a warm-up did not catch (None
+    with a single image: nothing to compare it with)."""
+    if len(seconds) < 2:
+        return None
+    return seconds[0] - timing.median(seconds[1:])
 
 
 def generate_images(tuned: TunedPipeline, prompt: str, seed: int, num_images: int,

@@ -10,18 +10,22 @@ Layout (every table required unless marked optional):
     [profile]       Profile: the chosen configuration
     [measured]      the chosen profile: latency_median_s, latency_p90_s, step_ms, warmup_s, peak_memory_gib,
                     psnr_db, psnr_db_min, ssim, ssim_min, lpips and lpips_max (where LPIPS could be measured),
-                    cached_fraction (a cache profile: the steps whose blocks were reused), speedup;
-                    confirmed_speedup and confirmed_spread (the default and the profile re-timed in alternating
-                    rounds after the study, study.confirm_rounds of them; spread: half the rounds' ratio range
-                    over their median)
-    [baseline]      (optional) the same measurements for the default profile
+                    cached_fraction (a cache profile: the share of steps, over all the study's images, whose blocks
+                    were reused), speedup (the confirmed figure where there was a confirmation), study_speedup
+                    (the study's: the default and the profile timed apart); confirmed_speedup and confirmed_spread
+                    (the default and the profile re-timed in alternating rounds after the study,
+                    study.confirm_rounds of them; spread: half the rounds' ratio range over their median);
+                    psnr_db of an image identical to the default's is quality.PSNR_CEILING_DB, never infinite
+    [baseline]      (optional) the same measurements for the default profile, timed in the study's last run
     [study]         (optional) the study it came from: name, storage, trials, completed, failed, infeasible,
                     slower (timed, not rendered: they could not win), duplicates (proposals of a profile already
                     measured: reused, not counted in trials), best_trial, floor, floor_psnr_db, floor_ssim, floor_lpips;
                     quality (how far the speed-up keeps the image: QUALITY_CLASSES), lossless_speedup and
                     lossless_trial (the fastest profile that changes nothing beyond rounding); for a lossy
                     profile on a model that draws, the held-out check: held_out_images, held_out_psnr_db,
-                    held_out_ssim, held_out_lpips, held_out_rejected (faster trials that missed the floor there);
+                    held_out_ssim, held_out_lpips, held_out_rejected (faster trials that missed the floor there;
+                    held_out_images 0: no built-in prompt was left to hold out); confirm_rejected (faster profiles
+                    the confirmation measured slower than the default, not locked);
                     on a model with random weights fixed_cache_50_speedup and fixed_cache_70_speedup (the locked
                     profile with half and 70% of its steps reusing cached blocks: speed only, unverified);
                     with several GPUs strategies_tried and one_gpu_latency_s (the best one-GPU profile's)
@@ -48,6 +52,7 @@ MEASURED_FIELDS = {
     "latency_median_s", "latency_p90_s", "step_ms", "warmup_s", "peak_memory_gib",
     "psnr_db", "psnr_db_min", "ssim", "ssim_min", "lpips", "lpips_max", "cached_fraction", "speedup",
     "confirmed_speedup", "confirmed_spread",
+    "study_speedup",  # the study's figure (this run's default against the trial, timed apart); speedup: confirmed
 }
 REQUIRED_MEASURED = ("latency_median_s", "step_ms")
 STUDY_FIELDS = {
@@ -61,6 +66,7 @@ STUDY_FIELDS = {
     # a model that does not draw: the locked profile with a cache on a fixed schedule, speed only (unverified)
     "fixed_cache_50_speedup": float, "fixed_cache_70_speedup": float,
     "confirm_rounds": int,  # alternating rounds of the default and the locked profile (confirmed_speedup)
+    "confirm_rejected": int,  # faster profiles the confirmation measured slower than the default: not locked
 }
 REQUIRED_FINGERPRINT = ("device", "torch", "model_id")
 # lossless: rounding only, measured against the reference; verified: lossy (FP8, a cache, fewer steps), judged on

@@ -20,6 +20,7 @@ size through CFG batching), so a compiled profile's baked-in part is the whole p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import time
@@ -103,6 +104,13 @@ class ModelPool:
         """Free the pipeline (and its GPU memory), for the multi-GPU stage whose ranks build their own."""
         import torch
 
+        if self.model is not None:
+            # cache-dit patches the pipeline's class and transformer with closures over the pipeline: until it
+            # is disabled they keep the whole pipeline (the 58 GiB resident one) alive after the pool drops it,
+            # and the multi-GPU stage's rank 0 would start on a full card. Off with every undoable lever, the
+            # caches and CFG wrappers among them, as a trial's re-apply does.
+            with contextlib.suppress(Exception):  # a pipeline half-applied by a failed trial: free what frees
+                levers.optimize(self.model.pipe, Profile(), undoable_only=True)
         self.model, self.baked_into, self._pristine = None, None, None
         self._pipeline_touched, self._pipeline_wide_applied = False, {}
         torch._dynamo.reset()

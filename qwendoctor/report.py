@@ -148,7 +148,22 @@ def speedup_line(lock) -> str:
     line = f"speedup {figure} over the default ({note})"
     if quality != "lossless" and "lossless_speedup" in study:
         line += f"; lossless {study['lossless_speedup']:.2f}x (trial #{study['lossless_trial']})"
-    return line + held_out_note(study)
+    return line + held_out_note(study) + confirmation_note(lock)
+
+
+def confirmation_note(lock) -> str:
+    """What the headline rests on: the side-by-side confirmation (the headline itself), whether this machine's
+    timings could rank at all, and the faster profiles it measured slower than the default."""
+    from qwendoctor.tune import UNSTABLE_SPREAD
+
+    measured, study = lock.measured, lock.study
+    note = ""
+    if "confirmed_speedup" in measured and measured.get("confirmed_spread", 0) > UNSTABLE_SPREAD:
+        note += "; cannot rank: the side-by-side timings varied too much to confirm it"
+    if study.get("confirm_rejected"):
+        note += (f"; {study['confirm_rejected']} faster profile(s) measured slower than the default side by side, "
+                 "not locked")
+    return note
 
 
 def confirmation_line(lock) -> str | None:
@@ -164,8 +179,10 @@ def confirmation_line(lock) -> str | None:
         return (f"not confirmed: re-timed against the default in {rounds} rounds, the ratio varied by "
                 f"+/-{spread:.0%} ({measured['confirmed_speedup']:.2f}x at the median); timings here are too "
                 "unstable to rank profiles: tune again on a quieter machine")
+    study_figure = (f"; the study's own estimate, timed apart, was {measured['study_speedup']:.2f}x"
+                    if "study_speedup" in measured else "")
     return (f"confirmed {measured['confirmed_speedup']:.2f}x: the locked profile against the default, re-timed side "
-            f"by side in {rounds} rounds, +/-{spread:.0%}")
+            f"by side in {rounds} rounds, +/-{spread:.0%}{study_figure}")
 
 
 def fixed_cache_line(lock) -> str | None:
@@ -182,6 +199,8 @@ def fixed_cache_line(lock) -> str | None:
 def held_out_note(study: dict) -> str:
     if "held_out_images" not in study:
         return ""
+    if not study["held_out_images"]:
+        return "; no held-out check: the study used every built-in prompt, none was left to hold out"
     rejected = study.get("held_out_rejected", 0)
     skipped = f"; {rejected} faster trial(s) missed the floor there" if rejected else ""
     if "held_out_psnr_db" not in study:

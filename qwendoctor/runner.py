@@ -97,6 +97,8 @@ class Measurement:
     step_s: list[float]
     warmup_s: float  # the first call: compile, autotuning and lazy initialisation land here, not in latencies
     peak_memory_gib: float | None
+    # Steps each image reused from a cache (levers.cached_steps), None where the cache keeps no record.
+    cached_steps: list[int | None] = dataclasses.field(default_factory=list)
 
     def summary(self) -> dict[str, float]:
         result = {
@@ -116,7 +118,7 @@ def measure(model: models.LoadedModel, workload: Workload, profile: Profile, pro
     warmup_s = sum(warm_up(model, workload, profile, prompts[0], seeds[0]) for _ in range(warmup))
 
     timing.reset_peak_memory(model.device)
-    images, latencies, steps = [], [], []
+    images, latencies, steps, cached = [], [], [], []
     for prompt in prompts:
         for seed in seeds:
             clock = timing.StepClock(model.device)
@@ -125,8 +127,9 @@ def measure(model: models.LoadedModel, workload: Workload, profile: Profile, pro
             timing.synchronize(model.device)
             latencies.append(time.perf_counter() - clock.stamps[0])
             steps.extend(clock.step_seconds)
+            cached.append(levers.cached_steps(model.pipe))
     return Measurement(images=images, latencies_s=latencies, step_s=steps, warmup_s=warmup_s,
-                       peak_memory_gib=timing.peak_memory_gib(model.device))
+                       peak_memory_gib=timing.peak_memory_gib(model.device), cached_steps=cached)
 
 
 @dataclasses.dataclass

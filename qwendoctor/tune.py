@@ -57,6 +57,12 @@ UNEVEN_STEP_RATIO = 1.5
 FIXED_CACHE_FRACTIONS = (0.5, 0.7)
 # Lossy trials the held-out check tries, fastest first, before it settles for the fastest lossless one.
 HELD_OUT_TRIES = 3
+# Lossless profiles confirmed after the locked one was measured slower than the default side by side, before the
+# lock settles for the default.
+CONFIRM_FALLBACKS = 2
+# Images of the default timed in every run, beside its trials: the median of three is not skewed by one slow
+# moment (one busy reference image once set a study's baseline at 29 s where the default took 1.3 s).
+BASELINE_IMAGES = 3
 # Where the study's time goes (a trial's user attr "time_s"), in the order the report lists them.
 TIME_PARTS = ("build", "warmup", "speed", "render", "quality")
 
@@ -146,10 +152,12 @@ def read_prompts(path: str | None, count: int, model_id: str = "tiny") -> list[s
 
 
 def held_out_set(model_id: str, prompts: list[str], seeds: list[int]) -> tuple[list[str], list[int]]:
-    """Prompts and seeds the study never rendered, as many prompts as it used (from the back of the built-in set),
-    one new seed: a lossy lock must hold its floor on them too."""
+    """Prompts and a seed no study image used: up to as many prompts as the study used, from the back of the
+    built-in set (the study takes its own from the front), and one new seed. Fewer prompts where the built-in set
+    has fewer left, none where the study used them all: then the check says so, and never re-renders the study's
+    own prompts as if they were new."""
     unused = [prompt for prompt in default_prompts(model_id) if prompt not in prompts]
-    return unused[-len(prompts):] or list(prompts), [max(seeds) + 1]
+    return unused[-len(prompts):] if unused else [], [max(seeds) + 1]
 
 
 def study_name(options: TuneOptions, here: dict[str, Any]) -> str:
@@ -219,6 +227,19 @@ def reference(options: TuneOptions, pool: ModelPool, name: str, log: Callable[[s
         return measurement.images, summary, revision
 
 
+def time_baseline(options: TuneOptions, pool: ModelPool, log: Callable[[str], None]) -> dict[str, float]:
+    """The default's seconds per image and per step, timed in this run: BASELINE_IMAGES images after a warm-up,
+    their median. Never read from the reference cache: a latency is a fact of the moment it was timed, and a
+    figure cached by an earlier study (a busy minute included) would set every later study's estimates and
+    headline. The reference's images are cached; its timing is not used."""
+    model = pool.prepare(options.baseline).model
+    summary = runner.measure(model, options.workload, options.baseline, options.prompts[:1],
+                             [options.seeds[0]] * BASELINE_IMAGES).summary()
+    log(f"baseline: the default timed in this run: {summary['latency_median_s']:.3g} s per image (median of "
+        f"{BASELINE_IMAGES}), {summary['step_ms']:.4g} ms per step")
+    return summary
+
+
 def _reference_checksum(images, summary: dict[str, Any], revision: str) -> str:
     import numpy as np
 
@@ -278,15 +299,22 @@ def quality_class(profile: Profile, model_id: str, reference: Profile | None = N
 
 
 def check_held_out(options: TuneOptions, pool: ModelPool, optuna_study, best, log: Callable[[str], None]):
-    """Render the chosen lossy profile on prompts and a seed the study never used and hold it to the floor there;
-    if it misses, the next fastest feasible trial, up to HELD_OUT_TRIES lossy ones, then the fastest lossless one.
-    Returns the trial to lock and the study fields that record the check."""
+    """Render the chosen lossy profile on prompts and a seed the study never used and hold it to the floor there
+    (every image, as in the study); if it misses, the next fastest feasible trial of another profile (copies of a
+    rejected profile are not tried again), up to HELD_OUT_TRIES lossy ones, then the fastest lossless one. An
+    image with NaN or infinite pixels misses. Returns the trial to lock and the study fields that record the
+    check."""
     prompts, seeds = held_out_set(options.workload.model, options.prompts, options.seeds)
+    if not prompts:
+        log(f"held-out check: not run: the study used all {len(default_prompts(options.workload.model))} built-in "
+            "prompts, none is left to hold out (pass fewer --num-prompts, or your own --prompts and keep some "
+            "back); the lossy profile is judged on the study's images only")
+        return best, {"held_out_images": 0}
     log(f"held-out check: {len(prompts) * len(seeds)} image(s) on prompts and a seed the study never rendered")
     references = runner.measure(pool.prepare(options.baseline).model, options.workload, options.baseline, prompts,
-                                seeds,
-                                warmup=0).images
+                                seeds, warmup=0).images
     rejected: list[int] = []
+    rejected_profiles: list[dict[str, Any]] = []
     candidate = best
     while candidate is not None and len(rejected) < HELD_OUT_TRIES:
         profile = Profile.from_dict(candidate.user_attrs["profile"])
@@ -294,17 +322,24 @@ def check_held_out(options: TuneOptions, pool: ModelPool, optuna_study, best, lo
             break  # rounding only: a new prompt has nothing to reveal
         images = runner.measure(pool.prepare(profile).model, options.workload, profile, prompts, seeds,
                                 warmup=0).images
-        fidelity = quality.compare(images, references)
-        missed = {metric: value for metric, value in options.floor.violations(fidelity).items() if value > 0}
-        log(f"held-out check: trial #{candidate.number} {profile.describe()}: PSNR {fidelity['psnr_db']:.1f} dB, "
-            f"SSIM {fidelity['ssim']:.3f}" + (f", misses the floor ({', '.join(missed)})" if missed else ", holds"))
+        try:
+            fidelity = quality.compare(images, references)
+            missed = {metric: value for metric, value in options.floor.violations(fidelity).items() if value > 0}
+            said = (f"PSNR {fidelity['psnr_db']:.1f} dB (worst {fidelity['psnr_db_min']:.1f}), "
+                    f"SSIM {fidelity['ssim']:.3f}")
+        except quality.NonFiniteImage as error:
+            missed, said = {"finite": math.inf}, str(error)
+        log(f"held-out check: trial #{candidate.number} {profile.describe()}: {said}"
+            + (f", misses the floor ({', '.join(missed)})" if missed else ", holds"))
         if not missed:
             return candidate, {
                 "held_out_images": len(images), "held_out_psnr_db": fidelity["psnr_db"],
                 "held_out_ssim": fidelity["ssim"], "held_out_rejected": len(rejected),
                 **({"held_out_lpips": fidelity["lpips"]} if "lpips" in fidelity else {})}
         rejected.append(candidate.number)
-        candidate = study.best_feasible(optuna_study, lambda trial: trial.number not in rejected)
+        rejected_profiles.append(candidate.user_attrs["profile"])
+        candidate = study.best_feasible(optuna_study, lambda trial: trial.number not in rejected
+                                        and trial.user_attrs.get("profile") not in rejected_profiles)
     if candidate is None or levers.is_lossy(Profile.from_dict(candidate.user_attrs["profile"]), options.baseline):
         candidate = study.best_feasible(optuna_study, lambda trial: not levers.is_lossy(
             Profile.from_dict(trial.user_attrs["profile"]), options.baseline))
@@ -352,6 +387,66 @@ def confirm_speedup(options: TuneOptions, pool: ModelPool, profile: Profile,
         log(f"speed-up confirmed: {confirmed['confirmed_speedup']:.2f}x over the default in {len(ratios)} {how} "
             f"(+/-{confirmed['confirmed_spread']:.0%})")
     return confirmed, len(ratios)
+
+
+def contradicts(confirmed: dict[str, float]) -> bool:
+    """Whether a confirmation measured the profile slower than the default beyond its own spread."""
+    return confirmed["confirmed_speedup"] * (1 + confirmed["confirmed_spread"]) < 1
+
+
+def drop_inert(profile: Profile, attrs: dict[str, Any], workload) -> tuple[Profile, str | None]:
+    """`profile` less a setting that did nothing in its trial, and why; (profile, None) when all of it acts. A
+    cache-dit cache whose warm-up is not below the step count cannot reuse a step, and one that reused none in
+    any of the trial's images was bit for bit the profile without it: a lock must not claim it."""
+    if profile.cache != "dbcache" or profile.cache_schedule is not None:
+        return profile, None
+    steps = profile.steps or workload.reference_steps
+    warmup = levers.DBCACHE_DEFAULTS["cache_warmup"] if profile.cache_warmup is None else profile.cache_warmup
+    if warmup >= steps:
+        reason = f"its cache warm-up ({warmup} steps) leaves none of its {steps} steps to reuse"
+    elif attrs.get("cached_fraction") == 0:
+        reason = "its cache reused no step in any of the study's images"
+    else:
+        return profile, None
+    return dataclasses.replace(profile, cache="none", cache_threshold=None,
+                               **dict.fromkeys(levers.DBCACHE_FIELDS)), reason
+
+
+def _confirmed_choice(options: TuneOptions, pool: ModelPool, optuna_study, best, spent: dict[str, float],
+                      log: Callable[[str], None]):
+    """The trial to lock, its profile (less what did nothing), the confirmation's fields, its rounds and how many
+    profiles it contradicted. A profile the side-by-side confirmation measures slower than the default (beyond
+    its spread) is not locked: the next fastest lossless profile is confirmed instead, up to CONFIRM_FALLBACKS,
+    then the default."""
+    contradicted: list[dict[str, Any]] = []
+    while True:
+        profile, inert = drop_inert(Profile.from_dict(best.user_attrs["profile"]), best.user_attrs,
+                                    options.workload)
+        if inert:
+            log(f"trial #{best.number}: {inert}; the lock leaves the cache out and the confirmation times "
+                f"{profile.describe()}")
+        if profile == options.baseline:
+            return best, profile, {}, 0, len(contradicted)
+        started = time.perf_counter()
+        confirmed, rounds = confirm_speedup(options, pool, profile, log)
+        spent["confirmation"] = spent.get("confirmation", 0.0) + time.perf_counter() - started
+        if not contradicts(confirmed):
+            return best, profile, confirmed, rounds, len(contradicted)
+        contradicted.append(best.user_attrs["profile"])
+        fallback = (study.best_feasible(optuna_study, lambda trial: trial.user_attrs.get("profile")
+                                        not in contradicted and not levers.is_lossy(
+                                            Profile.from_dict(trial.user_attrs["profile"]), options.baseline))
+                    if len(contradicted) <= CONFIRM_FALLBACKS else None)
+        if fallback is None or Profile.from_dict(fallback.user_attrs["profile"]) == options.baseline:
+            fallback = study.best_feasible(optuna_study, lambda trial: Profile.from_dict(
+                trial.user_attrs["profile"]) == options.baseline)
+        if fallback is None:  # the default's own trial failed: there is nothing confirmed to lock
+            raise QwendoctorError(f"the confirmation measured trial #{best.number} slower than the default, and "
+                                  "the default has no trial to lock instead; tune again on a quieter machine")
+        log(f"not locked: trial #{best.number} {profile.describe()} measured {confirmed['confirmed_speedup']:.2f}x "
+            f"(+/-{confirmed['confirmed_spread']:.0%}) against the default side by side, slower than the default; "
+            f"trying trial #{fallback.number} {fallback.user_attrs.get('describe', '')}")
+        best = fallback
 
 
 def _spread(ratios: list[float]) -> float:
@@ -441,12 +536,13 @@ class _Trials:
                  on_trial: Callable[[dict[str, Any], int, int], None] | None):
         self.options, self.study, self.pool, self.space, self.log, self.on_trial = (
             options, optuna_study, pool, search, log, on_trial)
-        self.reference_images, self.reference_summary = references
+        self.reference_images, self.baseline_summary = references
         reference_steps = options.workload.reference_steps
-        # What an image costs besides its denoising steps (latents, VAE decode, text encoding): the reference's
-        # measured seconds per image less its steps. A trial's estimate is its timed step times its steps plus this.
-        self.overhead_s = max(0.0, self.reference_summary["latency_median_s"]
-                              - reference_steps * self.reference_summary["step_ms"] / 1000)
+        # What an image costs besides its denoising steps (latents, VAE decode, text encoding): the default's
+        # seconds per image, timed in this run, less its steps. A trial's estimate is its timed step times its
+        # steps plus this.
+        self.overhead_s = max(0.0, self.baseline_summary["latency_median_s"]
+                              - reference_steps * self.baseline_summary["step_ms"] / 1000)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.duplicate_streak = 0  # proposals in a row of profiles already measured
         # The default profile's own images: LPIPS 0 where LPIPS is measured at all.
@@ -482,7 +578,8 @@ class _Trials:
             results = self.reuse(trial, duplicate)
         elif profile == self.options.baseline:
             self.duplicate_streak = 0
-            results = {**self.reference_summary, "psnr_db": math.inf, "psnr_db_min": math.inf, "ssim": 1.0,
+            results = {**self.baseline_summary, "psnr_db": quality.PSNR_CEILING_DB,
+                       "psnr_db_min": quality.PSNR_CEILING_DB, "ssim": 1.0,
                        "ssim_min": 1.0, **self.exact_lpips}
         else:
             self.duplicate_streak = 0
@@ -548,9 +645,14 @@ class _Trials:
             measurement = runner.measure(model, options.workload, profile, options.prompts, options.seeds,
                                          warmup=0)
             times["render"] = time.perf_counter() - started
-            cached = levers.cached_steps(model.pipe)
-            if cached is not None:  # of the last render; each trial reports how often its cache hit
-                results["cached_fraction"] = cached / (profile.steps or options.workload.reference_steps)
+            cached = [count for count in measurement.cached_steps if count is not None]
+            if cached:  # over all its images: a cache that fires on one prompt and not another is still a cache
+                results["cached_fraction"] = sum(cached) / (
+                    len(cached) * (profile.steps or options.workload.reference_steps))
+            started = time.perf_counter()
+            # An image with NaN or infinite pixels raises here: a failed trial with its reason, never a figure.
+            fidelity = quality.compare(measurement.images, self.reference_images)
+            times["quality"] = time.perf_counter() - started
         except optuna.TrialPruned:
             raise
         except Exception as error:
@@ -565,9 +667,6 @@ class _Trials:
             trial.set_user_attr("failure", reason)
             trial.set_user_attr("time_s", times)
             raise study.TrialFailed(reason) from error
-        started = time.perf_counter()
-        fidelity = quality.compare(measurement.images, self.reference_images)
-        times["quality"] = time.perf_counter() - started
         # The full renders replace the estimate: the lock records measured seconds per image.
         return {**results, **measurement.summary(), "warmup_s": speed.warmup_s, **fidelity}
 
@@ -713,8 +812,11 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
     # The study key leaves the model revision out: it is only known once the model is built.
     setup_name = study_name(options, fingerprint.machine_fingerprint(options.workload.model, None))
     started = time.perf_counter()
-    reference_images, reference_summary, revision = reference(options, pool, setup_name, log)
+    reference_images, _, revision = reference(options, pool, setup_name, log)
     spent["reference"] = time.perf_counter() - started
+    started = time.perf_counter()
+    baseline_summary = time_baseline(options, pool, log)
+    spent["baseline"] = time.perf_counter() - started
 
     # Its search space in its name too: probes that offer other choices here (an attention kernel timed slower
     # this time) make another study, since Optuna cannot draw one parameter from two sets of choices.
@@ -730,7 +832,7 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
     done = len(study.finished(optuna_study))
     remaining = options.trials - done
     log(f"study {name} in {shown}: {done} trial(s) done, {max(remaining, 0)} to run")
-    trials = _Trials(options, optuna_study, pool, search, (reference_images, reference_summary), log, on_trial)
+    trials = _Trials(options, optuna_study, pool, search, (reference_images, baseline_summary), log, on_trial)
 
     started = time.perf_counter()
     deadline = None if options.timeout_s is None else time.monotonic() + options.timeout_s
@@ -777,11 +879,21 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
         started = time.perf_counter()
         best, held_out = check_held_out(options, pool, optuna_study, best, log)
         spent["held-out check"] = time.perf_counter() - started
+    baseline = {k: baseline_summary[k] for k in study.RESULT_ATTRS if k in baseline_summary}
+    best, profile, confirmed, rounds, contradicted = _confirmed_choice(options, pool, optuna_study, best, spent, log)
     measured = {k: best.user_attrs[k] for k in study.RESULT_ATTRS
                 if k in best.user_attrs and k in lockfile.MEASURED_FIELDS}
-    baseline = {k: reference_summary[k] for k in study.RESULT_ATTRS if k in reference_summary}
-    measured["speedup"] = baseline["latency_median_s"] / measured["latency_median_s"]
-    profile = Profile.from_dict(best.user_attrs["profile"])
+    if profile.cache == "none":
+        measured.pop("cached_fraction", None)  # an inert cache dropped (drop_inert): nothing of it is locked
+    # The study's figure: this run's default against the trial's images, timed minutes apart. The headline is the
+    # confirmed one, the two timed side by side; the default against itself is 1 by definition.
+    measured["study_speedup"] = baseline["latency_median_s"] / measured["latency_median_s"]
+    measured["speedup"] = (confirmed["confirmed_speedup"] if confirmed
+                           else 1.0 if profile == options.baseline else measured["study_speedup"])
+    measured.update(confirmed)
+    if not levers.is_lossy(profile, options.baseline):
+        for key in ("held_out_psnr_db", "held_out_ssim", "held_out_lpips"):  # they judged a profile not locked
+            held_out.pop(key, None)
     # The default profile (in the placement) is trial 0 and lossless against itself, so a lossless figure always
     # exists; FP8 weight storage, which a placement may impose on every trial, is in the reference's images too.
     lossless = study.best_feasible(optuna_study, lambda trial: not levers.is_lossy(
@@ -801,12 +913,10 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
                "floor_ssim": options.floor.ssim,
                **({"floor_lpips": options.floor.lpips} if options.floor.lpips is not None else {}), **held_out},
     )
-    if profile != options.baseline:
-        started = time.perf_counter()
-        confirmed, rounds = confirm_speedup(options, pool, profile, log)
-        lock.measured.update(confirmed)
+    if rounds:
         lock.study["confirm_rounds"] = rounds
-        spent["confirmation"] = time.perf_counter() - started
+    if contradicted:
+        lock.study["confirm_rejected"] = contradicted
     # The lock is written once the choice is confirmed: what follows only adds figures, and a crash or a kill
     # there (a cache reloads a 20B transformer per schedule under a memory plan) must not cost the tune.
     lockfile.write_lock(options.lock_path, lock)
@@ -860,6 +970,9 @@ def _multi_gpu_stage(options: TuneOptions, lock: lockfile.Lock, pool: ModelPool,
         # One image (the first prompt and seed) rendered in full: its figures stand for the median and worst.
         measured.update(latency_p90_s=measured["latency_median_s"], psnr_db_min=measured["psnr_db"],
                         ssim_min=measured["ssim"])
-        measured["speedup"] = lock.baseline["latency_median_s"] / measured["latency_median_s"]
+        measured["speedup"] = measured["study_speedup"] = (lock.baseline["latency_median_s"]
+                                                           / measured["latency_median_s"])
         lock.measured = measured
+        # The one-GPU confirmation was of another profile: its rounds must not stand beside these figures.
+        lock.study.pop("confirm_rounds", None)
     return [row.to_dict() for row in rows]

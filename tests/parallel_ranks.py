@@ -1,6 +1,7 @@
 """What the multi-GPU tests run in each torchrun rank (on the CPU, gloo): `python -m tests.parallel_ranks ...`.
 
     render OUT_DIR PROFILE...   render the tiny model once per profile (k=v,... text); rank 0 saves OUT_DIR/<i>.npy
+                                (and OUT_DIR/<i>.cached: the steps a cache-dit cache reused)
     fail                        rank 0 waits in a collective, rank 1 raises: the launcher must stop both
     ulysses_graph OUT_DIR       qwendoctor's Ulysses attention compiled with fullgraph=True (no graph break
                                 allowed) on uneven shares; each rank writes OUT_DIR/<rank>.err, its largest
@@ -39,11 +40,22 @@ def render(out_dir: str, profiles: list[str]) -> None:
         image = runner.render(model, WORKLOAD, profile, "a lighthouse at dusk", seed=3)
         if parallel.is_main():
             np.save(f"{out_dir}/{index}.npy", image)
+            cached = _cached_steps(model.pipe)
+            if cached is not None:
+                with open(f"{out_dir}/{index}.cached", "w") as handle:
+                    handle.write(str(cached))
             exchanges = _size_exchanges()
             if exchanges is not None:
                 with open(f"{out_dir}/{index}.exchanges", "w") as handle:
                     handle.write(str(exchanges))
     parallel.destroy_process_group()
+
+
+def _cached_steps(pipe) -> int | None:
+    """Steps the render reused from a cache-dit cache (levers.cached_steps), if one was on."""
+    from qwendoctor import levers
+
+    return levers.cached_steps(pipe)
 
 
 def _size_exchanges() -> int | None:

@@ -7,7 +7,7 @@ import types
 import numpy as np
 import pytest
 
-from qwendoctor import bench, runner
+from qwendoctor import bench, quality, runner
 from qwendoctor.cli import main
 from qwendoctor.profile import Capabilities, Profile
 
@@ -159,7 +159,8 @@ def test_the_stack_keeps_a_lever_only_where_it_made_the_step_faster(fake_gpu, tm
     assert rows["stack:+compile"]["tflops"] == pytest.approx(result.document["flops_per_step"]["total"] / 0.49 / 1e12)
     assert rows["default"]["s_per_image"] == pytest.approx(0.2 + 50 * 0.64)
     on_disk = json.loads(open(result.path_json).read())
-    assert on_disk["rows"][0]["psnr_db"] is None  # the default against itself: exact, written as null
+    # the default against itself: identical, at quality's finite ceiling (it was infinite, written as null)
+    assert on_disk["rows"][0]["psnr_db"] == quality.PSNR_CEILING_DB
     table = open(result.path_md).read()
     assert "| + regional compile | attn=native compile=regional cfg-batch | 490.0 | 1.31x |" in table
     assert "(not kept)" in table and "| lossless |" in table

@@ -247,9 +247,13 @@ def test_two_workers_share_a_journal_study(tmp_path):
         assert " trial(s) done, " in (tmp_path / f"{name}.err").read_text()  # each joined the study
     lock = lockfile.read_lock(tmp_path / "qwendoctor.lock")
     _check_study(_load(url, lock.study["name"]), lock, tmp_path, workers=2, retried=0)
-    # Both wrote the lock of the finished study: the same profile and the same counts.
-    assert results[0]["profile"] == results[1]["profile"] == lock.profile.to_dict()
+    # Both wrote the lock of the finished study: the same counts, and the same profile unless a worker's own
+    # side-by-side confirmation measured the study's choice slower than the default (each worker confirms on its
+    # own timings, and a contradicted profile is never locked): then each lock holds what its worker upheld.
     assert results[0]["counts"] == results[1]["counts"]
+    assert lock.profile.to_dict() in (results[0]["profile"], results[1]["profile"])
+    if not any(result["study"].get("confirm_rejected") for result in results):
+        assert results[0]["profile"] == results[1]["profile"] == lock.profile.to_dict()
 
 
 def _wait_for(condition, what: str, log: Path) -> None:

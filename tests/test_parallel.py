@@ -373,3 +373,25 @@ def test_the_fastest_strategy_must_meet_the_floor_and_beat_one_gpu():
             row("cfg+ulysses", 8.0, 47.0)]
     assert fastest(rows, floor, one_gpu_s=10.0).strategy == "cfg"  # ring failed, ulysses is below the floor
     assert fastest(rows, floor, one_gpu_s=6.5) is None  # nothing that meets the floor beats one GPU
+
+
+def test_a_cache_under_cfg_parallel_knows_each_rank_makes_one_call_a_step(ranks_import_tests, tmp_path):
+    """Set up for true CFG's two calls a step, DBCache on a CFG-parallel rank (one call a step, its own pass)
+    compared residuals two steps apart and cached nothing; in one process the same profile cached steps."""
+    pytest.importorskip("cache_dit")
+    from qwendoctor import levers, runner
+    from tests import parallel_ranks
+
+    cache = "cache=dbcache,cache_threshold=1.0,cache_warmup=1,steps=6"
+    workload = parallel_ranks.WORKLOAD
+    pipe = SimpleNamespace(_qwendoctor_workload=workload)
+    assert levers.separate_cfg_passes(pipe, Profile.from_text(cache))
+    assert not levers.separate_cfg_passes(pipe, Profile.from_text(f"{cache},parallel=cfg,gpus=2"))
+
+    alone_profile = Profile.from_text(cache)
+    model = runner.build(workload, alone_profile, Capabilities(device="cpu", has_cache_dit=True))
+    runner.render(model, workload, alone_profile, "a lighthouse at dusk", seed=3)
+    alone = levers.cached_steps(model.pipe)
+    assert alone and alone > 0
+    parallel.launch(2, ["tests.parallel_ranks", "render", str(tmp_path), f"{cache},parallel=cfg,gpus=2"])
+    assert int((tmp_path / "0.cached").read_text()) == alone

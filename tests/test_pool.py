@@ -123,3 +123,22 @@ def test_fusion_gets_a_new_transformer_both_ways_and_the_unfused_one_has_its_wei
     assert _same_weights(unfused.model.pipe.transformer, original)
     after = runner.render(unfused.model, tiny_workload, Profile(), "a red fox in the snow", 0)
     np.testing.assert_array_equal(before, after)
+
+
+def test_closing_the_pool_frees_a_pipeline_that_had_cache_dit_on(tiny_workload):
+    """cache-dit patches the pipeline's class with closures over the pipeline: closed without disabling it, the
+    pool left the pipeline (on a GPU, its whole resident memory) alive for the multi-GPU stage's rank 0."""
+    pytest.importorskip("cache_dit")
+    import gc
+    import weakref
+
+    drawing = Capabilities(device="cpu", has_cache_dit=True, working_attention_backends=("native",))
+    shared = pool.ModelPool(tiny_workload, drawing)
+    pipe = shared.prepare(Profile(cache="dbcache", cache_threshold=0.2, cache_warmup=1)).model.pipe
+    runner.render(shared.model, tiny_workload, Profile(cache="dbcache", cache_threshold=0.2, cache_warmup=1),
+                  "a fox", 0)
+    alive = weakref.ref(pipe), weakref.ref(pipe.transformer)
+    del pipe
+    shared.close()
+    gc.collect()
+    assert alive[0]() is None and alive[1]() is None

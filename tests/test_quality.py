@@ -63,3 +63,40 @@ def test_compare_adds_lpips_where_it_is_measured(lpips_here):
     assert measured["lpips"] == pytest.approx(0.25) and measured["lpips_max"] == pytest.approx(0.5)
     assert "lpips" not in quality.compare([a], [b], with_lpips=False)
 
+
+
+# ---- every image judged (issue 30) ----------------------------------------------------------------------------
+
+def _noisy(image, sigma, seed=0):
+    return np.clip(image + np.random.default_rng(seed).normal(0, sigma, image.shape), 0, 1)
+
+
+def test_an_untouched_image_cannot_carry_a_bad_one_past_the_psnr_floor():
+    """[untouched image, 2-step image]: the identical one was infinite PSNR, which made the mean infinite and the
+    floor pass whatever the other looked like."""
+    rng = np.random.default_rng(1)
+    references = [rng.uniform(0, 1, (32, 32, 3)) for _ in range(2)]
+    bad = _noisy(references[1], 0.2)  # about 15 dB: what a 2-step render looks like against 50
+    measured = quality.compare([references[0], bad], references, with_lpips=False)
+    assert measured["psnr_db"] < quality.PSNR_CEILING_DB and measured["psnr_db_min"] < 20
+    floor = quality.parse_floor("psnr=30,ssim=-1")
+    assert floor.violations(measured)["psnr"] > 0
+
+
+def test_an_identical_image_counts_at_a_finite_ceiling():
+    image = np.random.default_rng(2).uniform(0, 1, (16, 16, 3))
+    measured = quality.compare([image], [image], with_lpips=False)
+    assert measured["psnr_db"] == measured["psnr_db_min"] == quality.PSNR_CEILING_DB
+    assert quality.parse_floor("lossless").violations(measured)["psnr"] < 0
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_an_image_with_non_finite_pixels_has_no_fidelity_and_never_holds(bad):
+    image = np.random.default_rng(3).uniform(0, 1, (16, 16, 3))
+    broken = image.copy()
+    broken[3, 4, 1] = bad
+    with pytest.raises(quality.NonFiniteImage, match="image 2 of 2 has NaN or infinite pixels"):
+        quality.compare([image, broken], [image, image], with_lpips=False)
+    # A non-finite figure reaching the floor is a violation (Optuna refuses a NaN constraint), never a pass.
+    found = quality.parse_floor("balanced").violations({"psnr_db": np.nan, "ssim": np.nan})
+    assert found == {"psnr": np.inf, "ssim": np.inf}

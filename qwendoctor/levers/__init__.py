@@ -95,7 +95,8 @@ LEVERS = (TF32, ATTENTION, REAL_ROPE, FUSED_QKV, GELU_EPILOGUE, QUANTIZATION, WE
 # The order tune asks Optuna for values: compile first, since whether quantization, cache and real RoPE are
 # offered depends on it. (Changing it changes which profiles a seeded study proposes.)
 # The memory levers are not searched: they cost speed, and a memory plan chooses them.
-SEARCH_ORDER = (ATTENTION, COMPILE, QUANTIZATION, CACHE, TF32, CFG_BATCHING, REAL_ROPE, STEPS, FUSED_QKV,
+# STEPS before CACHE: a cache's warm-up is drawn below the step count (cache._cache_warmup).
+SEARCH_ORDER = (ATTENTION, COMPILE, QUANTIZATION, STEPS, CACHE, TF32, CFG_BATCHING, REAL_ROPE, FUSED_QKV,
                 GELU_EPILOGUE)
 FIELDS = tuple(field for lever in LEVERS for field in lever.fields)
 

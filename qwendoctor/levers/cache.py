@@ -92,9 +92,11 @@ def _enable_dbcache(pipe, profile: "Profile") -> None:
 
 
 def separate_cfg_passes(pipe, profile: "Profile") -> bool:
-    """Whether each denoising step calls the transformer twice (true CFG, not batched)."""
+    """Whether each denoising step calls the transformer twice (true CFG, not batched). Under CFG-parallel each
+    rank makes one call per step (its own pass): a cache set up for two compared residuals two steps apart."""
     workload = getattr(pipe, "_qwendoctor_workload", None)
-    return (workload is None or workload.does_cfg) and not profile.cfg_batching
+    return ((workload is None or workload.does_cfg) and not profile.cfg_batching
+            and getattr(profile, "cfg_degree", 1) == 1)
 
 
 def fixed_schedule(steps: int, cached_fraction: float, warmup: int) -> list[int]:
@@ -189,10 +191,19 @@ def _cache_sample(trial, offer: Offer, chosen: dict[str, Any], ctx: SpaceContext
         bn_max = min(2, ctx.blocks - 1 - fn_max) if ctx.blocks else 2
         drawn.update(cache_fn=trial.suggest_int("cache_fn", 1, fn_max),
                      cache_bn=trial.suggest_int("cache_bn", 0, bn_max),
-                     cache_warmup=trial.suggest_int("cache_warmup", 2, 8, step=2),
+                     cache_warmup=_cache_warmup(trial, chosen, ctx),
                      cache_max_run=trial.suggest_categorical("cache_max_run", (None, 2, 3, 5)),
                      taylorseer_order=trial.suggest_categorical("taylorseer_order", (None, *TAYLORSEER_ORDERS)))
     return drawn
+
+
+def _cache_warmup(trial, chosen: dict[str, Any], ctx: SpaceContext) -> int:
+    """A warm-up below the trial's step count (STEPS is drawn before CACHE): cache-dit computes every warm-up
+    step, so a warm-up of 8 at 8 steps cached nothing and was the uncached profile bit for bit."""
+    steps = chosen.get("steps") or ctx.workload.reference_steps
+    high = min(8, steps - 1)
+    low = min(2, high)
+    return trial.suggest_int("cache_warmup", low, low + (high - low) // 2 * 2, step=2)
 
 
 def _describe_cache(p) -> str | None:
