@@ -239,7 +239,7 @@ def run_bench(options: BenchOptions, capabilities: Capabilities,
         except (KeyboardInterrupt, QwendoctorError):
             raise
         except Exception as error:  # an OOM or a compile failure is a result of this row, not of the bench
-            from qwendoctor.tune import classify_failure
+            from qwendoctor.runner import classify_failure
 
             # A failure after the timing (the comparison, the breakdown) must not leave a half row: the report
             # reads a row with step_ms as a whole one.

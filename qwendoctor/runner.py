@@ -155,3 +155,32 @@ def time_steps(model: models.LoadedModel, workload: Workload, profile: Profile, 
     render(model, workload, dataclasses.replace(profile, steps=timed_steps), prompt, seed, clock=clock)
     return StepTiming(step_s=clock.step_seconds, warmup_s=warmup_s,
                       peak_memory_gib=timing.peak_memory_gib(model.device))
+
+
+def release_memory() -> None:
+    import gc
+
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def classify_failure(error: BaseException) -> str:
+    """A one-line reason recorded on a failed trial or bench row."""
+    import torch
+
+    from probes.context import first_line
+    from qwendoctor import study
+    from qwendoctor.errors import UnavailableLever
+
+    line = first_line(error)
+    if isinstance(error, torch.OutOfMemoryError):
+        return f"{study.OUT_OF_MEMORY}: {line}"
+    if isinstance(error, UnavailableLever):
+        return f"unavailable: {line}"
+    module = type(error).__module__ or ""
+    if "_dynamo" in module or "_inductor" in module:
+        return f"compile failed: {type(error).__name__}: {line}"
+    return f"{type(error).__name__}: {line}"

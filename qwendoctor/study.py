@@ -256,7 +256,7 @@ def skip(trial, results: dict[str, Any]):
     raise optuna.TrialPruned(results["skipped"])
 
 
-OUT_OF_MEMORY = "out of memory"  # the start of tune.classify_failure's reason for torch.OutOfMemoryError
+OUT_OF_MEMORY = "out of memory"  # the start of runner.classify_failure's reason for torch.OutOfMemoryError
 
 
 def row(trial) -> dict[str, Any]:

@@ -1,37 +1,50 @@
 """qwendoctor tune: an Optuna study over the levers, a quality floor as constraint, the best profile to a lock.
 
-Flow: search space from the probes (qwendoctor.space) -> reference renders (default profile, cached on disk) ->
-trials (the one pipeline of qwendoctor.pool prepared for the profile, a warm-up, a few timed steps; full renders
-and the comparison only for a trial whose estimate could beat the best) -> the fastest feasible profile -> with
-several GPUs, that profile under each multi-GPU strategy (qwendoctor.strategies) -> qwendoctor.lock. The study
-lives in an Optuna storage (qwendoctor.storage), so an interrupted run resumes where it stopped, and several
-workers (processes, GPUs, hosts) can share it: qwendoctor.study coordinates them.
+Flow: search space from the probes (qwendoctor.space) -> the reference (qwendoctor.reference: the default
+profile's images, cached on disk, and its latency, timed in every run) -> trials (the one pipeline of
+qwendoctor.pool prepared for the profile, a warm-up, a few timed steps; full renders and the comparison only for a
+trial whose estimate could beat the best) -> the fastest feasible profile -> its checks (qwendoctor.verify: held
+out prompts, the side-by-side confirmation, inert settings dropped) -> with several GPUs, that profile under each
+multi-GPU strategy (qwendoctor.strategies) -> qwendoctor.lock. The study lives in an Optuna storage
+(qwendoctor.storage), so an interrupted run resumes where it stopped, and several workers (processes, GPUs, hosts)
+can share it: qwendoctor.study coordinates them. The prompts come from qwendoctor.prompts.
 """
-
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
-import gc
 import hashlib
 import json
 import logging
-import math
 import os
 import socket
 import time
 import warnings
-import zipfile
 from typing import Any, Callable
 
 from probes import timing
 from probes.context import first_line
-from qwendoctor import compile_stats, files, fingerprint, levers, lockfile, models, quality, runner, space, study
+from qwendoctor import compile_stats, fingerprint, levers, lockfile, models, quality, runner, space, study
 from qwendoctor.capabilities import Capabilities, probe_capabilities
-from qwendoctor.errors import QwendoctorError, UnavailableLever, UsageError
+from qwendoctor.errors import QwendoctorError, UsageError
 from qwendoctor.pool import ModelPool
 from qwendoctor.profile import Profile, Workload
+from qwendoctor.prompts import default_prompts, held_out_set, read_prompts  # noqa: F401  (tune.read_prompts)
+from qwendoctor.reference import reference, time_baseline  # noqa: F401
+from qwendoctor.runner import classify_failure, release_memory
+from qwendoctor.verify import (  # noqa: F401  (the post-study checks, by their old names too)
+    CONFIRM_MAX_ROUNDS,
+    CONFIRM_ROUNDS,
+    UNSTABLE_SPREAD,
+    _confirmed_choice,
+    _spread,
+    check_held_out,
+    confirm_speedup,
+    contradicts,
+    drop_inert,
+    measure_fixed_caches,
+    uneven_timings,
+)
 
 DEFAULT_HEARTBEAT_S = 10  # seconds between a running trial's heartbeats (qwendoctor.storage)
 # A trial renders full images only if its estimated seconds per image could beat the best feasible trial's
@@ -45,24 +58,6 @@ MAX_CACHE_SPEEDUP = 3.0
 # A sampler that proposes only profiles the study has measured has run out of new ones (a small space, or one
 # TPE has converged on): after this many in a row the run ends with what it has.
 DUPLICATE_STREAK_LIMIT = 10
-# Rounds of (default, locked profile) timed alternately after the study to confirm the lock's speed-up; up to
-# the maximum while the rounds' ratios disagree by more than the spread (half their range over their median).
-CONFIRM_ROUNDS = 3
-CONFIRM_MAX_ROUNDS = 6
-UNSTABLE_SPREAD = 0.15
-# Two trials of one profile (their step counts aside) whose ms per step differ by more than this: the machine,
-# not the profile, set the pace.
-UNEVEN_STEP_RATIO = 1.5
-# On a model that does not draw, caches are timed on these fixed shares of cached steps instead of searched.
-FIXED_CACHE_FRACTIONS = (0.5, 0.7)
-# Lossy trials the held-out check tries, fastest first, before it settles for the fastest lossless one.
-HELD_OUT_TRIES = 3
-# Lossless profiles confirmed after the locked one was measured slower than the default side by side, before the
-# lock settles for the default.
-CONFIRM_FALLBACKS = 2
-# Images of the default timed in every run, beside its trials: the median of three is not skewed by one slow
-# moment (one busy reference image once set a study's baseline at 29 s where the default took 1.3 s).
-BASELINE_IMAGES = 3
 # Where the study's time goes (a trial's user attr "time_s"), in the order the report lists them.
 TIME_PARTS = ("build", "warmup", "speed", "render", "quality")
 
@@ -120,46 +115,6 @@ class TuneResult:
     notes: list[str] = dataclasses.field(default_factory=list)  # what the report must not leave out (timings)
 
 
-def default_prompts(model_id: str) -> list[str]:
-    """The built-in prompt set for `model_id`: tiny's held-out shapes prompts (it draws nothing else), else
-    qwendoctor/prompts.txt."""
-    if model_id == "tiny":
-        from qwendoctor.tiny import shapes, trained
-
-        return shapes.held_out_prompts(trained.read_config()["training"]["seed"])
-    from importlib import resources
-
-    return _prompt_lines(resources.files("qwendoctor").joinpath("prompts.txt").read_text())
-
-
-def _prompt_lines(text: str) -> list[str]:
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-
-
-def read_prompts(path: str | None, count: int, model_id: str = "tiny") -> list[str]:
-    if path is None:
-        return default_prompts(model_id)[:count]
-    try:
-        text = files.read_bounded(path, "--prompts")
-    except OSError as error:
-        raise UsageError(f"--prompts {path}: {error.strerror or error}") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"--prompts {path}: not UTF-8 text") from None
-    prompts = _prompt_lines(text)
-    if not prompts:
-        raise UsageError(f"--prompts {path}: no prompts in the file")
-    return prompts
-
-
-def held_out_set(model_id: str, prompts: list[str], seeds: list[int]) -> tuple[list[str], list[int]]:
-    """Prompts and a seed no study image used: up to as many prompts as the study used, from the back of the
-    built-in set (the study takes its own from the front), and one new seed. Fewer prompts where the built-in set
-    has fewer left, none where the study used them all: then the check says so, and never re-renders the study's
-    own prompts as if they were new."""
-    unused = [prompt for prompt in default_prompts(model_id) if prompt not in prompts]
-    return unused[-len(prompts):] if unused else [], [max(seeds) + 1]
-
-
 def study_name(options: TuneOptions, here: dict[str, Any]) -> str:
     """Same workload, prompts, floor and setup -> same study, so rerunning the command resumes it."""
     key = {
@@ -180,113 +135,6 @@ def study_name(options: TuneOptions, here: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def _exclusive(path: str, log: Callable[[str], None], waiting: str):
-    """An flock on `path`: workers on one host take turns. (Across hosts each has its own cache.)"""
-    with open(path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(waiting)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def reference(options: TuneOptions, pool: ModelPool, name: str, log: Callable[[str], None]):
-    """The default profile's images, timing and model revision, rendered once per study and kept on disk with
-    what they belong to and a checksum: a cache file that is damaged, of another workload or of another revision
-    of a built-in model is rendered again, with a one-line note.
-
-    Workers starting together on one host render it once: the others wait on the lock, then read the cache."""
-    import numpy as np
-
-    path = os.path.join(files.cache_dir(options.cache_dir), f"reference-{name}.npz")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    belongs_to = json.dumps({"study": name, "workload": options.workload.to_dict(), "prompts": options.prompts,
-                             "seeds": options.seeds}, sort_keys=True)
-    with _exclusive(path + ".lock", log, "reference renders: waiting for another worker rendering them"):
-        if os.path.exists(path):
-            try:
-                images, summary, revision = _read_reference(path, belongs_to,
-                                                            models.builtin_revision(options.workload.model))
-                log(f"reference renders: {path} (cached)")
-                return images, summary, revision
-            except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as error:
-                log(f"reference renders: {path} not usable ({first_line(error)}); rendering them again")
-        log(f"reference renders: {len(options.prompts) * len(options.seeds)} images with the default profile")
-        model = pool.prepare(options.baseline).model
-        measurement = runner.measure(model, options.workload, options.baseline, options.prompts, options.seeds)
-        summary, revision = measurement.summary(), model.revision
-        with files.atomic_write(path, "wb") as handle:
-            np.savez_compressed(handle, count=len(measurement.images), summary=json.dumps(summary),
-                                revision=revision or "", belongs_to=belongs_to,
-                                checksum=_reference_checksum(measurement.images, summary, revision or ""),
-                                **{f"image{i}": image for i, image in enumerate(measurement.images)})
-        return measurement.images, summary, revision
-
-
-def time_baseline(options: TuneOptions, pool: ModelPool, log: Callable[[str], None]) -> dict[str, float]:
-    """The default's seconds per image and per step, timed in this run: BASELINE_IMAGES images after a warm-up,
-    their median. Never read from the reference cache: a latency is a fact of the moment it was timed, and a
-    figure cached by an earlier study (a busy minute included) would set every later study's estimates and
-    headline. The reference's images are cached; its timing is not used."""
-    model = pool.prepare(options.baseline).model
-    summary = runner.measure(model, options.workload, options.baseline, options.prompts[:1],
-                             [options.seeds[0]] * BASELINE_IMAGES).summary()
-    log(f"baseline: the default timed in this run: {summary['latency_median_s']:.3g} s per image (median of "
-        f"{BASELINE_IMAGES}), {summary['step_ms']:.4g} ms per step")
-    return summary
-
-
-def _reference_checksum(images, summary: dict[str, Any], revision: str) -> str:
-    import numpy as np
-
-    digest = hashlib.sha256(json.dumps(summary, sort_keys=True).encode() + revision.encode())
-    for image in images:
-        digest.update(np.ascontiguousarray(image).tobytes())
-    return digest.hexdigest()
-
-
-def _read_reference(path: str, belongs_to: str, expected_revision: str | None):
-    """The cached references, or ValueError saying why they cannot be trusted."""
-    import numpy as np
-
-    with np.load(path) as stored:
-        if "belongs_to" not in stored or str(stored["belongs_to"]) != belongs_to:
-            raise ValueError("made for another workload, prompt set or study")
-        revision = str(stored["revision"])
-        if expected_revision is not None and revision != expected_revision:
-            raise ValueError(f"made with model revision {revision or 'unknown'}, this one is {expected_revision}")
-        images = [stored[f"image{i}"] for i in range(int(stored["count"]))]
-        summary = json.loads(str(stored["summary"]))
-        if str(stored["checksum"]) != _reference_checksum(images, summary, revision):
-            raise ValueError("checksum mismatch")
-    return images, summary, revision or None
-
-
-def _release_memory() -> None:
-    gc.collect()
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def classify_failure(error: BaseException) -> str:
-    """A one-line reason recorded on a failed trial."""
-    import torch
-
-    line = first_line(error)
-    if isinstance(error, torch.OutOfMemoryError):
-        return f"{study.OUT_OF_MEMORY}: {line}"
-    if isinstance(error, UnavailableLever):
-        return f"unavailable: {line}"
-    module = type(error).__module__ or ""
-    if "_dynamo" in module or "_inductor" in module:
-        return f"compile failed: {type(error).__name__}: {line}"
-    return f"{type(error).__name__}: {line}"
 
 
 def quality_class(profile: Profile, model_id: str, reference: Profile | None = None) -> str:
@@ -296,212 +144,6 @@ def quality_class(profile: Profile, model_id: str, reference: Profile | None = N
     if not levers.is_lossy(profile, reference):
         return "lossless"
     return "verified" if models.draws(model_id) else "unverified"
-
-
-def check_held_out(options: TuneOptions, pool: ModelPool, optuna_study, best, log: Callable[[str], None]):
-    """Render the chosen lossy profile on prompts and a seed the study never used and hold it to the floor there
-    (every image, as in the study); if it misses, the next fastest feasible trial of another profile (copies of a
-    rejected profile are not tried again), up to HELD_OUT_TRIES lossy ones, then the fastest lossless one. An
-    image with NaN or infinite pixels misses. Returns the trial to lock and the study fields that record the
-    check."""
-    prompts, seeds = held_out_set(options.workload.model, options.prompts, options.seeds)
-    if not prompts:
-        log(f"held-out check: not run: the study used all {len(default_prompts(options.workload.model))} built-in "
-            "prompts, none is left to hold out (pass fewer --num-prompts, or your own --prompts and keep some "
-            "back); the lossy profile is judged on the study's images only")
-        return best, {"held_out_images": 0}
-    log(f"held-out check: {len(prompts) * len(seeds)} image(s) on prompts and a seed the study never rendered")
-    references = runner.measure(pool.prepare(options.baseline).model, options.workload, options.baseline, prompts,
-                                seeds, warmup=0).images
-    rejected: list[int] = []
-    rejected_profiles: list[dict[str, Any]] = []
-    candidate = best
-    while candidate is not None and len(rejected) < HELD_OUT_TRIES:
-        profile = Profile.from_dict(candidate.user_attrs["profile"])
-        if not levers.is_lossy(profile, options.baseline):
-            break  # rounding only: a new prompt has nothing to reveal
-        images = runner.measure(pool.prepare(profile).model, options.workload, profile, prompts, seeds,
-                                warmup=0).images
-        try:
-            fidelity = quality.compare(images, references)
-            missed = {metric: value for metric, value in options.floor.violations(fidelity).items() if value > 0}
-            said = (f"PSNR {fidelity['psnr_db']:.1f} dB (worst {fidelity['psnr_db_min']:.1f}), "
-                    f"SSIM {fidelity['ssim']:.3f}")
-        except quality.NonFiniteImage as error:
-            missed, said = {"finite": math.inf}, str(error)
-        log(f"held-out check: trial #{candidate.number} {profile.describe()}: {said}"
-            + (f", misses the floor ({', '.join(missed)})" if missed else ", holds"))
-        if not missed:
-            return candidate, {
-                "held_out_images": len(images), "held_out_psnr_db": fidelity["psnr_db"],
-                "held_out_ssim": fidelity["ssim"], "held_out_rejected": len(rejected),
-                **({"held_out_lpips": fidelity["lpips"]} if "lpips" in fidelity else {})}
-        rejected.append(candidate.number)
-        rejected_profiles.append(candidate.user_attrs["profile"])
-        candidate = study.best_feasible(optuna_study, lambda trial: trial.number not in rejected
-                                        and trial.user_attrs.get("profile") not in rejected_profiles)
-    if candidate is None or levers.is_lossy(Profile.from_dict(candidate.user_attrs["profile"]), options.baseline):
-        candidate = study.best_feasible(optuna_study, lambda trial: not levers.is_lossy(
-            Profile.from_dict(trial.user_attrs["profile"]), options.baseline))
-    log(f"held-out check: {len(rejected)} lossy trial(s) missed the floor on new prompts; locking "
-        f"trial #{candidate.number}, lossless")
-    return candidate, {"held_out_images": len(references), "held_out_rejected": len(rejected)}
-
-
-def confirm_speedup(options: TuneOptions, pool: ModelPool, profile: Profile,
-                    log: Callable[[str], None]) -> tuple[dict[str, float], int]:
-    """The default and `profile` re-timed side by side in this process, so both see the same load. Where the pool
-    switches between them cheaply (every lever of `profile` undoable), one image each per round, alternating, with
-    more rounds while their ratios disagree by more than UNSTABLE_SPREAD, up to CONFIRM_MAX_ROUNDS. Where a switch
-    means a new transformer (FP8 weights, a compiled graph), the default's images are bracketed by the profile's
-    before and after, two switches in all. Returns the lock's measured fields (confirmed_speedup,
-    confirmed_spread: the half-range of the rounds' ratios over their median) and the rounds run."""
-    prompt, seed = options.prompts[:1], options.seeds[0]
-
-    def images(target: Profile, count: int) -> list[float]:
-        model = pool.prepare(target).model
-        # A switch may have replaced the transformer: its compile and first call land in the warm-up.
-        return runner.measure(model, options.workload, target, prompt, [seed] * count).latencies_s
-
-    if levers.baked_part(profile) is None:
-        default_s, profile_s = [], []
-        while len(default_s) < CONFIRM_MAX_ROUNDS:
-            default_s += images(options.baseline, 1)
-            profile_s += images(profile, 1)
-            ratios = [d / p for d, p in zip(default_s, profile_s)]
-            if len(ratios) >= CONFIRM_ROUNDS and _spread(ratios) <= UNSTABLE_SPREAD:
-                break
-        how = "alternating rounds"
-    else:
-        before, default_s, after = (images(target, CONFIRM_ROUNDS)
-                                    for target in (profile, options.baseline, profile))
-        profile_s = before + after
-        ratios = [d / ((b + a) / 2) for b, d, a in zip(before, default_s, after)]
-        how = "rounds, the default's images between the profile's"
-    confirmed = {"confirmed_speedup": timing.median(default_s) / timing.median(profile_s),
-                 "confirmed_spread": _spread(ratios)}
-    if confirmed["confirmed_spread"] > UNSTABLE_SPREAD:
-        log(f"speed-up not confirmed: {len(ratios)} {how} gave {min(ratios):.2f}x to {max(ratios):.2f}x; this "
-            "machine's timings are too unstable to rank profiles (another process busy on it, or throttling)")
-    else:
-        log(f"speed-up confirmed: {confirmed['confirmed_speedup']:.2f}x over the default in {len(ratios)} {how} "
-            f"(+/-{confirmed['confirmed_spread']:.0%})")
-    return confirmed, len(ratios)
-
-
-def contradicts(confirmed: dict[str, float]) -> bool:
-    """Whether a confirmation measured the profile slower than the default beyond its own spread."""
-    return confirmed["confirmed_speedup"] * (1 + confirmed["confirmed_spread"]) < 1
-
-
-def drop_inert(profile: Profile, attrs: dict[str, Any], workload) -> tuple[Profile, str | None]:
-    """`profile` less a setting that did nothing in its trial, and why; (profile, None) when all of it acts. A
-    cache-dit cache whose warm-up is not below the step count cannot reuse a step, and one that reused none in
-    any of the trial's images was bit for bit the profile without it: a lock must not claim it."""
-    if profile.cache != "dbcache" or profile.cache_schedule is not None:
-        return profile, None
-    steps = profile.steps or workload.reference_steps
-    warmup = levers.DBCACHE_DEFAULTS["cache_warmup"] if profile.cache_warmup is None else profile.cache_warmup
-    if warmup >= steps:
-        reason = f"its cache warm-up ({warmup} steps) leaves none of its {steps} steps to reuse"
-    elif attrs.get("cached_fraction") == 0:
-        reason = "its cache reused no step in any of the study's images"
-    else:
-        return profile, None
-    return dataclasses.replace(profile, cache="none", cache_threshold=None,
-                               **dict.fromkeys(levers.DBCACHE_FIELDS)), reason
-
-
-def _confirmed_choice(options: TuneOptions, pool: ModelPool, optuna_study, best, spent: dict[str, float],
-                      log: Callable[[str], None]):
-    """The trial to lock, its profile (less what did nothing), the confirmation's fields, its rounds and how many
-    profiles it contradicted. A profile the side-by-side confirmation measures slower than the default (beyond
-    its spread) is not locked: the next fastest lossless profile is confirmed instead, up to CONFIRM_FALLBACKS,
-    then the default."""
-    contradicted: list[dict[str, Any]] = []
-    while True:
-        profile, inert = drop_inert(Profile.from_dict(best.user_attrs["profile"]), best.user_attrs,
-                                    options.workload)
-        if inert:
-            log(f"trial #{best.number}: {inert}; the lock leaves the cache out and the confirmation times "
-                f"{profile.describe()}")
-        if profile == options.baseline:
-            return best, profile, {}, 0, len(contradicted)
-        started = time.perf_counter()
-        confirmed, rounds = confirm_speedup(options, pool, profile, log)
-        spent["confirmation"] = spent.get("confirmation", 0.0) + time.perf_counter() - started
-        if not contradicts(confirmed):
-            return best, profile, confirmed, rounds, len(contradicted)
-        contradicted.append(best.user_attrs["profile"])
-        fallback = (study.best_feasible(optuna_study, lambda trial: trial.user_attrs.get("profile")
-                                        not in contradicted and not levers.is_lossy(
-                                            Profile.from_dict(trial.user_attrs["profile"]), options.baseline))
-                    if len(contradicted) <= CONFIRM_FALLBACKS else None)
-        if fallback is None or Profile.from_dict(fallback.user_attrs["profile"]) == options.baseline:
-            fallback = study.best_feasible(optuna_study, lambda trial: Profile.from_dict(
-                trial.user_attrs["profile"]) == options.baseline)
-        if fallback is None:  # the default's own trial failed: there is nothing confirmed to lock
-            raise QwendoctorError(f"the confirmation measured trial #{best.number} slower than the default, and "
-                                  "the default has no trial to lock instead; tune again on a quieter machine")
-        log(f"not locked: trial #{best.number} {profile.describe()} measured {confirmed['confirmed_speedup']:.2f}x "
-            f"(+/-{confirmed['confirmed_spread']:.0%}) against the default side by side, slower than the default; "
-            f"trying trial #{fallback.number} {fallback.user_attrs.get('describe', '')}")
-        best = fallback
-
-
-def _spread(ratios: list[float]) -> float:
-    return (max(ratios) - min(ratios)) / (2 * timing.median(ratios))
-
-
-def uneven_timings(trials) -> list[str]:
-    """Trials whose profiles differ only in their step count run the same step, so their ms per step should
-    agree; where they differ by more than UNEVEN_STEP_RATIO, something else on the machine set the pace. One line
-    per such profile (caches left out: their cached steps cost less by design)."""
-    groups: dict[str, list[tuple[int, float]]] = {}
-    for trial in trials:
-        attrs = trial.user_attrs
-        if "step_ms" not in attrs or "profile" not in attrs or "duplicate_of" in attrs:
-            continue
-        profile = Profile.from_dict(attrs["profile"])
-        if profile.cache != "none":
-            continue
-        groups.setdefault(dataclasses.replace(profile, steps=None).describe(), []).append(
-            (trial.number, attrs["step_ms"]))
-    notes = []
-    for described, timed in groups.items():
-        fastest, slowest = min(timed, key=lambda item: item[1]), max(timed, key=lambda item: item[1])
-        if slowest[1] > UNEVEN_STEP_RATIO * fastest[1]:
-            notes.append(f"timings uneven: {described} took {fastest[1]:.3g} ms per step in trial #{fastest[0]} and "
-                         f"{slowest[1]:.3g} ms in #{slowest[0]}; close profiles cannot be ranked on this machine's "
-                         "timings (another process busy on it?)")
-    return notes
-
-
-def measure_fixed_caches(options: TuneOptions, pool: ModelPool, profile: Profile, default_latency_s: float,
-                         log: Callable[[str], None]) -> dict[str, float]:
-    """Where quality cannot judge a cache (random weights): the locked profile plus cache-dit on fixed schedules
-    of FIXED_CACHE_FRACTIONS cached steps, timed only. The study fields it returns are speed, never quality."""
-    base = dataclasses.replace(profile, cache="dbcache", cache_threshold=None,
-                               **dict.fromkeys(levers.DBCACHE_FIELDS))
-    found = {}
-    for fraction in FIXED_CACHE_FRACTIONS:
-        cached = dataclasses.replace(base, cache_schedule=fraction)
-        try:
-            cached.validate()
-            model = pool.prepare(cached).model
-            measurement = runner.measure(model, options.workload, cached, options.prompts[:1], options.seeds[:1])
-        except (UsageError, UnavailableLever) as error:
-            log(f"fixed-schedule cache not measured: {first_line(error)}")
-            return found
-        except Exception as error:  # measured speed is a bonus; a failure here must not cost the lock
-            pool.forget()
-            _release_memory()
-            log(f"fixed-schedule cache not measured: {classify_failure(error)}")
-            return found
-        speedup = default_latency_s / measurement.summary()["latency_median_s"]
-        found[f"fixed_cache_{round(fraction * 100)}_speedup"] = speedup
-        log(f"fixed-schedule cache (speed only, unverified): {cached.describe()}: {speedup:.2f}x over the default")
-    return found
 
 
 def _is_candidate(profile: Profile, estimate_s: float, best_s: float) -> bool:
@@ -662,7 +304,7 @@ class _Trials:
                 trial.set_user_attr("peak_memory_gib", timing.peak_memory_gib(device))
             # The pipeline may hold half-applied levers or half-allocated buffers: the next trial loads afresh.
             self.pool.forget()
-            _release_memory()
+            release_memory()
             reason = classify_failure(error)
             trial.set_user_attr("failure", reason)
             trial.set_user_attr("time_s", times)

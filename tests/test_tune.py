@@ -7,7 +7,7 @@ import optuna
 import pytest
 
 from qwendoctor import capabilities as machine
-from qwendoctor import levers, lockfile, quality, runner, space, tune
+from qwendoctor import levers, lockfile, quality, runner, space, tune, verify
 from qwendoctor import study as coordination
 from qwendoctor.capabilities import capabilities_from_findings
 from qwendoctor.errors import QwendoctorError
@@ -906,7 +906,7 @@ def test_a_lock_its_confirmation_contradicts_keeps_the_fastest_profile_it_upheld
     """Issue 31 item 8: a profile the side-by-side confirmation measured slower than the default (0.92x +/-3%)
     was locked under the study's 1.38x. Timings injected: no clock decides this test."""
     figures = {2: 0.92, None: 1.3}
-    monkeypatch.setattr(tune, "confirm_speedup", lambda options, pool, profile, log: (
+    monkeypatch.setattr(verify, "confirm_speedup", lambda options, pool, profile, log: (
         {"confirmed_speedup": figures[profile.steps], "confirmed_spread": 0.03}, 3))
     lines, spent = [], {}
     best, profile, confirmed, rounds, contradicted = tune._confirmed_choice(
@@ -916,7 +916,7 @@ def test_a_lock_its_confirmation_contradicts_keeps_the_fastest_profile_it_upheld
     assert lines[0].startswith("not locked: trial #0 attn=native steps=2 measured 0.92x (+/-3%) against the default")
 
     # Nothing upheld: after CONFIRM_FALLBACKS lossless profiles, the default, with nothing to confirm.
-    monkeypatch.setattr(tune, "confirm_speedup", lambda options, pool, profile, log: (
+    monkeypatch.setattr(verify, "confirm_speedup", lambda options, pool, profile, log: (
         {"confirmed_speedup": 0.8, "confirmed_spread": 0.05}, 3))
     best, profile, confirmed, rounds, contradicted = tune._confirmed_choice(
         options, None, confirmable_study, confirmable_study.trials[0], {}, lambda line: None)
