@@ -5,6 +5,7 @@
 #   bash tests/gpu/run_on_device.sh smoke        # benchmarks/tools/gpu_smoke.py
 #   bash tests/gpu/run_on_device.sh memory ROWS.json [ARGS]   # benchmarks/tools/memory_bench.py
 #   bash tests/gpu/run_on_device.sh cli NAME ARGS...   # qwendoctor ARGS, its output in $OUT/NAME.log
+#   bash tests/gpu/run_on_device.sh owed [--seconds 540]   # benchmarks/tools/gpu_owed.py: what is owed, by value
 #   bash tests/gpu/run_on_device.sh sage2 DIR   # build SageAttention 2 from checkout DIR into the machine's python
 #                                               # (carry DIR, e.g. `git archive` of thu-ml/SageAttention in .src/)
 set -euo pipefail
@@ -35,6 +36,7 @@ case "${1:-tests}" in
   memory) python3 benchmarks/tools/memory_bench.py --out "$out" --rows "${@:2}" 2>&1 | tee "$out/memory-bench.log" ;;
   cli) python3 -m qwendoctor "${@:3}" 2>&1 | tee "$out/$2.log" ;;
   doctor) python3 benchmarks/tools/check_h100.py --out "$out" 2>&1 | tee "$out/check-bench.log" ;;
+  owed) python3 benchmarks/tools/gpu_owed.py --out "$out" "${@:2}" 2>&1 | tee "$out/gpu-owed.log" ;;
   sage2) PATH="/tmp/site/bin:$PATH" bash install_flash_attention.sh --which sage2 --source "$2" 2>&1 \
            | tee "$out/sage2-install.log" ;;
 esac
