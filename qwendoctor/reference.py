@@ -5,6 +5,7 @@ never cached: it is timed in every run, beside the trials it is compared with.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 BASELINE_IMAGES = 3
 
 
+@contextlib.contextmanager
 def _exclusive(path: str, log: Callable[[str], None], waiting: str):
     """An flock on `path`: workers on one host take turns. (Across hosts each has its own cache.)"""
     with open(path, "a") as handle:

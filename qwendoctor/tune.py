@@ -134,9 +134,6 @@ def study_name(options: TuneOptions, here: dict[str, Any]) -> str:
     return f"qwendoctor-{options.workload.model.replace('/', '_')}-{digest}"
 
 
-@contextlib.contextmanager
-
-
 def quality_class(profile: Profile, model_id: str, reference: Profile | None = None) -> str:
     """How far a profile's speed-up can be trusted to keep the image: `lossless` (rounding only, measured against
     the reference, whose profile is `reference`), `verified` (lossy, judged on a model that draws), or `unverified`
