@@ -445,11 +445,17 @@ def test_a_profile_proposed_again_costs_nothing_and_does_not_count(options, draw
 
 
 def test_the_lock_says_how_far_its_speedup_keeps_the_image(options):
-    """On tiny's random weights only lossless levers are searched, so its lock is lossless; the same lossy
-    profile is verified on a model that draws and unverified on one that does not."""
+    """The lock's quality class is its profile's: tiny draws, so a lossy lock is `verified` (judged on held-out
+    images) and a lossless one carries the lossless figure; the same lossy profile is verified on a model that
+    draws and unverified on one that does not. (Which of the two a four-trial study locks is the sampler's.)"""
     result = tune.run_tune(options, capabilities=CPU)
-    assert result.lock.study["quality"] == "lossless"
-    assert result.lock.study["lossless_speedup"] == pytest.approx(result.lock.measured["speedup"])
+    lock = result.lock
+    assert lock.study["quality"] == tune.quality_class(lock.profile, "tiny") in ("lossless", "verified")
+    if lock.study["quality"] == "lossless":
+        assert lock.study["lossless_speedup"] == pytest.approx(lock.measured["speedup"])
+    else:
+        assert lock.study["held_out_images"] > 0 and lock.study["held_out_psnr_db"] >= options.floor.psnr_db
+    assert tune.quality_class(Profile(steps=20), "tiny") == "verified"
     fewer_steps = Profile(steps=20)
     assert tune.quality_class(fewer_steps, "synthetic") == "unverified"
     assert tune.quality_class(fewer_steps, "Qwen/Qwen-Image") == "verified"
