@@ -5,7 +5,7 @@ ships one of each so that every LoRA path of qwendoctor (loading, fusing, hotswa
 and its floor against the base's reference) can be exercised and judged on the CPU:
 
 - `distilled` (`python -m qwendoctor.tiny.distill`): 4 or 8 steps, true CFG off, with the scheduler overrides it
-  declares (Qwen-Image-Lightning's); without them it draws at sigmas it was never trained for.
+  declares (Qwen-Image-Lightning's), the sigmas it was trained at.
 - `frame` (`python -m qwendoctor.tiny.style`): draws every picture inside a border; `shapes.style_present` reads
   it from the pixels.
 
