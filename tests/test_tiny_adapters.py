@@ -136,3 +136,16 @@ def test_a_short_style_run_is_byte_identical_on_a_rerun(tmp_path):
                                                      "--batch", "4", "--eval-prompts", "0"])
     assert first == second
     assert json.loads(first["adapter.json"])["kind"] == "style"
+
+
+def test_load_installs_the_declared_scheduler_and_says_how_to_render():
+    pipe = load_trained_tiny()
+    own = dict(pipe.scheduler.config)
+    kwargs = adapters.load(pipe, "distilled")
+    assert kwargs == {"num_inference_steps": 4, "true_cfg_scale": 1.0}  # no negative prompt: CFG off
+    assert pipe.scheduler.config["base_shift"] == pytest.approx(np.log(3)) != own["base_shift"]
+    assert pipe.scheduler.config["shift_terminal"] is None
+    assert pipe.get_active_adapters() == ["distilled"]
+    pipe = load_trained_tiny()
+    assert adapters.load(pipe, "frame") == {"num_inference_steps": 50, "true_cfg_scale": 4.0, "negative_prompt": " "}
+    assert dict(pipe.scheduler.config) == own
