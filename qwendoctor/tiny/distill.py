@@ -217,7 +217,7 @@ def main(argv=None) -> None:
         if args.teacher_cache:
             torch.save({"key": key, "states": states, "sigmas": teacher_sigmas}, args.teacher_cache)
     embeddings, masks = lora.encode_prompts(pipe, prompts)
-    # progress only: a tenth of the held-out prompts from the back, never trained on, never used to choose steps
+    # progress only: held-out prompts from the back (benchmarks measure the front), never trained on
     eval_prompts = shapes.held_out_prompts(split_seed)[-args.eval_prompts:] if args.eval_prompts else None
     losses = train(pipe, states, teacher_sigmas, embeddings, masks, args, eval_prompts)
     lora.save(pipe.transformer, args.out, metadata(args, losses))

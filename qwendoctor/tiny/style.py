@@ -169,7 +169,7 @@ def main(argv=None) -> None:
     latents, owners = styled_latents(pipe, train_scenes, args.variants, args.seed)
     log(f"encoded {len(latents)} framed renders of {len(train_scenes)} train prompts")
     embeddings, masks = lora.encode_prompts(pipe, [scene.prompt for scene in train_scenes] + [lora.NEGATIVE_PROMPT])
-    # progress only: held-out prompts from the back, never trained on
+    # progress only: held-out prompts from the back (benchmarks measure the front), never trained on
     eval_prompts = shapes.held_out_prompts(split_seed)[-args.eval_prompts:] if args.eval_prompts else None
     losses = train(pipe, latents, owners, embeddings, masks, args, eval_prompts)
     lora.save(pipe.transformer, args.out, metadata(args, losses))
