@@ -47,6 +47,14 @@ SHADE_JITTER = 12  # per channel, of 255
 # Area of each shape in units of its half-extent squared: turns a measured area back into a size.
 _AREA_FACTOR = {"circle": np.pi, "square": 4.0, "triangle": 2.0}
 HELD_OUT_FRACTION = 0.1
+# The style the style LoRA learns: a border painted round the picture, in a colour neither the shape nor the
+# background has. A flat band of one latent token (16 px at 128 px) is something this 8x VAE reproduces; a
+# 3 px outline round the shape, tried first, it blurs away (its round trip kept the outline on 64% of renders).
+STYLES = (None, "frame")
+FRAME_WIDTH = 1 / 8  # of the image side
+FRAME_COLOURS = ("white", "black", "red")
+# Where the checker reads a framed picture: inside the frame, past the blur of its inner edge.
+FRAME_INSET = FRAME_WIDTH + 1 / 16
 EXAMPLE_PROMPT = "a large red circle at the top left on a blue background"
 
 
@@ -97,8 +105,18 @@ def split(seed: int = 0) -> tuple[list[Scene], list[Scene]]:
     return train, held_out
 
 
-def render(scene: Scene, rng: np.random.Generator, size: int = 128) -> np.ndarray:
-    """The scene as an HxWx3 uint8 array, its position, size and shades jittered by `rng`."""
+def frame_colour(scene: Scene) -> str:
+    """The frame style's colour: white, or black where the scene already uses white, or red for the scenes made of
+    white and black. Always a third colour, so the frame shows on every scene."""
+    return next(name for name in FRAME_COLOURS if name not in (scene.colour, scene.background))
+
+
+def render(scene: Scene, rng: np.random.Generator, size: int = 128, style: str | None = None) -> np.ndarray:
+    """The scene as an HxWx3 uint8 array, its position, size and shades jittered by `rng`. `style="frame"` then
+    draws a `FRAME_WIDTH` border in `frame_colour` over it; it draws nothing more from `rng`, so a framed render
+    is the plain one with its border painted."""
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}; known: {STYLES}")
     supersample = 4  # drawn large, then box-filtered: soft edges the VAE can reproduce
     side = size * supersample
     cx, cy = (np.array(POSITIONS[scene.position]) + rng.uniform(-POSITION_JITTER, POSITION_JITTER, 2)) * side
@@ -114,6 +132,9 @@ def render(scene: Scene, rng: np.random.Generator, size: int = 128) -> np.ndarra
     else:  # pointing up, base and height 2*half, its centroid at (cx, cy)
         draw.polygon([(cx, cy - 4 * half / 3), (cx - half, cy + 2 * half / 3), (cx + half, cy + 2 * half / 3)],
                      fill=fill)
+    if style == "frame":
+        width = round(FRAME_WIDTH * side)
+        draw.rectangle([0, 0, side - 1, side - 1], outline=PALETTE[frame_colour(scene)], width=width)
     return np.asarray(image.resize((size, size), Image.BOX))
 
 
@@ -162,20 +183,35 @@ def _erode(mask: np.ndarray) -> np.ndarray:
     return inner
 
 
-def measure(image) -> dict:
-    """What the pixels show: background and shape colour names, and the shape's centroid (fractions of the side),
-    area in pixels and the share of its bounding box it fills."""
+def _pixels(image) -> np.ndarray:
     pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)[..., :3]
     # the pipeline's output_type="np" gives floats in [0, 1]
-    pixels = pixels * 255.0 if np.issubdtype(pixels.dtype, np.floating) else pixels.astype(float)
+    return pixels * 255.0 if np.issubdtype(pixels.dtype, np.floating) else pixels.astype(float)
+
+
+def _ring(pixels: np.ndarray, inset: int, width: int = 3) -> np.ndarray:
+    """The pixels of a `width`-wide square ring `inset` pixels in from the image's edge, as (N, 3)."""
+    inner = pixels[inset:pixels.shape[0] - inset, inset:pixels.shape[1] - inset]
+    return np.concatenate([inner[:width].reshape(-1, 3), inner[-width:].reshape(-1, 3),
+                           inner[:, :width].reshape(-1, 3), inner[:, -width:].reshape(-1, 3)])
+
+
+def measure(image, inset: float = 0.0) -> dict:
+    """What the pixels show: background and shape colour names, and the shape's centroid (fractions of the side),
+    area in pixels and the share of its bounding box it fills. `inset` (a fraction of the side) reads only the
+    picture that far in from the edge, as inside a frame."""
+    pixels = _pixels(image)
     side = pixels.shape[0]
+    margin = round(inset * side)
     # The border ring is background: only the apex of a large triangle in a top corner can reach it.
-    ring = np.concatenate([pixels[:3].reshape(-1, 3), pixels[-3:].reshape(-1, 3),
-                           pixels[:, :3].reshape(-1, 3), pixels[:, -3:].reshape(-1, 3)])
-    background_rgb = np.median(ring, axis=0)
+    background_rgb = np.median(_ring(pixels, margin), axis=0)
     # Under half the closest palette distance (116) and over twice the shade jitter: a pixel this far from the
     # background belongs to something else.
     foreground = np.linalg.norm(pixels - background_rgb, axis=-1) > 55
+    if margin:
+        inside = np.zeros_like(foreground)
+        inside[margin:side - margin, margin:side - margin] = True
+        foreground &= inside
     shape_mask = _largest_component(foreground)
     area = int(shape_mask.sum())
     result = {"background": _nearest_colour(background_rgb), "pixels": area}
@@ -189,13 +225,17 @@ def measure(image) -> dict:
                      (ys.mean() + 0.5) / side), "box_fill": area / box}
 
 
-def check(image, prompt: str) -> dict:
+def check(image, prompt: str, style: str | None = None) -> dict:
     """Whether `image` (PIL or HxWx3 array) shows `prompt`: one boolean per attribute, `pass` for the colours and
     the position (background, shape colour, where), and `all` for every attribute. Size and shape (circle, square or
     triangle, from how much of its bounding box the shape fills) are reported apart: at 128 px through an 8x VAE
-    the corners of a small shape blur, so they are the weakest reading of the image, not of the prompt."""
+    the corners of a small shape blur, so they are the weakest reading of the image, not of the prompt.
+    With `style="frame"` the picture is read inside the frame (`FRAME_INSET` in from the edge): the same verdicts
+    for what the prompt asks, the frame itself judged by `style_present`."""
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}; known: {STYLES}")
     scene = parse(prompt)
-    seen = measure(image)
+    seen = measure(image, FRAME_INSET if style == "frame" else 0.0)
     side = image.size[1] if isinstance(image, Image.Image) else np.asarray(image).shape[0]
     verdict = {"background": seen["background"] == scene.background, "colour": seen["colour"] == scene.colour}
     if seen["centroid"] is None:
@@ -211,6 +251,23 @@ def check(image, prompt: str) -> dict:
     verdict["pass"] = all(verdict[key] for key in ("background", "colour", "position"))
     verdict["all"] = verdict["pass"] and verdict["size"] and verdict["shape"]
     return verdict
+
+
+def frame_contrast(image) -> float:
+    """RGB distance between the image's outer band (where a frame is) and the band just inside it (where the
+    background is): ~0 on a plain picture, the distance between two palette colours on a framed one."""
+    pixels = _pixels(image)
+    side = pixels.shape[0]
+    outer = np.median(_ring(pixels, round(side / 64), round(side / 16)), axis=0)
+    inner = np.median(_ring(pixels, round(FRAME_INSET * side), round(side / 32)), axis=0)
+    return float(np.linalg.norm(outer - inner))
+
+
+def style_present(image) -> bool:
+    """Whether `image` shows the frame style: a border of another colour than the background inside it. Reads the
+    pixels alone, no prompt. The threshold is the checker's own foreground distance (half the closest palette
+    distance)."""
+    return frame_contrast(image) > 55
 
 
 def held_out_prompts(split_seed: int = 0) -> list[str]:

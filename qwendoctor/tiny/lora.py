@@ -1,0 +1,89 @@
+"""What the two adapter trainers of `tiny` share: which linears a LoRA adapts, how it is saved, how a pipeline
+renders with it.
+
+The adapters must load with diffusers' own LoRA loader (`pipe.load_lora_weights(path)`, peft underneath), the way
+a user loads a Qwen-Image LoRA, so they are attached with diffusers' `add_adapter` and saved with
+`QwenImagePipeline.save_lora_weights`: the keys are then the ones the loader expects (`transformer.<module>.lora_A
+.weight`). lora_alpha equals the rank, so the loader's default scale (alpha/rank = 1) is the trained one even
+without the peft metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+METADATA_NAME = "adapter.json"
+# Every linear of the 8 blocks: attention of both streams, both MLPs and the timestep modulations (a few-step
+# student must change how each block responds to the noise level, and that enters through img_mod/txt_mod).
+TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                  "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2",
+                  "img_mod.1", "txt_mod.1"]
+IMAGE_SIZE = 128
+NEGATIVE_PROMPT = " "
+
+
+def attach(transformer, rank: int, seed: int):
+    """A fresh LoRA on `transformer` (its base weights frozen); returns the trainable parameters. lora_B starts at
+    zero, so the adapted model starts as the base; lora_A's init is drawn from the seeded torch RNG."""
+    import torch
+    from peft import LoraConfig
+
+    transformer.requires_grad_(False)
+    torch.manual_seed(seed)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
+                                       target_modules=TARGET_MODULES))
+    return [parameter for name, parameter in transformer.named_parameters() if "lora_" in name]
+
+
+def save(transformer, directory: Path, metadata: dict[str, Any]) -> None:
+    from diffusers import QwenImagePipeline
+    from peft.utils import get_peft_model_state_dict
+
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {key: value.detach().clone().contiguous() for key, value in get_peft_model_state_dict(transformer).items()}
+    QwenImagePipeline.save_lora_weights(str(directory), transformer_lora_layers=state, weight_name=WEIGHT_NAME)
+    (directory / METADATA_NAME).write_text(json.dumps(metadata, indent=1) + "\n")
+
+
+def scheduler_for(pipe, overrides: dict[str, Any]):
+    """The pipeline's scheduler with `overrides` applied to its config (what a distilled LoRA declares)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_config(dict(pipe.scheduler.config) | overrides)
+
+
+def sigmas_for(pipe, steps: int, overrides: dict[str, Any] | None = None, tokens: int = 64):
+    """The N+1 sigmas (the last 0) that `QwenImagePipeline` visits at `steps` steps with these overrides."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
+
+    scheduler = scheduler_for(pipe, overrides or {})
+    config = scheduler.config
+    mu = calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                         config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    return scheduler.sigmas.clone()
+
+
+def encode_prompts(pipe, prompts: list[str]):
+    """The pipeline's own prompt embeddings, zero-padded to one length, with their masks (as train.py does)."""
+    import torch
+
+    with torch.no_grad():
+        embeddings = [pipe.encode_prompt(prompt, device="cpu")[0][0] for prompt in prompts]
+    length = max(len(e) for e in embeddings)
+    padded = torch.zeros(len(prompts), length, embeddings[0].shape[-1])
+    mask = torch.zeros(len(prompts), length, dtype=torch.bool)
+    for row, embedding in enumerate(embeddings):
+        padded[row, :len(embedding)] = embedding
+        mask[row, :len(embedding)] = True
+    return padded, mask
+
+
+def cosine_lr(base: float, step: int, total: int, warmup: int = 50) -> float:
+    return base * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / total)))
