@@ -335,7 +335,7 @@ def test_tune_measures_the_best_profile_on_two_ranks_and_locks_the_winner(tmp_pa
 
     # An exact floor makes the default profile the study's best, which every strategy here can take.
     options = tune.TuneOptions(workload=tiny_workload, prompts=["a red fox in the snow"], seeds=[0],
-                               floor=quality.Floor("exact", 1000.0, 1.0), lock_path=str(tmp_path / "q.lock"),
+                               floor=quality.Floor("exact", quality.PSNR_CEILING_DB, 1.0), lock_path=str(tmp_path / "q.lock"),
                                storage=f"sqlite:///{tmp_path / 'study.db'}", trials=2, gpus=2)
     chosen = []
     monkeypatch.setattr(strategies, "fastest",

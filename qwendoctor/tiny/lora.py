@@ -17,6 +17,9 @@ from typing import Any
 
 import numpy as np
 
+# The base model's own prompt encoding, so the adapters train on the embeddings it was trained on.
+from qwendoctor.tiny.train import encode_prompts  # noqa: F401  (lora.encode_prompts)
+
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 METADATA_NAME = "adapter.json"
 # Every linear of the 8 blocks: attention of both streams, both MLPs and the timestep modulations (a few-step
@@ -68,21 +71,6 @@ def sigmas_for(pipe, steps: int, overrides: dict[str, Any] | None = None, tokens
                          config.get("base_shift", 0.5), config.get("max_shift", 1.15))
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
     return scheduler.sigmas.clone()
-
-
-def encode_prompts(pipe, prompts: list[str]):
-    """The pipeline's own prompt embeddings, zero-padded to one length, with their masks (as train.py does)."""
-    import torch
-
-    with torch.no_grad():
-        embeddings = [pipe.encode_prompt(prompt, device="cpu")[0][0] for prompt in prompts]
-    length = max(len(e) for e in embeddings)
-    padded = torch.zeros(len(prompts), length, embeddings[0].shape[-1])
-    mask = torch.zeros(len(prompts), length, dtype=torch.bool)
-    for row, embedding in enumerate(embeddings):
-        padded[row, :len(embedding)] = embedding
-        mask[row, :len(embedding)] = True
-    return padded, mask
 
 
 def cosine_lr(base: float, step: int, total: int, warmup: int = 50) -> float:
