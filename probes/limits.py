@@ -68,6 +68,9 @@ RANGES: dict[str, Range] = {
     "gpus": Range(1, 1_024),
     "memory_limit": Range(0, 1_048_576, integer=False, low_open=True, why=" GiB"),
     "floor": Range(0, 1_000, integer=False, why=" dB"),  # the PSNR part of --floor (SSIM, LPIPS: their own)
+    # A LoRA's weight (`--lora PATH:SCALE`): users run 0.5-1.5, negative scales invert a style; past 10 the
+    # adapter's delta outweighs the base weights it was trained against, and inf or nan draws NaN.
+    "lora_scale": Range(-10, 10, integer=False, text="a finite number >= -10 and <= 10"),
     "profile_int": Range(0, 1_000_000),
     "profile_float": Range(-1e6, 1e6, integer=False, text="a finite number"),
 }

@@ -19,6 +19,38 @@ class WorkloadError(RangeError):
 
 
 @dataclasses.dataclass(frozen=True)
+class LoRA:
+    """One LoRA the workload runs with (`--lora PATH[:SCALE]`). The file's sha256 ties a lock to the adapter it was
+    tuned with: another file under the same path is another workload. Reading and checking the file is
+    qwendoctor.levers.lora's; this is only what a lock records."""
+
+    path: str  # "tiny:<name>" for an adapter shipped with the tiny model, else an absolute path
+    scale: float = 1.0
+    sha256: str = ""
+    rank: int | None = None  # from the safetensors header: the largest lora_A's rows
+
+    def validate(self, label: str) -> "LoRA":
+        if not isinstance(self.path, str) or not self.path:
+            raise WorkloadError(f"{label}.path: must be a non-empty string")
+        try:
+            limits.check("lora_scale", self.scale, label=f"{label}.scale")
+        except RangeError as error:
+            raise WorkloadError(str(error)) from None
+        if not (isinstance(self.sha256, str) and len(self.sha256) == 64
+                and all(c in "0123456789abcdef" for c in self.sha256)):
+            raise WorkloadError(f"{label}.sha256: must be 64 lowercase hex digits, got {self.sha256!r}")
+        if self.rank is not None and (not limits.ok_type(self.rank) or self.rank < 1):
+            raise WorkloadError(f"{label}.rank: must be a positive integer, got {self.rank!r}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if data["rank"] is None:  # TOML has no null
+            del data["rank"]
+        return data
+
+
+@dataclasses.dataclass(frozen=True)
 class Workload:
     """What is being generated; a lock is only valid for the workload it was tuned on."""
 
@@ -29,7 +61,7 @@ class Workload:
     negative_prompt: str = " "
     reference_steps: int = 50
     dtype: str = "bfloat16"
-    loras: tuple[str, ...] = ()
+    loras: tuple[LoRA, ...] = ()
     # GiB of GPU memory the process may use (`--memory-limit`); None: the whole card.
     memory_limit_gib: float | None = None
 
@@ -53,9 +85,10 @@ class Workload:
                                                   <= limits.RANGES["memory_limit"].high):
             raise WorkloadError(f"workload.memory_limit_gib: must be a positive number of GiB, got "
                                 f"{self.memory_limit_gib!r}")
-        if self.loras:
-            # LoRA fusion is a later lever; refusing beats tuning a workload we would then run without them.
-            raise WorkloadError("workload.loras: LoRAs are not supported yet")
+        if not isinstance(self.loras, tuple) or not all(isinstance(lora, LoRA) for lora in self.loras):
+            raise WorkloadError("workload.loras: must be LoRA entries (path, scale, sha256)")
+        for index, lora in enumerate(self.loras):
+            lora.validate(f"workload.loras[{index}]")
         return self
 
     @property
@@ -69,7 +102,7 @@ class Workload:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        data["loras"] = list(self.loras)
+        data["loras"] = [lora.to_dict() for lora in self.loras]
         if data["memory_limit_gib"] is None:  # TOML has no null; and locks without a limit stay as they were
             del data["memory_limit_gib"]
         return data
@@ -86,9 +119,20 @@ class Workload:
         if "loras" in fields:
             if not isinstance(fields["loras"], list):
                 raise WorkloadError("workload.loras: must be a list")
-            fields["loras"] = tuple(fields["loras"])
+            fields["loras"] = tuple(_lora_from_dict(entry, f"workload.loras[{index}]")
+                                    for index, entry in enumerate(fields["loras"]))
         return cls(**fields).validate()
 
+
+def _lora_from_dict(entry: Any, label: str) -> LoRA:
+    if not isinstance(entry, dict):
+        raise WorkloadError(f"{label}: expected a table with path, scale and sha256, got {entry!r}")
+    unknown = sorted(set(entry) - {f.name for f in dataclasses.fields(LoRA)})
+    if unknown:
+        raise WorkloadError(f"{label}.{unknown[0]}: unknown field")
+    if "path" not in entry or "sha256" not in entry:
+        raise WorkloadError(f"{label}: needs path and sha256")
+    return LoRA(**entry).validate(label)
 
 
 def _is_number(value: Any) -> bool:

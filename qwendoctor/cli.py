@@ -66,7 +66,7 @@ _register_check()
 
 
 def _workload(model: str, width: int | None, height: int | None, steps: int, true_cfg_scale: float,
-              negative_prompt: str, memory_limit: float | None = None):
+              negative_prompt: str, memory_limit: float | None = None, lora_specs: tuple[str, ...] = ()):
     import dataclasses
 
     from qwendoctor import models
@@ -79,14 +79,36 @@ def _workload(model: str, width: int | None, height: int | None, steps: int, tru
     workload = Workload(model=model, width=width or size, height=height or size, true_cfg_scale=true_cfg_scale,
                         negative_prompt=negative_prompt, reference_steps=steps, dtype="float32",
                         memory_limit_gib=memory_limit).validate()
+    # LoRA files from their headers alone: a wrong path is answered before the model loads.
+    workload = dataclasses.replace(workload, loras=_loras(lora_specs, model)).validate()
     memory.check_against_card(memory_limit, memory.card_total_gib() if memory_limit is not None else None)
     device = models.default_device()
     models.resolve_model(model, device)
     models.check_diffusers_env()
+    _check_lora_keys(workload.loras, model)
     memory.apply(memory_limit)  # before anything is loaded: the cap must see every allocation
     return dataclasses.replace(workload, dtype=models.default_dtype(device)).validate()
 
 
+def _loras(specs: tuple[str, ...], model: str) -> tuple:
+    from qwendoctor.levers import lora
+
+    return tuple(lora.parse_spec(spec, model) for spec in specs)
+
+
+def _check_lora_keys(loras: tuple, model: str) -> None:
+    """LoRAs made for another model, refused before the model loads where its config ships (tiny, synthetic);
+    another model's are checked as they load."""
+    from qwendoctor import models
+    from qwendoctor.levers import lora
+
+    config = models.transformer_config(model) if loras else None
+    if config is not None:
+        lora.check_keys_match(loras, model, config)
+
+
+LORA_HELP = ("A LoRA to run with, PATH[:SCALE] (scale -10..10, default 1; repeatable); tiny:NAME is an adapter "
+             "shipped with the tiny model.")
 MEMORY_LIMIT_HELP = ("GiB of GPU memory this process may use (torch's per-process cap): tune and test a plan for "
                      "a smaller card, or leave room for another process [the whole card].")
 
@@ -123,10 +145,11 @@ MEMORY_LIMIT_HELP = ("GiB of GPU memory this process may use (torch's per-proces
 @click.option("--gpus", type=int, help="Also measure the best profile split over up to this many GPUs "
               "(CFG-parallel, Ulysses, ring) and lock the fastest [all visible GPUs].")
 @click.option("--memory-limit", type=float, help=MEMORY_LIMIT_HELP)
+@click.option("--lora", "lora_specs", multiple=True, help=LORA_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def tune(model, width, height, steps, true_cfg_scale, negative_prompt, trials, timeout, prompts_file,
          num_prompts, seeds, floor, lock_path, storage, heartbeat, timed_steps, exhaustive, gpus, memory_limit,
-         as_json):
+         lora_specs, as_json):
     """Search the optimization levers for the fastest profile that meets the quality floor; write a lock."""
     from qwendoctor import quality
     from qwendoctor.tune import TuneOptions, read_prompts
@@ -161,7 +184,7 @@ def tune(model, width, height, steps, true_cfg_scale, negative_prompt, trials, t
     parsed_floor = quality.parse_floor(floor)
     _in_range("floor", parsed_floor.psnr_db, "--floor psnr")  # nan would pass every comparison, inf none
     _check_cache_dir()
-    workload = _workload(model, width, height, steps, true_cfg_scale, negative_prompt, memory_limit)
+    workload = _workload(model, width, height, steps, true_cfg_scale, negative_prompt, memory_limit, lora_specs)
     from qwendoctor import report
 
     if not given_storage:
@@ -225,9 +248,11 @@ def _tune_gpus(asked: int | None) -> int:
 @click.option("--parallel", "strategy", type=click.Choice(PARALLEL_STRATEGIES),
               help="How --gpus share the work [the lock's; else cfg on 2 GPUs, cfg+ulysses on 4, ...].")
 @click.option("--memory-limit", type=float, help=MEMORY_LIMIT_HELP.replace("[the whole card]", "[the lock's]"))
+@click.option("--lora", "lora_specs", multiple=True,
+              help=LORA_HELP.replace("(scale", "in place of the lock's LoRAs (scale"))
 @click.option("--json", "as_json", is_flag=True, help="Print the written files and timings as JSON.")
 def generate(prompt, lock_path, seed, num_images, out_dir, ignore_fingerprint, gpus, strategy, memory_limit,
-             as_json):
+             lora_specs, as_json):
     """Generate images with the tuned lock; never overwrites an existing file."""
     import json
 
@@ -252,6 +277,8 @@ def generate(prompt, lock_path, seed, num_images, out_dir, ignore_fingerprint, g
     if not lock_path.strip():
         raise UsageError("--lock is empty; name the lock file, e.g. --lock qwendoctor.lock")
     lock = lockfile.read_lock(lock_path)
+    if lora_specs:
+        lock = _with_loras(lock, lora_specs)
     if gpus is not None and gpus < 1:
         raise UsageError(f"--gpus must be at least 1, got {gpus}")
     _in_range("gpus", gpus, "--gpus")
@@ -265,7 +292,8 @@ def generate(prompt, lock_path, seed, num_images, out_dir, ignore_fingerprint, g
                          [prompt, "--lock", os.path.abspath(lock_path), "--seed", str(seed),
                           "--num-images", str(num_images), "--out", out_dir]
                          + ["--ignore-fingerprint"] * ignore_fingerprint + ["--json"] * as_json
-                         + (["--memory-limit", str(memory_limit)] if memory_limit is not None else []))
+                         + (["--memory-limit", str(memory_limit)] if memory_limit is not None else [])
+                         + [f"--lora={spec}" for spec in lora_specs])
         return
     main_rank = parallel.is_main()
     if profile.gpus > 1:
@@ -300,6 +328,19 @@ def generate(prompt, lock_path, seed, num_images, out_dir, ignore_fingerprint, g
         mean = sum(w["seconds"] for w in written) / len(written)
         click.echo(f"{len(written)} images, {mean:.2f} s per image; the first {extra_s:+.2f} s against the "
                    "others' median")
+
+
+def _with_loras(lock, specs: tuple[str, ...]):
+    """The lock with `--lora`'s LoRAs in place of its own: checked from their headers (a rank a compiled hotswap
+    cannot hold is refused) before the model loads."""
+    import dataclasses
+
+    from qwendoctor.levers import lora
+
+    given = _loras(specs, lock.workload.model)
+    lora.check_hotswap_ranks(lock.workload, lock.profile, given)
+    _check_lora_keys(given, lock.workload.model)
+    return dataclasses.replace(lock, workload=dataclasses.replace(lock.workload, loras=given).validate())
 
 
 def _note_tiny_grammar(prompt: str) -> None:
@@ -350,9 +391,10 @@ def _launch_generate(profile, lock, option: str, arguments: list[str]) -> None:
 @click.option("--name", help="File stem [bench-<model>-<W>x<H>].")
 @click.option("--resume", is_flag=True, help="Keep the rows an interrupted run of this bench already wrote.")
 @click.option("--memory-limit", type=float, help=MEMORY_LIMIT_HELP)
+@click.option("--lora", "lora_specs", multiple=True, help=LORA_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the result document as JSON.")
 def bench(model, width, height, steps, true_cfg_scale, timed_steps, full_image, no_ladder, rows, list_rows,
-          lock_paths, profile_texts, no_breakdown, out_dir, name, resume, memory_limit, as_json):
+          lock_paths, profile_texts, no_breakdown, out_dir, name, resume, memory_limit, lora_specs, as_json):
     """Measure the default and the ablation ladder on this machine; write JSON and a markdown table."""
     import json
 
@@ -379,7 +421,7 @@ def bench(model, width, height, steps, true_cfg_scale, timed_steps, full_image, 
                               timed_steps=timed_steps, given=tuple(given), name=name).validate()
     _check_cache_dir()
     model = model or ("synthetic" if models.default_device() == "cuda" else "tiny")
-    workload = _workload(model, width, height, steps, true_cfg_scale, " ", memory_limit)
+    workload = _workload(model, width, height, steps, true_cfg_scale, " ", memory_limit, lora_specs)
 
     def log(message: str) -> None:
         click.echo(f"qwendoctor: {message}", err=True)

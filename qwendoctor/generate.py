@@ -39,6 +39,15 @@ class TunedPipeline:
         array = runner.render(self.model, self.workload, self.profile, prompt, seed)
         return Image.fromarray((array * 255).round().clip(0, 255).astype("uint8"))
 
+    def swap_loras(self, *specs: str) -> None:
+        """Put other LoRAs (`PATH[:SCALE]`, as `--lora` takes them) in place of the loaded ones, adapter for
+        adapter, without a new compiled graph: a lock with lora_mode=unfused, LoRAs of its rank or lower."""
+        from qwendoctor.levers import lora
+
+        given = tuple(lora.parse_spec(spec, self.workload.model, "swap_loras") for spec in specs)
+        lora.hotswap(self.pipeline, given, self.workload.model)
+        self.workload = dataclasses.replace(self.workload, loras=given)
+
 
 def check_fingerprint(lock: lockfile.Lock, lock_path: str) -> None:
     """Refuse a lock tuned on another setup, before anything loads."""
@@ -65,11 +74,12 @@ def build_tuned(lock: lockfile.Lock, lock_path: str, ignore_fingerprint: bool = 
     """The lock's pipeline, with `profile` instead of the lock's where given (the lock's on more GPUs), under the
     lock's GPU memory limit unless `memory_limit_gib` says otherwise. The fingerprint is checked before anything
     loads, the model revision once the model is built."""
-    from qwendoctor.levers import memory
+    from qwendoctor.levers import lora, memory
 
     profile = profile or lock.profile
     if not ignore_fingerprint:
         check_fingerprint(lock, lock_path)
+    lora.check_files(lock.workload, lock_path)  # a LoRA changed since the tune: another workload
     limit = lock.workload.memory_limit_gib if memory_limit_gib is _FROM_LOCK else memory_limit_gib
     memory.check_placement(profile, dataclasses.replace(lock.workload, memory_limit_gib=limit))
     memory.apply(limit)

@@ -7,6 +7,7 @@ Layout (every table required unless marked optional):
     qwendoctor_version = "0.1.0"
     [fingerprint]   machine, software and model the profile was tuned on (fingerprint.machine_fingerprint)
     [workload]      Workload: model, width, height, true_cfg_scale, negative_prompt, reference_steps, dtype, loras
+                    (each a table: path, scale, sha256 and rank of a LoRA file; generate refuses a changed file)
     [profile]       Profile: the chosen configuration
     [measured]      the chosen profile: latency_median_s, latency_p90_s, step_ms, warmup_s, peak_memory_gib,
                     psnr_db, psnr_db_min, ssim, ssim_min, lpips and lpips_max (where LPIPS could be measured),

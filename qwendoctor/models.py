@@ -64,6 +64,17 @@ def transformer_blocks(model_id: str) -> int | None:
     return None
 
 
+def transformer_config(model_id: str) -> dict[str, Any] | None:
+    """The built-in models' transformer configs, as they ship; None for other models."""
+    if model_id == "tiny":
+        from qwendoctor.tiny import trained
+
+        return dict(trained.read_config()["model"]["transformer"])
+    if model_id == "synthetic":
+        return dict(_package_json("qwendoctor", "synthetic.json")["transformer"])
+    return None
+
+
 def default_device() -> str:
     import torch
 

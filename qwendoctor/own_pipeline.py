@@ -70,6 +70,9 @@ def _resolve(profile: Any, ignore_fingerprint: bool) -> tuple[Profile, Workload 
         lock = lockfile.read_lock(path)
         if not ignore_fingerprint:
             check_fingerprint(lock, path)
+        from qwendoctor.levers import lora
+
+        lora.check_files(lock.workload, path)
         return lock.profile, lock.workload
     if isinstance(profile, str):
         return Profile.from_text(profile), None

@@ -194,6 +194,21 @@ BAD_INPUTS = [
      "QWENDOCTOR_CHECK_TRACE={tmp}/garbage.lock/trace: Not a directory; unset it", False),
     (["check", "--only", "system", "--env", "QWENDOCTOR_CHECK_TRACE={tmp}/fifo"],
      "QWENDOCTOR_CHECK_TRACE={tmp}/fifo: No such device or address", False),
+    # issue 27: LoRA files, told from their safetensors header alone where it can tell.
+    (["tune", "--lora", "{tmp}/missing.safetensors"], "--lora {tmp}/missing.safetensors: no such file", True),
+    (["tune", "--lora", "{tmp}/garbage.lock"], "garbage.lock: not a safetensors file", True),
+    (["tune", "--lora", "{tmp}/full.safetensors"], "full.safetensors: holds no LoRA tensors", True),
+    (["tune", "--lora", "{tmp}/rank4.safetensors:nan"], "the scale must be a finite number >= -10 and <= 10, got nan",
+     True),
+    (["tune", "--lora", "{tmp}/rank4.safetensors:1e9"], "the scale must be a finite number >= -10 and <= 10", True),
+    (["tune", "--lora", "tiny:nosuch"], "--lora tiny:nosuch: no such tiny adapter", True),
+    (["bench", "--lora", "{tmp}/fifo"], "--lora {tmp}/fifo: not a regular file", False),
+    (["tune", "--lora", "{tmp}/other-model.safetensors"],
+     "made for another model: its key 'transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight'", False),
+    (["generate", "x", "--lock", "{tmp}/lora-changed.lock"], "the file changed since the lock was tuned", False),
+    (["generate", "x", "--lock", "{tmp}/lora-missing.lock"], "the file is missing", False),
+    (["generate", "x", "--lock", "{tmp}/lora-compiled.lock", "--lora", "{tmp}/rank8.safetensors"],
+     "rank 8 is larger than the rank 4 the lock's compiled LoRA layers hold", True),
 ]
 
 # All the bad inputs in one process, in order (a process per case cost two minutes of imports on two cores): those
@@ -214,6 +229,11 @@ for case in json.load(open(sys.argv[1])):
             code = done.code
     for name in case["env"]:
         del os.environ[name]
+    if case["env"]:
+        # A refused DIFFUSERS_ATTN_BACKEND leaves diffusers half-imported: later cases import it afresh, as their
+        # own process would.
+        for module in [m for m in sys.modules if m == "diffusers" or m.startswith("diffusers.")]:
+            del sys.modules[module]
     results.append({"code": code, "stderr": stderr.getvalue(), "torch": "torch" in sys.modules})
 json.dump(results, open(sys.argv[2], "w"))
 """
@@ -252,7 +272,45 @@ def bad_input_dir(tmp_path_factory):
                            ("many-ranks", 'cache = "none"', 'cache = "none"\nparallel = "ulysses"\ngpus = 64')):
         assert old in text, old
         (directory / f"{name}.lock").write_text(text.replace(old, new, 1))
+    _lora_inputs(directory, lock)
     return directory
+
+
+def _safetensors(path: Path, shapes: dict[str, list[int]]) -> Path:
+    """A safetensors file of float32 zeros: a LoRA's header is all the checks read."""
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + 4 * shape[0] * shape[1]]}
+        offset = header[name]["data_offsets"][1]
+    encoded = json.dumps(header).encode()
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + bytes(offset))
+    return path
+
+
+def _lora_inputs(directory: Path, lock: lockfile.Lock) -> None:
+    """LoRA files of rank 4 and 8, one of another model, a full checkpoint, and locks whose LoRA changed, went
+    missing, or is held unfused under compile (a hotswap lock)."""
+    import dataclasses
+
+    from qwendoctor.levers import lora
+
+    def of_rank(rank: int) -> dict[str, list[int]]:
+        return {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": [rank, 64],
+                "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": [64, rank]}
+
+    rank4 = _safetensors(directory / "rank4.safetensors", of_rank(4))
+    _safetensors(directory / "rank8.safetensors", of_rank(8))
+    _safetensors(directory / "other-model.safetensors",
+                 {key.replace("transformer_blocks", "single_transformer_blocks"): shape
+                  for key, shape in of_rank(4).items()})
+    _safetensors(directory / "full.safetensors", {"transformer_blocks.0.attn.to_q.weight": [64, 64]})
+    entry = lora.parse_spec(str(rank4), "tiny")
+    for name, loras, profile in (
+            ("lora-changed", (dataclasses.replace(entry, sha256="0" * 64),), lock.profile),
+            ("lora-missing", (dataclasses.replace(entry, path=str(directory / "gone.safetensors")),), lock.profile),
+            ("lora-compiled", (entry,), dataclasses.replace(lock.profile, compile="regional"))):
+        lockfile.write_lock(directory / f"{name}.lock", dataclasses.replace(
+            lock, workload=dataclasses.replace(lock.workload, loras=loras), profile=profile))
 
 
 def _filled(text: str, directory: Path) -> str:

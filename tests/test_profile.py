@@ -46,7 +46,7 @@ def test_invalid_profiles_raise_naming_the_field(fields, message):
     ({"reference_steps": -3}, "steps must be an integer >= 2"),
     ({"true_cfg_scale": 0.5}, "true_cfg_scale must be >= 1"),
     ({"dtype": "float16"}, "workload.dtype"),
-    ({"loras": ("style.safetensors",)}, "LoRAs are not supported yet"),
+    ({"loras": ("style.safetensors",)}, "workload.loras: must be LoRA entries"),
 ])
 def test_invalid_workloads_raise(fields, message):
     with pytest.raises(WorkloadError) as error:

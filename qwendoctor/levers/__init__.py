@@ -23,30 +23,34 @@ Order of application (LEVERS), and why:
                         [attention]
   3. real RoPE          rotary embedding in real arithmetic; before compile, which cannot fuse complex ops
                         [real_rope]
-  4. fused qkv          one q/k/v GEMM per stream; before quantization and weight storage, so they see the fused
+  4. lora               the workload's LoRAs, loaded with diffusers' loader and held unfused (peft layers, set up
+                        for hotswap) or fused into the weights; before fused qkv, which replaces the Linears peft
+                        wraps, before quantization (fused in bf16, then quantized: no FP8 artifacts) and before
+                        compile (hotswap is enabled before the first load and compile) [lora]
+  5. fused qkv          one q/k/v GEMM per stream; before quantization and weight storage, so they see the fused
                         Linears, and before compile [fused_qkv]
-  5. gelu epilogue      the MLP's GELU in its first GEMM's cuBLASLt epilogue; before weight storage and offload,
+  6. gelu epilogue      the MLP's GELU in its first GEMM's cuBLASLt epilogue; before weight storage and offload,
                         whose hooks then wrap the fused Linear, and before compile [gelu_epilogue]
-  6. quantization       torchao swaps Linear weights; before compile so inductor fuses the activation quantization
+  7. quantization       torchao swaps Linear weights; before compile so inductor fuses the activation quantization
                         [quantization]
-  7. weight storage     diffusers' layerwise casting (FP8 storage, upcast per layer); never with 6; before offload,
+  8. weight storage     diffusers' layerwise casting (FP8 storage, upcast per layer); never with 7; before offload,
                         whose groups then move the FP8 copies, and before compile [weight_storage]
-  8. cache              cache-dit's block cache or diffusers' FirstBlockCache around the blocks; before compile
+  9. cache              cache-dit's block cache or diffusers' FirstBlockCache around the blocks; before compile
                         [cache]
-  9. offload            diffusers' group offloading of the transformer, or its model / sequential CPU offload of
+ 10. offload            diffusers' group offloading of the transformer, or its model / sequential CPU offload of
                         the pipeline; after the levers that change the blocks, before compile, which traces its hooks
                         [offload]
- 10. text encoder       where the text encoder lives (resident, offloaded, on the CPU); it runs once per call
+ 11. text encoder       where the text encoder lives (resident, offloaded, on the CPU); it runs once per call
                         [text_encoder]
- 11. context parallel   diffusers' Ulysses / ring hooks; before compile, which traces them [parallel]
- 12. compile            it traces whatever the steps above left [compile]
- 13. cfg batching       it intercepts the transformer's call, outside the compiled model [cfg_batching]
- 14. cfg parallel       the same interception with the two passes on two GPUs (never together with 13) [parallel]
- 15. vae decode         tiled or sliced decoding; touches the VAE only [vae_decode]
- 16. steps              not a change to the pipeline: an argument of each call (`qwendoctor.runner.call_arguments`)
+ 12. context parallel   diffusers' Ulysses / ring hooks; before compile, which traces them [parallel]
+ 13. compile            it traces whatever the steps above left [compile]
+ 14. cfg batching       it intercepts the transformer's call, outside the compiled model [cfg_batching]
+ 15. cfg parallel       the same interception with the two passes on two GPUs (never together with 14) [parallel]
+ 16. vae decode         tiled or sliced decoding; touches the VAE only [vae_decode]
+ 17. steps              not a change to the pipeline: an argument of each call (`qwendoctor.runner.call_arguments`)
                         [steps]
 
-Memory levers (7, 9, 10, 15) trade speed for memory: tune does not search them (they are not in SEARCH_ORDER and
+Memory levers (8, 10, 11, 16) trade speed for memory: tune does not search them (they are not in SEARCH_ORDER and
 offer their defaults only); a memory plan chooses them (qwendoctor.levers.memory).
 
 A value at its field's default leaves the pipeline as diffusers built it. How to add a lever (one new module and
@@ -73,6 +77,7 @@ from qwendoctor.levers.compile import (  # noqa: F401
     COMPILE, COMPILE_MODES, COMPILE_OPTION_CONFIG, COMPILE_OPTIONS, CUDA_GRAPHS, MODE_RULES, apply_compile)
 from qwendoctor.levers.fused_qkv import FUSED_QKV, apply_fused_qkv  # noqa: F401
 from qwendoctor.levers.gelu_epilogue import GELU_EPILOGUE, apply_gelu_epilogue  # noqa: F401
+from qwendoctor.levers.lora import LORA, LORA_MODES, apply_lora  # noqa: F401
 from qwendoctor.levers.memory import load_on_cpu, target_device  # noqa: F401
 from qwendoctor.levers.offload import DEFAULT_BLOCKS_PER_GROUP, OFFLOAD, OFFLOADS, apply_offload  # noqa: F401
 from qwendoctor.levers.parallel import (  # noqa: F401
@@ -90,14 +95,15 @@ from qwendoctor.levers.weight_storage import WEIGHT_STORAGE, WEIGHT_STORAGES, ap
 if TYPE_CHECKING:
     from qwendoctor.profile import Profile, Workload
 
-LEVERS = (TF32, ATTENTION, REAL_ROPE, FUSED_QKV, GELU_EPILOGUE, QUANTIZATION, WEIGHT_STORAGE, CACHE, OFFLOAD,
+LEVERS = (TF32, ATTENTION, REAL_ROPE, LORA, FUSED_QKV, GELU_EPILOGUE, QUANTIZATION, WEIGHT_STORAGE, CACHE, OFFLOAD,
           TEXT_ENCODER, CONTEXT_PARALLEL, COMPILE, CFG_BATCHING, CFG_PARALLEL, VAE_DECODE, STEPS)
 # The order tune asks Optuna for values: compile first, since whether quantization, cache and real RoPE are
 # offered depends on it. (Changing it changes which profiles a seeded study proposes.)
 # The memory levers are not searched: they cost speed, and a memory plan chooses them.
 # STEPS before CACHE: a cache's warm-up is drawn below the step count (cache._cache_warmup).
+# LoRA last: how it can be held depends on fused q/k/v and quantization; last, it changes no earlier draw.
 SEARCH_ORDER = (ATTENTION, COMPILE, QUANTIZATION, STEPS, CACHE, TF32, CFG_BATCHING, REAL_ROPE, FUSED_QKV,
-                GELU_EPILOGUE)
+                GELU_EPILOGUE, LORA)
 FIELDS = tuple(field for lever in LEVERS for field in lever.fields)
 
 
