@@ -771,13 +771,13 @@ def test_a_bad_reference_cache_is_rendered_again_with_a_note(options, monkeypatc
 
     import numpy as np
 
-    from qwendoctor import models
+    from qwendoctor import files, models
     from qwendoctor.pool import ModelPool
 
     options.workload = dataclasses.replace(options.workload, reference_steps=2)
     pool = ModelPool(options.workload, CPU)
     first, _, revision = tune.reference(options, pool, "study", lambda line: None)
-    [path] = glob.glob(str(tune.files.cache_dir(None)) + "/reference-study.npz")
+    [path] = glob.glob(str(files.cache_dir(None)) + "/reference-study.npz")
     if damage == "truncate":
         data = open(path, "rb").read()
         open(path, "wb").write(data[:len(data) // 2])
