@@ -76,7 +76,9 @@ def _workload(model: str, width: int | None, height: int | None, steps: int, tru
     size = models.default_side(model)
     memory.check_value(memory_limit)  # named as the option, not as the workload field
     # Sizes, steps and scale first: a typo is answered before torch is imported (seconds on a small machine).
-    workload = Workload(model=model, width=width or size, height=height or size, true_cfg_scale=true_cfg_scale,
+    # `is None`, not `or`: --width 0 is a mistake to name, not a request for the default.
+    workload = Workload(model=model, width=size if width is None else width, height=size if height is None else height,
+                        true_cfg_scale=true_cfg_scale,
                         negative_prompt=negative_prompt, reference_steps=steps, dtype="float32",
                         memory_limit_gib=memory_limit).validate()
     # LoRA files from their headers alone: a wrong path is answered before the model loads.
@@ -405,7 +407,8 @@ def bench(model, width, height, steps, true_cfg_scale, timed_steps, full_image, 
     from qwendoctor.profile import Workload
 
     # The numbers first, before torch decides the default model: a typo is answered at once.
-    Workload(model=model or "tiny", width=width or 128, height=height or 128, true_cfg_scale=true_cfg_scale,
+    Workload(model=model or "tiny", width=128 if width is None else width, height=128 if height is None else height,
+             true_cfg_scale=true_cfg_scale,
              reference_steps=steps, dtype="float32").validate()
     from qwendoctor.files import writable_directory
     from qwendoctor.levers import memory
