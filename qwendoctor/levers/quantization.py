@@ -71,10 +71,12 @@ def _block_linear_between(first: int, end: int):
     return quantizable
 
 
-# The text stream's Linears in a Qwen-Image block. Their rows are the prompt's tokens (tens, any count), so an FP8
-# product gains nothing there, and on an H100 (torch 2.11, cuBLAS 13.1) cuBLASLt refused the row-wise product of
-# the text MLP's down projection at such a count (CUBLAS_STATUS_NOT_SUPPORTED, issue 28): every FP8 profile of the
-# 20B transformer failed. They keep FP8 weights (the memory FP8 promises) and multiply in bf16.
+# The text stream's Linears in a Qwen-Image block. Their rows are the prompt's tokens (tens, any count, against
+# 4096 image tokens at 1024x1024: under 1% of the block's GEMM FLOPs). On an H100 (torch 2.11, cuBLAS 13.1)
+# cuBLASLt refused the row-wise product of the text MLP's down projection (CUBLAS_STATUS_NOT_SUPPORTED), so every
+# FP8 profile of the 20B transformer failed (benchmarks/h100/fp8-diagnose/; whether the token count or the bias is
+# what it refuses was not isolated). They keep FP8 weights (the memory FP8 promises) and multiply in bf16. Not yet
+# run on a GPU: tests/gpu/test_fp8_synthetic_gpu.py, first in benchmarks/tools/gpu_owed.py.
 TEXT_STREAM = ("add_q_proj", "add_k_proj", "add_v_proj", "to_added_qkv", "to_add_out", "txt_mlp")
 
 
