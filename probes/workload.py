@@ -51,6 +51,72 @@ class LoRA:
 
 
 @dataclasses.dataclass(frozen=True)
+class Distilled(LoRA):
+    """A few-step distilled LoRA (`--distilled`, Qwen-Image-Lightning's kind): besides the file, what it must run
+    with, declared by its maker, because without it a distilled adapter silently draws badly: the step counts it
+    was distilled for, true CFG off, and overrides of the pipeline's scheduler config. It is a candidate of the
+    search (the `distilled` lever), never part of the reference: the floor judges it against the base model."""
+
+    steps: tuple[int, ...] = ()
+    # (key, value) pairs, sorted: overrides of the scheduler's config; a None value sets the key to None
+    # (Lightning's shift_terminal). A tuple, not a dict, so the frozen workload stays hashable.
+    scheduler: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def scheduler_overrides(self) -> dict[str, Any]:
+        return dict(self.scheduler)
+
+    def as_lora(self) -> LoRA:
+        return LoRA(path=self.path, scale=self.scale, sha256=self.sha256, rank=self.rank)
+
+    def validate(self, label: str) -> "Distilled":
+        super().validate(label)
+        if (not isinstance(self.steps, tuple) or not self.steps
+                or not all(limits.ok_type(s) and s >= MIN_STEPS for s in self.steps)):
+            raise WorkloadError(f"{label}.steps: must be a non-empty list of step counts >= {MIN_STEPS}, got "
+                                f"{list(self.steps) if isinstance(self.steps, tuple) else self.steps!r}")
+        if not isinstance(self.scheduler, tuple) or not all(
+                isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)
+                and (pair[1] is None or isinstance(pair[1], (bool, int, float, str))) for pair in self.scheduler):
+            raise WorkloadError(f"{label}.scheduler: must map config names to numbers, strings, booleans or "
+                                "null")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        data = self.as_lora().to_dict()
+        data["steps"] = list(self.steps)
+        # TOML has no null: the keys set to None are listed apart.
+        data["scheduler"] = {key: value for key, value in self.scheduler if value is not None}
+        data["scheduler_unset"] = [key for key, value in self.scheduler if value is None]
+        return data
+
+    @classmethod
+    def from_dict(cls, entry: Any, label: str) -> "Distilled":
+        if not isinstance(entry, dict):
+            raise WorkloadError(f"{label}: expected a table with path, scale, sha256, steps and scheduler")
+        unknown = sorted(set(entry) - {f.name for f in dataclasses.fields(cls)} - {"scheduler_unset"})
+        if unknown:
+            raise WorkloadError(f"{label}.{unknown[0]}: unknown field")
+        for needed in ("path", "sha256", "steps"):
+            if needed not in entry:
+                raise WorkloadError(f"{label}: needs {needed}")
+        fields = dict(entry)
+        scheduler, unset = fields.pop("scheduler", {}), fields.pop("scheduler_unset", [])
+        if not isinstance(scheduler, dict) or not isinstance(unset, list) or not all(
+                isinstance(key, str) for key in unset):
+            raise WorkloadError(f"{label}.scheduler: must be a table, and scheduler_unset a list of names")
+        if not isinstance(fields["steps"], list):
+            raise WorkloadError(f"{label}.steps: must be a list of step counts")
+        fields["steps"] = tuple(fields["steps"])
+        fields["scheduler"] = scheduler_pairs({**scheduler, **{key: None for key in unset}})
+        return cls(**fields).validate(label)
+
+
+def scheduler_pairs(overrides: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(overrides.items()))
+
+
+@dataclasses.dataclass(frozen=True)
 class Workload:
     """What is being generated; a lock is only valid for the workload it was tuned on."""
 
@@ -62,6 +128,8 @@ class Workload:
     reference_steps: int = 50
     dtype: str = "bfloat16"
     loras: tuple[LoRA, ...] = ()
+    # A few-step distilled LoRA the search may run instead of the base's steps and CFG (`--distilled`).
+    distilled: Distilled | None = None
     # GiB of GPU memory the process may use (`--memory-limit`); None: the whole card.
     memory_limit_gib: float | None = None
 
@@ -89,6 +157,10 @@ class Workload:
             raise WorkloadError("workload.loras: must be LoRA entries (path, scale, sha256)")
         for index, lora in enumerate(self.loras):
             lora.validate(f"workload.loras[{index}]")
+        if self.distilled is not None:
+            if not isinstance(self.distilled, Distilled):
+                raise WorkloadError("workload.distilled: must be a distilled LoRA entry")
+            self.distilled.validate("workload.distilled")
         return self
 
     @property
@@ -105,6 +177,10 @@ class Workload:
         data["loras"] = [lora.to_dict() for lora in self.loras]
         if data["memory_limit_gib"] is None:  # TOML has no null; and locks without a limit stay as they were
             del data["memory_limit_gib"]
+        if self.distilled is None:
+            del data["distilled"]
+        else:
+            data["distilled"] = self.distilled.to_dict()
         return data
 
     @classmethod
@@ -121,6 +197,8 @@ class Workload:
                 raise WorkloadError("workload.loras: must be a list")
             fields["loras"] = tuple(_lora_from_dict(entry, f"workload.loras[{index}]")
                                     for index, entry in enumerate(fields["loras"]))
+        if "distilled" in fields:
+            fields["distilled"] = Distilled.from_dict(fields["distilled"], "workload.distilled")
         return cls(**fields).validate()
 
 

@@ -226,7 +226,11 @@ def run_bench(options: BenchOptions, capabilities: Capabilities,
             rendered = dataclasses.replace(rung.profile, steps=options.render_steps if not options.full_image
                                            else rung.profile.steps or workload.reference_steps)
             measurement = runner.measure(model, workload, rendered, [options.prompt], [options.seed])
-            row.update(_timing(measurement, workload, flops, document["gemm_ceiling"], rung.profile))
+            # The document's figure counts the workload's passes; a row without true CFG (the distilled adapter)
+            # does half the work in a step.
+            passes_ratio = (1 if levers.runs_true_cfg(workload, rung.profile) or not workload.does_cfg else 0.5)
+            row_flops = {key: value * passes_ratio for key, value in flops.items()}
+            row.update(_timing(measurement, workload, row_flops, document["gemm_ceiling"], rung.profile))
             if reference_images is None:
                 reference_images = measurement.images
                 _save_reference(reference_path, reference_images)

@@ -66,7 +66,8 @@ _register_check()
 
 
 def _workload(model: str, width: int | None, height: int | None, steps: int, true_cfg_scale: float,
-              negative_prompt: str, memory_limit: float | None = None, lora_specs: tuple[str, ...] = ()):
+              negative_prompt: str, memory_limit: float | None = None, lora_specs: tuple[str, ...] = (),
+              distilled_spec: str | None = None, distilled_steps: str | None = None):
     import dataclasses
 
     from qwendoctor import models
@@ -82,12 +83,13 @@ def _workload(model: str, width: int | None, height: int | None, steps: int, tru
                         negative_prompt=negative_prompt, reference_steps=steps, dtype="float32",
                         memory_limit_gib=memory_limit).validate()
     # LoRA files from their headers alone: a wrong path is answered before the model loads.
-    workload = dataclasses.replace(workload, loras=_loras(lora_specs, model)).validate()
+    workload = dataclasses.replace(workload, loras=_loras(lora_specs, model),
+                                   distilled=_distilled(distilled_spec, distilled_steps, model)).validate()
     memory.check_against_card(memory_limit, memory.card_total_gib() if memory_limit is not None else None)
     device = models.default_device()
     models.resolve_model(model, device)
     models.check_diffusers_env()
-    _check_lora_keys(workload.loras, model)
+    _check_lora_keys(workload.loras + ((workload.distilled,) if workload.distilled else ()), model)
     memory.apply(memory_limit)  # before anything is loaded: the cap must see every allocation
     return dataclasses.replace(workload, dtype=models.default_dtype(device)).validate()
 
@@ -96,6 +98,16 @@ def _loras(specs: tuple[str, ...], model: str) -> tuple:
     from qwendoctor.levers import lora
 
     return tuple(lora.parse_spec(spec, model) for spec in specs)
+
+
+def _distilled(spec: str | None, steps: str | None, model: str):
+    from qwendoctor.levers import lora
+
+    if spec is None:
+        if steps is not None:
+            raise UsageError("--distilled-steps: names the step counts of a --distilled adapter, and none is given")
+        return None
+    return lora.parse_distilled(spec, model, steps)
 
 
 def _check_lora_keys(loras: tuple, model: str) -> None:
@@ -111,6 +123,11 @@ def _check_lora_keys(loras: tuple, model: str) -> None:
 
 LORA_HELP = ("A LoRA to run with, PATH[:SCALE] (scale -10..10, default 1; repeatable); tiny:NAME is an adapter "
              "shipped with the tiny model.")
+DISTILLED_HELP = ("A few-step distilled LoRA (Qwen-Image-Lightning's kind), PATH[:SCALE]: searched as a lever, run at "
+                  "its step counts with CFG off and its scheduler, judged against the base model's reference; "
+                  "tiny:distilled ships with the tiny model.")
+DISTILLED_STEPS_HELP = ("The step counts the --distilled adapter was distilled for, e.g. 8 or 4,8 [its adapter.json; "
+                        "without one, required].")
 MEMORY_LIMIT_HELP = ("GiB of GPU memory this process may use (torch's per-process cap): tune and test a plan for "
                      "a smaller card, or leave room for another process [the whole card].")
 
@@ -148,10 +165,12 @@ MEMORY_LIMIT_HELP = ("GiB of GPU memory this process may use (torch's per-proces
               "(CFG-parallel, Ulysses, ring) and lock the fastest [all visible GPUs].")
 @click.option("--memory-limit", type=float, help=MEMORY_LIMIT_HELP)
 @click.option("--lora", "lora_specs", multiple=True, help=LORA_HELP)
+@click.option("--distilled", "distilled_spec", help=DISTILLED_HELP)
+@click.option("--distilled-steps", help=DISTILLED_STEPS_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def tune(model, width, height, steps, true_cfg_scale, negative_prompt, trials, timeout, prompts_file,
          num_prompts, seeds, floor, lock_path, storage, heartbeat, timed_steps, exhaustive, gpus, memory_limit,
-         lora_specs, as_json):
+         lora_specs, distilled_spec, distilled_steps, as_json):
     """Search the optimization levers for the fastest profile that meets the quality floor; write a lock."""
     from qwendoctor import quality
     from qwendoctor.tune import TuneOptions, read_prompts
@@ -186,7 +205,8 @@ def tune(model, width, height, steps, true_cfg_scale, negative_prompt, trials, t
     parsed_floor = quality.parse_floor(floor)
     _in_range("floor", parsed_floor.psnr_db, "--floor psnr")  # nan would pass every comparison, inf none
     _check_cache_dir()
-    workload = _workload(model, width, height, steps, true_cfg_scale, negative_prompt, memory_limit, lora_specs)
+    workload = _workload(model, width, height, steps, true_cfg_scale, negative_prompt, memory_limit, lora_specs,
+                         distilled_spec, distilled_steps)
     from qwendoctor import report
 
     if not given_storage:
@@ -394,9 +414,12 @@ def _launch_generate(profile, lock, option: str, arguments: list[str]) -> None:
 @click.option("--resume", is_flag=True, help="Keep the rows an interrupted run of this bench already wrote.")
 @click.option("--memory-limit", type=float, help=MEMORY_LIMIT_HELP)
 @click.option("--lora", "lora_specs", multiple=True, help=LORA_HELP)
+@click.option("--distilled", "distilled_spec", help=DISTILLED_HELP)
+@click.option("--distilled-steps", help=DISTILLED_STEPS_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the result document as JSON.")
 def bench(model, width, height, steps, true_cfg_scale, timed_steps, full_image, no_ladder, rows, list_rows,
-          lock_paths, profile_texts, no_breakdown, out_dir, name, resume, memory_limit, lora_specs, as_json):
+          lock_paths, profile_texts, no_breakdown, out_dir, name, resume, memory_limit, lora_specs, distilled_spec,
+          distilled_steps, as_json):
     """Measure the default and the ablation ladder on this machine; write JSON and a markdown table."""
     import json
 
@@ -424,7 +447,8 @@ def bench(model, width, height, steps, true_cfg_scale, timed_steps, full_image, 
                               timed_steps=timed_steps, given=tuple(given), name=name).validate()
     _check_cache_dir()
     model = model or ("synthetic" if models.default_device() == "cuda" else "tiny")
-    workload = _workload(model, width, height, steps, true_cfg_scale, " ", memory_limit, lora_specs)
+    workload = _workload(model, width, height, steps, true_cfg_scale, " ", memory_limit, lora_specs, distilled_spec,
+                         distilled_steps)
 
     def log(message: str) -> None:
         click.echo(f"qwendoctor: {message}", err=True)

@@ -145,10 +145,21 @@ def speedup_line(lock) -> str:
     if quality == "unverified" and "lossless_speedup" in study:
         return (f"speedup {study['lossless_speedup']:.2f}x over the default, lossless (trial "
                 f"#{study['lossless_trial']}); the locked profile's {figure} is {note}")
-    line = f"speedup {figure} over the default ({note})"
+    line = f"speedup {figure} over the {base_default(lock)} ({note})"
     if quality != "lossless" and "lossless_speedup" in study:
         line += f"; lossless {study['lossless_speedup']:.2f}x (trial #{study['lossless_trial']})"
     return line + held_out_note(study) + confirmation_note(lock)
+
+
+def base_default(lock) -> str:
+    """What the headline's "default" is. For a lock that runs a distilled adapter, say plainly that the figure is
+    against the base model as diffusers runs it, not against the adapter's own few steps run slowly."""
+    if not lock.profile.distilled:
+        return "default"
+    workload = lock.workload
+    cfg = f"true CFG {workload.true_cfg_scale:g}" if workload.does_cfg else "CFG off"
+    return (f"base model's default ({workload.reference_steps} steps, {cfg}, without the distilled adapter; the "
+            f"lock runs it at {lock.profile.steps} steps, CFG off)")
 
 
 def confirmation_note(lock) -> str:
@@ -244,6 +255,8 @@ def tune_json(result: TuneResult) -> str:
         "measured": {k: clean(v) for k, v in lock.measured.items()},
         "baseline": {k: clean(v) for k, v in lock.baseline.items()},
         "study": lock.study,
+        # What "speedup" is measured against (the baseline's profile: the base model as diffusers runs it).
+        "speedup_against": base_default(lock),
         "counts": result.counts,
         "time_spent_s": result.time_spent_s,
         "trial_time_s": result.trial_time_s,

@@ -28,7 +28,8 @@ def call_arguments(workload: Workload, profile: Profile) -> dict[str, Any]:
         "width": workload.width,
         "height": workload.height,
         "num_inference_steps": profile.steps or workload.reference_steps,
-        "true_cfg_scale": workload.true_cfg_scale,
+        # A distilled adapter runs with CFG off (levers.distilled): one pass a step.
+        "true_cfg_scale": workload.true_cfg_scale if levers.runs_true_cfg(workload, profile) else 1.0,
     }
 
 
@@ -51,7 +52,7 @@ def render(model: models.LoadedModel, workload: Workload, profile: Profile, prom
     """One image as a float32 array (H, W, 3) in [0, 1]."""
     import torch
 
-    negative = workload.negative_prompt if workload.does_cfg else None
+    negative = workload.negative_prompt if levers.runs_true_cfg(workload, profile) else None
     # A CPU generator draws the same noise on every device, so references render alike on CPU and GPU.
     generator = torch.Generator(device="cpu").manual_seed(seed)
     arguments = call_arguments(workload, profile)

@@ -97,6 +97,17 @@ def default_params(space: SearchSpace) -> dict[str, Any]:
     return params
 
 
+def distilled_params(space: SearchSpace) -> list[dict[str, Any]]:
+    """The distilled adapter as its maker runs it (everything else at the default), one trial per declared step
+    count, fewest first: queued after the default so a short study weighs the adapter at least once. None where it
+    is not offered."""
+    if True not in space.values("distilled"):
+        return []
+    base = {key: value for key, value in default_params(space).items() if key not in ("steps", "cfg_batching")}
+    return [{**base, "distilled": True, "distilled_steps": steps}
+            for steps in sorted(space.context.workload.distilled.steps)]
+
+
 def sample_profile(trial, space: SearchSpace) -> Profile:
     """A trial's profile: each searched lever draws its fields, in SEARCH_ORDER, from what it offered."""
     chosen: dict[str, Any] = {}

@@ -468,6 +468,8 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
         log(f"resuming: {recovered} trial(s) of stopped workers queued again")
     if not optuna_study.trials:
         optuna_study.enqueue_trial(space.default_params(search), skip_if_exists=True)
+        for params in space.distilled_params(search):
+            optuna_study.enqueue_trial(params, skip_if_exists=True)
     done = len(study.finished(optuna_study))
     remaining = options.trials - done
     log(f"study {name} in {shown}: {done} trial(s) done, {max(remaining, 0)} to run")

@@ -27,30 +27,32 @@ Order of application (LEVERS), and why:
                         for hotswap) or fused into the weights; before fused qkv, which replaces the Linears peft
                         wraps, before quantization (fused in bf16, then quantized: no FP8 artifacts) and before
                         compile (hotswap is enabled before the first load and compile) [lora]
-  5. fused qkv          one q/k/v GEMM per stream; before quantization and weight storage, so they see the fused
+  5. distilled          a few-step distilled LoRA run as its maker declared: its weights join the LoRAs of 4,
+                        its step count is 18's, true CFG off; here its scheduler replaces the base's [distilled]
+  6. fused qkv          one q/k/v GEMM per stream; before quantization and weight storage, so they see the fused
                         Linears, and before compile [fused_qkv]
-  6. gelu epilogue      the MLP's GELU in its first GEMM's cuBLASLt epilogue; before weight storage and offload,
+  7. gelu epilogue      the MLP's GELU in its first GEMM's cuBLASLt epilogue; before weight storage and offload,
                         whose hooks then wrap the fused Linear, and before compile [gelu_epilogue]
-  7. quantization       torchao swaps Linear weights; before compile so inductor fuses the activation quantization
+  8. quantization       torchao swaps Linear weights; before compile so inductor fuses the activation quantization
                         [quantization]
-  8. weight storage     diffusers' layerwise casting (FP8 storage, upcast per layer); never with 7; before offload,
+  9. weight storage     diffusers' layerwise casting (FP8 storage, upcast per layer); never with 8; before offload,
                         whose groups then move the FP8 copies, and before compile [weight_storage]
-  9. cache              cache-dit's block cache or diffusers' FirstBlockCache around the blocks; before compile
+ 10. cache              cache-dit's block cache or diffusers' FirstBlockCache around the blocks; before compile
                         [cache]
- 10. offload            diffusers' group offloading of the transformer, or its model / sequential CPU offload of
+ 11. offload            diffusers' group offloading of the transformer, or its model / sequential CPU offload of
                         the pipeline; after the levers that change the blocks, before compile, which traces its hooks
                         [offload]
- 11. text encoder       where the text encoder lives (resident, offloaded, on the CPU); it runs once per call
+ 12. text encoder       where the text encoder lives (resident, offloaded, on the CPU); it runs once per call
                         [text_encoder]
- 12. context parallel   diffusers' Ulysses / ring hooks; before compile, which traces them [parallel]
- 13. compile            it traces whatever the steps above left [compile]
- 14. cfg batching       it intercepts the transformer's call, outside the compiled model [cfg_batching]
- 15. cfg parallel       the same interception with the two passes on two GPUs (never together with 14) [parallel]
- 16. vae decode         tiled or sliced decoding; touches the VAE only [vae_decode]
- 17. steps              not a change to the pipeline: an argument of each call (`qwendoctor.runner.call_arguments`)
+ 13. context parallel   diffusers' Ulysses / ring hooks; before compile, which traces them [parallel]
+ 14. compile            it traces whatever the steps above left [compile]
+ 15. cfg batching       it intercepts the transformer's call, outside the compiled model [cfg_batching]
+ 16. cfg parallel       the same interception with the two passes on two GPUs (never together with 15) [parallel]
+ 17. vae decode         tiled or sliced decoding; touches the VAE only [vae_decode]
+ 18. steps              not a change to the pipeline: an argument of each call (`qwendoctor.runner.call_arguments`)
                         [steps]
 
-Memory levers (8, 10, 11, 16) trade speed for memory: tune does not search them (they are not in SEARCH_ORDER and
+Memory levers (9, 11, 12, 17) trade speed for memory: tune does not search them (they are not in SEARCH_ORDER and
 offer their defaults only); a memory plan chooses them (qwendoctor.levers.memory).
 
 A value at its field's default leaves the pipeline as diffusers built it. How to add a lever (one new module and
@@ -68,13 +70,14 @@ from qwendoctor.errors import UsageError  # noqa: F401 (re-exported)
 from qwendoctor.levers.attention import (  # noqa: F401
     ATTENTION, ATTENTION_SLACK, FAST_ATTENTION, _slower_than_slack, apply_attention_backend)
 from qwendoctor.levers.base import (  # noqa: F401
-    BenchRow, Field, IntRange, LadderStep, Lever, Offer, SpaceContext)
+    BenchRow, Field, IntRange, LadderStep, Lever, Offer, SpaceContext, runs_true_cfg)
 from qwendoctor.levers.cache import (  # noqa: F401
     CACHE, CACHE_DIT_INSTALL, CACHE_THRESHOLD_RANGE, CACHES, DBCACHE_DEFAULTS, DBCACHE_FIELDS, TAYLORSEER_ORDERS,
     apply_cache, cached_steps, fixed_schedule, separate_cfg_passes)
 from qwendoctor.levers.cfg_batching import CFG_BATCHING, apply_cfg_batching  # noqa: F401
 from qwendoctor.levers.compile import (  # noqa: F401
     COMPILE, COMPILE_MODES, COMPILE_OPTION_CONFIG, COMPILE_OPTIONS, CUDA_GRAPHS, MODE_RULES, apply_compile)
+from qwendoctor.levers.distilled import DISTILLED, apply_distilled  # noqa: F401
 from qwendoctor.levers.fused_qkv import FUSED_QKV, apply_fused_qkv  # noqa: F401
 from qwendoctor.levers.gelu_epilogue import GELU_EPILOGUE, apply_gelu_epilogue  # noqa: F401
 from qwendoctor.levers.lora import LORA, LORA_MODES, apply_lora  # noqa: F401
@@ -95,14 +98,16 @@ from qwendoctor.levers.weight_storage import WEIGHT_STORAGE, WEIGHT_STORAGES, ap
 if TYPE_CHECKING:
     from qwendoctor.profile import Profile, Workload
 
-LEVERS = (TF32, ATTENTION, REAL_ROPE, LORA, FUSED_QKV, GELU_EPILOGUE, QUANTIZATION, WEIGHT_STORAGE, CACHE, OFFLOAD,
-          TEXT_ENCODER, CONTEXT_PARALLEL, COMPILE, CFG_BATCHING, CFG_PARALLEL, VAE_DECODE, STEPS)
+LEVERS = (TF32, ATTENTION, REAL_ROPE, LORA, DISTILLED, FUSED_QKV, GELU_EPILOGUE, QUANTIZATION, WEIGHT_STORAGE, CACHE,
+          OFFLOAD, TEXT_ENCODER, CONTEXT_PARALLEL, COMPILE, CFG_BATCHING, CFG_PARALLEL, VAE_DECODE, STEPS)
 # The order tune asks Optuna for values: compile first, since whether quantization, cache and real RoPE are
 # offered depends on it. (Changing it changes which profiles a seeded study proposes.)
 # The memory levers are not searched: they cost speed, and a memory plan chooses them.
 # STEPS before CACHE: a cache's warm-up is drawn below the step count (cache._cache_warmup).
 # LoRA last: how it can be held depends on fused q/k/v and quantization; last, it changes no earlier draw.
-SEARCH_ORDER = (ATTENTION, COMPILE, QUANTIZATION, STEPS, CACHE, TF32, CFG_BATCHING, REAL_ROPE, FUSED_QKV,
+# DISTILLED before STEPS: with the adapter, the step count is drawn from the counts it was distilled for; and
+# before CFG_BATCHING, which has no CFG to batch then.
+SEARCH_ORDER = (ATTENTION, COMPILE, QUANTIZATION, DISTILLED, STEPS, CACHE, TF32, CFG_BATCHING, REAL_ROPE, FUSED_QKV,
                 GELU_EPILOGUE, LORA)
 FIELDS = tuple(field for lever in LEVERS for field in lever.fields)
 

@@ -106,6 +106,12 @@ class LadderStep:
     applies: Callable[["Capabilities", "Workload"], bool]
 
 
+def runs_true_cfg(workload: "Workload | None", profile: "Profile") -> bool:
+    """Whether each step runs true CFG's two passes: the workload asks for CFG (None: assume it does) and no
+    distilled adapter, which runs with CFG off (levers.distilled), replaces it."""
+    return (workload is None or workload.does_cfg) and not getattr(profile, "distilled", False)
+
+
 def nothing(*_args) -> None:
     return None
 

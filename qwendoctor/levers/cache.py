@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from qwendoctor.errors import UnavailableLever, UsageError
 from qwendoctor.levers import cfg_batching
-from qwendoctor.levers.base import Field, Lever, Offer, SpaceContext, has_transformer
+from qwendoctor.levers.base import Field, Lever, Offer, SpaceContext, has_transformer, runs_true_cfg
 
 if TYPE_CHECKING:
     from qwendoctor.profile import Profile
@@ -95,7 +95,7 @@ def separate_cfg_passes(pipe, profile: "Profile") -> bool:
     """Whether each denoising step calls the transformer twice (true CFG, not batched). Under CFG-parallel each
     rank makes one call per step (its own pass): a cache set up for two compared residuals two steps apart."""
     workload = getattr(pipe, "_qwendoctor_workload", None)
-    return ((workload is None or workload.does_cfg) and not profile.cfg_batching
+    return (runs_true_cfg(workload, profile) and not profile.cfg_batching
             and getattr(profile, "cfg_degree", 1) == 1)
 
 

@@ -44,7 +44,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from qwendoctor.errors import UsageError
-from qwendoctor.levers.base import BenchRow, Field, LadderStep, Lever, Offer, has_transformer
+from qwendoctor.levers.base import BenchRow, Field, LadderStep, Lever, Offer, has_transformer, runs_true_cfg
 
 if TYPE_CHECKING:
     from qwendoctor.profile import Profile
@@ -299,6 +299,9 @@ def _cfg_batching_runnable(profile, workload, capabilities) -> None:
     if profile.cfg_batching and not workload.does_cfg:
         raise UsageError("profile.cfg_batching batches true CFG's two passes; this workload has no CFG "
                          f"(true_cfg_scale {workload.true_cfg_scale:g})")
+    if profile.cfg_batching and not runs_true_cfg(workload, profile):
+        raise UsageError("profile.cfg_batching batches true CFG's two passes; the distilled adapter runs with CFG "
+                         "off (distilled = true)")
 
 
 def _cfg_batching_bench(capabilities, workload) -> list[BenchRow]:
@@ -311,7 +314,8 @@ CFG_BATCHING = Lever(
     fields=(Field("cfg_batching", bool, False),),
     runnable=_cfg_batching_runnable,
     offer=lambda ctx: Offer({"cfg_batching": (False, True) if ctx.workload.does_cfg else (False,)}),
-    sample=lambda trial, offer, chosen, ctx: {
+    # With the distilled adapter drawn there is no second pass to batch.
+    sample=lambda trial, offer, chosen, ctx: {} if chosen.get("distilled") else {
         "cfg_batching": trial.suggest_categorical("cfg_batching", offer.values["cfg_batching"])},
     describe=lambda p: "cfg-batch" if p.cfg_batching else None,
     bench_alone=_cfg_batching_bench,

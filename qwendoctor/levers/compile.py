@@ -11,7 +11,8 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from qwendoctor.errors import UsageError
-from qwendoctor.levers.base import BenchRow, Field, LadderStep, Lever, Offer, SpaceContext, has_transformer
+from qwendoctor.levers.base import (BenchRow, Field, LadderStep, Lever, Offer, SpaceContext, has_transformer,
+                                    runs_true_cfg)
 
 if TYPE_CHECKING:
     from qwendoctor.profile import Profile
@@ -85,7 +86,7 @@ def _compile_check(profile) -> None:
 
 
 def _compile_runnable(profile, workload, capabilities) -> None:
-    if profile.compile_mode == CUDA_GRAPHS and workload.does_cfg and not profile.cfg_batching:
+    if profile.compile_mode == CUDA_GRAPHS and runs_true_cfg(workload, profile) and not profile.cfg_batching:
         raise UsageError(f"profile.compile_mode: {CUDA_GRAPHS} with true CFG needs cfg_batching = true: the "
                          "pipeline keeps the cond pass's output, which the uncond pass's replay can overwrite")
 

@@ -161,16 +161,63 @@ def metadata(file: str) -> dict[str, Any]:
 
 
 def check_not_distilled(lora: LoRA, model: str, option: str = "--lora") -> None:
-    """A distilled adapter needs its step counts, CFG off and its scheduler, which no lever sets yet: run as a
-    style LoRA it would silently draw badly."""
+    """A distilled adapter needs its step counts, CFG off and its scheduler: run as a style LoRA it would
+    silently draw badly. `--distilled` runs it as declared (the distilled lever)."""
     if metadata(resolve(lora.path, model, option)).get("kind") == "distilled":
         raise UsageError(f"{option} {lora.path}: is a distilled few-step adapter (its adapter.json says so); "
-                         "distilled adapters are not tuned yet, only style and subject LoRAs")
+                         f"pass it with --distilled, which runs it at its step counts with CFG off and its scheduler")
+
+
+def parse_distilled(text: str, model: str, steps_text: str | None = None, option: str = "--distilled"):
+    """`PATH[:SCALE]` of a few-step distilled LoRA, with what it must run with: from its adapter.json where it has
+    one (the tiny adapters' format), else `--distilled-steps` and Qwen-Image-Lightning's scheduler. Checked from
+    the files alone, before torch is imported."""
+    from probes.workload import Distilled, WorkloadError, scheduler_pairs
+    from qwendoctor.levers.distilled import LIGHTNING_SCHEDULER
+
+    path, scale = _split_scale(text, option)
+    file = resolve(path, model, option)
+    rank = inspect_header(file, f"{option} {path}")
+    declared = metadata(file)
+    if declared and declared.get("kind") != "distilled":
+        raise UsageError(f"{option} {path}: its adapter.json declares kind {declared.get('kind')!r}, not a distilled "
+                         "adapter; pass it with --lora")
+    if steps_text is not None:
+        steps = parse_steps(steps_text)
+    elif declared.get("steps"):
+        steps = declared["steps"]
+    else:
+        raise UsageError(f"{option} {path}: nothing declares the step counts it was distilled for; pass "
+                         "--distilled-steps N (Qwen-Image-Lightning's files name theirs: 4steps, 8steps)")
+    scheduler = declared.get("scheduler", LIGHTNING_SCHEDULER) if declared else LIGHTNING_SCHEDULER
+    if not isinstance(scheduler, dict):
+        raise UsageError(f"{option} {path}: its adapter.json's scheduler must be a table of config overrides")
+    stored = path if path.startswith(BUILTIN_PREFIX) else os.path.abspath(path)
+    try:
+        return Distilled(path=stored, scale=scale, sha256=file_sha256(file), rank=rank,
+                         steps=tuple(steps) if isinstance(steps, list) else steps,
+                         scheduler=scheduler_pairs(scheduler)).validate(f"{option} {path}")
+    except WorkloadError as error:
+        raise UsageError(str(error)) from None
+
+
+def parse_steps(text: str) -> tuple[int, ...]:
+    """`--distilled-steps 4` or `4,8`."""
+    try:
+        steps = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise UsageError(f"--distilled-steps {text!r}: use step counts separated by commas, such as 8 or 4,8") from None
+    for value in steps:
+        try:
+            limits.check("steps", value, label="--distilled-steps")
+        except limits.RangeError as error:
+            raise UsageError(str(error)) from None
+    return tuple(dict.fromkeys(steps))
 
 
 def check_files(workload: "Workload", where: str) -> None:
     """Each LoRA of a lock's workload is still the file it was tuned with (sha256), before the model loads."""
-    for lora in workload.loras:
+    for lora in workload.loras + ((workload.distilled,) if workload.distilled is not None else ()):
         label = f"{where}: LoRA {lora.path}"
         file = resolve(lora.path, workload.model, label)
         if not os.path.isfile(file):
@@ -206,7 +253,7 @@ def apply_lora(pipe, profile: "Profile"):
     says. What the transformer already holds is recorded on it, so re-applying is a no-op, unfused LoRAs can still
     be fused, and a fused transformer is never asked to unfuse (the pool gives it a fresh one: undoable=False)."""
     workload = getattr(pipe, "_qwendoctor_workload", None)
-    loras = tuple(workload.loras) if workload is not None else ()
+    loras = held_loras(workload, profile)
     if not loras or not has_transformer(pipe, profile, "lora_mode", True):
         return pipe
     transformer = pipe.transformer
@@ -226,10 +273,22 @@ def apply_lora(pipe, profile: "Profile"):
         pipe.fuse_lora(components=["transformer"], lora_scale=1.0, adapter_names=names)
         pipe.unload_lora_weights()
     object.__setattr__(transformer, "_qwendoctor_loras", wanted)
+    object.__setattr__(transformer, "_qwendoctor_holds_distilled", len(loras) > len(workload.loras))
     return pipe
 
 
-def _load(pipe, loras: tuple[LoRA, ...], model: str, names: list[str], hotswap: bool) -> None:
+def held_loras(workload: "Workload | None", profile: "Profile") -> tuple[LoRA, ...]:
+    """The LoRAs a pipeline holds under `profile`: the workload's, and its distilled adapter where the profile
+    runs it (last, so the style LoRAs keep their adapter names, lora0, lora1, ..., through a hotswap)."""
+    if workload is None:
+        return ()
+    distilled = (workload.distilled.as_lora(),) if workload.distilled is not None and profile.distilled else ()
+    return tuple(workload.loras) + distilled
+
+
+def _load(pipe, loras: tuple[LoRA, ...], model: str, names: list[str], hotswap: bool,
+          scales: list[float] | None = None, active: list[str] | None = None) -> None:
+    """Load `loras` as adapters `names`; then `active` (default: `names`) are the adapters in use, at `scales`."""
     modules = {name for name, _ in pipe.transformer.named_modules()}
     if not hotswap and not getattr(pipe.transformer, "peft_config", None):
         target = compiled_rank(loras)
@@ -248,7 +307,7 @@ def _load(pipe, loras: tuple[LoRA, ...], model: str, names: list[str], hotswap: 
             # peft's note on a second adapter beside the first: several LoRAs at once is what was asked for.
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             pipe.load_lora_weights(file, adapter_name=name, hotswap=hotswap)
-    _set_scales(pipe, names, [lora.scale for lora in loras])
+    _set_scales(pipe, active or names, scales or [lora.scale for lora in loras])
 
 
 def _set_scales(pipe, names: list[str], scales: list[float]) -> None:
@@ -307,16 +366,20 @@ def hotswap(pipe, loras: tuple[LoRA, ...], model: str) -> None:
     held = getattr(transformer, "_qwendoctor_loras", None)
     if held is None or held[0] != "unfused":
         raise UsageError("hotswap: this pipeline holds no unfused LoRAs (lora_mode=unfused) to swap")
-    if len(loras) != len(held[1]):
-        raise UsageError(f"hotswap: swaps adapter for adapter: {len(held[1])} LoRA(s) are loaded, {len(loras)} given")
+    # A distilled adapter held beside the style LoRAs (last) stays: the swap is of the style LoRAs.
+    distilled = held[1][-1:] if getattr(transformer, "_qwendoctor_holds_distilled", False) else ()
+    styles = held[1][:len(held[1]) - len(distilled)]
+    if len(loras) != len(styles):
+        raise UsageError(f"hotswap: swaps adapter for adapter: {len(styles)} LoRA(s) are loaded, {len(loras)} given")
     target = getattr(transformer, "_qwendoctor_lora_rank", None)  # what the layers were padded to at first load
     for lora in loras:
         if lora.rank is not None and target is not None and lora.rank > target:
             raise UsageError(f"hotswap: LoRA {lora.path} has rank {lora.rank}, larger than the rank {target} the "
                              "loaded LoRA layers hold")
-    names = [f"{ADAPTER_PREFIX}{index}" for index in range(len(loras))]
-    _load(pipe, loras, model, names, hotswap=True)
-    object.__setattr__(transformer, "_qwendoctor_loras", (held[0], tuple(loras)))
+    names = [f"{ADAPTER_PREFIX}{index}" for index in range(len(held[1]))]
+    _load(pipe, loras, model, names[:len(loras)], hotswap=True,
+          scales=[lora.scale for lora in tuple(loras) + distilled], active=names)
+    object.__setattr__(transformer, "_qwendoctor_loras", (held[0], tuple(loras) + distilled))
 
 
 # -- the lever ----------------------------------------------------------------------------------------------------
@@ -336,7 +399,7 @@ def _conflicts(profile: "Profile") -> list[str]:
 
 
 def _lora_runnable(profile: "Profile", workload: "Workload", capabilities) -> None:
-    if not workload.loras or profile.lora_mode != "unfused":
+    if not held_loras(workload, profile) or profile.lora_mode != "unfused":
         return
     conflicts = _conflicts(profile)
     if conflicts:
@@ -345,15 +408,15 @@ def _lora_runnable(profile: "Profile", workload: "Workload", capabilities) -> No
 
 
 def _lora_offer(ctx: SpaceContext) -> Offer:
-    if not ctx.workload.loras:
+    if not ctx.workload.loras and ctx.workload.distilled is None:
         return Offer({"lora_mode": ("unfused",)})  # inert: nothing to hold
     return Offer({"lora_mode": LORA_MODES})
 
 
 def _lora_sample(trial, offer: Offer, chosen: dict[str, Any], ctx: SpaceContext) -> dict[str, Any]:
     values = offer.values["lora_mode"]
-    if len(values) < 2:
-        return {}
+    if len(values) < 2 or not (ctx.workload.loras or chosen.get("distilled")):
+        return {}  # no LoRA held in this trial: how to hold one is moot
     if _conflicts(_Chosen(chosen)):
         return {"lora_mode": "fused"}  # the only way to hold a LoRA under what was drawn before
     return {"lora_mode": trial.suggest_categorical("lora_mode", values)}

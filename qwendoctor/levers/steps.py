@@ -26,6 +26,10 @@ def _steps_offer(ctx: SpaceContext) -> Offer:
 
 
 def _steps_sample(trial, offer: Offer, chosen: dict[str, Any], ctx: SpaceContext) -> dict[str, Any]:
+    if chosen.get("distilled"):
+        # A distilled adapter runs at the counts it was distilled for, not anywhere in the base's range.
+        # Its own parameter name: Optuna keeps one distribution per name.
+        return {"steps": trial.suggest_categorical("distilled_steps", ctx.workload.distilled.steps)}
     values = offer.values["steps"]
     steps = trial.suggest_int("steps", values.low, values.high, step=values.step)
     return {"steps": None if steps == ctx.workload.reference_steps else steps}
