@@ -165,7 +165,8 @@ def test_steps_are_a_call_argument(tiny_workload):
 
 def test_optimize_applies_levers_in_the_documented_order():
     names = [lever.apply.__name__ for lever in levers.LEVERS if lever.apply is not None]
-    assert names == ["apply_tf32", "apply_attention_backend", "apply_real_rope", "apply_lora", "apply_fused_qkv",
+    assert names == ["apply_tf32", "apply_attention_backend", "apply_real_rope", "apply_lora", "apply_distilled",
+                     "apply_fused_qkv",
                      "apply_gelu_epilogue", "apply_quantization", "apply_weight_storage", "apply_cache",
                      "apply_offload", "apply_text_encoder", "apply_context_parallel", "apply_compile",
                      "apply_cfg_batching", "apply_cfg_parallel", "apply_vae_decode"]

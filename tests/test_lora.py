@@ -209,8 +209,9 @@ def test_unfused_refuses_levers_that_replace_the_linears_and_the_sample_fuses_th
         check_runnable(Profile(fused_qkv=True), workload, _cpu())
     check_runnable(Profile(fused_qkv=True, lora_mode="fused"), workload, _cpu())
     check_runnable(Profile(fused_qkv=True), workload_with(), _cpu())  # no LoRA: nothing to refuse
-    offer = lora._lora_offer(levers.SpaceContext(_cpu(), workload, False, lambda rule: None))
-    assert lora._lora_sample(None, offer, {"fused_qkv": True}, None) == {"lora_mode": "fused"}
+    context = levers.SpaceContext(_cpu(), workload, False, lambda rule: None)
+    offer = lora._lora_offer(context)
+    assert lora._lora_sample(None, offer, {"fused_qkv": True}, context) == {"lora_mode": "fused"}
 
 
 def test_a_hotswap_replaces_the_weights_without_a_new_graph(lora_files):

@@ -13,6 +13,7 @@ Three layers, cheapest first, each row written to OUT/fp8_diagnose.jsonl the mom
 import argparse
 import json
 import os
+import sys
 import time
 import traceback
 
@@ -99,7 +100,7 @@ def pipeline_rows(out, variants):
     workload = Workload(model="synthetic", width=1024, height=1024, reference_steps=4, dtype="bfloat16")
     capabilities = detect_capabilities()
     block_linear = quantization.is_block_linear
-    reference = None
+    reference, failed = None, False
     for variant, text in variants:
         profile = Profile.from_text(text) if text else Profile()
         started = time.perf_counter()
@@ -128,8 +129,12 @@ def pipeline_rows(out, variants):
             extra = {"traceback": traceback.format_exc()[-6000:]}
         record(out, {"layer": "pipeline", "variant": variant, "profile": text, "status": status, "s": time.perf_counter() - started,
                      **{k: v for k, v in extra.items() if isinstance(v, (int, float, str))}})
+        # The pipeline holds reference cycles: without a collection the next row's 41 GB transformer finds the
+        # last one still on the card (the first H100 run of this script lost four of five rows to that).
         model = None
-        torch.cuda.empty_cache()
+        runner.release_memory()
+        failed = failed or status != "ok"
+    return failed
 
 
 def main():
@@ -146,9 +151,11 @@ def main():
     if not args.skip_kernels:
         scaled_mm_bias_rows(args.out)
         torchao_rows(args.out)
-    if not args.skip_pipeline:
-        pipeline_rows(args.out, [tuple(v.split(":", 1)) for v in args.variants.split(";")])
+    if not args.skip_pipeline and pipeline_rows(args.out, [tuple(v.split(":", 1))
+                                                            for v in args.variants.split(";")]):
+        return 1  # a failed row leaves the task owed (benchmarks/tools/gpu_owed.py)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
