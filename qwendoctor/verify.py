@@ -140,6 +140,11 @@ def drop_inert(profile: Profile, attrs: dict[str, Any], workload) -> tuple[Profi
     """`profile` less a setting that did nothing in its trial, and why; (profile, None) when all of it acts. A
     cache-dit cache whose warm-up is not below the step count cannot reuse a step, and one that reused none in
     any of the trial's images was bit for bit the profile without it: a lock must not claim it."""
+    if profile.cache == "first_block":
+        if attrs.get("cached_fraction") != 0:
+            return profile, None
+        return (dataclasses.replace(profile, cache="none", cache_threshold=None),
+                "its FirstBlockCache skipped no step in any of the study's images")
     if profile.cache != "dbcache" or profile.cache_schedule is not None:
         return profile, None
     steps = profile.steps or workload.reference_steps

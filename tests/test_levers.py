@@ -127,6 +127,23 @@ def test_apply_cache_enables_first_block_cache_and_resets_it(fresh_tiny, tiny_wo
     assert not fresh_tiny.pipe.transformer.is_cache_enabled
 
 
+@pytest.mark.parametrize("threshold, batched", [(1e-9, False), (1.0, False), (1.0, True)])
+def test_first_block_cache_records_the_steps_it_skipped(fresh_tiny, tiny_workload, threshold, batched):
+    """At a threshold nothing meets it skips no call (and so is known inert); at a generous one it skips steps,
+    counted once per step whether CFG's two passes are separate calls or one batch (on tiny at 4 steps: one step
+    of each image, its two passes together), and an image with a skipped step is not the uncached image."""
+    profile = Profile(cache="first_block", cache_threshold=threshold, cfg_batching=batched)
+    levers.optimize(fresh_tiny.pipe, profile, workload=tiny_workload)
+    measurement = runner.measure(fresh_tiny, tiny_workload, profile, ["a fox"], [0, 1])
+    assert measurement.cached_steps == ([0, 0] if threshold < 1e-6 else [1, 1])
+    levers.optimize(fresh_tiny.pipe, Profile(cfg_batching=batched), workload=tiny_workload)
+    uncached = runner.measure(fresh_tiny, tiny_workload, Profile(cfg_batching=batched), ["a fox"], [0, 1])
+    differs = [np.abs(a - b).max() > 1e-4 for a, b in zip(measurement.images, uncached.images)]
+    assert differs == [threshold > 1e-6] * 2
+    levers.optimize(fresh_tiny.pipe, Profile(), workload=tiny_workload)
+    assert levers.cached_steps(fresh_tiny.pipe) is None
+
+
 def test_apply_compile_regional_compiles_each_block(fresh_tiny, tiny_workload, recorded_compiles):
     reference = runner.render(fresh_tiny, tiny_workload, Profile(steps=2), "a fox", 0)
     levers.apply_compile(fresh_tiny.pipe, Profile(compile="regional", compile_mode="max-autotune-no-cudagraphs"))

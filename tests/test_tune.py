@@ -996,5 +996,8 @@ def test_an_inert_cache_is_dropped_before_locking(tiny_workload):
     assert profile == Profile() and "warm-up (8 steps) leaves none of its 8 steps" in why
     profile, why = tune.drop_inert(dataclasses.replace(acting, steps=4), {"cached_fraction": 0.0}, workload)
     assert profile == Profile(steps=4) and "reused no step" in why
-    first_block = Profile(cache="first_block", cache_threshold=0.2)  # keeps no record: nothing to judge it by
-    assert tune.drop_inert(first_block, {}, workload) == (first_block, None)
+    first_block = Profile(cache="first_block", cache_threshold=0.2)
+    assert tune.drop_inert(first_block, {}, workload) == (first_block, None)  # no record: nothing to judge it by
+    assert tune.drop_inert(first_block, {"cached_fraction": 0.5}, workload) == (first_block, None)
+    profile, why = tune.drop_inert(first_block, {"cached_fraction": 0.0}, workload)
+    assert profile == Profile() and "FirstBlockCache skipped no step" in why

@@ -47,9 +47,33 @@ def apply_cache(pipe, profile: "Profile"):
         from diffusers.hooks import FirstBlockCacheConfig
 
         pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=profile.cache_threshold))
+        _count_first_block_skips(pipe, 2 if separate_cfg_passes(pipe, profile) else 1)
     elif profile.cache == "dbcache":
         _enable_dbcache(pipe, profile)
     return pipe
+
+
+def _count_first_block_skips(pipe, calls_per_step: int) -> None:
+    """Count the transformer calls diffusers' FirstBlockCache skips (its head block's verdict, per call), so a
+    cache that skipped nothing is known as one (qwendoctor.verify.drop_inert), as cache-dit's record tells."""
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK
+
+    head = pipe.transformer.transformer_blocks[0]
+    hook = HookRegistry.check_if_exists_or_initialize(head).get_hook(_FBC_LEADER_BLOCK_HOOK)
+    if hook is None:
+        return
+    decide = hook._should_compute_remaining_blocks
+    pipe._qwendoctor_skipped_calls = 0
+    pipe._qwendoctor_calls_per_step = calls_per_step
+
+    def counted(residual):
+        compute = decide(residual)
+        if not compute:
+            pipe._qwendoctor_skipped_calls += 1
+        return compute
+
+    hook._should_compute_remaining_blocks = counted
 
 
 def _enable_dbcache(pipe, profile: "Profile") -> None:
@@ -111,8 +135,13 @@ def fixed_schedule(steps: int, cached_fraction: float, warmup: int) -> list[int]
 
 
 def cached_steps(pipe) -> int | None:
-    """Denoising steps the last call reused cached blocks for in both CFG passes (cache-dit's record); None for
-    a cache that keeps no record (diffusers' FirstBlockCache) or no cache."""
+    """Denoising steps the last call reused cached blocks for in both CFG passes (cache-dit's record), or, for
+    diffusers' FirstBlockCache, the transformer calls it skipped since the last reading over the calls a step
+    makes, rounded up (a step where it skipped one CFG pass of two counts: the image is not the uncached one);
+    None without a cache."""
+    if getattr(pipe.transformer, "is_cache_enabled", False) and hasattr(pipe, "_qwendoctor_skipped_calls"):
+        skipped, pipe._qwendoctor_skipped_calls = pipe._qwendoctor_skipped_calls, 0
+        return -(-skipped // pipe._qwendoctor_calls_per_step)
     if not getattr(pipe, "_qwendoctor_cache_dit", False):
         return None
     import cache_dit
