@@ -60,6 +60,19 @@ TASKS = (
           "as_is:;as_is:quantization=fp8_rowwise,compile=regional,real_rope=true;as_is:compile=regional,"
           "real_rope=true;as_is:" + LOSSLESS + ";txt_bf16:quantization=fp8_rowwise,compile=regional,"
           "real_rope=true"), 480),
+    # Issue 27's GPU part: LoRAs held fused, unfused and hotswapped. The test first (tiny: cheap, and it says
+    # whether the rows below can be trusted), then the 20B rows in two calls' worth (each writes its JSON after
+    # every row, so a timeout keeps what landed).
+    _gpu_test("test_lora_gpu", 200, "LoRAs on CUDA: fused draws the unfused image, a hotswap under regional "
+              "compile compiles no new graph, FP8 after fusion keeps tiny's frame style"),
+    Task("lora:compiled-1024", "what a fused, unfused and hotswapped LoRA (Lightning's rank 64, and 16) costs the "
+         "20B transformer per step at 1024x1024 under regional compile, and the graphs a hotswap compiles",
+         (sys.executable, "benchmarks/tools/lora_gpu.py", "--out", "{work}/lora-compiled", "--rows",
+          "no_lora,fused,unfused,hotswap,unfused_user_rank"), 480),
+    Task("lora:tiny-fp8-eager", "FP8 after fusion on tiny's frame style LoRA (style read and checker, 20 prompts), "
+         "then what fused and unfused cost the 20B transformer eager",
+         (sys.executable, "benchmarks/tools/lora_gpu.py", "--out", "{work}/lora-tiny-eager", "--rows",
+          "tiny_fp8,eager_no_lora,eager_unfused,eager_fused"), 380),
     _gpu_test("test_bench_gpu", 240, "CFG batching and real RoPE against two passes and eager"),
     _gpu_test("test_fp8_ends_gpu", 90, "FP8 with bf16 end blocks"),
     _gpu_test("test_fused_gpu", 150, "fused q/k/v keeps memory and image"),

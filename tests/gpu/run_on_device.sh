@@ -13,15 +13,32 @@ cd "$(dirname "$0")/../.."
 # What the machine lacks, and the version diffusers 0.42.1 requires of safetensors (>= 0.8); not huggingface_hub,
 # whose 1.x there is what its transformers needs; not the rest: a carried copy of a package it already has (numpy,
 # requests) would shadow the version its torch and transformers were installed with.
-if [ ! -d /tmp/site/diffusers ]; then
-  missing=()
-  for wheel in .whl/*.whl; do
-    dist=$(basename "$wheel"); dist=${dist%%-*}
-    case "$dist" in
-      diffusers|optuna|torchao|safetensors) missing+=("$wheel"); continue ;;
-    esac
-    python3 -m pip show -q "$dist" >/dev/null 2>&1 || missing+=("$wheel")
+# Checked wheel by wheel, not once per machine: a warm machine keeps /tmp/site from an earlier call, and a wheel
+# carried since (peft and what it imports, for the LoRA rows) must still go in.
+carried_here() {  # an earlier call installed this distribution into /tmp/site
+  local want="${1,,}" info
+  for info in /tmp/site/*.dist-info; do
+    info=${info##*/}
+    [[ "${info,,}" == "$want"-* ]] && return 0
   done
+  return 1
+}
+mkdir -p /tmp/site
+missing=()
+for wheel in .whl/*.whl; do
+  [ -e "$wheel" ] || continue
+  name=${wheel##*/}; dist=${name%%-*}
+  if carried_here "$dist" || grep -qxF "$name" /tmp/site/.on-the-machine 2>/dev/null; then continue; fi
+  case "$dist" in
+    diffusers|optuna|torchao|safetensors) missing+=("$wheel"); continue ;;
+  esac
+  if python3 -m pip show -q "$dist" >/dev/null 2>&1; then
+    echo "$name" >> /tmp/site/.on-the-machine  # the machine's own copy: not checked again
+  else
+    missing+=("$wheel")
+  fi
+done
+if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${#missing[@]} carried wheel(s): ${missing[*]##*/}"
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "${missing[@]}"
 fi
