@@ -68,7 +68,7 @@ TASKS = (
     Task("lora:compiled-1024", "what a fused, unfused and hotswapped LoRA (Lightning's rank 64, and 16) costs the "
          "20B transformer per step at 1024x1024 under regional compile, and the graphs a hotswap compiles",
          (sys.executable, "benchmarks/tools/lora_gpu.py", "--out", "{work}/lora-compiled", "--rows",
-          "no_lora,fused,unfused,hotswap,unfused_user_rank"), 480),
+          "no_lora,fused,unfused,hotswap,unfused_user_rank"), 440),
     Task("lora:tiny-fp8-eager", "FP8 after fusion on tiny's frame style LoRA (style read and checker, 20 prompts), "
          "then what fused and unfused cost the 20B transformer eager",
          (sys.executable, "benchmarks/tools/lora_gpu.py", "--out", "{work}/lora-tiny-eager", "--rows",
