@@ -6,6 +6,7 @@
 #   bash tests/gpu/run_on_device.sh memory ROWS.json [ARGS]   # benchmarks/tools/memory_bench.py
 #   bash tests/gpu/run_on_device.sh cli NAME ARGS...   # qwendoctor ARGS, its output in $OUT/NAME.log
 #   bash tests/gpu/run_on_device.sh owed [--seconds 540]   # benchmarks/tools/gpu_owed.py: what is owed, by value
+#   bash tests/gpu/run_on_device.sh py SECONDS SCRIPT ARGS...   # one script under a time limit, e.g. --out $OUT/x
 #   bash tests/gpu/run_on_device.sh sage2 DIR   # build SageAttention 2 from checkout DIR into the machine's python
 #                                               # (carry DIR, e.g. `git archive` of thu-ml/SageAttention in .src/)
 set -euo pipefail
@@ -54,6 +55,9 @@ case "${1:-tests}" in
   cli) python3 -m qwendoctor "${@:3}" 2>&1 | tee "$out/$2.log" ;;
   doctor) python3 benchmarks/tools/check_h100.py --out "$out" 2>&1 | tee "$out/check-bench.log" ;;
   owed) python3 benchmarks/tools/gpu_owed.py --out "$out" "${@:2}" 2>&1 | tee "$out/gpu-owed.log" ;;
+  # A script that writes its results under $OUT itself, row by row: what landed comes back even when the call's
+  # time runs out mid-script (the owed runner packs a task's results only once the task ends).
+  py) timeout "$2" python3 "${@:3}" 2>&1 | tee -a "$out/py.log" ;;
   sage2) PATH="/tmp/site/bin:$PATH" bash install_flash_attention.sh --which sage2 --source "$2" 2>&1 \
            | tee "$out/sage2-install.log" ;;
 esac
