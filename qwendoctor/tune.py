@@ -449,6 +449,10 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
     for line in search.describe():
         log(f"search space: {line}")
     pool = ModelPool(options.workload, capabilities)
+    if options.workload.task != "generate":
+        from qwendoctor import inputs
+
+        log(f"task: {inputs.describe(options.workload)}; every reference and trial renders from the same input")
 
     # The study key leaves the model revision out: it is only known once the model is built.
     setup_name = study_name(options, fingerprint.machine_fingerprint(options.workload.model, None))
