@@ -57,7 +57,7 @@ TINY_HAS_NO_EDIT_MODEL = ("tiny has no edit model yet (it learned text-to-image 
                           "synthetic or an edit checkpoint (Qwen/Qwen-Image-Edit); tiny runs img2img and inpaint")
 
 
-def check_task(model: str, task: str, device: str | None = None) -> int | None:
+def check_task(model: str, task: str) -> int | None:
     """Refuse, before anything loads, a task this model has no pipeline for; for an edit, the input images its
     pipeline takes (None: any number up to the workload's limit)."""
     if task != "edit":
@@ -66,7 +66,8 @@ def check_task(model: str, task: str, device: str | None = None) -> int | None:
         raise UsageError(TINY_HAS_NO_EDIT_MODEL)
     if model == "synthetic":
         return EDIT_PIPELINES[TASK_PIPELINES["edit"]]
-    return EDIT_PIPELINES[_edit_pipeline_name(model, resolve_model(model, device or "cuda"))]
+    # The device only decides whether synthetic can run: any names where a checkpoint is.
+    return EDIT_PIPELINES[_edit_pipeline_name(model, resolve_model(model, "cuda"))]
 
 
 def _edit_pipeline_name(model: str, path: str) -> str:
@@ -275,7 +276,12 @@ def edit_processor(tokenizer):
     processor with the PIL image processor at Qwen2.5-VL-7B's settings. It is given no video processor, which
     transformers' class check would refuse (and cannot look up without torchvision); an edit passes images only."""
     from transformers import Qwen2VLProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    try:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            Qwen2VLImageProcessorPil as ImageProcessor)
+    except ImportError:  # a transformers before the PIL backend had its own class: the plain one is PIL's
+        from transformers import Qwen2VLImageProcessor as ImageProcessor
 
     class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
         def check_argument_for_proper_class(self, argument_name, argument):
@@ -283,8 +289,7 @@ def edit_processor(tokenizer):
                 return None
             return super().check_argument_for_proper_class(argument_name, argument)
 
-    return ImageOnlyQwen2VLProcessor(image_processor=Qwen2VLImageProcessorPil(**EDIT_IMAGE_PROCESSOR),
-                                     tokenizer=tokenizer)
+    return ImageOnlyQwen2VLProcessor(image_processor=ImageProcessor(**EDIT_IMAGE_PROCESSOR), tokenizer=tokenizer)
 
 
 def edit_template_start(pipe, tokenizer) -> int:

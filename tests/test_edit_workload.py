@@ -147,6 +147,28 @@ def test_a_model_that_draws_is_never_given_a_stand_in_by_generate(tiny_workload)
     assert synthetic.inputs[0].path == "synthetic:stand-in" and synthetic.inputs[0].size == (128, 128)
 
 
+def test_an_edit_needs_an_edit_checkpoint_and_takes_as_many_images_as_its_pipeline(tmp_path, tiny_workload):
+    def checkpoint(name: str) -> str:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": name}))
+        return str(folder)
+
+    with pytest.raises(UsageError, match="is a QwenImagePipeline checkpoint, not an edit model"):
+        models.check_task(checkpoint("QwenImagePipeline"), "edit")
+    with pytest.raises(UsageError, match="tiny has no edit model yet"):
+        models.check_task("tiny", "edit")
+    assert models.check_task(checkpoint("QwenImageEditPlusPipeline"), "edit") is None
+    single = models.check_task(checkpoint("QwenImageEditPipeline"), "edit")
+    assert single == 1 and models.check_task("synthetic", "edit") == 1
+    images = tuple(solid(tmp_path / f"{i}.png", (i, i, i)) for i in range(2))
+    model = dataclasses.replace(tiny_workload, model=str(tmp_path / "QwenImageEditPipeline"))
+    with pytest.raises(UsageError, match="--image given 2 times; this model's edit pipeline takes 1 input image"):
+        inputs.task_workload(model, "edit", images, None, None, max_images=single)
+    several = inputs.task_workload(model, "edit", images, None, None, max_images=None)
+    assert several.input_sizes == ((128, 128), (128, 128)) and several.strength is None
+
+
 # ---- image-to-image and inpainting on tiny -----------------------------------------------------------------------
 
 def test_img2img_starts_from_the_input_and_strength_sets_how_far_it_moves(tmp_path, tiny_model, tiny_workload):
