@@ -244,7 +244,9 @@ def test_a_loaded_img2img_lock_renders_from_the_image_it_is_given(tmp_path, tiny
         tuned(PROMPT, image=solid(tmp_path / "small.png", (5, 5, 5), (64, 64)))
 
 
-def test_tune_generate_and_bench_run_img2img_on_tiny_end_to_end(tmp_path, capsys):
+def test_tune_generate_and_bench_run_img2img_on_tiny_end_to_end(tmp_path, capsys, monkeypatch):
+    # tune in this process marks it resumable (for its Ctrl-C message): put back as it was for the next test
+    monkeypatch.setattr("qwendoctor.cli._resumable", False)
     image, small = solid(tmp_path / "in.png", (200, 60, 60)), solid(tmp_path / "small.png", 0, (64, 64))
     lock = str(tmp_path / "q.lock")
     assert run_cli("tune", "--task", "img2img", "--image", image, "--strength", "0.5", "--steps", "4",
