@@ -50,6 +50,9 @@ def _number(value: float) -> str:
 MAX_SIDE = 4096
 MAX_STEPS = 1000  # the schedulers' own training grid has 1000 timesteps
 MAX_CPU_RANKS = 8  # gloo ranks on a machine without GPUs: each holds the whole pipeline in memory
+# An input image (--image, --mask) is decoded whole before the pipeline resizes it (to ~1 MP for an edit, to the
+# output size for image-to-image): 8192 a side is a 64 MP photo, 200 MB of RGB, past any camera's.
+MAX_INPUT_SIDE = 8192
 
 RANGES: dict[str, Range] = {
     "width": Range(PIXELS_MULTIPLE, MAX_SIDE, multiple=PIXELS_MULTIPLE),
@@ -71,6 +74,10 @@ RANGES: dict[str, Range] = {
     # A LoRA's weight (`--lora PATH:SCALE`): users run 0.5-1.5, negative scales invert a style; past 10 the
     # adapter's delta outweighs the base weights it was trained against, and inf or nan draws NaN.
     "lora_scale": Range(-10, 10, integer=False, text="a finite number >= -10 and <= 10"),
+    # Image-to-image and inpainting: the share of the schedule run from the input (diffusers' `strength`); 0 runs
+    # no step at all, and diffusers refuses above 1.
+    "strength": Range(0, 1, integer=False, low_open=True, text="a finite number > 0 and <= 1"),
+    "input_side": Range(1, MAX_INPUT_SIDE, why=" pixels"),
     "profile_int": Range(0, 1_000_000),
     "profile_float": Range(-1e6, 1e6, integer=False, text="a finite number"),
 }

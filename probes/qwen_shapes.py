@@ -66,14 +66,15 @@ def attention_flops_per_pass(s: int) -> float:
 
 
 def flops_per_step_from_config(config: Mapping[str, Any], width: int, height: int, text_tokens: int,
-                               passes: int) -> dict[str, float]:
+                               passes: int, image_tokens: int | None = None) -> dict[str, float]:
     """Matmul and attention FLOPs of one denoising step of any MMDiT transformer of this shape, from its
     config (num_layers, num_attention_heads, attention_head_dim; the MLP is MLP_RATIO x hidden, as diffusers'
-    FeedForward): {"linear", "attention", "total"}. `passes`: transformer calls a step (2 with true CFG)."""
+    FeedForward): {"linear", "attention", "total"}. `passes`: transformer calls a step (2 with true CFG).
+    `image_tokens`: the pass's image tokens where they are not the output's alone (an edit appends its inputs')."""
     blocks, heads, head_dim = (int(config[name]) for name in ("num_layers", "num_attention_heads",
                                                                "attention_head_dim"))
     hidden = heads * head_dim
-    s = seq_len(width, height, text_tokens)
+    s = seq_len(width, height, text_tokens) if image_tokens is None else image_tokens + text_tokens
     linear = linear_flops(s, blocks, hidden, MLP_RATIO * hidden)
     attention = blocks * attention_flops_one_call(s, heads, head_dim)
     return {"linear": passes * linear, "attention": passes * attention, "total": passes * (linear + attention)}

@@ -12,6 +12,19 @@ from probes.limits import PIXELS_MULTIPLE, RangeError
 
 MIN_STEPS = int(limits.RANGES["steps"].low)
 DTYPES = ("bfloat16", "float32")
+# What is generated: text-to-image (QwenImagePipeline), an edit of input images (QwenImageEditPipeline, or
+# QwenImageEditPlusPipeline for Qwen-Image-Edit-2509), image-to-image (QwenImageImg2ImgPipeline) and inpainting
+# (QwenImageInpaintPipeline): diffusers' own pipelines, the same transformer.
+TASKS = ("generate", "edit", "img2img", "inpaint")
+TASKS_WITH_STRENGTH = ("img2img", "inpaint")
+# Qwen-Image-Edit-2509 takes a list of images, each about 1 MP of latents more in the sequence: 8 of them are
+# 32768 image tokens, what one 4096x2048 output holds, already past what tune can compare in minutes.
+MAX_EDIT_IMAGES = 8
+# diffusers' edit pipelines resize an input to about this many pixels at its own aspect ratio, on a grid of 32.
+EDIT_INPUT_AREA = 1024 * 1024
+# Qwen2-VL's image processor refuses an aspect ratio above 200 (its smart_resize), and the edit pipelines give
+# every input to it.
+MAX_EDIT_ASPECT = 200
 
 
 class WorkloadError(RangeError):
@@ -114,6 +127,28 @@ class Distilled(LoRA):
 
 def scheduler_pairs(overrides: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(overrides.items()))
+class InputImage:
+    """One input image of a run (`--image`, `--mask`): not lock content (a lock holds for any input of its size),
+    but what the reference renders and a study are tied to, by the file's sha256. Reading and checking the file
+    is qwendoctor.inputs'; this is only what the run carries."""
+
+    path: str  # an absolute path, or "<model>:stand-in" for the built-in models' drawn input
+    sha256: str
+    width: int
+    height: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (self.width, self.height)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, label: str) -> "InputImage":
+        if not isinstance(data, dict) or set(data) != {f.name for f in dataclasses.fields(cls)}:
+            raise WorkloadError(f"{label}: expected path, sha256, width and height, got {data!r}")
+        return cls(**data)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +167,14 @@ class Workload:
     distilled: Distilled | None = None
     # GiB of GPU memory the process may use (`--memory-limit`); None: the whole card.
     memory_limit_gib: float | None = None
+    task: str = "generate"
+    # Each input image's (width, height): a lock is valid for inputs of these sizes (the sequence length, and so
+    # the step time, follows them).
+    input_sizes: tuple[tuple[int, int], ...] = ()
+    strength: float | None = None  # img2img and inpaint: the share of the schedule run from the input
+    # The run's input files, and the inpainting mask: per run, never written to a lock (to_dict leaves them out).
+    inputs: tuple[InputImage, ...] = ()
+    mask: InputImage | None = None
 
     def validate(self) -> "Workload":
         if not isinstance(self.model, str) or not self.model:
@@ -161,7 +204,56 @@ class Workload:
             if not isinstance(self.distilled, Distilled):
                 raise WorkloadError("workload.distilled: must be a distilled LoRA entry")
             self.distilled.validate("workload.distilled")
+        self._validate_task()
         return self
+
+    def _validate_task(self) -> None:
+        if self.task not in TASKS:
+            raise WorkloadError(f"workload.task: {self.task!r} is not one of {', '.join(TASKS)}")
+        if not isinstance(self.input_sizes, tuple) or not all(
+                isinstance(size, tuple) and len(size) == 2 for size in self.input_sizes):
+            raise WorkloadError("workload.input_sizes: must be [width, height] pairs")
+        for index, size in enumerate(self.input_sizes):
+            try:
+                for side in size:
+                    limits.check("input_side", side, label=f"workload.input_sizes[{index}]:")
+            except RangeError as error:
+                raise WorkloadError(str(error)) from None
+        if self.task == "generate":
+            if self.input_sizes or self.inputs or self.mask is not None:
+                raise WorkloadError("workload: input images given to a text-to-image workload (task generate)")
+        elif self.task == "edit":
+            if not 1 <= len(self.input_sizes) <= MAX_EDIT_IMAGES:
+                raise WorkloadError(f"workload.input_sizes: an edit takes 1 to {MAX_EDIT_IMAGES} input images, got "
+                                    f"{len(self.input_sizes)}")
+            for width, height in self.input_sizes:
+                if max(width, height) / min(width, height) > MAX_EDIT_ASPECT:
+                    raise WorkloadError(f"workload.input_sizes: an edit input of {width}x{height} is over "
+                                        f"{MAX_EDIT_ASPECT}:1, which Qwen2-VL's image processor refuses")
+        elif len(self.input_sizes) != 1:
+            raise WorkloadError(f"workload.input_sizes: task {self.task} takes one input image, got "
+                                f"{len(self.input_sizes)}")
+        if self.task in TASKS_WITH_STRENGTH:
+            if self.strength is None:
+                raise WorkloadError(f"workload.strength: task {self.task} needs a strength")
+            try:
+                limits.check("strength", self.strength, label="workload.strength:")
+            except RangeError as error:
+                raise WorkloadError(str(error)) from None
+        elif self.strength is not None:
+            raise WorkloadError(f"workload.strength: only img2img and inpaint take a strength, the task is "
+                                f"{self.task}")
+        if self.inputs:
+            if not all(isinstance(image, InputImage) for image in self.inputs):
+                raise WorkloadError("workload.inputs: must be input images")
+            sizes = tuple(image.size for image in self.inputs)
+            if sizes != self.input_sizes:
+                raise WorkloadError(f"workload.inputs: {_sizes(sizes)} for inputs of {_sizes(self.input_sizes)}")
+        if self.mask is not None and self.task != "inpaint":
+            raise WorkloadError(f"workload.mask: only inpaint takes a mask, the task is {self.task}")
+        if self.mask is not None and self.inputs and self.mask.size != self.inputs[0].size:
+            raise WorkloadError(f"workload.mask: {_sizes([self.mask.size])} for an image of "
+                                f"{_sizes([self.inputs[0].size])}")
 
     @property
     def does_cfg(self) -> bool:
@@ -172,7 +264,35 @@ class Workload:
         # VAE downsamples 8x, the transformer patchifies 2x2: 1328x1328 -> 83x83 = 6889 tokens.
         return (self.height // PIXELS_MULTIPLE) * (self.width // PIXELS_MULTIPLE)
 
+    @property
+    def input_image_tokens(self) -> int:
+        """Image tokens the inputs add to every transformer pass: an edit appends each input's latents, resized to
+        about 1 MP, to the sequence (1024x1024 output: 4096 tokens more); image-to-image and inpainting start
+        from the input's latents instead, adding none."""
+        if self.task != "edit":
+            return 0
+        total = 0
+        for width, height in self.input_sizes:
+            edit_width, edit_height = edit_input_size(width, height)
+            total += (edit_width // PIXELS_MULTIPLE) * (edit_height // PIXELS_MULTIPLE)
+        return total
+
+    def denoised_steps(self, steps: int) -> int:
+        """The denoising steps a call with `steps` runs: image-to-image and inpainting skip the schedule's first
+        (1 - strength), as diffusers' get_timesteps counts them."""
+        if self.strength is None or self.task not in TASKS_WITH_STRENGTH:
+            return steps
+        return steps - int(max(steps - min(steps * self.strength, steps), 0))
+
+    def schedule_for(self, denoised: int) -> int:
+        """The step count a call needs for at least `denoised` denoising steps to run (at most the steps' range)."""
+        steps = denoised
+        while self.denoised_steps(steps) < denoised and steps < limits.MAX_STEPS:
+            steps += 1
+        return steps
+
     def to_dict(self) -> dict[str, Any]:
+        """What a lock records: the inputs' sizes, never the files themselves."""
         data = dataclasses.asdict(self)
         data["loras"] = [lora.to_dict() for lora in self.loras]
         if data["memory_limit_gib"] is None:  # TOML has no null; and locks without a limit stay as they were
@@ -181,13 +301,43 @@ class Workload:
             del data["distilled"]
         else:
             data["distilled"] = self.distilled.to_dict()
+        # Left out at their defaults, so text-to-image locks are as they were before editing existed.
+        if self.task == "generate":
+            del data["task"]
+        data["input_sizes"] = [list(size) for size in self.input_sizes]
+        if not self.input_sizes:
+            del data["input_sizes"]
+        if self.strength is None:
+            del data["strength"]
+        del data["inputs"], data["mask"]
         return data
+
+    def identity(self) -> dict[str, Any]:
+        """to_dict and, where there are inputs, the files' sha256: what reference renders and a study are made
+        for (other input files of the same sizes are another study, and draw other references)."""
+        data = self.to_dict()
+        if self.inputs:
+            data["inputs"] = [image.to_dict() for image in self.inputs]
+        if self.mask is not None:
+            data["mask"] = self.mask.to_dict()
+        return data
+
+    @classmethod
+    def from_identity(cls, data: dict[str, Any]) -> "Workload":
+        """The Workload `identity()` described, its inputs included (a multi-GPU rank's job)."""
+        fields = dict(data)
+        inputs = tuple(InputImage.from_dict(entry, f"workload.inputs[{index}]")
+                       for index, entry in enumerate(fields.pop("inputs", [])))
+        mask = fields.pop("mask", None)
+        return dataclasses.replace(cls.from_dict(fields), inputs=inputs,
+                                   mask=None if mask is None else InputImage.from_dict(mask, "workload.mask")
+                                   ).validate()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Workload":
         if not isinstance(data, dict):
             raise WorkloadError("workload: expected a table")
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)} - {"inputs", "mask"}  # per run, never in a lock
         unknown = sorted(set(data) - names)
         if unknown:
             raise WorkloadError(f"workload.{unknown[0]}: unknown field")
@@ -199,6 +349,11 @@ class Workload:
                                     for index, entry in enumerate(fields["loras"]))
         if "distilled" in fields:
             fields["distilled"] = Distilled.from_dict(fields["distilled"], "workload.distilled")
+        if "input_sizes" in fields:
+            sizes = fields["input_sizes"]
+            if not isinstance(sizes, list) or not all(isinstance(size, list) and len(size) == 2 for size in sizes):
+                raise WorkloadError(f"workload.input_sizes: must be a list of [width, height], got {sizes!r}")
+            fields["input_sizes"] = tuple(tuple(size) for size in sizes)
         return cls(**fields).validate()
 
 
@@ -211,6 +366,18 @@ def _lora_from_dict(entry: Any, label: str) -> LoRA:
     if "path" not in entry or "sha256" not in entry:
         raise WorkloadError(f"{label}: needs path and sha256")
     return LoRA(**entry).validate(label)
+
+
+def edit_input_size(width: int, height: int) -> tuple[int, int]:
+    """The size diffusers' edit pipelines resize an input to (their calculate_dimensions): about EDIT_INPUT_AREA
+    pixels at the input's aspect ratio, each side on a grid of 32."""
+    ratio = width / height
+    edit_width = (EDIT_INPUT_AREA * ratio) ** 0.5
+    return round(edit_width / 32) * 32, round(edit_width / ratio / 32) * 32
+
+
+def _sizes(sizes) -> str:
+    return ", ".join(f"{width}x{height}" for width, height in sizes) or "none"
 
 
 def _is_number(value: Any) -> bool:

@@ -19,7 +19,7 @@ import time
 from typing import Any, Callable
 
 from probes import qwen_shapes, timing
-from qwendoctor import files, fingerprint, levers, models, quality, runner
+from qwendoctor import files, fingerprint, inputs, levers, models, quality, runner
 from qwendoctor.levers import memory
 from qwendoctor.capabilities import Capabilities
 from qwendoctor.errors import QwendoctorError, UnavailableLever, UsageError
@@ -93,7 +93,8 @@ class BenchOptions:
     @property
     def stem(self) -> str:
         w = self.workload
-        return self.name or f"bench-{w.model.replace('/', '_')}-{w.width}x{w.height}"
+        task = "" if w.task == "generate" else f"{w.task}-"
+        return self.name or f"bench-{w.model.replace('/', '_')}-{task}{w.width}x{w.height}"
 
 
 def alone_rungs(capabilities: Capabilities, workload: Workload) -> list[Rung]:
@@ -114,6 +115,22 @@ def text_tokens(model: models.LoadedModel, prompt: str) -> int:
     with torch.inference_mode():
         embeds, _ = model.pipe.encode_prompt(prompt=prompt, device=model.device)
     return int(embeds.shape[1])
+
+
+def _flops(model: models.LoadedModel, workload: Workload, options: "BenchOptions") -> dict[str, float]:
+    """One step's FLOPs for the sequence this workload's transformer passes hold. An edit's are read from the
+    pipeline's first call (its input latents, and the vision tokens its prompt holds); text-to-image's and
+    image-to-image's image tokens are the output's."""
+    passes = 2 if workload.does_cfg else 1
+    config = model.pipe.transformer.config
+    if workload.task == "edit":
+        sequence = runner.transformer_sequence(model, workload, options.prompt, options.seed)
+        flops = qwen_shapes.flops_per_step_from_config(config, workload.width, workload.height,
+                                                       sequence["text_tokens"], passes,
+                                                       image_tokens=sequence["image_tokens"])
+        return {**flops, **{key: float(value) for key, value in sequence.items()}}
+    return qwen_shapes.flops_per_step_from_config(config, workload.width, workload.height,
+                                                  text_tokens(model, options.prompt), passes)
 
 
 # ---- running the ladder ---------------------------------------------------------------------------------
@@ -137,7 +154,8 @@ def run_bench(options: BenchOptions, capabilities: Capabilities,
     document: dict[str, Any] = {
         "command": command,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "workload": workload.to_dict(),
+        # identity: an edit's input files too (another input of the same size is another bench to resume)
+        "workload": workload.identity(),
         "render_steps": options.render_steps,
         "prompt": options.prompt,
         "seed": options.seed,
@@ -154,10 +172,13 @@ def run_bench(options: BenchOptions, capabilities: Capabilities,
         document["notes"].append(f"memory plan: {memory.describe_placement(workload, placement)}")
     if workload.model == "synthetic":
         document["notes"].append("synthetic (random) weights: PSNR/SSIM speak for numerical fidelity only")
+    if workload.task != "generate":
+        document["notes"].append(f"task: {inputs.describe(workload)}")
+    image_steps = workload.denoised_steps(workload.reference_steps)
     if not options.full_image:
         document["notes"].append(
             f"s/image is estimated: the non-step time of a {options.render_steps}-step render (text, latents, "
-            f"VAE decode) plus {workload.reference_steps} x the median step")
+            f"VAE decode) plus {image_steps} x the median step")
 
     rows: list[dict[str, Any]] = []
     reference_images: list[Any] | None = None
@@ -218,13 +239,11 @@ def run_bench(options: BenchOptions, capabilities: Capabilities,
             model = runner.build(workload, rung.profile, capabilities)
             row["build_s"] = time.perf_counter() - started
             if flops is None:
-                passes = 2 if workload.does_cfg else 1
-                flops = qwen_shapes.flops_per_step_from_config(model.pipe.transformer.config, workload.width,
-                                                               workload.height,
-                                       text_tokens(model, options.prompt), passes)
+                flops = _flops(model, workload, options)
                 document["flops_per_step"] = flops
-            rendered = dataclasses.replace(rung.profile, steps=options.render_steps if not options.full_image
-                                           else rung.profile.steps or workload.reference_steps)
+            rendered = (runner.with_denoised_steps(workload, rung.profile, options.render_steps)
+                        if not options.full_image else
+                        dataclasses.replace(rung.profile, steps=rung.profile.steps or workload.reference_steps))
             measurement = runner.measure(model, workload, rendered, [options.prompt], [options.seed])
             # The document's figure counts the workload's passes; a row without true CFG (the distilled adapter)
             # does half the work in a step.
@@ -367,7 +386,7 @@ def _timing(measurement: runner.Measurement, workload: Workload, flops: dict[str
     step_ms = 1000 * timing.median(measurement.step_s)
     render_s = measurement.latencies_s[0]
     non_step_s = max(render_s - sum(measurement.step_s), 0.0)
-    image_steps = profile.steps or workload.reference_steps
+    image_steps = workload.denoised_steps(profile.steps or workload.reference_steps)
     result: dict[str, Any] = {
         "step_ms": step_ms,
         "step_ms_spread": [1000 * min(measurement.step_s), 1000 * max(measurement.step_s)],

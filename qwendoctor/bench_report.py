@@ -62,7 +62,7 @@ def markdown(document: dict[str, Any]) -> str:
     default = next((r for r in rows if r["id"] == "default" and "step_ms" in r), None)
     ceiling = document.get("gemm_ceiling") or {}
     lines = [
-        f"# qwendoctor bench: {w['model']} {w['width']}x{w['height']}, {w['reference_steps']} steps, "
+        f"# qwendoctor bench: {w['model']} {_task(w)}{w['width']}x{w['height']}, {w['reference_steps']} steps, "
         f"true CFG {w['true_cfg_scale']:g}",
         "",
         f"Command: `{document.get('command')}`  ",
@@ -131,8 +131,16 @@ def markdown(document: dict[str, Any]) -> str:
         f = document["flops_per_step"]
         lines += ["", f"FLOPs per step: {f['total'] / 1e12:.4g} T (linear {f['linear'] / 1e12:.4g}, attention "
                       f"{f['attention'] / 1e12:.4g})."]
+        if "image_tokens" in f:  # an edit: the sequence read from the transformer's first call
+            lines.append(f"Sequence per pass: {f['image_tokens']:.0f} image tokens (the output's and the inputs' "
+                         f"latents) + {f['text_tokens']:.0f} text tokens (the prompt with the vision tower's).")
     lines += [f"Note: {note}." for note in document.get("notes", [])]
     return "\n".join(lines) + "\n"
+
+
+def _task(workload: dict[str, Any]) -> str:
+    task = workload.get("task", "generate")
+    return "" if task == "generate" else f"{task} "
 
 
 def _pct(value) -> str:

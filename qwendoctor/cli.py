@@ -21,6 +21,7 @@ from qwendoctor.capabilities import detect_capabilities, probe_capabilities
 from qwendoctor.errors import EXIT_FAILURE, EXIT_USAGE, QwendoctorError, UsageError
 from qwendoctor.noise import quiet_import_noise
 from qwendoctor.levers import PARALLEL_STRATEGIES
+from probes.workload import TASKS
 from qwendoctor.tune import DEFAULT_HEARTBEAT_S  # light: tune imports torch and optuna only when it runs
 
 DEFAULT_LOCK = "qwendoctor.lock"
@@ -67,10 +68,12 @@ _register_check()
 
 def _workload(model: str, width: int | None, height: int | None, steps: int, true_cfg_scale: float,
               negative_prompt: str, memory_limit: float | None = None, lora_specs: tuple[str, ...] = (),
-              distilled_spec: str | None = None, distilled_steps: str | None = None):
+              distilled_spec: str | None = None, distilled_steps: str | None = None,
+              task: str = "generate", images: tuple[str, ...] = (), mask: str | None = None,
+              strength: float | None = None):
     import dataclasses
 
-    from qwendoctor import models
+    from qwendoctor import inputs, models
     from qwendoctor.levers import memory
     from qwendoctor.profile import Workload
 
@@ -82,9 +85,13 @@ def _workload(model: str, width: int | None, height: int | None, steps: int, tru
                         true_cfg_scale=true_cfg_scale,
                         negative_prompt=negative_prompt, reference_steps=steps, dtype="float32",
                         memory_limit_gib=memory_limit).validate()
+    # The task's options, then whether this model has its pipeline, then the input files: all before torch.
+    inputs.check_options(task, images, mask, strength)
+    max_images = models.check_task(model, task)
     # LoRA files from their headers alone: a wrong path is answered before the model loads.
     workload = dataclasses.replace(workload, loras=_loras(lora_specs, model),
                                    distilled=_distilled(distilled_spec, distilled_steps, model)).validate()
+    workload = inputs.task_workload(workload, task, images, mask, strength, max_images)
     memory.check_against_card(memory_limit, memory.card_total_gib() if memory_limit is not None else None)
     device = models.default_device()
     models.resolve_model(model, device)
@@ -128,6 +135,12 @@ DISTILLED_HELP = ("A few-step distilled LoRA (Qwen-Image-Lightning's kind), PATH
                   "tiny:distilled ships with the tiny model.")
 DISTILLED_STEPS_HELP = ("The step counts the --distilled adapter was distilled for, e.g. 8 or 4,8 [its adapter.json; "
                         "without one, required].")
+TASK_HELP = ("What to time and tune: generate (text-to-image), edit (an input image changed as the prompt says), "
+             "img2img (image-to-image from --image) or inpaint (--image repainted where --mask is white).")
+IMAGE_HELP = ("An input image (edit, img2img, inpaint; repeatable for an edit model that takes several) "
+              "[tiny and synthetic: a drawn stand-in of the output size].")
+MASK_HELP = "inpaint: the mask, the image's size, white where it is repainted [tiny and synthetic: the centre half]."
+STRENGTH_HELP = "img2img and inpaint: the share of the schedule run from the input, in (0, 1] [0.6]."
 MEMORY_LIMIT_HELP = ("GiB of GPU memory this process may use (torch's per-process cap): tune and test a plan for "
                      "a smaller card, or leave room for another process [the whole card].")
 
@@ -167,10 +180,14 @@ MEMORY_LIMIT_HELP = ("GiB of GPU memory this process may use (torch's per-proces
 @click.option("--lora", "lora_specs", multiple=True, help=LORA_HELP)
 @click.option("--distilled", "distilled_spec", help=DISTILLED_HELP)
 @click.option("--distilled-steps", help=DISTILLED_STEPS_HELP)
+@click.option("--task", type=click.Choice(TASKS), default="generate", show_default=True, help=TASK_HELP)
+@click.option("--image", "images", multiple=True, help=IMAGE_HELP)
+@click.option("--mask", help=MASK_HELP)
+@click.option("--strength", type=float, help=STRENGTH_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def tune(model, width, height, steps, true_cfg_scale, negative_prompt, trials, timeout, prompts_file,
          num_prompts, seeds, floor, lock_path, storage, heartbeat, timed_steps, exhaustive, gpus, memory_limit,
-         lora_specs, distilled_spec, distilled_steps, as_json):
+         lora_specs, distilled_spec, distilled_steps, task, images, mask, strength, as_json):
     """Search the optimization levers for the fastest profile that meets the quality floor; write a lock."""
     from qwendoctor import quality
     from qwendoctor.tune import TuneOptions, read_prompts
@@ -206,7 +223,7 @@ def tune(model, width, height, steps, true_cfg_scale, negative_prompt, trials, t
     _in_range("floor", parsed_floor.psnr_db, "--floor psnr")  # nan would pass every comparison, inf none
     _check_cache_dir()
     workload = _workload(model, width, height, steps, true_cfg_scale, negative_prompt, memory_limit, lora_specs,
-                         distilled_spec, distilled_steps)
+                         distilled_spec, distilled_steps, task, images, mask, strength)
     from qwendoctor import report
 
     if not given_storage:
@@ -272,13 +289,21 @@ def _tune_gpus(asked: int | None) -> int:
 @click.option("--memory-limit", type=float, help=MEMORY_LIMIT_HELP.replace("[the whole card]", "[the lock's]"))
 @click.option("--lora", "lora_specs", multiple=True,
               help=LORA_HELP.replace("(scale", "in place of the lock's LoRAs (scale"))
+@click.option("--task", type=click.Choice(TASKS), help="The lock's task, stated: a lock of another is refused "
+              "[the lock's].")
+@click.option("--image", "images", multiple=True,
+              help="The lock's input image, of the size it was tuned for (repeatable for an edit model that takes "
+                   "several) [synthetic: a drawn stand-in].")
+@click.option("--mask", help=MASK_HELP.replace("tiny and synthetic", "synthetic"))
+@click.option("--strength", type=float, help=STRENGTH_HELP.replace("[0.6]", "[the lock's]"))
 @click.option("--json", "as_json", is_flag=True, help="Print the written files and timings as JSON.")
 def generate(prompt, lock_path, seed, num_images, out_dir, ignore_fingerprint, gpus, strategy, memory_limit,
-             lora_specs, as_json):
+             lora_specs, task, images, mask, strength, as_json):
     """Generate images with the tuned lock; never overwrites an existing file."""
+    import dataclasses
     import json
 
-    from qwendoctor import lockfile, parallel
+    from qwendoctor import inputs, lockfile, parallel
     from qwendoctor.generate import build_tuned, check_fingerprint, first_image_extra_s, generate_images, warm_up
 
     if num_images < 1:
@@ -298,7 +323,12 @@ def generate(prompt, lock_path, seed, num_images, out_dir, ignore_fingerprint, g
     writable_directory(out_dir, "--out")  # before minutes of loading and rendering, not after
     if not lock_path.strip():
         raise UsageError("--lock is empty; name the lock file, e.g. --lock qwendoctor.lock")
+    if strength is not None:
+        _in_range("strength", strength, "--strength")  # before the lock: a typo is named as the option
     lock = lockfile.read_lock(lock_path)
+    # The task's inputs, checked against the lock (its task, each input's size) before the model loads.
+    lock = dataclasses.replace(lock, workload=inputs.for_lock(lock.workload, task, images, mask, strength,
+                                                              lock_path))
     if lora_specs:
         lock = _with_loras(lock, lora_specs)
     if gpus is not None and gpus < 1:
@@ -315,7 +345,10 @@ def generate(prompt, lock_path, seed, num_images, out_dir, ignore_fingerprint, g
                           "--num-images", str(num_images), "--out", out_dir]
                          + ["--ignore-fingerprint"] * ignore_fingerprint + ["--json"] * as_json
                          + (["--memory-limit", str(memory_limit)] if memory_limit is not None else [])
-                         + [f"--lora={spec}" for spec in lora_specs])
+                         + [f"--lora={spec}" for spec in lora_specs]
+                         + [f"--image={os.path.abspath(path)}" for path in images]
+                         + ([f"--mask={os.path.abspath(mask)}"] if mask is not None else [])
+                         + (["--strength", repr(strength)] if strength is not None else []))
         return
     main_rank = parallel.is_main()
     if profile.gpus > 1:
@@ -416,10 +449,14 @@ def _launch_generate(profile, lock, option: str, arguments: list[str]) -> None:
 @click.option("--lora", "lora_specs", multiple=True, help=LORA_HELP)
 @click.option("--distilled", "distilled_spec", help=DISTILLED_HELP)
 @click.option("--distilled-steps", help=DISTILLED_STEPS_HELP)
+@click.option("--task", type=click.Choice(TASKS), default="generate", show_default=True, help=TASK_HELP)
+@click.option("--image", "images", multiple=True, help=IMAGE_HELP)
+@click.option("--mask", help=MASK_HELP)
+@click.option("--strength", type=float, help=STRENGTH_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the result document as JSON.")
 def bench(model, width, height, steps, true_cfg_scale, timed_steps, full_image, no_ladder, rows, list_rows,
           lock_paths, profile_texts, no_breakdown, out_dir, name, resume, memory_limit, lora_specs, distilled_spec,
-          distilled_steps, as_json):
+          distilled_steps, task, images, mask, strength, as_json):
     """Measure the default and the ablation ladder on this machine; write JSON and a markdown table."""
     import json
 
@@ -433,6 +470,9 @@ def bench(model, width, height, steps, true_cfg_scale, timed_steps, full_image, 
     Workload(model=model or "tiny", width=128 if width is None else width, height=128 if height is None else height,
              true_cfg_scale=true_cfg_scale,
              reference_steps=steps, dtype="float32").validate()
+    from qwendoctor import inputs
+
+    inputs.check_options(task, images, mask, strength)
     from qwendoctor.files import writable_directory
     from qwendoctor.levers import memory
 
@@ -448,7 +488,7 @@ def bench(model, width, height, steps, true_cfg_scale, timed_steps, full_image, 
     _check_cache_dir()
     model = model or ("synthetic" if models.default_device() == "cuda" else "tiny")
     workload = _workload(model, width, height, steps, true_cfg_scale, " ", memory_limit, lora_specs, distilled_spec,
-                         distilled_steps)
+                         distilled_steps, task, images, mask, strength)
 
     def log(message: str) -> None:
         click.echo(f"qwendoctor: {message}", err=True)

@@ -32,11 +32,22 @@ class TunedPipeline:
     def pipeline(self):
         return self.model.pipe
 
-    def __call__(self, prompt: str, seed: int = 0):
-        """One image (PIL) at the tuned size, steps and CFG."""
+    def __call__(self, prompt: str, seed: int = 0, image: str | os.PathLike | list | None = None,
+                 mask: str | os.PathLike | None = None):
+        """One image (PIL) at the tuned size, steps and CFG. For a lock of an edit, image-to-image or inpainting:
+        `image` (a path, or a list of them for an edit model that takes several) and `mask`, checked as
+        `generate --image` and `--mask` are: of the sizes the lock was tuned for."""
         from PIL import Image
 
-        array = runner.render(self.model, self.workload, self.profile, prompt, seed)
+        from qwendoctor import inputs
+
+        workload = self.workload
+        if image is not None or mask is not None:
+            paths = [image] if isinstance(image, (str, os.PathLike)) else list(image or [])
+            workload = inputs.for_lock(self.lock.workload, None, tuple(os.fspath(path) for path in paths),
+                                       None if mask is None else os.fspath(mask), None, "the pipeline's lock")
+            workload = dataclasses.replace(workload, loras=self.workload.loras)
+        array = runner.render(self.model, workload, self.profile, prompt, seed)
         return Image.fromarray((array * 255).round().clip(0, 255).astype("uint8"))
 
     def swap_loras(self, *specs: str) -> None:
@@ -116,7 +127,21 @@ def png_metadata(tuned: TunedPipeline, prompt: str, seed: int) -> dict[str, str]
         "true_cfg_scale": str(tuned.workload.true_cfg_scale),
         "profile": json.dumps(tuned.profile.to_dict(), sort_keys=True),
         "software": f"qwendoctor {__version__}",
+        **_task_metadata(tuned.workload),
     }
+
+
+def _task_metadata(workload: Workload) -> dict[str, str]:
+    """What an edit, image-to-image or inpainting PNG was made from: the inputs by name and sha256."""
+    if workload.task == "generate":
+        return {}
+    data = {"task": workload.task,
+            "inputs": json.dumps([{"path": image.path, "sha256": image.sha256} for image in workload.inputs])}
+    if workload.mask is not None:
+        data["mask"] = json.dumps({"path": workload.mask.path, "sha256": workload.mask.sha256})
+    if workload.strength is not None:
+        data["strength"] = f"{workload.strength:g}"
+    return data
 
 
 def warm_up(tuned: TunedPipeline) -> float:

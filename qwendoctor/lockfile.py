@@ -7,7 +7,10 @@ Layout (every table required unless marked optional):
     qwendoctor_version = "0.1.0"
     [fingerprint]   machine, software and model the profile was tuned on (fingerprint.machine_fingerprint)
     [workload]      Workload: model, width, height, true_cfg_scale, negative_prompt, reference_steps, dtype, loras
-                    (each a table: path, scale, sha256 and rank of a LoRA file; generate refuses a changed file)
+                    (each a table: path, scale, sha256 and rank of a LoRA file; generate refuses a changed file);
+                    for an edit, image-to-image or inpainting (left out for text-to-image): task, input_sizes (each
+                    input's [width, height]: generate refuses an input of another size) and, for img2img and
+                    inpaint, strength; never the input files themselves, which are each run's own
     [profile]       Profile: the chosen configuration
     [measured]      the chosen profile: latency_median_s, latency_p90_s, step_ms, warmup_s, peak_memory_gib,
                     psnr_db, psnr_db_min, ssim, ssim_min, lpips and lpips_max (where LPIPS could be measured),

@@ -48,6 +48,43 @@ class LoadedModel:
         return self.synthetic_text_tokens is None
 
 
+# diffusers' pipeline for each task (probes.workload.TASKS); all of them call the same QwenImageTransformer2DModel.
+TASK_PIPELINES = {"generate": "QwenImagePipeline", "edit": "QwenImageEditPipeline",
+                  "img2img": "QwenImageImg2ImgPipeline", "inpaint": "QwenImageInpaintPipeline"}
+# A checkpoint's pipeline class (model_index.json) that edits, and how many input images it takes.
+EDIT_PIPELINES = {"QwenImageEditPipeline": 1, "QwenImageEditPlusPipeline": None}
+TINY_HAS_NO_EDIT_MODEL = ("tiny has no edit model yet (it learned text-to-image only); --task edit runs on "
+                          "synthetic or an edit checkpoint (Qwen/Qwen-Image-Edit); tiny runs img2img and inpaint")
+
+
+def check_task(model: str, task: str) -> int | None:
+    """Refuse, before anything loads, a task this model has no pipeline for; for an edit, the input images its
+    pipeline takes (None: any number up to the workload's limit)."""
+    if task != "edit":
+        return None
+    if model == "tiny":
+        raise UsageError(TINY_HAS_NO_EDIT_MODEL)
+    if model == "synthetic":
+        return EDIT_PIPELINES[TASK_PIPELINES["edit"]]
+    # The device only decides whether synthetic can run: any names where a checkpoint is.
+    return EDIT_PIPELINES[_edit_pipeline_name(model, resolve_model(model, "cuda"))]
+
+
+def _edit_pipeline_name(model: str, path: str) -> str:
+    """The edit pipeline a checkpoint names in its model_index.json, or a one-line refusal."""
+    index = os.path.join(path, "model_index.json")
+    try:
+        name = json.loads(open(index, encoding="utf-8").read()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        raise UsageError(f"model {model!r}: no readable model_index.json in {path}; --task edit needs a "
+                         "diffusers checkpoint of Qwen-Image-Edit") from None
+    if name not in EDIT_PIPELINES:
+        raise UsageError(f"model {model!r} is a {name} checkpoint, not an edit model; --task edit needs "
+                         "Qwen/Qwen-Image-Edit (QwenImageEditPipeline) or Qwen/Qwen-Image-Edit-2509 "
+                         "(QwenImageEditPlusPipeline)")
+    return name
+
+
 def draws(model_id: str) -> bool:
     """Whether the model draws what it is asked (trained weights), so that quality judges lossy settings."""
     return model_id not in RANDOM_WEIGHTS
@@ -125,19 +162,21 @@ def root_cause(error: BaseException) -> BaseException:
     return error
 
 
-def load_model(model: str, device: str, dtype: str, on_cpu: frozenset[str] = frozenset()) -> LoadedModel:
-    """Build the pipeline for `model` on `device` in `dtype`, raising a one-line UsageError if it cannot.
+def load_model(model: str, device: str, dtype: str, on_cpu: frozenset[str] = frozenset(),
+               task: str = "generate") -> LoadedModel:
+    """Build the pipeline of `task` (diffusers' own: TASK_PIPELINES) for `model` on `device` in `dtype`, raising a
+    one-line UsageError if it cannot.
 
     `on_cpu`: components left in host memory (levers.load_on_cpu), for a placement that moves them itself: a
     card that cannot hold the whole pipeline must never receive it whole."""
     check_diffusers_env()
     quiet_libraries()
     if model == "tiny":
-        loaded = _load_tiny(device, dtype)
+        loaded = _load_tiny(device, dtype, task)
     elif model == "synthetic":
-        loaded = _load_synthetic(device, dtype, on_cpu)
+        loaded = _load_synthetic(device, dtype, on_cpu, task)
     else:
-        loaded = _load_pretrained(model, device, dtype, on_cpu)
+        loaded = _load_pretrained(model, device, dtype, on_cpu, task)
     # Where the pipeline runs, for placement levers that find a component in host memory (levers.target_device).
     object.__setattr__(loaded.pipe, "_qwendoctor_device", device)
     return loaded
@@ -153,35 +192,112 @@ def _package_json(package: str, name: str) -> dict[str, Any]:
     return json.loads(resources.files(package).joinpath(name).read_text())
 
 
-def _load_tiny(device: str, dtype: str) -> LoadedModel:
+def task_pipeline(task: str, components: dict[str, Any]):
+    """diffusers' pipeline of `task` from a text-to-image pipeline's components (and, for an edit, a processor)."""
+    import diffusers
+
+    pipe = getattr(diffusers, TASK_PIPELINES[task])(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _load_tiny(device: str, dtype: str, task: str = "generate") -> LoadedModel:
     from qwendoctor.tiny import trained
 
+    if task == "edit":
+        raise UsageError(TINY_HAS_NO_EDIT_MODEL)
     pipe = trained.load_trained_tiny(device, dtype)
+    if task != "generate":  # image-to-image and inpainting take the text-to-image components as they are
+        pipe = task_pipeline(task, dict(pipe.components))
     return LoadedModel(pipe=pipe, model_id="tiny", revision=trained.revision(), device=device, dtype=dtype)
 
 
-def _load_synthetic(device: str, dtype: str, on_cpu: frozenset[str] = frozenset()) -> LoadedModel:
-    import torch
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
-
+def _load_synthetic(device: str, dtype: str, on_cpu: frozenset[str] = frozenset(),
+                    task: str = "generate") -> LoadedModel:
     resolve_model("synthetic", device)
-    config = _package_json("qwendoctor", "synthetic.json")
+    return build_synthetic(_package_json("qwendoctor", "synthetic.json"), device, dtype, on_cpu, task)
+
+
+def build_synthetic(config: dict[str, Any], device: str, dtype: str, on_cpu: frozenset[str] = frozenset(),
+                    task: str = "generate") -> LoadedModel:
+    """The `synthetic` pipeline of `task` from `config` (synthetic.json, or the same layout at toy size for the
+    CPU tests). For an edit the text encoder runs its vision tower on the input image, as Qwen-Image-Edit's does:
+    the prompt's embeddings then hold about 1,400 tokens of it at 1 MP (edit_processor)."""
+    import torch
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler
+
     where = {name: "cpu" if name in on_cpu else device for name in ("transformer", "text_encoder", "vae")}
     transformer = build_synthetic_transformer(config["transformer"], device, _torch_dtype(dtype), seed=0,
                                               storage=where["transformer"])
-    text_encoder = tokenizer = None
+    text_encoder = tokenizer = processor = None
     if config["text_encoder"] is not None:
-        text_encoder = build_synthetic_text_encoder(config["text_encoder"], device, _torch_dtype(dtype), seed=2,
+        tokenizer, encoder_config = synthetic_tokenizer(), config["text_encoder"]
+        if task == "edit":
+            tokenizer, encoder_config = with_vision_tokens(tokenizer, encoder_config)
+            processor = edit_processor(tokenizer)
+        text_encoder = build_synthetic_text_encoder(encoder_config, device, _torch_dtype(dtype), seed=2,
                                                     storage=where["text_encoder"])
-        tokenizer = synthetic_tokenizer()
     torch.manual_seed(1)
     vae = AutoencoderKLQwenImage(**config["vae"]).to(device=where["vae"], dtype=_torch_dtype(dtype))
     scheduler = FlowMatchEulerDiscreteScheduler(**config["scheduler"])
-    pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                             transformer=transformer)
-    pipe.set_progress_bar_config(disable=True)
+    components = dict(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                      transformer=transformer)
+    if task == "edit":
+        components["processor"] = processor
+    pipe = task_pipeline(task, components)
+    if task == "edit" and tokenizer is not None:
+        pipe.prompt_template_encode_start_idx = edit_template_start(pipe, tokenizer)
     return LoadedModel(pipe=pipe, model_id="synthetic", revision=_config_revision(config), device=device,
                        dtype=dtype, synthetic_text_tokens=None if text_encoder is not None else config["text_tokens"])
+
+
+# Qwen2-VL's vision markers, which the edit prompt template holds and Qwen's tokenizer has as special tokens.
+VISION_TOKENS = {"vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>",
+                 "vision_token_id": "<|vision_pad|>", "image_token_id": "<|image_pad|>",
+                 "video_token_id": "<|video_pad|>"}
+# Qwen2.5-VL-7B-Instruct's preprocessor_config.json, which Qwen-Image-Edit ships as its processor: a 1024x1024
+# input becomes 74x74 patches of 14 px, merged 2x2 into 1,369 tokens of the prompt.
+EDIT_IMAGE_PROCESSOR = {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2,
+                        "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                        "image_std": [0.26862954, 0.26130258, 0.27577711]}
+
+
+def with_vision_tokens(tokenizer, encoder_config: dict[str, Any]):
+    """The synthetic tokenizer with Qwen2-VL's vision markers added, and the text encoder's config naming the ids
+    they got (the text-to-image vocabulary of tiny has none; the random encoder reads any id alike)."""
+    tokenizer.add_tokens(list(VISION_TOKENS.values()), special_tokens=True)
+    config = dict(encoder_config)
+    config.update({field: tokenizer.convert_tokens_to_ids(token) for field, token in VISION_TOKENS.items()})
+    return tokenizer, config
+
+
+def edit_processor(tokenizer):
+    """QwenImageEditPipeline's processor built here (Qwen's own cannot be downloaded): transformers' Qwen2-VL
+    processor with the PIL image processor at Qwen2.5-VL-7B's settings. It is given no video processor, which
+    transformers' class check would refuse (and cannot look up without torchvision); an edit passes images only."""
+    from transformers import Qwen2VLProcessor
+
+    try:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            Qwen2VLImageProcessorPil as ImageProcessor)
+    except ImportError:  # a transformers before the PIL backend had its own class: the plain one is PIL's
+        from transformers import Qwen2VLImageProcessor as ImageProcessor
+
+    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    return ImageOnlyQwen2VLProcessor(image_processor=ImageProcessor(**EDIT_IMAGE_PROCESSOR), tokenizer=tokenizer)
+
+
+def edit_template_start(pipe, tokenizer) -> int:
+    """Where the edit pipeline's embeddings start, counted in this tokenizer's tokens: diffusers drops the
+    template's system prompt (64 of Qwen's tokens, up to the vision markers); the synthetic tokenizer spells the
+    same words in other tokens, and dropping 64 of them would keep part of the system prompt in the sequence."""
+    system = pipe.prompt_template_encode.split("<|vision_start|>")[0]
+    return len(tokenizer(system)["input_ids"])
 
 
 def synthetic_tokenizer():
@@ -333,15 +449,17 @@ def resolve_model(model: str, device: str) -> str:
                          f"huggingface-cli download {model}") from None
 
 
-def _load_pretrained(model: str, device: str, dtype: str, on_cpu: frozenset[str] = frozenset()) -> LoadedModel:
+def _load_pretrained(model: str, device: str, dtype: str, on_cpu: frozenset[str] = frozenset(),
+                     task: str = "generate") -> LoadedModel:
+    import diffusers
     import torch
-    from diffusers import QwenImagePipeline
 
     path = resolve_model(model, device)
+    name = _edit_pipeline_name(model, path) if task == "edit" else TASK_PIPELINES[task]
     try:
-        pipe = QwenImagePipeline.from_pretrained(path, torch_dtype=_torch_dtype(dtype), local_files_only=True)
+        pipe = getattr(diffusers, name).from_pretrained(path, torch_dtype=_torch_dtype(dtype), local_files_only=True)
     except (OSError, ValueError) as error:
-        raise UsageError(f"model {model!r} is not available offline ({first_line(error, 160)}); "
+        raise UsageError(f"model {model!r} is not available offline as a {name} ({first_line(error, 160)}); "
                          f"download it first: huggingface-cli download {model}") from None
     for name, component in pipe.components.items():
         if isinstance(component, torch.nn.Module) and name not in on_cpu:

@@ -127,7 +127,8 @@ class ModelPool:
                 and profile.offload not in ("model", "sequential"))
 
     def _load_with(self, on_cpu: frozenset[str]) -> None:
-        self.model = self._load(self.workload.model, self.capabilities.device, self.workload.dtype, on_cpu=on_cpu)
+        self.model = self._load(self.workload.model, self.capabilities.device, self.workload.dtype, on_cpu=on_cpu,
+                                task=self.workload.task)
         self._on_cpu = on_cpu
         self._pristine = models.pristine_transformer_source(self.model)
 

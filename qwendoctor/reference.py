@@ -50,7 +50,7 @@ def reference(options: TuneOptions, pool: ModelPool, name: str, log: Callable[[s
 
     path = os.path.join(files.cache_dir(options.cache_dir), f"reference-{name}.npz")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    belongs_to = json.dumps({"study": name, "workload": options.workload.to_dict(), "prompts": options.prompts,
+    belongs_to = json.dumps({"study": name, "workload": options.workload.identity(), "prompts": options.prompts,
                              "seeds": options.seeds}, sort_keys=True)
     with _exclusive(path + ".lock", log, "reference renders: waiting for another worker rendering them"):
         if os.path.exists(path):

@@ -8,7 +8,7 @@ import time
 from typing import Any, Callable
 
 from probes import timing
-from qwendoctor import levers, models
+from qwendoctor import inputs, levers, models
 from qwendoctor.capabilities import Capabilities
 from qwendoctor.levers import optimize
 from qwendoctor.profile import Profile, Workload, check_runnable
@@ -18,19 +18,29 @@ def build(workload: Workload, profile: Profile, capabilities: Capabilities) -> m
     """Refuse what this machine cannot run, then load the model and apply the profile's levers."""
     check_runnable(profile, workload, capabilities)
     model = models.load_model(workload.model, capabilities.device, workload.dtype,
-                              on_cpu=levers.load_on_cpu(profile))
+                              on_cpu=levers.load_on_cpu(profile), task=workload.task)
     optimize(model.pipe, profile, workload=workload)
     return model
 
 
 def call_arguments(workload: Workload, profile: Profile) -> dict[str, Any]:
-    return {
+    """The numbers of a pipeline call; the input images are `inputs.pipeline_arguments`."""
+    arguments = {
         "width": workload.width,
         "height": workload.height,
         "num_inference_steps": profile.steps or workload.reference_steps,
         # A distilled adapter runs with CFG off (levers.distilled): one pass a step.
         "true_cfg_scale": workload.true_cfg_scale if levers.runs_true_cfg(workload, profile) else 1.0,
     }
+    if workload.strength is not None:
+        arguments["strength"] = workload.strength
+    return arguments
+
+
+def with_denoised_steps(workload: Workload, profile: Profile, denoised: int) -> Profile:
+    """`profile` with the step count a call needs to run `denoised` denoising steps: image-to-image at strength
+    0.6 runs 3 of a 5-step schedule, so a 5-step timing asks for 9."""
+    return dataclasses.replace(profile, steps=workload.schedule_for(denoised))
 
 
 # Called after each denoising step of every render with (step, steps): progress bars (qwendoctor.report).
@@ -58,7 +68,7 @@ def render(model: models.LoadedModel, workload: Workload, profile: Profile, prom
     arguments = call_arguments(workload, profile)
     callback = clock
     if _step_listeners:
-        steps = arguments["num_inference_steps"]
+        steps = workload.denoised_steps(arguments["num_inference_steps"])
 
         def callback(pipe, step, timestep, callback_kwargs):
             result = clock(pipe, step, timestep, callback_kwargs) if clock is not None else {}
@@ -68,6 +78,7 @@ def render(model: models.LoadedModel, workload: Workload, profile: Profile, prom
     with torch.inference_mode():
         output = model.pipe(
             **models.prompt_inputs(model, prompt, negative),
+            **inputs.pipeline_arguments(workload, model.pipe),
             **arguments,
             generator=generator,
             output_type="np",
@@ -85,8 +96,8 @@ def warm_up(model: models.LoadedModel, workload: Workload, profile: Profile, pro
     renders; the seconds it took."""
     timing.synchronize(model.device)
     started = time.perf_counter()
-    steps = min(WARMUP_STEPS, profile.steps or workload.reference_steps)
-    render(model, workload, dataclasses.replace(profile, steps=steps), prompt, seed)
+    steps = min(WARMUP_STEPS, workload.denoised_steps(profile.steps or workload.reference_steps))
+    render(model, workload, with_denoised_steps(workload, profile, steps), prompt, seed)
     timing.synchronize(model.device)
     return time.perf_counter() - started
 
@@ -154,9 +165,31 @@ def time_steps(model: models.LoadedModel, workload: Workload, profile: Profile, 
     timing.reset_peak_memory(model.device)
     clock = timing.StepClock(model.device)
     clock.start()
-    render(model, workload, dataclasses.replace(profile, steps=timed_steps), prompt, seed, clock=clock)
+    render(model, workload, with_denoised_steps(workload, profile, timed_steps), prompt, seed, clock=clock)
     return StepTiming(step_s=clock.step_seconds, warmup_s=warmup_s,
                       peak_memory_gib=timing.peak_memory_gib(model.device))
+
+
+class _FirstPass(Exception):
+    """Raised from the transformer's first call to stop a render there: its shapes are all that was wanted."""
+
+
+def transformer_sequence(model: models.LoadedModel, workload: Workload, prompt: str, seed: int) -> dict[str, int]:
+    """The tokens of the transformer's first pass for `prompt`, read from the call the pipeline makes: image tokens
+    (an edit's input latents included) and text tokens (an edit's prompt holds the vision tower's tokens of the
+    input). The render runs up to that call (text encoder, the inputs' VAE encode) and is stopped there."""
+    def stop(module, args, kwargs):
+        raise _FirstPass(kwargs["hidden_states"].shape[1], kwargs["encoder_hidden_states"].shape[1])
+
+    handle = model.pipe.transformer.register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        render(model, workload, with_denoised_steps(workload, Profile(), WARMUP_STEPS), prompt, seed)
+    except _FirstPass as first:
+        image, text = first.args
+        return {"image_tokens": image, "text_tokens": text}
+    finally:
+        handle.remove()
+    raise RuntimeError("the pipeline never called its transformer")
 
 
 def release_memory() -> None:

@@ -89,7 +89,7 @@ def _measure_one(best: Profile, workload: Workload, gpus: int, strategy: str, pr
     row = StrategyRow(strategy, gpus, profile)
     job = os.path.join(work, f"{strategy.replace('+', '-')}-{gpus}.json")
     with open(job, "w", encoding="utf-8") as handle:
-        json.dump({"profile": profile.to_dict(), "workload": workload.to_dict(), "prompt": prompt, "seed": seed,
+        json.dump({"profile": profile.to_dict(), "workload": workload.identity(), "prompt": prompt, "seed": seed,
                    "timed_steps": timed_steps, "out": job + ".result"}, handle)
     started = time.perf_counter()
     try:
@@ -125,7 +125,7 @@ def run_rank(job_path: str) -> None:
     with open(job_path, encoding="utf-8") as handle:
         job = json.load(handle)
     profile = Profile.from_dict(job["profile"])
-    workload = Workload.from_dict(job["workload"])
+    workload = Workload.from_identity(job["workload"])
     device = models.default_device()
     parallel.init_process_group(device)
     try:

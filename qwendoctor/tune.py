@@ -118,7 +118,8 @@ class TuneResult:
 def study_name(options: TuneOptions, here: dict[str, Any]) -> str:
     """Same workload, prompts, floor and setup -> same study, so rerunning the command resumes it."""
     key = {
-        "workload": options.workload.to_dict(),
+        # identity: other input images are another study (they draw other references)
+        "workload": options.workload.identity(),
         "prompts": options.prompts,
         "seeds": options.seeds,
         "floor": dataclasses.asdict(options.floor),
@@ -176,7 +177,7 @@ class _Trials:
         self.options, self.study, self.pool, self.space, self.log, self.on_trial = (
             options, optuna_study, pool, search, log, on_trial)
         self.reference_images, self.baseline_summary = references
-        reference_steps = options.workload.reference_steps
+        reference_steps = options.workload.denoised_steps(options.workload.reference_steps)
         # What an image costs besides its denoising steps (latents, VAE decode, text encoding): the default's
         # seconds per image, timed in this run, less its steps. A trial's estimate is its timed step times its
         # steps plus this.
@@ -265,7 +266,8 @@ class _Trials:
             times["warmup"] = speed.warmup_s
             times["speed"] = sum(speed.step_s)
             step_s = speed.step_median_s
-            estimate_s = step_s * (profile.steps or options.workload.reference_steps) + self.overhead_s
+            estimate_s = step_s * options.workload.denoised_steps(profile.steps or options.workload.reference_steps) \
+                + self.overhead_s
             results = {"step_ms": 1000 * step_s, "warmup_s": speed.warmup_s, "estimate_s": estimate_s,
                        "model": prepared.how, "time_s": times}
             compiled = compile_stats.since(compiled_before)
@@ -287,7 +289,7 @@ class _Trials:
             cached = [count for count in measurement.cached_steps if count is not None]
             if cached:  # over all its images: a cache that fires on one prompt and not another is still a cache
                 results["cached_fraction"] = sum(cached) / (
-                    len(cached) * (profile.steps or options.workload.reference_steps))
+                    len(cached) * options.workload.denoised_steps(profile.steps or options.workload.reference_steps))
             started = time.perf_counter()
             # An image with NaN or infinite pixels raises here: a failed trial with its reason, never a figure.
             fidelity = quality.compare(measurement.images, self.reference_images)
@@ -447,6 +449,10 @@ def run_tune(options: TuneOptions, capabilities: Capabilities | None = None,
     for line in search.describe():
         log(f"search space: {line}")
     pool = ModelPool(options.workload, capabilities)
+    if options.workload.task != "generate":
+        from qwendoctor import inputs
+
+        log(f"task: {inputs.describe(options.workload)}; every reference and trial renders from the same input")
 
     # The study key leaves the model revision out: it is only known once the model is built.
     setup_name = study_name(options, fingerprint.machine_fingerprint(options.workload.model, None))

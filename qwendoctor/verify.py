@@ -147,7 +147,7 @@ def drop_inert(profile: Profile, attrs: dict[str, Any], workload) -> tuple[Profi
                 "its FirstBlockCache skipped no step in any of the study's images")
     if profile.cache != "dbcache" or profile.cache_schedule is not None:
         return profile, None
-    steps = profile.steps or workload.reference_steps
+    steps = workload.denoised_steps(profile.steps or workload.reference_steps)
     warmup = levers.DBCACHE_DEFAULTS["cache_warmup"] if profile.cache_warmup is None else profile.cache_warmup
     if warmup >= steps:
         reason = f"its cache warm-up ({warmup} steps) leaves none of its {steps} steps to reuse"

@@ -235,6 +235,52 @@ BAD_INPUTS = [
      True),
     (["tune", "--storage", "mysql://x"], "--storage mysql://x: Failed to import DB access module", False),
     (["bench", "--lock", "{tmp}/fifo"], "--lock {tmp}/fifo: is a FIFO, not a regular file", True),
+    # issue 29: input images, masks and strengths, each answered before the model loads (and before torch).
+    (["tune", "--task", "img2img", "--image", "{tmp}/missing.png"], "--image {tmp}/missing.png: no such file", True),
+    (["tune", "--task", "img2img", "--image", "{tmp}/garbage.lock"],
+     "--image {tmp}/garbage.lock: not an image PIL can read", True),
+    (["tune", "--task", "img2img", "--image", "{tmp}/truncated.png"],
+     "--image {tmp}/truncated.png: a damaged or truncated image", True),
+    (["tune", "--task", "img2img", "--image", "{tmp}/fifo"], "--image {tmp}/fifo: is a FIFO, not a regular file", True),
+    (["tune", "--task", "img2img", "--image", "{tmp}"], "--image {tmp}: is a directory, not an image file", True),
+    (["tune", "--task", "img2img", "--image", "{tmp}/too-wide.png"],
+     "--image {tmp}/too-wide.png: each side must be an integer >= 1 and <= 8192 pixels, got 8208", True),
+    (["tune", "--task", "img2img", "--strength", "0"], "--strength must be a finite number > 0 and <= 1, got 0.0",
+     True),
+    (["tune", "--task", "img2img", "--strength", "nan"], "--strength must be a finite number > 0 and <= 1, got nan",
+     True),
+    (["bench", "--task", "inpaint", "--strength", "1.5"], "--strength must be a finite number > 0 and <= 1, got 1.5",
+     True),
+    (["tune", "--image", "{tmp}/in.png"], "--image is for --task edit, img2img or inpaint; this is text-to-image",
+     True),
+    (["tune", "--task", "edit", "--strength", "0.5"], "--strength is for --task img2img or inpaint", True),
+    (["tune", "--task", "edit"], "tiny has no edit model yet", True),
+    (["bench", "--task", "img2img", "--image", "{tmp}/in.png", "--image", "{tmp}/in.png"],
+     "--task img2img takes one --image, got 2", True),
+    (["tune", "--task", "inpaint", "--image", "{tmp}/in.png"], "--task inpaint needs --mask PATH", True),
+    (["tune", "--task", "inpaint", "--image", "{tmp}/in.png", "--mask", "{tmp}/small.png"],
+     "--mask {tmp}/small.png: 64x64, the image {tmp}/in.png is 128x128; the mask must be the image's size", True),
+    (["tune", "--task", "img2img", "--image", "{tmp}/in.png", "--mask", "{tmp}/in.png"],
+     "--mask is for --task inpaint; this is image-to-image", True),
+    (["generate", "x", "--lock", "{lock}", "--image", "{tmp}/in.png"],
+     "--image: {lock} is a text-to-image lock (task generate), which takes no input image", True),
+    (["generate", "x", "--lock", "{tmp}/img2img.lock", "--task", "edit", "--image", "{tmp}/in.png"],
+     "{tmp}/img2img.lock was tuned for image-to-image (task img2img), not --task edit", True),
+    (["generate", "x", "--lock", "{tmp}/img2img.lock", "--image", "{tmp}/small.png"],
+     "--image {tmp}/small.png: 64x64, {tmp}/img2img.lock was tuned for inputs of 128x128", True),
+    (["generate", "x", "--lock", "{tmp}/img2img.lock"],
+     "{tmp}/img2img.lock is for image-to-image (task img2img): give the input with --image PATH", True),
+    (["generate", "x", "--lock", "{tmp}/img2img.lock", "--image", "{tmp}/truncated.png"],
+     "a damaged or truncated image", True),
+    (["generate", "x", "--lock", "{tmp}/img2img.lock", "--image", "{tmp}/in.png", "--strength", "inf"],
+     "--strength must be a finite number > 0 and <= 1, got inf", True),
+    (["generate", "x", "--lock", "{tmp}/inpaint.lock", "--image", "{tmp}/in.png", "--mask", "{tmp}/small.png"],
+     "the mask must be the image's size", True),
+    (["generate", "x", "--lock", "{tmp}/bad-strength.lock", "--image", "{tmp}/in.png"],
+     "workload.strength: must be a finite number > 0 and <= 1, got 2.0", True),
+    (["generate", "x", "--lock", "{tmp}/bad-task.lock"], "workload.task: 'paint' is not one of", True),
+    (["generate", "x", "--lock", "{tmp}/sizes-without-task.lock"],
+     "workload: input images given to a text-to-image workload (task generate)", True),
 ]
 
 # All the bad inputs in one process, in order (a process per case cost two minutes of imports on two cores): those
@@ -299,7 +345,31 @@ def bad_input_dir(tmp_path_factory):
         assert old in text, old
         (directory / f"{name}.lock").write_text(text.replace(old, new, 1))
     _lora_inputs(directory, lock)
+    _image_inputs(directory, lock)
     return directory
+
+
+def _image_inputs(directory: Path, lock: lockfile.Lock) -> None:
+    """Input images (one of the locks' size, a smaller one, one cut short, one too wide) and locks of image-to-image
+    and inpainting, one with a strength out of range, one of no known task, one with inputs and no task."""
+    import dataclasses
+
+    from PIL import Image
+
+    Image.new("RGB", (128, 128), (200, 40, 40)).save(directory / "in.png")
+    Image.new("L", (64, 64), 255).save(directory / "small.png")
+    Image.new("RGB", (8208, 1)).save(directory / "too-wide.png")
+    whole = (directory / "in.png").read_bytes()
+    (directory / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    for task in ("img2img", "inpaint"):
+        lockfile.write_lock(directory / f"{task}.lock", dataclasses.replace(lock, workload=dataclasses.replace(
+            lock.workload, task=task, input_sizes=((128, 128),), strength=0.6)))
+    text = (directory / "img2img.lock").read_text()
+    for name, old, new in (("bad-strength", "strength = 0.6", "strength = 2.0"),
+                           ("bad-task", 'task = "img2img"', 'task = "paint"'),
+                           ("sizes-without-task", 'task = "img2img"\n', "")):
+        assert old in text, old
+        (directory / f"{name}.lock").write_text(text.replace(old, new, 1))
 
 
 def _safetensors(path: Path, shapes: dict[str, list[int]]) -> Path:

@@ -309,7 +309,7 @@ def test_pool_builds_a_new_pipeline_after_a_pipeline_wide_lever_and_a_new_transf
         tiny_workload):
     loads = []
 
-    def load(model, device, dtype, on_cpu=frozenset()):
+    def load(model, device, dtype, on_cpu=frozenset(), task="generate"):
         # Offload is refused on a CPU machine: the pool is told it has a GPU and builds on the CPU regardless.
         loads.append(model)
         return models.load_model(model, "cpu", dtype)

@@ -199,7 +199,7 @@ def test_placements_load_what_they_offload_in_host_memory():
 def test_the_pool_reloads_on_a_gpu_when_the_placement_changes(tiny_workload):
     loads = []
 
-    def load(model, device, dtype, on_cpu=frozenset()):
+    def load(model, device, dtype, on_cpu=frozenset(), task="generate"):
         loads.append(on_cpu)
         # Built on the CPU, labelled as a GPU pipeline: the pool decides by the loaded model's device.
         return dataclasses.replace(models.load_model(model, "cpu", dtype), device="cuda")
@@ -280,7 +280,7 @@ def test_in_a_placement_the_pool_replaces_the_transformer_not_the_pipeline(tiny_
     transformer, and the text encoder stays where it was placed instead of loading again."""
     loads = []
 
-    def load(model, device, dtype, on_cpu=frozenset()):
+    def load(model, device, dtype, on_cpu=frozenset(), task="generate"):
         loads.append(on_cpu)
         return models.load_model(model, "cpu", dtype)
 

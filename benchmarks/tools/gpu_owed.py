@@ -51,6 +51,15 @@ def _bench(task_id: str, why: str, budget_s: int, *args: str) -> Task:
 
 
 LOSSLESS = "compile=regional,real_rope=true,cfg_batching=true"
+# Issue 29's edit at 1024x1024: the output's 4096 image tokens, the input's 4096 and about 1,380 text tokens (the
+# vision tower's 1,369 among them) a pass, against 4096 + ~10 for text-to-image; the 1024 text-to-image ladder's
+# default step took 364 ms on an H100 (benchmarks/bench). Estimated from those shapes, not measured: eager rows
+# about 30 s each (build, two warm-up and six timed steps, the three-step breakdown), compiled ones 45 s, a compiled
+# FP8 row 200 s: the whole ladder (~800 s) does not fit one 10-minute call. So the lossless stack first, then the
+# FP8 tier, which resumes the first task's rows (same --out and stem, --resume) where both run on one machine.
+EDIT_1024 = ("--task", "edit", "--width", "1024", "--height", "1024", "--timed-steps", "6")
+EDIT_LOSSLESS_ROWS = ("compile:regional,cfg_batching,stack:+cfg_batching,stack:+compile,stack:+real_rope,"
+                      "stack:+fused_qkv,stack:+gelu_epilogue")
 # Highest value first: what a user's FP8 run depends on, then the regression net, then the per-step goals, then
 # the memory plan's rows and the 8-bit attention build.
 TASKS = (
@@ -73,6 +82,12 @@ TASKS = (
          "then what fused and unfused cost the 20B transformer eager",
          (sys.executable, "benchmarks/tools/lora_gpu.py", "--out", "{work}/lora-tiny-eager", "--rows",
           "tiny_fp8,eager_no_lora,eager_unfused,eager_fused"), 380),
+    _bench("bench:edit-1024", "issue 29: the edit pipeline at 1024x1024 (input latents and vision tokens in the "
+           "sequence), the default and the lossless stack with the step breakdown", 560, *EDIT_1024,
+           "--rows", EDIT_LOSSLESS_ROWS),
+    _bench("bench:edit-1024-fp8", "issue 29: the FP8 tier of the edit at 1024x1024 on bench:edit-1024's stack "
+           "(its rows resumed on the same machine)", 560, *EDIT_1024,
+           "--rows", EDIT_LOSSLESS_ROWS + ",fp8_rowwise,stack:+fp8_rowwise"),
     _gpu_test("test_bench_gpu", 240, "CFG batching and real RoPE against two passes and eager"),
     _gpu_test("test_fp8_ends_gpu", 90, "FP8 with bf16 end blocks"),
     _gpu_test("test_fused_gpu", 150, "fused q/k/v keeps memory and image"),

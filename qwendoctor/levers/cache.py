@@ -94,7 +94,8 @@ def _enable_dbcache(pipe, profile: "Profile") -> None:
         workload = getattr(pipe, "_qwendoctor_workload", None)
         if workload is None:
             raise UsageError("profile.cache_schedule: a fixed schedule needs the workload's step count")
-        steps = profile.steps or workload.reference_steps
+        # The steps the call runs: image-to-image skips the schedule's first (1 - strength).
+        steps = workload.denoised_steps(profile.steps or workload.reference_steps)
         # cache-dit's static policy: the mask alone decides which steps reuse, whatever the residuals do.
         schedule = {"steps_computation_mask": fixed_schedule(steps, value["cache_schedule"], warmup),
                     "steps_computation_policy": "static", "num_inference_steps": steps}
@@ -229,8 +230,8 @@ def _cache_sample(trial, offer: Offer, chosen: dict[str, Any], ctx: SpaceContext
 def _cache_warmup(trial, chosen: dict[str, Any], ctx: SpaceContext) -> int:
     """A warm-up below the trial's step count (STEPS is drawn before CACHE): cache-dit computes every warm-up
     step, so a warm-up of 8 at 8 steps cached nothing and was the uncached profile bit for bit."""
-    steps = chosen.get("steps") or ctx.workload.reference_steps
-    high = min(8, steps - 1)
+    steps = ctx.workload.denoised_steps(chosen.get("steps") or ctx.workload.reference_steps)
+    high = max(min(8, steps - 1), 0)
     low = min(2, high)
     return trial.suggest_int("cache_warmup", low, low + (high - low) // 2 * 2, step=2)
 
