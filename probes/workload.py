@@ -127,6 +127,9 @@ class Distilled(LoRA):
 
 def scheduler_pairs(overrides: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(overrides.items()))
+
+
+@dataclasses.dataclass(frozen=True)
 class InputImage:
     """One input image of a run (`--image`, `--mask`): not lock content (a lock holds for any input of its size),
     but what the reference renders and a study are tied to, by the file's sha256. Reading and checking the file
