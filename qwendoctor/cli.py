@@ -141,6 +141,25 @@ IMAGE_HELP = ("An input image (edit, img2img, inpaint; repeatable for an edit mo
               "[tiny and synthetic: a drawn stand-in of the output size].")
 MASK_HELP = "inpaint: the mask, the image's size, white where it is repainted [tiny and synthetic: the centre half]."
 STRENGTH_HELP = "img2img and inpaint: the share of the schedule run from the input, in (0, 1] [0.6]."
+
+
+def workload_options(command):
+    """What tune and bench both take about the workload beyond its size: its LoRAs, a distilled adapter, the task
+    and its inputs."""
+    options = (
+        click.option("--lora", "lora_specs", multiple=True, help=LORA_HELP),
+        click.option("--distilled", "distilled_spec", help=DISTILLED_HELP),
+        click.option("--distilled-steps", help=DISTILLED_STEPS_HELP),
+        click.option("--task", type=click.Choice(TASKS), default="generate", show_default=True, help=TASK_HELP),
+        click.option("--image", "images", multiple=True, help=IMAGE_HELP),
+        click.option("--mask", help=MASK_HELP),
+        click.option("--strength", type=float, help=STRENGTH_HELP),
+    )
+    for option in reversed(options):  # the order of --help, as if stacked as decorators
+        command = option(command)
+    return command
+
+
 MEMORY_LIMIT_HELP = ("GiB of GPU memory this process may use (torch's per-process cap): tune and test a plan for "
                      "a smaller card, or leave room for another process [the whole card].")
 
@@ -177,13 +196,7 @@ MEMORY_LIMIT_HELP = ("GiB of GPU memory this process may use (torch's per-proces
 @click.option("--gpus", type=int, help="Also measure the best profile split over up to this many GPUs "
               "(CFG-parallel, Ulysses, ring) and lock the fastest [all visible GPUs].")
 @click.option("--memory-limit", type=float, help=MEMORY_LIMIT_HELP)
-@click.option("--lora", "lora_specs", multiple=True, help=LORA_HELP)
-@click.option("--distilled", "distilled_spec", help=DISTILLED_HELP)
-@click.option("--distilled-steps", help=DISTILLED_STEPS_HELP)
-@click.option("--task", type=click.Choice(TASKS), default="generate", show_default=True, help=TASK_HELP)
-@click.option("--image", "images", multiple=True, help=IMAGE_HELP)
-@click.option("--mask", help=MASK_HELP)
-@click.option("--strength", type=float, help=STRENGTH_HELP)
+@workload_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def tune(model, width, height, steps, true_cfg_scale, negative_prompt, trials, timeout, prompts_file,
          num_prompts, seeds, floor, lock_path, storage, heartbeat, timed_steps, exhaustive, gpus, memory_limit,
@@ -446,13 +459,7 @@ def _launch_generate(profile, lock, option: str, arguments: list[str]) -> None:
 @click.option("--name", help="File stem [bench-<model>-<W>x<H>].")
 @click.option("--resume", is_flag=True, help="Keep the rows an interrupted run of this bench already wrote.")
 @click.option("--memory-limit", type=float, help=MEMORY_LIMIT_HELP)
-@click.option("--lora", "lora_specs", multiple=True, help=LORA_HELP)
-@click.option("--distilled", "distilled_spec", help=DISTILLED_HELP)
-@click.option("--distilled-steps", help=DISTILLED_STEPS_HELP)
-@click.option("--task", type=click.Choice(TASKS), default="generate", show_default=True, help=TASK_HELP)
-@click.option("--image", "images", multiple=True, help=IMAGE_HELP)
-@click.option("--mask", help=MASK_HELP)
-@click.option("--strength", type=float, help=STRENGTH_HELP)
+@workload_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result document as JSON.")
 def bench(model, width, height, steps, true_cfg_scale, timed_steps, full_image, no_ladder, rows, list_rows,
           lock_paths, profile_texts, no_breakdown, out_dir, name, resume, memory_limit, lora_specs, distilled_spec,

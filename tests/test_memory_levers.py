@@ -282,8 +282,8 @@ def test_memory_levers_sit_in_the_documented_order_and_are_not_searched():
     import re
 
     names = [lever.name for lever in levers.LEVERS]
-    assert names == ["tf32", "attention_backend", "real_rope", "lora", "fused_qkv", "gelu_epilogue", "quantization",
-                     "weight_storage", "cache", "offload", "text_encoder", "context_parallel", "compile",
+    assert names == ["tf32", "attention_backend", "real_rope", "lora", "distilled", "fused_qkv", "gelu_epilogue",
+                     "quantization", "weight_storage", "cache", "offload", "text_encoder", "context_parallel", "compile",
                      "cfg_batching", "cfg_parallel", "vae_decode", "steps"]
     # The module docstring's numbered list: "  7. weight storage     diffusers' layerwise casting ..."
     documented = re.findall(r"^\s*\d+\.\s+(\S+(?: \S+)?)\s{2,}", levers.__doc__, flags=re.MULTILINE)

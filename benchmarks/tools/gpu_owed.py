@@ -78,10 +78,10 @@ TASKS = (
          "20B transformer per step at 1024x1024 under regional compile, and the graphs a hotswap compiles",
          (sys.executable, "benchmarks/tools/lora_gpu.py", "--out", "{work}/lora-compiled", "--rows",
           "no_lora,fused,unfused,hotswap,unfused_user_rank"), 440),
-    Task("lora:tiny-fp8-eager", "FP8 after fusion on tiny's frame style LoRA (style read and checker, 20 prompts), "
-         "then what fused and unfused cost the 20B transformer eager",
-         (sys.executable, "benchmarks/tools/lora_gpu.py", "--out", "{work}/lora-tiny-eager", "--rows",
-          "tiny_fp8,eager_no_lora,eager_unfused,eager_fused"), 380),
+    Task("lora:eager-1024", "what fused and unfused LoRAs cost the 20B transformer eager (tiny's FP8 after fusion "
+         "ran in lora:compiled-1024's call)",
+         (sys.executable, "benchmarks/tools/lora_gpu.py", "--out", "{work}/lora-eager", "--rows",
+          "eager_no_lora,eager_unfused,eager_fused"), 380),
     _bench("bench:edit-1024", "issue 29: the edit pipeline at 1024x1024 (input latents and vision tokens in the "
            "sequence), the default and the lossless stack with the step breakdown", 560, *EDIT_1024,
            "--rows", EDIT_LOSSLESS_ROWS),
