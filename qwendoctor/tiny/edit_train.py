@@ -1,15 +1,34 @@
-"""Train tiny's edit model: the weights of `qwendoctor/tiny/edit/` come from this script.
+"""Train tiny's edit model: the weights of `qwendoctor/tiny/edit/` come from this script, in two stages.
 
-    python -m qwendoctor.tiny.edit_train --seed 0 --out DIR
+STATE (issue 29 item 3, not done): the shipped weights pass 38% of 50 held-out edits at the reference 50 steps
+and true CFG 4.0 (`OMP_NUM_THREADS=1 python benchmarks/tiny/edit.py`, benchmarks/tiny/edit.json), short of the
+90% target; 64% at true CFG 1.5, 62% with CFG off, 58% at 2.0 (edit-cfg*.json: guidance hurts here, it pushes
+the kept attributes away from the input). No output is a copy of its input (0% at every scale); the named
+attribute is made 90% of the time. What fails is keeping the rest: a moved shape comes out in another colour,
+a recoloured shape drifts from its place (by kind at CFG 1.5: background 80%, position 62%, colour 50%). The
+model reads the instruction early (probe) but learns slowly to copy the input's local content through the
+concatenated latents: held-out pass at 20 steps went 5% (750 steps), 30% (1500, 2250), then in stage 2 20%,
+35%, 45%, 40%. Left: a longer or better-shaped training within the 60-minute budget (the copy signal of stage
+2 from the start; a position-aware probe; true CFG's scale the model is trained for), and a rerun of stage 1
+with --stop-after 2250 to confirm its bytes (the shipped stage 1 is the 2250-step checkpoint of the 4500-step
+run, stopped there for time; the loop is the same, so it should match, but that was not rerun).
+
+    # stage 1 (~24 min on one thread): the 2250-step EMA of a 4500-step schedule
+    python -m qwendoctor.tiny.edit_train --seed 0 --out S1 --stop-after 2250
+    # stage 2 (~26 min): from S1, new renders, the input as the unconditional target, the target probe
+    python -m qwendoctor.tiny.edit_train --seed 0 --pool-seed 1 --init S1 --out S2 --pool 6000 --steps 3000 \
+        --lr 1e-3 --target-probe-weight 0.5 --uncond-target source --caption-dropout 0.25
 
 Fine-tunes tiny's trained transformer (all of it) as Qwen-Image-Edit's transformer is used: the noisy target's
 64 latent tokens followed by the input image's 64 VAE latent tokens in one sequence (img_shapes lists both, so
 the input sits at the same spatial RoPE positions one frame on), conditioned on the edit pipeline's own prompt
 embeddings, which `encode_prompt(instruction, image)` makes with tiny's frozen text encoder running its frozen
 vision tower on the input; the loss is rectified flow on the target tokens only. The input's latents carry the
-picture, so the vision tower is left as tiny built it. For a tenth of the samples the instruction is the
-pipeline's default negative prompt " " (still with the input image), so true CFG has an unconditional branch
-that sees the same input. VAE and text encoder are tiny's, unchanged; only the transformer is saved.
+picture, so the vision tower is left as tiny built it. For a share of the samples (`--caption-dropout`) the
+instruction is the pipeline's default negative prompt " " (still with the input image), so true CFG has an
+unconditional branch that sees the same input; it learns to draw the edit's target (stage 1) or, with
+`--uncond-target source`, the input unchanged (stage 2: no instruction, no edit, a direct copy signal). VAE and
+text encoder are tiny's, unchanged; only the transformer is saved.
 
 One CPU thread; step counts, not the clock, decide everything, so a rerun with the same seed writes the same
 bytes (`tests/test_tiny_edit.py` checks the first steps).
@@ -130,7 +149,8 @@ def make_pool(pipe, edits, count: int, seed: int, edits_per_source: int = 2):
         picks = rng.choice(len(options), size=min(edits_per_source, len(options)), replace=False)
         chosen.append((source, [options[i] for i in picks], [seed, 4, len(chosen)]))
 
-    source_latents, target_latents, owner, labels, target_labels, source_labels = [], [], [], [], [], []
+    source_latents, target_latents, owner, labels = [], [], [], []
+    target_labels, source_labels = [], []
     cond, uncond = [], []
 
     def encode_images(images):
@@ -179,8 +199,8 @@ def make_pool(pipe, edits, count: int, seed: int, edits_per_source: int = 2):
     uncond_embeds, uncond_mask = pad(uncond)
     return {"source": torch.cat(source_latents), "target": torch.cat(target_latents), "owner": torch.tensor(owner),
             "labels": torch.tensor(labels), "target_labels": torch.tensor(target_labels),
-            "source_labels": torch.tensor(source_labels), "cond": cond_embeds, "cond_mask": cond_mask, "uncond": uncond_embeds,
-            "uncond_mask": uncond_mask}
+            "source_labels": torch.tensor(source_labels), "cond": cond_embeds, "cond_mask": cond_mask,
+            "uncond": uncond_embeds, "uncond_mask": uncond_mask}
 
 
 def train(pipe, ema, pool, args, on_checkpoint=None) -> int:
@@ -203,7 +223,7 @@ def train(pipe, ema, pool, args, on_checkpoint=None) -> int:
     transformer.train()
     count = len(pool["target"])
     width = pool["cond"].shape[-1]
-    for step in range(args.steps):
+    for step in range(args.stop_after or args.steps):
         warmup = min(1.0, (step + 1) / 100)
         for group in optimizer.param_groups:
             group["lr"] = args.lr * warmup * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
@@ -257,13 +277,13 @@ def train(pipe, ema, pool, args, on_checkpoint=None) -> int:
         with torch.no_grad():
             for ema_param, param in zip(ema.parameters(), transformer.parameters()):
                 ema_param.lerp_(param, 1 - decay)
-        if step % 25 == 0 or step == args.steps - 1:
+        if step % 25 == 0 or step + 1 in (args.steps, args.stop_after):
             log(f"step {step}/{args.steps} flow loss {flow_loss.item():.4f} probe loss {probe_loss.item():.3f} "
                 f"target probe loss {target_probe_loss.item():.3f} lr {optimizer.param_groups[0]['lr']:.2e}")
-        if on_checkpoint and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+        if on_checkpoint and ((step + 1) % args.eval_every == 0 or step + 1 in (args.steps, args.stop_after)):
             on_checkpoint(step + 1)
     transformer.eval()
-    return args.steps
+    return args.stop_after or args.steps
 
 
 def pass_rate(pipe, edits, seed: int, steps: int, true_cfg_scale: float = 4.0) -> dict[str, float]:
@@ -308,6 +328,14 @@ def main(argv=None) -> None:
                         help="what a sample whose instruction was dropped learns to draw: the edit's target, or "
                         "its input unchanged (no instruction, no edit)")
     parser.add_argument("--caption-dropout", type=float, default=CAPTION_DROPOUT)
+    parser.add_argument("--stop-after", type=int, default=None, help="end after this many steps of the --steps "
+                        "schedule (its learning rate still decays over --steps)")
+    parser.add_argument("--split-seed", type=int, default=0, help="which scenes are held out (edit_data.split): "
+                        "the benchmark's are split 0's, whatever the training seed")
+    parser.add_argument("--pool-seed", type=int, default=None, help="the pool's renders (default: --seed); a "
+                        "second stage takes new ones")
+    parser.add_argument("--init", type=Path, default=None, help="start from this edit_train output's transformer "
+                        "instead of tiny's text-to-image one (a second stage)")
     parser.add_argument("--eval-every", type=int, default=750)
     parser.add_argument("--eval-edits", type=int, default=20, help="held-out edits rendered (20 steps) at each "
                         "checkpoint; 0 for none")
@@ -327,16 +355,22 @@ def main(argv=None) -> None:
     for part in components.values():
         if isinstance(part, torch.nn.Module):
             part.requires_grad_(False)
+    if args.init:
+        from safetensors.torch import load_model
+
+        from qwendoctor.tiny.edit import WEIGHT_FILE
+
+        load_model(components["transformer"], str(args.init / WEIGHT_FILE), strict=True)
     pipe = make_edit_pipeline(components)
-    train_edits, held_out = edit_data.split(args.seed)
+    train_edits, held_out = edit_data.split(args.split_seed)
     log(f"{len(train_edits)} training edits, {len(held_out)} held out")
-    pool = make_pool(pipe, train_edits, args.pool, args.seed)
+    pool = make_pool(pipe, train_edits, args.pool, args.seed if args.pool_seed is None else args.pool_seed)
     log(f"pool of {len(pool['target'])} samples from {len(pool['source'])} inputs; instruction tokens up to "
         f"{pool['cond'].shape[1]}")
     transformer = components["transformer"].requires_grad_(True)
     ema = copy.deepcopy(transformer).requires_grad_(False).eval()
     eval_pipe = make_edit_pipeline(components | {"transformer": ema})
-    eval_edits = edit_data.held_out_edits(args.seed)[-args.eval_edits:] if args.eval_edits else []
+    eval_edits = edit_data.held_out_edits(args.split_seed)[-args.eval_edits:] if args.eval_edits else []
     config = {"model": model_config, "image_size": IMAGE_SIZE, "negative_prompt": NEGATIVE_PROMPT,
               "base_revision": trained.revision()}
 
