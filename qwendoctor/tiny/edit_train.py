@@ -11,7 +11,8 @@ concatenated latents: held-out pass at 20 steps went 5% (750 steps), 30% (1500, 
 35%, 45%, 40%. Left: a longer or better-shaped training within the 60-minute budget (the copy signal of stage
 2 from the start; a position-aware probe; true CFG's scale the model is trained for), and a rerun of stage 1
 with --stop-after 2250 to confirm its bytes (the shipped stage 1 is the 2250-step checkpoint of the 4500-step
-run, stopped there for time; the loop is the same, so it should match, but that was not rerun).
+run, stopped there for time; at toy size --stop-after 3 of a 6-step schedule wrote the same bytes as that
+run's step-3 checkpoint, but the 2250-step stage was not rerun).
 
     # stage 1 (~24 min on one thread): the 2250-step EMA of a 4500-step schedule
     python -m qwendoctor.tiny.edit_train --seed 0 --out S1 --stop-after 2250
