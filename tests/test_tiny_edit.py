@@ -1,0 +1,97 @@
+"""tiny's edit model: its procedural edits, the pixel checker, the shipped weights and the seeded trainer."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from qwendoctor.tiny import edit_data, shapes
+
+
+def test_edits_are_seeded_and_the_held_out_split_is_disjoint():
+    train, held_out = edit_data.split(0)
+    assert (train, held_out) == edit_data.split(0)
+    assert not set(train) & set(held_out)
+    held_scenes = set(shapes.split(0)[1])
+    # no held-out scene is ever an input or an output in training
+    assert not {edit.source for edit in train} & held_scenes
+    assert not {edit.target for edit in train} & held_scenes
+    assert {edit.source for edit in held_out} == held_scenes
+    assert edit_data.held_out_edits(0) == edit_data.held_out_edits(0)
+    assert set(edit_data.held_out_edits(0)) == set(held_out)
+    assert {edit.kind for edit in held_out[:200]} == set(edit_data.KINDS)
+    assert edit_data.split(1)[1] != held_out
+
+
+def test_instructions_round_trip_and_targets_change_one_attribute():
+    for edit in edit_data.edits_of(shapes.parse(shapes.EXAMPLE_PROMPT)):
+        kind, value, _ = edit_data.parse_instruction(edit.instruction)
+        assert (kind, value) == (edit.kind, edit.value)
+        changed = [f.name for f in dataclasses.fields(shapes.Scene)
+                   if getattr(edit.source, f.name) != getattr(edit.target, f.name)]
+        assert changed == [edit.kind]
+    with pytest.raises(ValueError):
+        edit_data.parse_instruction("make the circle orange")
+
+
+def test_render_pair_is_seeded():
+    edit = edit_data.held_out_edits(0)[0]
+    a, b = edit_data.render_pair(edit, [0, 1]), edit_data.render_pair(edit, [0, 1])
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_checker_passes_the_procedural_edit_and_fails_a_copy_and_a_wrong_edit(index):
+    edits = edit_data.held_out_edits(0)
+    edit = next(e for e in edits[index * 7:] if e.kind == edit_data.KINDS[index % 3])
+    source, target = edit_data.render_pair(edit, [index])
+    right = edit_data.edit_check(source, edit.target, target, edit.instruction)
+    assert right["pass"] and right["made"] and right["kept"] and not right["copied"]
+    copied = edit_data.edit_check(source, edit.target.prompt, source, edit.instruction)
+    assert not copied["pass"] and copied["copied"]
+    # the right change with something else changed too: made, not kept
+    other = next(e for e in edit_data.edits_of(edit.target) if e.kind != edit.kind)
+    _, both = edit_data.render_pair(other, [index])
+    wrong = edit_data.edit_check(source, edit.target, both, edit.instruction)
+    assert wrong["made"] and not wrong["kept"] and not wrong["pass"]
+    # another edit of the same source instead of the one asked
+    instead = next(e for e in edit_data.edits_of(edit.source) if e.kind != edit.kind)
+    _, elsewhere = edit_data.render_pair(instead, [index])
+    assert not edit_data.edit_check(source, edit.target, elsewhere, edit.instruction)["pass"]
+
+
+def test_shipped_edit_weights_render_a_finite_128px_edit():
+    import torch
+    from PIL import Image
+
+    from qwendoctor.tiny.edit import TinyQwenImageEditPipeline, load_tiny_edit_pipeline, shipped_dir
+
+    total = sum(path.stat().st_size for path in shipped_dir().iterdir() if path.is_file())
+    assert total < 3_000_000
+    pipe = load_tiny_edit_pipeline("cpu", "float32")
+    assert isinstance(pipe, TinyQwenImageEditPipeline)
+    edit = edit_data.held_out_edits(0)[0]
+    source, _ = edit_data.render_pair(edit, [0])
+    image = pipe(image=Image.fromarray(source), prompt=edit.instruction, negative_prompt=" ", true_cfg_scale=4.0,
+                 num_inference_steps=4, output_type="np", generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (128, 128, 3) and np.isfinite(image).all()
+
+
+def test_training_is_byte_identical_across_runs(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from qwendoctor.tiny import edit_train, trained
+
+    # a large learning rate so two steps move the weights past fp16's resolution: the check must see training
+    args = ["--seed", "0", "--pool", "8", "--steps", "2", "--batch", "4", "--lr", "1.0", "--eval-edits", "0"]
+    edit_train.main([*args, "--out", str(tmp_path / "a")])
+    edit_train.main([*args, "--out", str(tmp_path / "b")])
+    first = (tmp_path / "a" / "transformer.safetensors").read_bytes()
+    assert first == (tmp_path / "b" / "transformer.safetensors").read_bytes()
+    base = load_file(str(trained.shipped_dir() / "transformer.safetensors"))
+    stepped = load_file(str(tmp_path / "a" / "transformer.safetensors"))
+    assert base.keys() == stepped.keys()
+    assert any(not torch.equal(base[name], stepped[name]) for name in base)
