@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from qwendoctor.tiny import edit_data, shapes
-from qwendoctor.tiny.train import pixels_to_tensor
+from qwendoctor.tiny.train import pad_rows, pixels_to_tensor, step_with_ema
 
 IMAGE_SIZE = 128
 NEGATIVE_PROMPT = " "
@@ -187,17 +187,8 @@ def make_pool(pipe, edits, count: int, seed: int, edits_per_source: int = 2):
         if start % (batch * 25) == 0:
             log(f"pool: {len(owner)} samples encoded")
 
-    def pad(rows):
-        length = max(len(row) for row in rows)
-        padded = torch.zeros(len(rows), length, rows[0].shape[-1])
-        mask = torch.zeros(len(rows), length, dtype=torch.bool)
-        for index, row in enumerate(rows):
-            padded[index, :len(row)] = row
-            mask[index, :len(row)] = True
-        return padded, mask
-
-    cond_embeds, cond_mask = pad(cond)
-    uncond_embeds, uncond_mask = pad(uncond)
+    cond_embeds, cond_mask = pad_rows(cond)
+    uncond_embeds, uncond_mask = pad_rows(uncond)
     return {"source": torch.cat(source_latents), "target": torch.cat(target_latents), "owner": torch.tensor(owner),
             "labels": torch.tensor(labels), "target_labels": torch.tensor(target_labels),
             "source_labels": torch.tensor(source_labels), "cond": cond_embeds, "cond_mask": cond_mask,
@@ -270,14 +261,7 @@ def train(pipe, ema, pool, args, on_checkpoint=None) -> int:
         else:
             probe.captured.pop("image")
             target_probe_loss = torch.zeros(())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        optimizer.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for ema_param, param in zip(ema.parameters(), transformer.parameters()):
-                ema_param.lerp_(param, 1 - decay)
+        step_with_ema(loss, transformer, ema, optimizer, step, args.ema)
         if step % 25 == 0 or step + 1 in (args.steps, args.stop_after):
             log(f"step {step}/{args.steps} flow loss {flow_loss.item():.4f} probe loss {probe_loss.item():.3f} "
                 f"target probe loss {target_probe_loss.item():.3f} lr {optimizer.param_groups[0]['lr']:.2e}")

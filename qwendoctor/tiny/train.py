@@ -171,12 +171,19 @@ def encode_prompts(pipe, prompts):
 
     with torch.no_grad():
         embeddings = [pipe.encode_prompt(prompt, device="cpu")[0][0] for prompt in prompts]
-    length = max(len(e) for e in embeddings)
-    padded = torch.zeros(len(prompts), length, embeddings[0].shape[-1])
-    mask = torch.zeros(len(prompts), length, dtype=torch.bool)
-    for row, embedding in enumerate(embeddings):
-        padded[row, :len(embedding)] = embedding
-        mask[row, :len(embedding)] = True
+    return pad_rows(embeddings)
+
+
+def pad_rows(rows):
+    """Embeddings of different lengths as one zero-padded batch, with the mask of their real tokens."""
+    import torch
+
+    length = max(len(row) for row in rows)
+    padded = torch.zeros(len(rows), length, rows[0].shape[-1])
+    mask = torch.zeros(len(rows), length, dtype=torch.bool)
+    for index, row in enumerate(rows):
+        padded[index, :len(row)] = row
+        mask[index, :len(row)] = True
     return padded, mask
 
 
@@ -242,6 +249,21 @@ class AttributeProbe:
                    for column, head in enumerate(self.heads)) / len(self.heads)
 
 
+def step_with_ema(loss, model, ema, optimizer, step: int, ema_rate: float) -> None:
+    """One clipped optimizer step, then the EMA copy moved towards the weights; the EMA's rate warms up over the
+    first steps, so early noise does not dominate it (the shipped weights are the EMA's)."""
+    import torch
+
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    decay = min(ema_rate, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for ema_param, param in zip(ema.parameters(), model.parameters()):
+            ema_param.lerp_(param, 1 - decay)
+
+
 def train_transformer(pipe, ema, latents, owners, embeddings, masks, labels, args, deadline: float,
                       on_checkpoint, eval_prompts):
     import torch
@@ -285,14 +307,7 @@ def train_transformer(pipe, ema, latents, owners, embeddings, masks, labels, arg
         flow_loss = F.mse_loss(prediction, noise - x0)
         probe_loss = probe.loss(text_rows, masks[text_rows, :length].float())
         loss = flow_loss + args.probe_weight * probe_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        optimizer.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for ema_param, param in zip(ema.parameters(), transformer.parameters()):
-                ema_param.lerp_(param, 1 - decay)
+        step_with_ema(loss, transformer, ema, optimizer, step, args.ema)
         steps_done = step + 1
         if step % 25 == 0:
             log(f"transformer step {step}/{args.steps} flow loss {flow_loss.item():.4f} probe loss "
