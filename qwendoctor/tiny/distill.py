@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
 from qwendoctor.tiny import lora, shapes
+from qwendoctor.tiny.train import clipped_step
 
 STEP_COUNTS = (4, 8)
 TEACHER_STEPS = 50
@@ -143,10 +143,7 @@ def train(pipe, states, teacher_sigmas, embeddings, masks, args, eval_prompts=No
                                  encoder_hidden_states_mask=masks[rows, :length],
                                  img_shapes=[[(1, 8, 8)]] * args.batch, return_dict=False)[0]
         loss = F.mse_loss(prediction, target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
+        clipped_step(loss, parameters, optimizer)
         losses.append(loss.item())
         if step % 25 == 0 or step == args.steps - 1:
             log(f"student step {step}/{args.steps} loss {loss.item():.4f} lr {optimizer.param_groups[0]['lr']:.2e}")
@@ -179,29 +176,15 @@ def metadata(args, losses) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, required=True)
+    lora.trainer_arguments(parser, 1500, "student optimizer steps", 500, "log the held-out pass rate this often")
     parser.add_argument("--prompts", type=int, default=512, help="train prompts the teacher draws, one noise each")
-    parser.add_argument("--steps", type=int, default=1500, help="student optimizer steps")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--eval-every", type=int, default=500, help="log the held-out pass rate this often")
-    parser.add_argument("--eval-prompts", type=int, default=16)
     parser.add_argument("--teacher-cache", type=Path, default=None,
                         help="save the teacher trajectories here, or load them if present (same seed and prompts)")
     args = parser.parse_args(argv)
 
     import torch
 
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    from qwendoctor.models import quiet_libraries
-    from qwendoctor.tiny.trained import load_trained_tiny, read_config
-
-    quiet_libraries()
-    pipe = load_trained_tiny("cpu", "float32")
-    split_seed = read_config()["training"]["seed"]
+    pipe, split_seed = lora.load_base()
     train_scenes, _ = shapes.split(split_seed)
     order = np.random.default_rng([args.seed, 3]).permutation(len(train_scenes))[:args.prompts]
     prompts = [train_scenes[index].prompt for index in order]
@@ -217,8 +200,7 @@ def main(argv=None) -> None:
         if args.teacher_cache:
             torch.save({"key": key, "states": states, "sigmas": teacher_sigmas}, args.teacher_cache)
     embeddings, masks = lora.encode_prompts(pipe, prompts)
-    # progress only: held-out prompts from the back (benchmarks measure the front), never trained on
-    eval_prompts = shapes.held_out_prompts(split_seed)[-args.eval_prompts:] if args.eval_prompts else None
+    eval_prompts = lora.progress_prompts(split_seed, args.eval_prompts)
     losses = train(pipe, states, teacher_sigmas, embeddings, masks, args, eval_prompts)
     lora.save(pipe.transformer, args.out, metadata(args, losses))
     log(f"done in {(time.perf_counter() - _start) / 60:.1f} min; adapter in {args.out}")

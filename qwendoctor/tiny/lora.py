@@ -31,6 +31,42 @@ IMAGE_SIZE = 128
 NEGATIVE_PROMPT = " "
 
 
+def trainer_arguments(parser, steps: int, steps_help: str, eval_every: int, eval_help: str) -> None:
+    """The options both adapter trainers take (seed, output, optimizer, progress); each adds its own."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=steps, help=steps_help)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--eval-every", type=int, default=eval_every, help=eval_help)
+    parser.add_argument("--eval-prompts", type=int, default=16)
+
+
+def load_base():
+    """tiny's trained pipeline on one CPU thread (the trainers' reproducibility is a one-thread claim), and the
+    seed of its train/held-out split."""
+    import os
+
+    import torch
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    from qwendoctor.models import quiet_libraries
+    from qwendoctor.tiny.trained import load_trained_tiny, read_config
+
+    quiet_libraries()
+    return load_trained_tiny("cpu", "float32"), read_config()["training"]["seed"]
+
+
+def progress_prompts(split_seed: int, count: int) -> list[str] | None:
+    """Held-out prompts from the back of the list (the benchmarks measure the front), never trained on: for the
+    trainers' progress lines only."""
+    from qwendoctor.tiny import shapes
+
+    return shapes.held_out_prompts(split_seed)[-count:] if count else None
+
+
 def attach(transformer, rank: int, seed: int):
     """A fresh LoRA on `transformer` (its base weights frozen); returns the trainable parameters. lora_B starts at
     zero, so the adapted model starts as the base; lora_A's init is drawn from the seeded torch RNG."""

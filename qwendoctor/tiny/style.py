@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
-from pathlib import Path
 
 import numpy as np
 
 from qwendoctor.tiny import lora, shapes
+from qwendoctor.tiny.train import clipped_step
 
 STYLE = "frame"
 REFERENCE_STEPS = 50
@@ -114,10 +113,7 @@ def train(pipe, latents, owners, embeddings, masks, args, eval_prompts=None):
                                  encoder_hidden_states_mask=masks[text_rows, :length],
                                  img_shapes=[[(1, side, side)]] * args.batch, return_dict=False)[0]
         loss = F.mse_loss(prediction, noise - x0)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
+        clipped_step(loss, parameters, optimizer)
         losses.append(loss.item())
         if step % 25 == 0 or step == args.steps - 1:
             log(f"style step {step}/{args.steps} flow loss {loss.item():.4f} lr {optimizer.param_groups[0]['lr']:.2e}")
@@ -142,35 +138,18 @@ def metadata(args, losses) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, required=True)
+    lora.trainer_arguments(parser, 1000, "optimizer steps", 400, "log held-out style and pass rates this often")
     parser.add_argument("--variants", type=int, default=2, help="jittered framed renders per train prompt")
-    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--eval-every", type=int, default=400, help="log held-out style and pass rates this often")
-    parser.add_argument("--eval-prompts", type=int, default=16)
     parser.add_argument("--scenes", type=int, default=None, help="use only the first N train scenes (tests)")
     args = parser.parse_args(argv)
 
-    import torch
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    from qwendoctor.models import quiet_libraries
-    from qwendoctor.tiny.trained import load_trained_tiny, read_config
-
-    quiet_libraries()
-    pipe = load_trained_tiny("cpu", "float32")
-    split_seed = read_config()["training"]["seed"]
+    pipe, split_seed = lora.load_base()
     train_scenes, _ = shapes.split(split_seed)
     train_scenes = train_scenes[:args.scenes]
     latents, owners = styled_latents(pipe, train_scenes, args.variants, args.seed)
     log(f"encoded {len(latents)} framed renders of {len(train_scenes)} train prompts")
     embeddings, masks = lora.encode_prompts(pipe, [scene.prompt for scene in train_scenes] + [lora.NEGATIVE_PROMPT])
-    # progress only: held-out prompts from the back (benchmarks measure the front), never trained on
-    eval_prompts = shapes.held_out_prompts(split_seed)[-args.eval_prompts:] if args.eval_prompts else None
+    eval_prompts = lora.progress_prompts(split_seed, args.eval_prompts)
     losses = train(pipe, latents, owners, embeddings, masks, args, eval_prompts)
     lora.save(pipe.transformer, args.out, metadata(args, losses))
     log(f"done in {(time.perf_counter() - _start) / 60:.1f} min; adapter in {args.out}")

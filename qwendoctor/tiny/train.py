@@ -249,15 +249,22 @@ class AttributeProbe:
                    for column, head in enumerate(self.heads)) / len(self.heads)
 
 
+def clipped_step(loss, parameters, optimizer) -> None:
+    """One optimizer step on `loss`, its gradient norm clipped to 1: every tiny trainer's step."""
+    import torch
+
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()
+
+
 def step_with_ema(loss, model, ema, optimizer, step: int, ema_rate: float) -> None:
     """One clipped optimizer step, then the EMA copy moved towards the weights; the EMA's rate warms up over the
     first steps, so early noise does not dominate it (the shipped weights are the EMA's)."""
     import torch
 
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
+    clipped_step(loss, model.parameters(), optimizer)
     decay = min(ema_rate, (1 + step) / (10 + step))
     with torch.no_grad():
         for ema_param, param in zip(ema.parameters(), model.parameters()):
