@@ -52,14 +52,14 @@ def _bench(task_id: str, why: str, budget_s: int, *args: str) -> Task:
 
 LOSSLESS = "compile=regional,real_rope=true,cfg_batching=true"
 # Issue 29's edit at 1024x1024: the output's 4096 image tokens, the input's 4096 and about 1,380 text tokens (the
-# vision tower's 1,369 among them) a pass, against 4096 + ~10 for text-to-image; the 1024 text-to-image ladder's
-# default step took 364 ms on an H100 (benchmarks/bench). Estimated from those shapes, not measured: eager rows
-# about 30 s each (build, two warm-up and six timed steps, the three-step breakdown), compiled ones 45 s, a compiled
-# FP8 row 200 s: the whole ladder (~800 s) does not fit one 10-minute call. So the lossless stack first, then the
-# FP8 tier, which resumes the first task's rows (same --out and stem, --resume) where both run on one machine.
-EDIT_1024 = ("--task", "edit", "--width", "1024", "--height", "1024", "--timed-steps", "6")
-EDIT_LOSSLESS_ROWS = ("compile:regional,cfg_batching,stack:+cfg_batching,stack:+compile,stack:+real_rope,"
-                      "stack:+fused_qkv,stack:+gelu_epilogue")
+# vision tower's 1,369 among them) a pass, against 4096 + ~10 for text-to-image. Whole images (--full-image: s /
+# image end to end, the vision tower and VAE encode included), the default against the lossless stack, its FP8
+# tier and a cache. The cache runs a fixed schedule (half the steps reuse), not a threshold: on random weights a
+# threshold's verdicts say nothing, a fixed schedule costs what it costs on any weights. Then text-to-image at the
+# same output size with the same profiles, on the same machine, for the ratios between the two.
+EDIT_PROFILES = ("--profile", LOSSLESS, "--profile", LOSSLESS + ",quantization=fp8_rowwise",
+                 "--profile", LOSSLESS + ",cache=dbcache,cache_schedule=0.5")
+EDIT_1024 = ("--width", "1024", "--height", "1024", "--full-image", "--no-ladder", *EDIT_PROFILES)
 # Highest value first: what a user's FP8 run depends on, then the regression net, then the per-step goals, then
 # the memory plan's rows and the 8-bit attention build.
 TASKS = (
@@ -83,11 +83,11 @@ TASKS = (
          (sys.executable, "benchmarks/tools/lora_gpu.py", "--out", "{work}/lora-eager", "--rows",
           "eager_no_lora,eager_unfused,eager_fused"), 380),
     _bench("bench:edit-1024", "issue 29: the edit pipeline at 1024x1024 (input latents and vision tokens in the "
-           "sequence), the default and the lossless stack with the step breakdown", 560, *EDIT_1024,
-           "--rows", EDIT_LOSSLESS_ROWS),
-    _bench("bench:edit-1024-fp8", "issue 29: the FP8 tier of the edit at 1024x1024 on bench:edit-1024's stack "
-           "(its rows resumed on the same machine)", 560, *EDIT_1024,
-           "--rows", EDIT_LOSSLESS_ROWS + ",fp8_rowwise,stack:+fp8_rowwise"),
+           "sequence), whole images: the default, the lossless stack, its FP8 tier and a half-schedule cache, with "
+           "the step breakdown", 560, "--task", "edit", "--name", "bench-synthetic-edit-1024x1024", *EDIT_1024),
+    _bench("bench:t2i-1024-beside-edit", "issue 29: text-to-image at 1024x1024 with bench:edit-1024's profiles, on "
+           "the same machine, for the ratios between the two", 420, "--name", "bench-synthetic-t2i-1024x1024",
+           *EDIT_1024),
     _gpu_test("test_bench_gpu", 240, "CFG batching and real RoPE against two passes and eager"),
     _gpu_test("test_fp8_ends_gpu", 90, "FP8 with bf16 end blocks"),
     _gpu_test("test_fused_gpu", 150, "fused q/k/v keeps memory and image"),
