@@ -54,8 +54,11 @@ def test_cfg_batching_on_synthetic_batches_two_prompts_in_one_pass():
     the text encoder's path broadcasts, is the first test's.)"""
     small = Workload(model="synthetic", width=256, height=256, reference_steps=2, dtype="bfloat16")
     model = models.load_model("synthetic", "cuda", "bfloat16")
-    inputs = [models.prompt_inputs(model, prompt, " ") for prompt in PROMPTS]
-    embeds = {key: torch.cat([i[key] for i in inputs]) for key in ("prompt_embeds", "negative_prompt_embeds")}
+    if model.has_text_encoder:  # synthetic builds its random Qwen2.5-VL: the pipeline encodes both lists itself
+        embeds = {"prompt": list(PROMPTS), "negative_prompt": [" "] * len(PROMPTS)}
+    else:
+        inputs = [models.prompt_inputs(model, prompt, " ") for prompt in PROMPTS]
+        embeds = {key: torch.cat([i[key] for i in inputs]) for key in ("prompt_embeds", "negative_prompt_embeds")}
 
     def render(pipe):
         generator = torch.Generator("cuda").manual_seed(0)
