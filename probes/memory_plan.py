@@ -95,12 +95,16 @@ MEASURED_FILE = Path(__file__).with_name("memory_measured.json")
 MEASURED_LABEL = "probes/memory_measured.json"
 
 
-def phases(placement: Placement, width: int, height: int) -> dict[str, float]:
-    """GiB on the GPU while encoding the prompt, denoising and decoding."""
+def phases(placement: Placement, width: int, height: int, input_tokens: int = 0) -> dict[str, float]:
+    """GiB on the GPU while encoding the prompt, denoising and decoding. `input_tokens`: the image tokens an edit's
+    inputs add to each pass (Workload.input_image_tokens), whose activations grow as the output's do. The edit's
+    other costs stay under the decode phase's peak where it was measured: at 1024x1024 an edit (4096 input tokens,
+    ~1,380 prompt tokens with the vision tower's) peaked at 58.0 GiB resident, as text-to-image did, on an H100
+    (benchmarks/h100/edit)."""
     fields = placement.profile
     offload = fields.get("offload", "none")
     text_encoder = fields.get("text_encoder", "resident")
-    activations = ACTIVATION_GIB_PER_TOKEN * qs.image_tokens(width, height)
+    activations = ACTIVATION_GIB_PER_TOKEN * (qs.image_tokens(width, height) + input_tokens)
     decode = TILED_DECODE_GIB if fields.get("vae_decode") == "tiled" else (
         DECODE_GIB_PER_MEGAPIXEL * width * height / 2**20)
     if offload == "sequential":
@@ -122,8 +126,13 @@ def phases(placement: Placement, width: int, height: int) -> dict[str, float]:
             "decode": outside + resident_encoder + VAE_GIB + decode}
 
 
-def estimate_gib(placement: Placement, width: int, height: int) -> float:
-    return max(phases(placement, width, height).values())
+def estimate_gib(placement: Placement, width: int, height: int, input_tokens: int = 0) -> float:
+    return max(phases(placement, width, height, input_tokens).values())
+
+
+def need_gib(placement: Placement, workload: Workload) -> float:
+    """The placement's estimate for this workload: its output size and, for an edit, its inputs' tokens."""
+    return estimate_gib(placement, workload.width, workload.height, workload.input_image_tokens)
 
 
 def usable_gib(memory_gib: float) -> float:
@@ -139,14 +148,20 @@ def measured_peak(name: str, width: int, height: int) -> float | None:
     return measured_peaks()["peaks"].get(name, {}).get(f"{width}x{height}")
 
 
+def workload_peak(name: str, workload: Workload) -> float | None:
+    """The measured peak of this placement at this size, where it was measured for this task: the peaks were
+    text-to-image's."""
+    return measured_peak(name, workload.width, workload.height) if workload.task == "generate" else None
+
+
 def rows(workload: Workload, memory_gib: float | None) -> list[dict[str, Any]]:
     """Each placement's estimate (and measured peak, where measured at this size), and whether it fits."""
     usable = None if memory_gib is None else usable_gib(memory_gib)
     result = []
     for placement in PLACEMENTS:
-        need = estimate_gib(placement, workload.width, workload.height)
+        need = need_gib(placement, workload)
         row = {"name": placement.name, "need_gib": round(need, 1), "profile": dict(placement.profile)}
-        peak = measured_peak(placement.name, workload.width, workload.height)
+        peak = workload_peak(placement.name, workload)
         if peak is not None:
             row["measured_gib"] = peak
         if usable is not None:
@@ -158,11 +173,11 @@ def rows(workload: Workload, memory_gib: float | None) -> list[dict[str, Any]]:
 def choose(workload: Workload, memory_gib: float) -> Placement | None:
     """The fastest placement that fits `memory_gib`, None when none does."""
     usable = usable_gib(memory_gib)
-    return next((p for p in PLACEMENTS if estimate_gib(p, workload.width, workload.height) <= usable), None)
+    return next((p for p in PLACEMENTS if need_gib(p, workload) <= usable), None)
 
 
 def smallest(workload: Workload) -> tuple[Placement, float]:
-    return min(((p, estimate_gib(p, workload.width, workload.height)) for p in PLACEMENTS), key=lambda pair: pair[1])
+    return min(((p, need_gib(p, workload)) for p in PLACEMENTS), key=lambda pair: pair[1])
 
 
 def applies_to(model: str) -> bool:
@@ -172,8 +187,8 @@ def applies_to(model: str) -> bool:
 
 def shown(placement: Placement, workload: Workload) -> str:
     """`name: estimate` plus the measured peak where there is one."""
-    need = estimate_gib(placement, workload.width, workload.height)
-    peak = measured_peak(placement.name, workload.width, workload.height)
+    need = need_gib(placement, workload)
+    peak = workload_peak(placement.name, workload)
     figures = f"about {need:.1f} GiB"
     if peak is not None:
         figures += f" (measured {peak:.1f} GiB on {measured_peaks()['card']}, {measured_peaks()['source']})"
@@ -204,15 +219,15 @@ def summarize(gpu_name: str, total_gib: float, used_gib: float | None, workload:
     if chosen is not None and chosen.name == "resident":
         return Finding(id="memory_plan", status="ok", details=details, measured=measured,
                        summary=f"{size} fits with everything resident: about "
-                               f"{estimate_gib(chosen, workload.width, workload.height):.0f} of {total_gib:.0f} GiB")
+                               f"{need_gib(chosen, workload):.0f} of {total_gib:.0f} GiB")
     if chosen is not None:
         limit = workload.memory_limit_gib
         command = f" --memory-limit {limit:g}" if limit is not None and limit < card_gib else " (on this GPU)"
         return Finding(id="memory_plan", status="warn", details=details, measured=measured,
                        summary=f"{size}: everything resident needs about "
-                               f"{estimate_gib(PLACEMENTS[0], workload.width, workload.height):.0f} GiB > "
+                               f"{need_gib(PLACEMENTS[0], workload):.0f} GiB > "
                                f"{usable:.0f} GiB usable; {chosen.text} fits (about "
-                               f"{estimate_gib(chosen, workload.width, workload.height):.0f} GiB)",
+                               f"{need_gib(chosen, workload):.0f} GiB)",
                        fix=f"qwendoctor tune{command} places it so (profile: "
                            + ", ".join(f"{k}={v}" for k, v in chosen.profile.items()) + ")")
     placement, need = smallest(workload)

@@ -242,7 +242,8 @@ def tune(model, width, height, steps, true_cfg_scale, negative_prompt, trials, t
     if not given_storage:
         # The default study sits beside the lock, whose folder may not exist yet (the lock's write would make it).
         os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
-    options = TuneOptions(workload=workload, prompts=read_prompts(prompts_file, num_prompts, workload.model),
+    prompts = read_prompts(prompts_file, num_prompts, workload.model, workload.task)
+    options = TuneOptions(workload=workload, prompts=prompts,
                           seeds=list(range(seeds)), floor=parsed_floor, lock_path=lock_path,
                           storage=storage, trials=trials, timeout_s=timeout, heartbeat_s=heartbeat,
                           timed_steps=timed_steps, exhaustive=exhaustive, gpus=_tune_gpus(gpus))
@@ -376,7 +377,7 @@ def generate(prompt, lock_path, seed, num_images, out_dir, ignore_fingerprint, g
     if not as_json and main_rank:
         click.echo(f"warm-up (first-call costs: lazy initialisation, compile, autotune): {warm_up_s:.2f} s")
     if lock.workload.model == "tiny" and main_rank:
-        _note_tiny_grammar(prompt)
+        _note_tiny_grammar(prompt, lock.workload.task)
     written = []
     for path, seconds in generate_images(tuned, prompt, seed, num_images, out_dir, save=main_rank):
         written.append({"path": path, "seconds": round(seconds, 4)})
@@ -411,11 +412,20 @@ def _with_loras(lock, specs: tuple[str, ...]):
     return dataclasses.replace(lock, workload=dataclasses.replace(lock.workload, loras=given).validate())
 
 
-def _note_tiny_grammar(prompt: str) -> None:
+def _note_tiny_grammar(prompt: str, task: str = "generate") -> None:
     """tiny learned one grammar of prompts; anything else it renders as some shape it knows, which would look like
     a bug without this line."""
-    from qwendoctor.tiny import shapes
+    from qwendoctor.tiny import edit_data, shapes
 
+    if task == "edit":
+        try:
+            edit_data.parse_instruction(prompt)
+        except ValueError:
+            click.echo(f"qwendoctor: note: tiny edits with instructions like 'make the circle red', 'make the "
+                       "background green' or 'move the square to the top left' (colours "
+                       f"{'/'.join(shapes.PALETTE)}, places {'/'.join(shapes.POSITIONS)}); this prompt is not one, "
+                       "so the edit will not follow it", err=True)
+        return
     try:
         shapes.parse(prompt)
     except ValueError:

@@ -53,8 +53,6 @@ TASK_PIPELINES = {"generate": "QwenImagePipeline", "edit": "QwenImageEditPipelin
                   "img2img": "QwenImageImg2ImgPipeline", "inpaint": "QwenImageInpaintPipeline"}
 # A checkpoint's pipeline class (model_index.json) that edits, and how many input images it takes.
 EDIT_PIPELINES = {"QwenImageEditPipeline": 1, "QwenImageEditPlusPipeline": None}
-TINY_HAS_NO_EDIT_MODEL = ("tiny has no edit model yet (it learned text-to-image only); --task edit runs on "
-                          "synthetic or an edit checkpoint (Qwen/Qwen-Image-Edit); tiny runs img2img and inpaint")
 
 
 def check_task(model: str, task: str) -> int | None:
@@ -62,9 +60,7 @@ def check_task(model: str, task: str) -> int | None:
     pipeline takes (None: any number up to the workload's limit)."""
     if task != "edit":
         return None
-    if model == "tiny":
-        raise UsageError(TINY_HAS_NO_EDIT_MODEL)
-    if model == "synthetic":
+    if model in BUILTIN_MODELS:  # tiny's edit model (qwendoctor/tiny/edit) and synthetic's: one input image
         return EDIT_PIPELINES[TASK_PIPELINES["edit"]]
     # The device only decides whether synthetic can run: any names where a checkpoint is.
     return EDIT_PIPELINES[_edit_pipeline_name(model, resolve_model(model, "cuda"))]
@@ -204,8 +200,11 @@ def task_pipeline(task: str, components: dict[str, Any]):
 def _load_tiny(device: str, dtype: str, task: str = "generate") -> LoadedModel:
     from qwendoctor.tiny import trained
 
-    if task == "edit":
-        raise UsageError(TINY_HAS_NO_EDIT_MODEL)
+    if task == "edit":  # its own transformer, fine-tuned on the shapes world's edits (qwendoctor.tiny.edit_train)
+        from qwendoctor.tiny import edit
+
+        return LoadedModel(pipe=edit.load_tiny_edit_pipeline(device, dtype), model_id="tiny",
+                           revision=edit.revision(), device=device, dtype=dtype)
     pipe = trained.load_trained_tiny(device, dtype)
     if task != "generate":  # image-to-image and inpainting take the text-to-image components as they are
         pipe = task_pipeline(task, dict(pipe.components))
@@ -468,9 +467,13 @@ def _load_pretrained(model: str, device: str, dtype: str, on_cpu: frozenset[str]
     return LoadedModel(pipe=pipe, model_id=model, revision=_pretrained_revision(pipe), device=device, dtype=dtype)
 
 
-def builtin_revision(model_id: str) -> str | None:
+def builtin_revision(model_id: str, task: str = "generate") -> str | None:
     """A built-in model's revision without building it (None for other models): what a cached reference render
     must have been made with."""
+    if model_id == "tiny" and task == "edit":
+        from qwendoctor.tiny import edit
+
+        return edit.revision()
     if model_id == "tiny":
         from qwendoctor.tiny import trained
 

@@ -11,9 +11,11 @@ from qwendoctor import files
 from qwendoctor.errors import UsageError
 
 
-def default_prompts(model_id: str) -> list[str]:
-    """The built-in prompt set for `model_id`: tiny's held-out shapes prompts (it draws nothing else), else
-    qwendoctor/prompts.txt."""
+def default_prompts(model_id: str, task: str = "generate") -> list[str]:
+    """The built-in prompt set for `model_id`: tiny's held-out shapes prompts (it draws nothing else), for a tiny
+    edit the instructions of its stand-in input, else qwendoctor/prompts.txt."""
+    if model_id == "tiny" and task == "edit":
+        return tiny_edit_instructions()
     if model_id == "tiny":
         from qwendoctor.tiny import shapes, trained
 
@@ -23,13 +25,26 @@ def default_prompts(model_id: str) -> list[str]:
     return _prompt_lines(resources.files("qwendoctor").joinpath("prompts.txt").read_text())
 
 
+def tiny_edit_instructions() -> list[str]:
+    """Every edit of the scene tiny's stand-in input draws (qwendoctor.inputs: shapes.EXAMPLE_PROMPT), the three
+    kinds taken in turn, so that a study's first prompts and the held-out ones from the back each mix recolouring
+    the shape, recolouring the background and moving it."""
+    from itertools import chain, zip_longest
+
+    from qwendoctor.tiny import edit_data, shapes
+
+    edits = edit_data.edits_of(shapes.parse(shapes.EXAMPLE_PROMPT))
+    by_kind = [[edit.instruction for edit in edits if edit.kind == kind] for kind in edit_data.KINDS]
+    return [instruction for instruction in chain(*zip_longest(*by_kind)) if instruction is not None]
+
+
 def _prompt_lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
-def read_prompts(path: str | None, count: int, model_id: str = "tiny") -> list[str]:
+def read_prompts(path: str | None, count: int, model_id: str = "tiny", task: str = "generate") -> list[str]:
     if path is None:
-        return default_prompts(model_id)[:count]
+        return default_prompts(model_id, task)[:count]
     try:
         text = files.read_bounded(path, "--prompts")
     except OSError as error:
@@ -42,10 +57,11 @@ def read_prompts(path: str | None, count: int, model_id: str = "tiny") -> list[s
     return prompts
 
 
-def held_out_set(model_id: str, prompts: list[str], seeds: list[int]) -> tuple[list[str], list[int]]:
+def held_out_set(model_id: str, prompts: list[str], seeds: list[int],
+                 task: str = "generate") -> tuple[list[str], list[int]]:
     """Prompts and a seed no study image used: up to as many prompts as the study used, from the back of the
     built-in set (the study takes its own from the front), and one new seed. Fewer prompts where the built-in set
     has fewer left, none where the study used them all: then the check says so, and never re-renders the study's
     own prompts as if they were new."""
-    unused = [prompt for prompt in default_prompts(model_id) if prompt not in prompts]
+    unused = [prompt for prompt in default_prompts(model_id, task) if prompt not in prompts]
     return unused[-len(prompts):] if unused else [], [max(seeds) + 1]

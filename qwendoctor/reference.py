@@ -55,8 +55,8 @@ def reference(options: TuneOptions, pool: ModelPool, name: str, log: Callable[[s
     with _exclusive(path + ".lock", log, "reference renders: waiting for another worker rendering them"):
         if os.path.exists(path):
             try:
-                images, summary, revision = _read_reference(path, belongs_to,
-                                                            models.builtin_revision(options.workload.model))
+                expected = models.builtin_revision(options.workload.model, options.workload.task)
+                images, summary, revision = _read_reference(path, belongs_to, expected)
                 log(f"reference renders: {path} (cached)")
                 return images, summary, revision
             except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as error:

@@ -46,11 +46,13 @@ def check_held_out(options: TuneOptions, pool: ModelPool, optuna_study, best, lo
     rejected profile are not tried again), up to HELD_OUT_TRIES lossy ones, then the fastest lossless one. An
     image with NaN or infinite pixels misses. Returns the trial to lock and the study fields that record the
     check."""
-    prompts, seeds = held_out_set(options.workload.model, options.prompts, options.seeds)
+    workload = options.workload
+    prompts, seeds = held_out_set(workload.model, options.prompts, options.seeds, workload.task)
     if not prompts:
-        log(f"held-out check: not run: the study used all {len(default_prompts(options.workload.model))} built-in "
-            "prompts, none is left to hold out (pass fewer --num-prompts, or your own --prompts and keep some "
-            "back); the lossy profile is judged on the study's images only")
+        built_in = len(default_prompts(workload.model, workload.task))
+        log(f"held-out check: not run: the study used all {built_in} built-in prompts, none is left to hold out "
+            "(pass fewer --num-prompts, or your own --prompts and keep some back); the lossy profile is judged on "
+            "the study's images only")
         return best, {"held_out_images": 0}
     log(f"held-out check: {len(prompts) * len(seeds)} image(s) on prompts and a seed the study never rendered")
     references = runner.measure(pool.prepare(options.baseline).model, options.workload, options.baseline, prompts,

@@ -295,3 +295,17 @@ def test_in_a_placement_the_pool_replaces_the_transformer_not_the_pipeline(tiny_
     assert the_pool.prepare(Profile(offload="model")).how == "reloaded"
     assert the_pool.prepare(Profile(offload="model", weight_storage="fp8_storage")).how == "reloaded"
     assert len(loads) == 3
+
+
+def test_an_edits_inputs_add_their_tokens_activations_and_no_text_to_image_peak_is_shown_for_it():
+    generate = Workload(model="synthetic", width=1024, height=1024)
+    edit = dataclasses.replace(generate, task="edit", input_sizes=((1024, 1024),))
+    resident = memory_plan.PLACEMENTS[0]
+    added = memory_plan.phases(resident, 1024, 1024, edit.input_image_tokens)["denoise"] - memory_plan.phases(
+        resident, 1024, 1024)["denoise"]
+    assert edit.input_image_tokens == 4096
+    assert added == pytest.approx(memory_plan.ACTIVATION_GIB_PER_TOKEN * 4096)
+    assert memory_plan.need_gib(resident, edit) >= memory_plan.need_gib(resident, generate)
+    by_name = {row["name"]: row for row in memory_plan.rows(edit, None)}
+    assert "measured_gib" not in by_name["resident"]
+    assert "measured_gib" in {row["name"]: row for row in memory_plan.rows(generate, None)}["resident"]

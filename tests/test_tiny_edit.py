@@ -66,12 +66,12 @@ def test_shipped_edit_weights_render_a_finite_128px_edit():
     import torch
     from PIL import Image
 
-    from qwendoctor.tiny.edit import TinyQwenImageEditPipeline, load_tiny_edit_pipeline, shipped_dir
+    from qwendoctor.tiny.edit import QwenImageEditPipelineTiny, load_tiny_edit_pipeline, shipped_dir
 
     total = sum(path.stat().st_size for path in shipped_dir().iterdir() if path.is_file())
     assert total < 3_000_000
     pipe = load_tiny_edit_pipeline("cpu", "float32")
-    assert isinstance(pipe, TinyQwenImageEditPipeline)
+    assert isinstance(pipe, QwenImageEditPipelineTiny)
     edit = edit_data.held_out_edits(0)[0]
     source, _ = edit_data.render_pair(edit, [0])
     image = pipe(image=Image.fromarray(source), prompt=edit.instruction, negative_prompt=" ", true_cfg_scale=4.0,

@@ -4,7 +4,7 @@
         [--weights DIR] [--out benchmarks/tiny/edit.json]
 
 The first `--edits` of `edit_data.held_out_edits(0)` (edits of scenes neither tiny nor its edit model ever trained
-on), each input rendered with a seed no training used, edited by the shipped TinyQwenImageEditPipeline at the
+on), each input rendered with a seed no training used, edited by the shipped QwenImageEditPipelineTiny at the
 reference steps with true CFG (negative prompt " ", which still sees the input image), judged by
 `edit_data.edit_check`: the asked attribute reads as asked and the other two as in the input. Also: the share of
 outputs that read exactly as their input (a model that copies its input would score 100% there), the mean

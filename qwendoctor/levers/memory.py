@@ -111,7 +111,7 @@ def check_placement(profile, workload) -> None:
     # The memory levers' fields away from their defaults (a Profile leaves those out of its dict).
     placed = {field: value for field, value in profile.to_dict().items() if field in PLACEMENT_FIELDS}
     placement = memory_plan.Placement("lock", placed, profile.describe())
-    need = memory_plan.estimate_gib(placement, workload.width, workload.height)
+    need = memory_plan.need_gib(placement, workload)
     if need > memory_plan.usable_gib(limit):
         raise UsageError(f"{OPTION} {limit:g}: the lock's placement ({placement.text}) needs about {need:.1f} GiB "
                          f"at {workload.width}x{workload.height}; tune again with {OPTION} {limit:g}")

@@ -25,7 +25,7 @@ IMAGE_SIZE = 128
 _area_lock = threading.Lock()
 
 
-class TinyQwenImageEditPipeline(QwenImageEditPipeline):
+class QwenImageEditPipelineTiny(QwenImageEditPipeline):
     """QwenImageEditPipeline, with the input image kept at `input_area` pixels instead of ~1 MP.
 
     diffusers resizes the input to `calculate_dimensions(1024 * 1024, ratio)` inside `__call__`, a module-level
@@ -33,7 +33,8 @@ class TinyQwenImageEditPipeline(QwenImageEditPipeline):
     latents' place in `img_shapes` always does. tiny sees 128x128 (64 latent tokens): at 1 MP the input alone
     would be 4,096 tokens the model never trained on. So this subclass changes only that function's target area,
     for the duration of its own call (under a lock: the function is shared by every pipeline in the process);
-    everything else is diffusers' own pipeline."""
+    everything else is diffusers' own pipeline. Its name begins with diffusers' class name because libraries find
+    their support for a pipeline by that prefix (cache-dit's BlockAdapterRegister: "QwenImage")."""
 
     input_area = IMAGE_SIZE * IMAGE_SIZE
 
@@ -60,7 +61,7 @@ def edit_model_config(base_config: dict[str, Any], tokenizer) -> dict[str, Any]:
     return config
 
 
-def make_edit_pipeline(components: dict[str, Any]) -> TinyQwenImageEditPipeline:
+def make_edit_pipeline(components: dict[str, Any]) -> QwenImageEditPipelineTiny:
     """The edit pipeline over tiny's components (from `trained.build_components`), its tokenizer given the
     vision markers, its processor built locally and the template's drop index counted in this tokenizer."""
     from qwendoctor.models import edit_processor, edit_template_start
@@ -68,7 +69,7 @@ def make_edit_pipeline(components: dict[str, Any]) -> TinyQwenImageEditPipeline:
     tokenizer = components["tokenizer"]
     if "<|image_pad|>" not in tokenizer.get_vocab():
         raise ValueError("the tokenizer has no vision markers: build the components from edit_model_config")
-    pipe = TinyQwenImageEditPipeline(**components, processor=edit_processor(tokenizer))
+    pipe = QwenImageEditPipelineTiny(**components, processor=edit_processor(tokenizer))
     pipe.prompt_template_encode_start_idx = edit_template_start(pipe, tokenizer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -109,7 +110,7 @@ def revision(directory: Path | None = None) -> str:
 
 
 def load_tiny_edit_pipeline(device: str = "cpu", dtype: str = "float32", directory: Path | None = None):
-    """A ready TinyQwenImageEditPipeline (progress bar off) from the shipped files, on `device` in `dtype`: give
+    """A ready QwenImageEditPipelineTiny (progress bar off) from the shipped files, on `device` in `dtype`: give
     it a 128x128 image and an instruction, get a 128x128 edit."""
     import torch
     from safetensors.torch import load_model
