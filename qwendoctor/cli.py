@@ -78,6 +78,8 @@ def _workload(model: str, width: int | None, height: int | None, steps: int, tru
     from qwendoctor.profile import Workload
 
     size = models.default_side(model)
+    if true_cfg_scale is None:
+        true_cfg_scale = models.default_true_cfg_scale(model, task)
     memory.check_value(memory_limit)  # named as the option, not as the workload field
     # Sizes, steps and scale first: a typo is answered before torch is imported (seconds on a small machine).
     # `is None`, not `or`: --width 0 is a mistake to name, not a request for the default.
@@ -172,7 +174,8 @@ MEMORY_LIMIT_HELP = ("GiB of GPU memory this process may use (torch's per-proces
 @click.option("--width", type=int, help="Image width in pixels, a multiple of 16 [tiny: 128, else 1328].")
 @click.option("--height", type=int, help="Image height in pixels, a multiple of 16 [tiny: 128, else 1328].")
 @click.option("--steps", type=int, default=50, show_default=True, help="Reference denoising steps.")
-@click.option("--true-cfg-scale", type=float, default=4.0, show_default=True, help="1 turns CFG off.")
+@click.option("--true-cfg-scale", type=float,
+              help="1 turns CFG off [4.0; tiny's edit model: the scale it was trained for].")
 @click.option("--negative-prompt", default=" ", show_default=True)
 @click.option("--trials", type=int, default=20, show_default=True, help="Total trials in the study.")
 @click.option("--timeout", type=float, help="Stop starting new trials after this many seconds.")
@@ -454,7 +457,8 @@ def _launch_generate(profile, lock, option: str, arguments: list[str]) -> None:
 @click.option("--width", type=int, help="Image width, a multiple of 16 [tiny: 128, else 1328].")
 @click.option("--height", type=int, help="Image height, a multiple of 16 [tiny: 128, else 1328].")
 @click.option("--steps", type=int, default=50, show_default=True, help="Steps of a full image (for s / image).")
-@click.option("--true-cfg-scale", type=float, default=4.0, show_default=True, help="1 turns CFG off.")
+@click.option("--true-cfg-scale", type=float,
+              help="1 turns CFG off [4.0; tiny's edit model: the scale it was trained for].")
 @click.option("--timed-steps", type=int, default=8, show_default=True,
               help="Steps rendered and timed per row (the median step is reported).")
 @click.option("--full-image", is_flag=True, help="Render full --steps images per row: s / image measured end to end.")
@@ -485,7 +489,7 @@ def bench(model, width, height, steps, true_cfg_scale, timed_steps, full_image, 
 
     # The numbers first, before torch decides the default model: a typo is answered at once.
     Workload(model=model or "tiny", width=128 if width is None else width, height=128 if height is None else height,
-             true_cfg_scale=true_cfg_scale,
+             true_cfg_scale=4.0 if true_cfg_scale is None else true_cfg_scale,
              reference_steps=steps, dtype="float32").validate()
     from qwendoctor import inputs
 

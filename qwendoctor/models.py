@@ -25,6 +25,19 @@ DEFAULT_SIDE = 1328
 
 def default_side(model: str) -> int:
     return DEFAULT_SIDES.get(model, DEFAULT_SIDE)
+
+
+DEFAULT_TRUE_CFG_SCALE = 4.0  # diffusers' Qwen-Image pipelines' default
+
+
+def default_true_cfg_scale(model: str, task: str) -> float:
+    """The true CFG scale a workload runs at when --true-cfg-scale is not given: diffusers' default, except for
+    tiny's edit model, which records the scale it was trained for (its config.json, read without importing
+    diffusers: a usage error is answered before torch loads)."""
+    if model == "tiny" and task == "edit":
+        config = json.loads(resources.files("qwendoctor.tiny").joinpath("edit", "config.json").read_text())
+        return float(config.get("reference_true_cfg_scale", DEFAULT_TRUE_CFG_SCALE))
+    return DEFAULT_TRUE_CFG_SCALE
 # Built-in models with random weights draw noise: PSNR/SSIM against their reference renders speak for numerical
 # fidelity only, never for what fewer steps or a cache do to an image. `tiny` is trained (qwendoctor.tiny) and draws.
 RANDOM_WEIGHTS = ("synthetic",)
