@@ -789,7 +789,7 @@ def test_a_bad_reference_cache_is_rendered_again_with_a_note(options, monkeypatc
     elif damage == "other workload":
         options.prompts = ["a small green square in the center on a white background"]
     else:
-        monkeypatch.setattr(models, "builtin_revision", lambda model_id: "trained-000000000000")
+        monkeypatch.setattr(models, "builtin_revision", lambda model_id, task="generate": "trained-000000000000")
     lines = []
     again, _, _ = tune.reference(options, pool, "study", lines.append)
     assert any(reason in line and line.endswith("rendering them again") for line in lines), lines
