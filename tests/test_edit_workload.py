@@ -387,6 +387,12 @@ def test_tune_and_generate_edit_on_tiny_end_to_end(tmp_path, capsys, monkeypatch
                    "--trials", "2", "--lock", lock) == 0
     locked = lockfile.read_lock(lock)
     assert (locked.workload.task, locked.workload.input_sizes) == ("edit", ((128, 128),))
+    # No --true-cfg-scale: the scale tiny's edit model records it was trained for.
+    from qwendoctor.tiny import edit
+
+    trained_for = edit.read_config().get("reference_true_cfg_scale", 4.0)
+    assert locked.workload.true_cfg_scale == models.default_true_cfg_scale("tiny", "edit") == trained_for
+    assert models.default_true_cfg_scale("tiny", "generate") == models.default_true_cfg_scale("synthetic", "edit") == 4
     assert locked.fingerprint["model_revision"].startswith("edit-")
     out = tmp_path / "out"
     capsys.readouterr()
