@@ -10,8 +10,9 @@ and edit-cfg*.json): guidance still pushes the kept attributes off the input, le
 two-stage weights: 62% off, 64% at 1.5, 38% at 4.0). The shipped run (benchmarks/tiny/edit-train.log) took
 2,827 s of training on one thread after loading its pool from `--pool-cache`, a file the same code had built
 from the same seed in 169 s in an earlier run (a fresh build afterwards equals it, tensor for tensor): about 50
-minutes in all. The whole run was not repeated from scratch to compare bytes. Held-out pass at 20 steps and CFG 1.5 (the last 30 held-out edits) went 10%, 30%,
-40%, 53%, 77% from 500 to 2,500 steps, then 77-87% to 6,000.
+minutes in all. The whole run was not repeated from scratch to compare bytes. Held-out pass at 20 steps and
+CFG 1.5 (the last 30 held-out edits) went 10%, 30%, 40%, 53%, 77% from 500 to 2,500 steps, then 77-87% to
+6,000.
 
 Fine-tunes tiny's trained transformer (all of it) as Qwen-Image-Edit's transformer is used: the noisy target's
 64 latent tokens followed by the input image's 64 VAE latent tokens in one sequence (img_shapes lists both, so
