@@ -85,7 +85,8 @@ def test_training_is_byte_identical_across_runs(tmp_path):
 
     from qwendoctor.tiny import edit_train, trained
 
-    # a large learning rate so two steps move the weights past fp16's resolution: the check must see training
+    # the shipped recipe's defaults (copy heads, shape-weighted loss, probes), with a large learning rate so two
+    # steps move the weights past fp16's resolution: the check must see training
     args = ["--seed", "0", "--pool", "8", "--steps", "2", "--batch", "4", "--lr", "1.0", "--eval-edits", "0"]
     edit_train.main([*args, "--out", str(tmp_path / "a")])
     edit_train.main([*args, "--out", str(tmp_path / "b")])
@@ -95,3 +96,37 @@ def test_training_is_byte_identical_across_runs(tmp_path):
     stepped = load_file(str(tmp_path / "a" / "transformer.safetensors"))
     assert base.keys() == stepped.keys()
     assert any(not torch.equal(base[name], stepped[name]) for name in base)
+    assert all(torch.isfinite(tensor).all() for tensor in stepped.values())
+
+
+def test_copy_heads_route_each_target_token_to_the_input_token_at_its_place():
+    import torch
+    from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+
+    from qwendoctor.tiny.edit import base_components
+    from qwendoctor.tiny.edit_train import init_copy_heads
+
+    transformer = base_components()[0]["transformer"]
+    init_copy_heads(transformer, 1)
+    attn = transformer.transformer_blocks[0].attn
+    with torch.no_grad():
+        attn.norm_q.weight.mul_(2.5)  # as edit_train's default --qk-gain-init does
+        attn.norm_k.weight.mul_(2.5)
+        image = torch.randn(1, 128, transformer.inner_dim, generator=torch.Generator().manual_seed(0))
+        text = torch.randn(1, 7, transformer.inner_dim, generator=torch.Generator().manual_seed(1))
+        image_freqs, text_freqs = transformer.pos_embed([[(1, 8, 8), (1, 8, 8)]], device="cpu", max_txt_seq_len=7)
+        head = slice(attn.inner_dim - 16, attn.inner_dim)  # the last head
+
+        def rotated(projection, norm, states, freqs):
+            return apply_rotary_emb_qwen(norm(projection(states).unflatten(-1, (-1, 16))), freqs,
+                                         use_real=False)[0, :, -1]
+
+        query = rotated(attn.to_q, attn.norm_q, image, image_freqs)
+        keys = torch.cat([rotated(attn.add_k_proj, attn.norm_added_k, text, text_freqs),
+                          rotated(attn.to_k, attn.norm_k, image, image_freqs)])
+        weights = (query @ keys.T / 4).softmax(-1)
+    # whatever the content: each of the target's 64 tokens looks most at the input's token at its place
+    assert torch.equal(weights[:64].argmax(-1), torch.arange(64) + 7 + 64)
+    assert weights[:64, 7 + 64:].diagonal().mean() > 0.5
+    assert weights[:, :7].sum(-1).max() < 1e-3  # and not at the text
+    assert not attn.to_out[0].weight[:, head].any()  # its output starts at zero

@@ -1,11 +1,12 @@
 """Measure tiny's edit model: do held-out edit instructions come out right, and is the output more than a copy.
 
-    OMP_NUM_THREADS=1 python benchmarks/tiny/edit.py [--edits 50] [--steps 50] [--true-cfg-scale 4.0]
+    OMP_NUM_THREADS=1 python benchmarks/tiny/edit.py [--edits 50] [--steps 50] [--true-cfg-scale SCALE]
         [--weights DIR] [--out benchmarks/tiny/edit.json]
 
 The first `--edits` of `edit_data.held_out_edits(0)` (edits of scenes neither tiny nor its edit model ever trained
 on), each input rendered with a seed no training used, edited by the shipped QwenImageEditPipelineTiny at the
-reference steps with true CFG (negative prompt " ", which still sees the input image), judged by
+reference steps with true CFG (negative prompt " ", which still sees the input image; by default at the scale the
+model's config names as its reference, `reference_true_cfg_scale`), judged by
 `edit_data.edit_check`: the asked attribute reads as asked and the other two as in the input. Also: the share of
 outputs that read exactly as their input (a model that copies its input would score 100% there), the mean
 pixel distance of each output to its input and to the procedural target, the checker on the procedural targets
@@ -49,7 +50,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--edits", type=int, default=50)
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--true-cfg-scale", type=float, default=4.0)
+    parser.add_argument("--true-cfg-scale", type=float, default=None, help="default: the scale the model is "
+                        "run at, its config's reference_true_cfg_scale (4.0, diffusers' default, if it has none)")
     parser.add_argument("--weights", type=Path, default=None, help="an edit_train output (default: shipped)")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("edit.json"))
     parser.add_argument("--grid", type=Path, default=None, help="default: --out with .png")
@@ -57,6 +59,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     quiet_libraries()
     directory = args.weights or shipped_dir()
+    if args.true_cfg_scale is None:
+        args.true_cfg_scale = read_config(directory).get("reference_true_cfg_scale", 4.0)
     pipe = load_tiny_edit_pipeline("cpu", "float32", directory)
     edits = edit_data.held_out_edits(0)[:args.edits]
     rows, grid_rows, seconds = [], [], []
