@@ -3,10 +3,10 @@
     OMP_NUM_THREADS=1 python benchmarks/tiny/edit.py [--edits 50] [--steps 50] [--true-cfg-scale SCALE]
         [--weights DIR] [--out benchmarks/tiny/edit.json]
 
-The first `--edits` of `edit_data.held_out_edits(0)` (edits of scenes neither tiny nor its edit model ever trained
-on), each input rendered with a seed no training used, edited by the shipped QwenImageEditPipelineTiny at the
-reference steps with true CFG (negative prompt " ", which still sees the input image; by default at the scale the
-model's config names as its reference, `reference_true_cfg_scale`), judged by
+`--edits` of `edit_data.held_out_edits(0)` from the `--first` (edits of scenes neither tiny nor its edit model
+ever trained on), each input rendered with a seed no training used, edited by the shipped
+QwenImageEditPipelineTiny at the reference steps with true CFG (negative prompt " ", which still sees the input
+image; by default at the scale the model's config names as its reference, `reference_true_cfg_scale`), judged by
 `edit_data.edit_check`: the asked attribute reads as asked and the other two as in the input. Also: the share of
 outputs that read exactly as their input (a model that copies its input would score 100% there), the mean
 pixel distance of each output to its input and to the procedural target, the checker on the procedural targets
@@ -49,6 +49,9 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--edits", type=int, default=50)
+    parser.add_argument("--first", type=int, default=0, help="start at this held-out edit (a slice no choice was "
+                        "made on: the reference scale was picked on the first 50, training's progress checks read "
+                        "the last 30)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--true-cfg-scale", type=float, default=None, help="default: the scale the model is "
                         "run at, its config's reference_true_cfg_scale (4.0, diffusers' default, if it has none)")
@@ -62,9 +65,9 @@ def main(argv=None) -> None:
     if args.true_cfg_scale is None:
         args.true_cfg_scale = read_config(directory).get("reference_true_cfg_scale", 4.0)
     pipe = load_tiny_edit_pipeline("cpu", "float32", directory)
-    edits = edit_data.held_out_edits(0)[:args.edits]
+    edits = edit_data.held_out_edits(0)[args.first:args.first + args.edits]
     rows, grid_rows, seconds = [], [], []
-    for index, edit in enumerate(edits):
+    for index, edit in enumerate(edits, start=args.first):
         source, target = edit_data.render_pair(edit, [BENCH_SEED, index], SIZE)
         start = time.perf_counter()
         output = to_uint8(pipe(image=Image.fromarray(source), prompt=edit.instruction, negative_prompt=" ",
@@ -92,7 +95,8 @@ def main(argv=None) -> None:
         "date": datetime.date.today().isoformat(),
         "revision": revision(directory),
         "training": read_config(directory).get("training"),
-        "edits": len(rows), "steps": args.steps, "true_cfg_scale": args.true_cfg_scale, "negative_prompt": " ",
+        "edits": len(rows), "first": args.first, "steps": args.steps, "true_cfg_scale": args.true_cfg_scale,
+        "negative_prompt": " ",
         "pass_rate": share("pass"),
         **{f"{key}_rate": share(key) for key in VERDICTS if key != "pass"},
         "by_kind": {kind: {"edits": sum(row["kind"] == kind for row in rows),

@@ -55,12 +55,12 @@ def run_tune(out: Path, trials: int, extra: list[str]) -> dict:
             "log_tail": done.stderr[-3000:]}
 
 
-def edit_all(pipeline, edits, sources: list[Path]) -> tuple[list[dict], float]:
+def edit_all(pipeline, edits, sources: list[Path], first: int) -> tuple[list[dict], float]:
     from qwendoctor.tiny import edit_data
 
     pipeline(edits[0].instruction, seed=0, image=sources[0])  # warm-up
     verdicts, seconds = [], []
-    for index, (edit, source) in enumerate(zip(edits, sources)):
+    for index, (edit, source) in enumerate(zip(edits, sources), start=first):
         started = time.perf_counter()
         output = np.asarray(pipeline(edit.instruction, seed=index, image=source))
         seconds.append(time.perf_counter() - started)
@@ -85,7 +85,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent)
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--edits", type=int, default=50)
+    parser.add_argument("--first", type=int, default=0, help="start at this held-out edit (as benchmarks/tiny/edit.py)")
     parser.add_argument("--tune-arg", action="append", default=[], help="passed on to tune (repeatable)")
+    parser.add_argument("--reuse-lock", action="store_true",
+                        help="judge --out's edit.lock again instead of tuning (writes edit_tune-FIRST-EDITS.json)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     from qwendoctor import load_pipeline
@@ -96,34 +99,39 @@ def main() -> None:
     document = {"date": datetime.date.today().isoformat(), "machine": {
         "cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__}}
-    tuned = run_tune(args.out, args.trials, args.tune_arg)
-    document["tune"] = tuned
-    print(f"tune: {tuned['profile']}; confirmed {tuned['measured'].get('confirmed_speedup')}", flush=True)
+    if args.reuse_lock:
+        document["tune"] = "benchmarks/tiny/edit_tune.json's (its edit.lock, judged again here)"
+    else:
+        tuned = run_tune(args.out, args.trials, args.tune_arg)
+        document["tune"] = tuned
+        print(f"tune: {tuned['profile']}; confirmed {tuned['measured'].get('confirmed_speedup')}", flush=True)
 
-    edits = edit_data.held_out_edits(0)[:args.edits]
+    edits = edit_data.held_out_edits(0)[args.first:args.first + args.edits]
     inputs_dir = Path(tempfile.mkdtemp())
     sources = []
-    for index, edit in enumerate(edits):
+    for index, edit in enumerate(edits, start=args.first):
         source, _ = edit_data.render_pair(edit, [BENCH_SEED, index], SIZE)
         sources.append(inputs_dir / f"{index}.png")
         Image.fromarray(source).save(sources[-1])
     lock = str(args.out / "edit.lock")
     locked = load_pipeline(lock)
-    locked_verdicts, locked_s = edit_all(locked, edits, sources)
+    locked_verdicts, locked_s = edit_all(locked, edits, sources, args.first)
     del locked
     reference = load_tuned(lock, profile=Profile())
-    reference_verdicts, reference_s = edit_all(reference, edits, sources)
+    reference_verdicts, reference_s = edit_all(reference, edits, sources, args.first)
     workload = reference.workload
     document["held_out"] = {
-        "edits": len(edits), "seeds": "the edit's index (inputs: [1000, index], as benchmarks/tiny/edit.py)",
+        "edits": len(edits), "first": args.first,
+        "seeds": "the edit's index (inputs: [1000, index], as benchmarks/tiny/edit.py)",
         "default_profile": {"steps": workload.reference_steps, "true_cfg_scale": workload.true_cfg_scale,
                             **rates(reference_verdicts), "seconds_per_edit_median": round(reference_s, 4)},
         "locked_profile": {"profile": reference.lock.profile.describe(), **rates(locked_verdicts),
                            "seconds_per_edit_median": round(locked_s, 4),
                            "wall_ratio": round(reference_s / locked_s, 3)}}
     print(json.dumps(document["held_out"], indent=1), flush=True)
-    (args.out / "edit_tune.json").write_text(json.dumps(document, indent=1) + "\n")
-    print(f"wrote {args.out / 'edit_tune.json'}")
+    name = f"edit_tune-{args.first}-{args.edits}.json" if args.reuse_lock else "edit_tune.json"
+    (args.out / name).write_text(json.dumps(document, indent=1) + "\n")
+    print(f"wrote {args.out / name}")
 
 
 if __name__ == "__main__":
