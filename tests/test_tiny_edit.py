@@ -130,3 +130,21 @@ def test_copy_heads_route_each_target_token_to_the_input_token_at_its_place():
     assert weights[:64, 7 + 64:].diagonal().mean() > 0.5
     assert weights[:, :7].sum(-1).max() < 1e-3  # and not at the text
     assert not attn.to_out[0].weight[:, head].any()  # its output starts at zero
+
+
+def test_flow_loss_weight_lifts_a_small_shape_to_a_large_ones_mass_within_the_cap():
+    import torch
+
+    from qwendoctor.tiny.edit_train import flow_loss_weight
+
+    shape = torch.zeros(3, 64)
+    shape[0, :8] = 1.0     # a large shape: 8 tokens
+    shape[1, :2] = 0.5     # a small one: 1 token's worth
+    shape[2, 0] = 0.05     # a sliver: the cap binds
+    plain = flow_loss_weight(shape, 5.0)
+    assert torch.equal(plain, 1 + 5.0 * shape)
+    lifted = flow_loss_weight(shape, 5.0, small_shape_tokens=4.0, max_boost=4.0)
+    assert torch.equal(lifted[0], plain[0])                        # at or above 4 tokens: unchanged
+    assert torch.allclose((lifted[1] - 1).sum(), torch.tensor(5.0 * 4.0 * 1.0))  # 1 token's worth x4 = 4 tokens
+    assert torch.allclose((lifted[2] - 1).sum(), torch.tensor(5.0 * 0.05 * 4.0))  # capped at 4x, not 80x
+    assert torch.equal(lifted[1, 2:], torch.ones(62))  # where no shape is, no extra weight
