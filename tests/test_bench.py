@@ -128,6 +128,7 @@ def test_the_stack_keeps_a_lever_only_where_it_made_the_step_faster(fake_gpu, tm
     result = bench.run_bench(options, capabilities)
     rows = {r["id"]: r for r in result.document["rows"]}
     assert list(rows) == ["default", "attn:_native_cudnn", "fused_qkv", "gelu_epilogue", "fp8_rowwise",
+                          "fp8_rowwise_text_bf16",
                           "compile:regional",
                           "cfg_batching", "stack:+cfg_batching", "stack:+compile", "stack:+real_rope",
                           "stack:+fused_qkv", "stack:+gelu_epilogue", "stack:+max_autotune",

@@ -79,6 +79,44 @@ def test_fp8_text_stream_keeps_fp8_weights_and_multiplies_in_bf16(fresh_tiny, mo
                                                  "txt_mlp.net.0.proj", "attn.to_added_qkv"]}
 
 
+@pytest.mark.parametrize("quantization, config", [("fp8_rowwise", "Float8DynamicActivationFloat8WeightConfig"),
+                                                  ("fp8_weight_only", "Float8WeightOnlyConfig")])
+def test_fp8_can_leave_the_text_stream_in_bf16(fresh_tiny, monkeypatch, quantization, config):
+    """The faster choice where the memory allows (1.15x a step on an H100 at 1024x1024): no text-stream Linear is
+    given to torchao at all, and the image stream is quantized as before."""
+    torchao_quantization = pytest.importorskip("torchao.quantization")
+    calls = []
+    monkeypatch.setattr(torchao_quantization, "quantize_",
+                        lambda module, config, filter_fn=None, **kw: calls.append((type(config).__name__, filter_fn)))
+    profile = Profile(quantization=quantization, quantization_text_stream="bf16")
+    levers.apply_quantization(fresh_tiny.pipe, profile)
+    linear = torch.nn.Linear(32, 32)
+    assert [kind for kind, _ in calls] == [config]
+    names = ("attn.to_q", "attn.add_q_proj", "attn.to_add_out", "img_mlp.net.2", "txt_mlp.net.2", "attn.to_added_qkv")
+    assert [name for name in names if calls[0][1](linear, f"3.{name}")] == ["attn.to_q", "img_mlp.net.2"]
+    assert profile.describe() == f"attn=native {quantization}(bf16 text stream)"
+    assert Profile.from_dict(profile.to_dict()) == profile
+    assert "quantization_text_stream" not in Profile(quantization=quantization).to_dict()  # older locks unchanged
+    with pytest.raises(levers.UsageError, match=r"^profile\.quantization_text_stream: 'bf16' keeps the text stream "
+                                                r"out of FP8, and quantization is 'none'$"):
+        Profile(quantization_text_stream="bf16").validate()
+    with pytest.raises(levers.UsageError, match=r"quantization_text_stream"):
+        Profile(quantization="fp8_rowwise", quantization_text_stream="int8").validate()
+
+
+def test_fp8_weight_only_with_the_text_stream_in_bf16_quantizes_the_image_stream_alone(fresh_tiny):
+    """torchao for real (its weight-only FP8 converts on the CPU; the dynamic configs need an FP8 GPU: the row-wise
+    case is tests/gpu/test_fp8_text_stream_gpu.py): the text stream's weights stay plain Parameters."""
+    pytest.importorskip("torchao.quantization")
+    levers.apply_quantization(fresh_tiny.pipe, Profile(quantization="fp8_weight_only",
+                                                       quantization_text_stream="bf16"))
+    linears = {name: module for name, module in fresh_tiny.pipe.transformer.transformer_blocks.named_modules()
+               if isinstance(module, torch.nn.Linear)}
+    kinds = {name: type(module.weight).__name__ for name, module in linears.items()}
+    assert {kinds[name] for name in linears if levers.in_text_stream(name)} == {"Parameter"}
+    assert {kinds[name] for name in linears if not levers.in_text_stream(name)} == {"Float8Tensor"}
+
+
 def test_fp8_can_leave_the_blocks_at_either_end_in_bf16(fresh_tiny, monkeypatch):
     """The filter torchao is given quantizes blocks[n:-n] only (names relative to the block list, as torchao
     passes them); on tiny's eight blocks four at each end leave none, which is refused in one line."""
@@ -359,8 +397,8 @@ def test_the_search_draws_every_field_of_the_levers_it_searches(tiny_workload):
 
 def test_what_a_transformer_carries_follows_the_levers_that_cannot_be_undone():
     assert levers.baked_part(Profile(tf32=False, cfg_batching=True, steps=3)) is None
-    assert levers.baked_part(Profile(quantization="fp8_weight_only")) == {"quantization": "fp8_weight_only",
-                                                                         "quantization_bf16_blocks": 0}
+    assert levers.baked_part(Profile(quantization="fp8_weight_only")) == {
+        "quantization": "fp8_weight_only", "quantization_bf16_blocks": 0, "quantization_text_stream": "fp8_weight_only"}
     # A compiled graph froze every lever it traced in; steps are an argument of each call.
     compiled = levers.baked_part(Profile(compile="regional", real_rope=True, steps=3))
     assert compiled == Profile(compile="regional", real_rope=True).to_dict()
@@ -472,10 +510,12 @@ def test_the_search_draws_dbcache_under_compile_with_cfg_batching(tiny_workload)
                                      "cache_threshold": 0.1, "cache_fn": 2, "cache_bn": 0, "cache_warmup": 4,
                                      "cache_max_run": 3, "taylorseer_order": 1, "tf32": False, "real_rope": True,
                                      "cfg_batching": True, "steps": 40, "fused_qkv": True,
-                                     "quantization_bf16_blocks": 2})
+                                     "quantization_bf16_blocks": 2, "quantization_text_stream": "bf16"})
     profile = space.sample_profile(trial, search)
     assert profile.fused_qkv and profile.quantization_bf16_blocks == 2
+    assert profile.quantization_text_stream == "bf16"
     assert search.values("quantization_bf16_blocks") == (0, 1, 2)
+    assert search.values("quantization_text_stream") == ("fp8_weight_only", "bf16")
     assert (profile.cache, profile.cache_fn, profile.taylorseer_order, profile.cfg_batching) == ("dbcache", 2, 1, True)
     assert levers.is_lossy(profile)
     no_cache_dit = space.build_search_space(dataclasses.replace(h100, has_cache_dit=False), drawing)

@@ -35,7 +35,10 @@ def test_baked_part_is_what_cannot_be_undone():
     assert levers.baked_part(Profile()) is None
     assert levers.baked_part(Profile(cfg_batching=True, attention_backend="_native_math", steps=3)) is None
     assert levers.baked_part(Profile(quantization="fp8_rowwise", cfg_batching=True)) == {
-        "quantization": "fp8_rowwise", "quantization_bf16_blocks": 0}
+        "quantization": "fp8_rowwise", "quantization_bf16_blocks": 0, "quantization_text_stream": "fp8_weight_only"}
+    # the text stream's choice is baked in too: a transformer with it in bf16 is another transformer
+    assert levers.baked_part(Profile(quantization="fp8_rowwise", quantization_text_stream="bf16")) != \
+        levers.baked_part(Profile(quantization="fp8_rowwise"))
     # A compiled graph traced every lever: only the step count may change under it.
     compiled = Profile(compile="regional", cfg_batching=True)
     assert levers.baked_part(compiled) == levers.baked_part(Profile(compile="regional", cfg_batching=True, steps=3))

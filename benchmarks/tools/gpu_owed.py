@@ -69,6 +69,14 @@ TASKS = (
           "as_is:;as_is:quantization=fp8_rowwise,compile=regional,real_rope=true;as_is:compile=regional,"
           "real_rope=true;as_is:" + LOSSLESS + ";txt_bf16:quantization=fp8_rowwise,compile=regional,"
           "real_rope=true"), 480),
+    # The FP8 lever's text-stream choice (quantization_text_stream), which fp8:pipeline-1024 measured by hand
+    # (its txt_bf16 row): the test, then both choices through the lever, on one machine.
+    _gpu_test("test_fp8_text_stream_gpu", 120, "FP8 row-wise with the text stream in bf16, through the lever"),
+    Task("fp8:text-stream-1024", "the FP8 lever's two text-stream choices on the 20B pipeline at 1024x1024, "
+         "regional compile, against the default",
+         (sys.executable, "benchmarks/tools/fp8_diagnose.py", "--out", "{work}/fp8-text-stream", "--skip-kernels",
+          "--variants", "as_is:;as_is:quantization=fp8_rowwise,compile=regional,real_rope=true;"
+          "as_is:quantization=fp8_rowwise,quantization_text_stream=bf16,compile=regional,real_rope=true"), 360),
     # Issue 27's GPU part: LoRAs held fused, unfused and hotswapped. The test first (tiny: cheap, and it says
     # whether the rows below can be trusted), then the 20B rows in two calls' worth (each writes its JSON after
     # every row, so a timeout keeps what landed).

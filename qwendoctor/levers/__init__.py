@@ -86,8 +86,8 @@ from qwendoctor.levers.offload import DEFAULT_BLOCKS_PER_GROUP, OFFLOAD, OFFLOAD
 from qwendoctor.levers.parallel import (  # noqa: F401
     CFG_PARALLEL, CONTEXT_PARALLEL, PARALLEL_STRATEGIES, apply_cfg_parallel, apply_context_parallel)
 from qwendoctor.levers.quantization import (  # noqa: F401
-    BF16_END_BLOCKS, FP8_MIN_COMPUTE_CAPABILITY, QUANTIZATION, QUANTIZATIONS, _block_linear_between,
-    apply_quantization)
+    BF16_END_BLOCKS, FP8_MIN_COMPUTE_CAPABILITY, QUANTIZATION, QUANTIZATIONS, TEXT_STREAMS, _block_linear_between,
+    apply_quantization, in_text_stream)
 from qwendoctor.levers.real_rope import REAL_ROPE, apply_real_rope  # noqa: F401
 from qwendoctor.levers.steps import STEPS  # noqa: F401
 from qwendoctor.levers.text_encoder import TEXT_ENCODER, TEXT_ENCODER_PLACEMENTS, apply_text_encoder  # noqa: F401

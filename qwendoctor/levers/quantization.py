@@ -19,6 +19,13 @@ if TYPE_CHECKING:
 FP8_MIN_COMPUTE_CAPABILITY = (8, 9)
 
 QUANTIZATIONS = ("none", "fp8_rowwise", "fp8_tensorwise", "fp8_weight_only")
+# What the blocks' text stream gets under FP8: FP8 weights multiplied in bf16 (the memory FP8 promises), or its
+# bf16 weights left alone. On an H100, the 20B pipeline at 1024x1024 with FP8 row-wise and regional compile, an
+# 11-token prompt: 214.0 ms/step with the text stream in bf16 against 246.7 with it weight-only (1.15x), peak 45.3
+# against 39.0 GiB, PSNR 39.4 and 39.5 dB (benchmarks/gpu-owed/runs/2026-12-08-h100/fp8_diagnose.jsonl). The
+# weight-only path dequantizes its weights at every call. tune measures both (on a card without the memory, the
+# bf16 trial fails and the study goes on).
+TEXT_STREAMS = ("fp8_weight_only", "bf16")
 
 
 def apply_quantization(pipe, profile: "Profile"):
@@ -51,12 +58,14 @@ def apply_quantization(pipe, profile: "Profile"):
         raise UsageError(f"profile.quantization_bf16_blocks: {kept} at each end of {len(blocks)} blocks leaves none "
                          "to quantize")
     between = _block_linear_between(kept, len(blocks) - kept)
-    if profile.quantization == "fp8_weight_only":
+    text_in_fp8 = profile.quantization_text_stream == "fp8_weight_only"
+    if profile.quantization == "fp8_weight_only" and text_in_fp8:
         quantize_(blocks, config, filter_fn=between)
     else:
         quantize_(blocks, config, filter_fn=lambda module, fqn: between(module, fqn) and not in_text_stream(fqn))
-        quantize_(blocks, Float8WeightOnlyConfig(set_inductor_config=False),
-                  filter_fn=lambda module, fqn: between(module, fqn) and in_text_stream(fqn))
+        if text_in_fp8:
+            quantize_(blocks, Float8WeightOnlyConfig(set_inductor_config=False),
+                      filter_fn=lambda module, fqn: between(module, fqn) and in_text_stream(fqn))
     keep_quantized_weights_as_they_are(pipe, f"quantization {profile.quantization!r}", "FP8")
     return pipe
 
@@ -75,8 +84,8 @@ def _block_linear_between(first: int, end: int):
 # 4096 image tokens at 1024x1024: under 1% of the block's GEMM FLOPs). On an H100 (torch 2.11, cuBLAS 13.1)
 # cuBLASLt refused the row-wise product of the text MLP's down projection (CUBLAS_STATUS_NOT_SUPPORTED), so every
 # FP8 profile of the 20B transformer failed (benchmarks/h100/fp8-diagnose/; whether the token count or the bias is
-# what it refuses was not isolated). They keep FP8 weights (the memory FP8 promises) and multiply in bf16. Not yet
-# run on a GPU: tests/gpu/test_fp8_synthetic_gpu.py, first in benchmarks/tools/gpu_owed.py.
+# what it refuses was not isolated). So they never take the dynamic FP8 config: TEXT_STREAMS says what they take
+# (tests/gpu/test_fp8_synthetic_gpu.py passed on an H100 with the weight-only one).
 TEXT_STREAM = ("add_q_proj", "add_k_proj", "add_v_proj", "to_added_qkv", "to_add_out", "txt_mlp")
 
 
@@ -164,46 +173,58 @@ def _quantization_check(profile) -> None:
     if profile.quantization_bf16_blocks and profile.quantization == "none":
         raise UsageError(f"profile.quantization_bf16_blocks: {profile.quantization_bf16_blocks} keeps blocks out of "
                          "FP8, and quantization is 'none'")
+    if profile.quantization_text_stream != "fp8_weight_only" and profile.quantization == "none":
+        raise UsageError(f"profile.quantization_text_stream: {profile.quantization_text_stream!r} keeps the text "
+                         "stream out of FP8, and quantization is 'none'")
 
 
 def _quantization_offer(ctx: SpaceContext) -> Offer:
     if not ctx.capabilities.has_fp8:
-        return Offer({"quantization": ("none",), "quantization_bf16_blocks": (0,)}, options={"eager": True})
+        return Offer({"quantization": ("none",), "quantization_bf16_blocks": (0,),
+                      "quantization_text_stream": ("fp8_weight_only",)}, options={"eager": True})
     measured = None if ctx.exhaustive or not ctx.can_compile else ctx.evidence("eager-fp8")
     left_out = (f"FP8 without compile: {measured}",) if measured else ()
     ends = tuple(n for n in BF16_END_BLOCKS if ctx.blocks is None or 2 * n < ctx.blocks)
-    return Offer({"quantization": QUANTIZATIONS, "quantization_bf16_blocks": ends}, left_out,
-                 options={"eager": not measured})
+    return Offer({"quantization": QUANTIZATIONS, "quantization_bf16_blocks": ends,
+                  "quantization_text_stream": TEXT_STREAMS}, left_out, options={"eager": not measured})
 
 
 def _quantization_sample(trial, offer: Offer, chosen: dict[str, Any], ctx: SpaceContext) -> dict[str, Any]:
     if chosen["compile"] == "none" and not offer.options["eager"]:
         return {"quantization": "none"}
     quantization = trial.suggest_categorical("quantization", offer.values["quantization"])
-    ends = offer.values["quantization_bf16_blocks"]
-    if quantization == "none" or len(ends) < 2:
+    if quantization == "none":
         return {"quantization": quantization}
-    return {"quantization": quantization,
-            "quantization_bf16_blocks": trial.suggest_categorical("quantization_bf16_blocks", ends)}
+    chosen = {"quantization": quantization}
+    for name in ("quantization_bf16_blocks", "quantization_text_stream"):
+        if len(offer.values[name]) > 1:
+            chosen[name] = trial.suggest_categorical(name, offer.values[name])
+    return chosen
 
 
 def _describe_quantization(p) -> str | None:
     if p.quantization == "none":
         return None
-    return p.quantization + (f"(bf16 ends {p.quantization_bf16_blocks})" if p.quantization_bf16_blocks else "")
+    kept = [f"bf16 ends {p.quantization_bf16_blocks}"] if p.quantization_bf16_blocks else []
+    if p.quantization_text_stream == "bf16":
+        kept.append("bf16 text stream")
+    return p.quantization + (f"({', '.join(kept)})" if kept else "")
 
 
 def _quantization_bench(capabilities, workload) -> list[BenchRow]:
     if not capabilities.has_fp8:
         return []
-    return [BenchRow("fp8_rowwise", "FP8 row-wise, eager", {"quantization": "fp8_rowwise"})]
+    return [BenchRow("fp8_rowwise", "FP8 row-wise, eager", {"quantization": "fp8_rowwise"}),
+            BenchRow("fp8_rowwise_text_bf16", "FP8 row-wise, the text stream in bf16, eager",
+                     {"quantization": "fp8_rowwise", "quantization_text_stream": "bf16"})]
 
 
 QUANTIZATION = Lever(
     name="quantization", apply=apply_quantization, undoable=False,
     fields=(Field("quantization", str, "none", choices=QUANTIZATIONS),
             # Blocks at each end of the transformer left in bf16 under FP8.
-            Field("quantization_bf16_blocks", int, 0, low=0, omit_default=True)),
+            Field("quantization_bf16_blocks", int, 0, low=0, omit_default=True),
+            Field("quantization_text_stream", str, "fp8_weight_only", choices=TEXT_STREAMS, omit_default=True)),
     check=_quantization_check,
     runnable=_quantization_runnable, offer=_quantization_offer, sample=_quantization_sample,
     lossy=lambda p: p.quantization != "none", packages=lambda p: ("torchao",) if p.quantization != "none" else (),
