@@ -37,6 +37,16 @@ def _inputs():
         img_shapes=[(1, SIDE, SIDE)], return_dict=False)
 
 
+def _relative_error(transformer, reference, compile_mode: str) -> float:
+    """The quantized blocks' output (compiled as `compile_mode` says) against the bf16 `reference`; finite."""
+    if compile_mode == "regional":
+        transformer.compile_repeated_blocks(fullgraph=True)
+    with torch.no_grad():
+        out = transformer(**_inputs())[0].float()
+    assert torch.isfinite(out).all()
+    return float((out - reference).norm() / reference.norm())
+
+
 @pytest.mark.parametrize("compile_mode", ["none", "regional"])
 def test_fp8_rowwise_runs_the_full_width_blocks_at_any_prompt_length(compile_mode):
     transformer = _two_full_width_blocks()
@@ -45,11 +55,6 @@ def test_fp8_rowwise_runs_the_full_width_blocks_at_any_prompt_length(compile_mod
     pipe = SimpleNamespace(transformer=transformer)
     profile = Profile(quantization="fp8_rowwise", compile=compile_mode)
     levers.apply_quantization(pipe, profile)
-    if compile_mode == "regional":
-        transformer.compile_repeated_blocks(fullgraph=True)
-    with torch.no_grad():
-        out = transformer(**_inputs())[0].float()
-    assert torch.isfinite(out).all()
-    relative = float((out - reference).norm() / reference.norm())
+    relative = _relative_error(transformer, reference, compile_mode)
     print(f"FP8 row-wise ({compile_mode}) vs bf16 on two full-width blocks: relative error {relative:.4f}")
     assert relative < 0.1  # FP8 rounding of two random blocks, not a wrong product
