@@ -20,11 +20,12 @@ FP8_MIN_COMPUTE_CAPABILITY = (8, 9)
 
 QUANTIZATIONS = ("none", "fp8_rowwise", "fp8_tensorwise", "fp8_weight_only")
 # What the blocks' text stream gets under FP8: FP8 weights multiplied in bf16 (the memory FP8 promises), or its
-# bf16 weights left alone. On an H100, the 20B pipeline at 1024x1024 with FP8 row-wise and regional compile, an
-# 11-token prompt: 214.0 ms/step with the text stream in bf16 against 246.7 with it weight-only (1.15x), peak 45.3
-# against 39.0 GiB, PSNR 39.4 and 39.5 dB (benchmarks/gpu-owed/runs/2026-12-08-h100/fp8_diagnose.jsonl). The
-# weight-only path dequantizes its weights at every call. tune measures both (on a card without the memory, the
-# bf16 trial fails and the study goes on).
+# bf16 weights left alone. On an H100, `synthetic`'s 20B pipeline at 1024x1024 with FP8 row-wise and regional
+# compile, an 11-token prompt: 214.0 ms/step with the text stream in bf16 against 246.7 with it weight-only
+# (1.15x), peak 45.3 against 39.0 GiB, PSNR against the default 39.4 and 39.5 dB (random weights: numerical
+# fidelity only; benchmarks/gpu-owed/runs/2026-12-08-h100/fp8_diagnose.jsonl). torchao 0.18's weight-only linear
+# is `matmul(input, weight.dequantize())`: the weights are dequantized at every call. tune measures both (on a
+# card without the memory, the bf16 trial's out-of-memory error fails that trial and the study goes on).
 TEXT_STREAMS = ("fp8_weight_only", "bf16")
 
 

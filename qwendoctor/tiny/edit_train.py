@@ -49,12 +49,12 @@ same 6,000-step schedule; each run stopped there but the last; before the small-
 and TokenProbe 20% / 17%; plus the query/key gains' 10x learning rate 17% / 13%; plus their 2.5x start 23% / 7%;
 plus the copy heads 20% / 17%; plus the shape weight (the previous weights' recipe) 30% / 13%, and at 500 steps
 its error on the shape's tokens when copying at sigma 0.95 was half the previous run's (0.28 against 0.52,
-latent MSE). So the shape weight is what
-moved it; the copy heads and larger gains were not shown to help on their own, and no run was repeated
-without them. The small-shape lift was tried in two settings, each a whole 6,000-step run: 4 tokens, at
-most 4x (benchmarks/tiny/edit-train-variant-4tokens.log) passed 92.0% of edits 50-249
-(edit-fresh200-variant-4tokens.json), 6 tokens, at most 8x (shipped) 92.5%; the progress checks (20 steps, the
-last 30 held-out edits, CFG off) no longer tell runs apart: the previous weights pass 97% of them, these 100%.
+latent MSE). So the shape weight is what moved it; the copy heads and larger gains were not shown to help on
+their own, and no run was repeated without them. The small-shape lift was tried in two settings, each a whole
+6,000-step run: 4 tokens, at most 4x (benchmarks/tiny/edit-train-variant-4tokens.log) passed 92.0% of edits
+50-249 (edit-fresh200-variant-4tokens.json), 6 tokens, at most 8x (shipped) 92.5%; the progress checks (20
+steps, the last 30 held-out edits, CFG off) no longer tell runs apart: the previous weights pass 97% of them,
+these 100%.
 
 One CPU thread; step counts, not the clock, decide everything, so a rerun with the same seed writes the same
 bytes (`tests/test_tiny_edit.py` checks the first steps with these defaults).
